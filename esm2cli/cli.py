@@ -1,0 +1,191 @@
+"""The command line: parses options, builds the config, calls the library, reports. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from esm2cli import __version__
+from esm2cli.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TRUNCATE,
+    BatchConfig,
+    EmbedConfig,
+    InputConfig,
+    ModelConfig,
+)
+from esm2cli.errors import ConfigError, Esm2Error, InputError, exit_code
+
+log = logging.getLogger("esm2cli")
+
+
+class LayerList(click.ParamType):
+    """Comma-separated layer indices, such as ``-1`` or ``0,6,-1``."""
+
+    name = "LAYERS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            layers = tuple(int(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not layers:
+            self.fail("name at least one layer", param, ctx)
+        return layers
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="esm2cli: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("esm2cli").setLevel(level)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _to_click(exc: Esm2Error, param_hint: str | None = None) -> click.ClickException:
+    """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise."""
+    if exit_code(exc) == 2:
+        if isinstance(exc, InputError) and param_hint:
+            return click.BadParameter(str(exc), param_hint=param_hint)
+        return click.UsageError(str(exc))
+    return click.ClickException(str(exc))
+
+
+def model_options(func):
+    """Options shared by every command that loads the model: model, load format, dtype, devices."""
+    options = [
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ESM2CLI_MODEL",
+                     help="ESM-2 alias (esm2_t6_8M ... esm2_t48_15B), Hugging Face hub id, or local directory."),
+        click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto", show_default=True,
+                     envvar="ESM2CLI_LOAD_FORMAT",
+                     help="dummy: the named architecture with RANDOM weights, no download (demos, benchmarks)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True, envvar="ESM2CLI_DTYPE", help="Weights are converted to this once."),
+        click.option("--devices", default="auto", show_default=True, envvar="ESM2CLI_DEVICES",
+                     help="auto, cpu, a GPU count, a list such as cuda:0,cuda:2, or sim:N for N simulated "
+                          "devices on the CPU."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def embedding_options(func):
+    """Options shared by every command that embeds: layers, pooling, truncation."""
+    options = [
+        click.option("--layers", type=LayerList(), default="-1", show_default=True, envvar="ESM2CLI_LAYERS",
+                     help="Layers to return, comma-separated; 0 is the embedding layer, -1 the last."),
+        click.option("--pooling", type=click.Choice(["mean", "bos"]), default="mean", show_default=True,
+                     envvar="ESM2CLI_POOLING",
+                     help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token."),
+        click.option("--truncate", type=click.IntRange(min=1), default=DEFAULT_TRUNCATE, show_default=True,
+                     envvar="ESM2CLI_TRUNCATE",
+                     help="Residues kept per sequence; longer ones are truncated and flagged."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def log_options(func):
+    """-v and -q."""
+    func = click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")(func)
+    return click.option("-v", "--verbose", count=True, help="More detail on stderr.")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="esm2cli")
+def cli() -> None:
+    """ESM-2 protein embeddings on every CPU or GPU you have."""
+
+
+def _progress_factory(quiet: bool):
+    def factory(scan):
+        from tqdm import tqdm
+
+        bar = tqdm(total=scan.valid, unit="seq", dynamic_ncols=True, file=sys.stderr,
+                   disable=True if quiet else None, smoothing=0.1)
+        state = {"residues": 0}
+
+        def update(sequences: int, residues: int) -> None:
+            state["residues"] += residues
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{state['residues'] / elapsed:,.0f} residues/s", refresh=False)
+            bar.update(sequences)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
+
+    return factory
+
+
+def _summary_line(summary, output: Path) -> str:
+    devices = ", ".join(summary.devices)
+    skipped = f", {len(summary.skipped)} skipped" if summary.skipped else ""
+    truncated = f", {summary.truncated} truncated" if summary.truncated else ""
+    return (
+        f"embedded {summary.sequences:,} sequences{skipped}{truncated} -> {output} "
+        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}"
+    )
+
+
+@cli.command()
+@click.argument("fasta", type=click.Path(allow_dash=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Parquet file to write.")
+@model_options
+@embedding_options
+@click.option("--per-token", is_flag=True, envvar="ESM2CLI_PER_TOKEN",
+              help="Also write per-residue embeddings (large: residues x hidden floats per sequence).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              envvar="ESM2CLI_BATCH_SIZE", help="Sequences per batch at most.")
+@click.option("--max-tokens", type=click.IntRange(min=64), default=DEFAULT_MAX_TOKENS, show_default=True,
+              envvar="ESM2CLI_MAX_TOKENS", help="Padded tokens per batch at most, <cls> and <eos> included.")
+@click.option("--skip-invalid", is_flag=True, envvar="ESM2CLI_SKIP_INVALID",
+              help="Embed the valid records and report the invalid ones instead of stopping.")
+@click.option("--allow-duplicate-ids", is_flag=True, envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
+              help="Accept records that share an id (each still gets its own row).")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@log_options
+def embed(fasta, output, model, load_format, dtype, devices, layers, pooling, truncate, per_token,
+          batch_size, max_tokens, skip_invalid, allow_duplicate_ids, overwrite, verbose, quiet):
+    """Embed every protein of a FASTA file (plain, .gz, or - for stdin) into Parquet.
+
+    One row per protein: id, description, length, truncated, and the pooled embedding of each
+    requested layer (float32). Batches run on one model replica per device.
+
+    \b
+    Examples:
+      esm2cli embed proteins.fasta -o out.parquet
+      esm2cli embed proteins.fa.gz -o out.parquet -m esm2_t12_35M --layers 6,-1
+      zcat big.fa.gz | esm2cli embed - -o out.parquet --devices cuda:0,cuda:1
+      esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
+    """
+    _setup_logging(verbose, quiet)
+    from esm2cli.pipeline import embed_fasta
+
+    configs = dict(
+        model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
+        embed=EmbedConfig(layers=layers, pooling=pooling, per_token=per_token, truncate=truncate),
+        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens),
+        inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
+    )
+    for name, value in configs.items():
+        log.debug("%s: %s", name, value)
+    try:
+        summary = embed_fasta(fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet),
+                              **configs)
+    except ConfigError as exc:
+        raise _to_click(exc) from exc
+    except Esm2Error as exc:
+        raise _to_click(exc, param_hint="FASTA") from exc
+    if not quiet:
+        click.echo(_summary_line(summary, output), err=True)

@@ -1,0 +1,72 @@
+"""Frozen configuration objects, built once from the command-line options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "esm2_t33_650M"
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_MAX_TOKENS = 16384
+DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which model to load, how, and where.
+
+    Attributes:
+        model: A short alias (esm2_t33_650M), a Hugging Face hub id, or a local directory.
+        load_format: "auto" loads real weights; "dummy" builds the architecture with random weights.
+        dtype: "float32", "bfloat16" or "float16": the dtype the weights are converted to once.
+        devices: A device spec: "auto", "cpu", a count, "cuda:0,cuda:2", or "sim:N".
+    """
+
+    model: str = DEFAULT_MODEL
+    load_format: str = "auto"
+    dtype: str = "float32"
+    devices: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """What is computed for each sequence.
+
+    Attributes:
+        layers: Layer indices; 0 is the embedding layer, negative counts from the end (-1 is the last).
+        pooling: "mean" over residues (no <cls>, <eos> or padding) or "bos" (the <cls> token).
+        per_token: Also return the per-residue representations.
+        truncate: Residues kept per sequence; longer sequences are truncated and flagged.
+    """
+
+    layers: tuple[int, ...] = (-1,)
+    pooling: str = "mean"
+    per_token: bool = False
+    truncate: int = DEFAULT_TRUNCATE
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """How sequences are grouped into batches.
+
+    Attributes:
+        batch_size: At most this many sequences a batch.
+        max_tokens: At most this many padded tokens a batch, <cls> and <eos> included.
+        window: Sequences read and sorted by length together; bounds memory on huge files.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    window: int = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig:
+    """How FASTA records are checked.
+
+    Attributes:
+        skip_invalid: Embed the valid records and report the others instead of stopping.
+        allow_duplicate_ids: Accept records that share an id.
+    """
+
+    skip_invalid: bool = False
+    allow_duplicate_ids: bool = False

@@ -1,0 +1,92 @@
+"""Device detection and the --devices spec: auto, cpu, a count, cuda:0,cuda:2, or sim:N."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from esm2cli.errors import DeviceError
+
+_SIM = re.compile(r"^sim:(\d+)$")
+_CUDA = re.compile(r"^cuda:(\d+)$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One logical device that holds one model replica.
+
+    Attributes:
+        name: What users see: "cpu", "cuda:1", or "sim:3" for a simulated device.
+        torch_device: Where the replica's tensors live: "cpu" or "cuda:N".
+    """
+
+    name: str
+    torch_device: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch_device.startswith("cuda")
+
+    @property
+    def simulated(self) -> bool:
+        return self.name.startswith("sim:")
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (0 when CUDA is unavailable)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _cuda_devices(indices: list[int]) -> list[Device]:
+    available = cuda_device_count()
+    missing = [i for i in indices if i >= available]
+    if missing:
+        found = f"{available} CUDA device(s)" if available else "no CUDA device"
+        raise DeviceError(f"asked for cuda:{missing[0]} but this machine has {found}")
+    return [Device(f"cuda:{i}", f"cuda:{i}") for i in indices]
+
+
+def resolve_devices(spec: str) -> list[Device]:
+    """Turns a --devices spec into the list of devices that get one replica each.
+
+    Args:
+        spec: "auto" (every CUDA device, else the CPU), "cpu", a count N (the first N CUDA
+            devices), a comma list such as "cuda:0,cuda:2", or "sim:N" (N simulated devices
+            whose replicas all live on the CPU).
+
+    Raises:
+        DeviceError: The spec is malformed or names devices this machine lacks.
+    """
+    spec = spec.strip().lower()
+    if spec == "auto":
+        n = cuda_device_count()
+        return _cuda_devices(list(range(n))) if n else [Device("cpu", "cpu")]
+    if spec == "cpu":
+        return [Device("cpu", "cpu")]
+    if spec.isdigit():
+        n = int(spec)
+        if n == 0:
+            return [Device("cpu", "cpu")]
+        if n > cuda_device_count():
+            raise DeviceError(
+                f"asked for {n} CUDA device(s) but this machine has {cuda_device_count()}; "
+                f"use --devices sim:{n} to simulate them on the CPU"
+            )
+        return _cuda_devices(list(range(n)))
+    if m := _SIM.match(spec):
+        n = int(m.group(1))
+        if n < 1:
+            raise DeviceError("sim:N needs N >= 1")
+        return [Device(f"sim:{i}", "cpu") for i in range(n)]
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    matches = [_CUDA.match(p) for p in parts]
+    if not parts or not all(matches):
+        raise DeviceError(
+            f"cannot read --devices {spec!r}: use auto, cpu, a count, a list like cuda:0,cuda:2, or sim:N"
+        )
+    indices = [int(m.group(1)) for m in matches if m]
+    if len(set(indices)) != len(indices):
+        raise DeviceError(f"--devices {spec!r} names a device twice")
+    return _cuda_devices(indices)

@@ -1,0 +1,80 @@
+"""The one error hierarchy of esm2cli, with its exit codes and HTTP statuses.
+
+Exit code 2 means the user must change the command or the input; 1 means a runtime failure.
+"""
+
+from __future__ import annotations
+
+
+class Esm2Error(Exception):
+    """Base of every error esm2cli raises on purpose."""
+
+
+class InputError(Esm2Error):
+    """The input (a FASTA file, a request body) cannot be embedded as it is."""
+
+
+class FastaError(InputError):
+    """A FASTA file is unreadable or holds records that cannot be embedded."""
+
+
+class ConfigError(Esm2Error):
+    """An option value or a combination of options is not usable."""
+
+
+class DeviceError(ConfigError):
+    """The devices asked for do not exist on this machine."""
+
+
+class ModelLoadError(Esm2Error):
+    """The model cannot be found, downloaded, or is not an ESM model."""
+
+
+class OutputError(Esm2Error):
+    """The output cannot be written."""
+
+
+class EngineError(Esm2Error):
+    """A replica failed or the engine is not running."""
+
+
+class OverloadedError(Esm2Error):
+    """The engine's queue is full; the caller should retry later."""
+
+
+class NotReadyError(Esm2Error):
+    """The engine is still loading."""
+
+
+class TooLargeError(InputError):
+    """A request holds more items than allowed."""
+
+
+_EXIT_CODES: dict[type[Esm2Error], int] = {
+    InputError: 2,
+    ConfigError: 2,
+}
+
+_HTTP_STATUSES: dict[type[Esm2Error], int] = {
+    TooLargeError: 413,
+    InputError: 422,
+    OverloadedError: 429,
+    NotReadyError: 503,
+}
+
+
+def _lookup(exc: Esm2Error, table: dict[type[Esm2Error], int], default: int) -> int:
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]
+    return default
+
+
+def exit_code(exc: Esm2Error) -> int:
+    """Returns the process exit code for an error: 2 for bad input or options, else 1."""
+    return _lookup(exc, _EXIT_CODES, 1)
+
+
+def http_status(exc: Esm2Error) -> int:
+    """Returns the HTTP status for an error (422, 413, 429, 503, else 500)."""
+    return _lookup(exc, _HTTP_STATUSES, 500)

@@ -1,0 +1,203 @@
+"""FASTA input: opening (plain, gzip, stdin), parsing with Biopython, and record checks."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+from esm2cli.errors import FastaError
+
+# The residues ESM-2 was trained on: the 20 standard ones plus X (unknown), B, U, Z and O.
+# The ESM vocabulary also has '.' and '-', but those are alignment gaps, not residues.
+RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+_GZIP_MAGIC = b"\x1f\x8b"
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+
+
+@dataclass(slots=True)
+class Record:
+    """One FASTA record, normalised.
+
+    Attributes:
+        id: The header's first word, verbatim.
+        description: The rest of the header.
+        sequence: Upper case, white space removed, a trailing '*' dropped.
+        position: 1-based position of the record in the file.
+        problem: Why the record cannot be embedded, or None.
+    """
+
+    id: str
+    description: str
+    sequence: str
+    position: int
+    problem: str | None = None
+
+    def label(self) -> str:
+        """Names the record for messages: its id, else its position."""
+        return f"record #{self.position} '{self.id}'" if self.id else f"record #{self.position} (no id)"
+
+
+@dataclass
+class FastaScan:
+    """What a first pass over a FASTA file found."""
+
+    records: int = 0
+    valid: int = 0
+    residues: int = 0
+    too_long: int = 0
+    invalid: list[Record] = field(default_factory=list)
+    duplicate_ids: dict[str, int] = field(default_factory=dict)
+
+
+def normalise(raw: str) -> str:
+    """Upper-cases a sequence, removes white space and drops one trailing stop codon '*'."""
+    seq = raw.translate(_WHITESPACE).upper()
+    return seq[:-1] if seq.endswith("*") else seq
+
+
+def check_sequence(seq: str) -> str | None:
+    """Returns why a normalised sequence cannot be embedded, or None when it can."""
+    if not seq:
+        return "empty sequence"
+    bad = sorted(set(seq) - RESIDUES)
+    if not bad:
+        return None
+    first = min(seq.index(ch) for ch in bad) + 1
+    shown = ", ".join(repr(ch) for ch in bad[:10])
+    return (
+        f"character(s) outside the ESM-2 alphabet: {shown} (first at residue {first}); "
+        f"allowed: {''.join(sorted(RESIDUES))}"
+    )
+
+
+def parse_record(title: str, raw_sequence: str, position: int) -> Record:
+    """Builds a checked Record from a FASTA title line (without '>') and its raw sequence."""
+    parts = title.strip().split(None, 1)
+    rec_id = parts[0] if parts else ""
+    description = parts[1] if len(parts) > 1 else ""
+    sequence = normalise(raw_sequence)
+    problem = "no id (empty header line)" if not rec_id else check_sequence(sequence)
+    return Record(rec_id, description, sequence, position, problem)
+
+
+def _text_stream(raw: BinaryIO) -> TextIO:
+    """Wraps a binary stream as UTF-8 text, gunzipping it when it starts with the gzip magic."""
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    if buffered.peek(2)[:2] == _GZIP_MAGIC:
+        buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
+    return io.TextIOWrapper(buffered, encoding="utf-8", newline=None)
+
+
+def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str]:
+    """Refuses text that does not open with a '>' header: Biopython would skip it silently."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not line.startswith(">"):
+            shown = line.strip()[:40]
+            raise FastaError(f"{source}: line {number} is not a FASTA header (expected '>', found {shown!r})")
+        return itertools.chain([line], lines)
+    return iter(())
+
+
+@contextmanager
+def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
+    """Opens a FASTA file (plain or gzip; '-' is stdin) as UTF-8 text.
+
+    Raises:
+        FastaError: The file does not exist or cannot be read.
+    """
+    if str(source) == "-":
+        yield _text_stream(sys.stdin.buffer)
+        return
+    try:
+        raw = open(source, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError as exc:
+        raise FastaError(f"{source}: no such file") from exc
+    except OSError as exc:
+        raise FastaError(f"{source}: cannot open ({exc.strerror})") from exc
+    with raw, _text_stream(raw) as text:
+        yield text
+
+
+def read_records(source: str | os.PathLike) -> Iterator[Record]:
+    """Yields every record of a FASTA file in file order, each with its problem (or None).
+
+    Args:
+        source: A path, or '-' for stdin (which can be read once only: see spool_stdin).
+
+    Raises:
+        FastaError: The file is missing, not UTF-8 text, a broken gzip, or not FASTA.
+    """
+    with open_fasta(source) as text:
+        try:
+            lines = _check_starts_with_header(iter(text), str(source))
+            for position, (title, raw) in enumerate(SimpleFastaParser(lines), start=1):
+                yield parse_record(title, raw, position)
+        except UnicodeDecodeError as exc:
+            raise FastaError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except (gzip.BadGzipFile, EOFError, OSError) as exc:
+            raise FastaError(f"{source}: cannot read ({exc})") from exc
+
+
+def scan_fasta(source: str | os.PathLike, truncate: int | None = None) -> FastaScan:
+    """Reads a whole FASTA file once to count, check and find duplicate ids before any compute.
+
+    Args:
+        source: A path (not stdin: spool it first).
+        truncate: Residues counted per sequence at most, for progress estimates.
+
+    Returns:
+        The counts, the invalid records and the ids seen more than once (with their counts).
+    """
+    scan = FastaScan()
+    seen: set[str] = set()
+    for record in read_records(source):
+        scan.records += 1
+        if record.problem:
+            scan.invalid.append(record)
+            continue
+        scan.valid += 1
+        scan.residues += min(len(record.sequence), truncate or len(record.sequence))
+        scan.too_long += truncate is not None and len(record.sequence) > truncate
+        if record.id in seen:
+            scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
+        seen.add(record.id)
+    return scan
+
+
+def spool_stdin(directory: str | None = None) -> Path:
+    """Copies stdin to a temporary file so that it can be read twice; the caller deletes it."""
+    fd, name = tempfile.mkstemp(prefix="esm2cli-stdin-", suffix=".fasta", dir=directory)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out, length=1 << 20)
+    return Path(name)
+
+
+def describe_invalid(records: list[Record], limit: int = 20) -> str:
+    """Formats invalid records as one line each (at most ``limit``) for the user."""
+    lines = [f"{rec.label()}: {rec.problem}" for rec in records[:limit]]
+    if len(records) > limit:
+        lines.append(f"... and {len(records) - limit} more invalid records")
+    return "\n".join(lines)
+
+
+def describe_duplicates(duplicate_ids: dict[str, int], limit: int = 20) -> str:
+    """Formats duplicate ids as one line each (at most ``limit``) for the user."""
+    items = list(duplicate_ids.items())
+    lines = [f"duplicate id '{rec_id}' ({count} records)" for rec_id, count in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"... and {len(items) - limit} more duplicate ids")
+    return "\n".join(lines)

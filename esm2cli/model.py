@@ -1,0 +1,325 @@
+"""Model loading (hub id, local directory, alias or dummy weights) and one replica's embed_batch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmModel, EsmTokenizer
+from transformers.utils import logging as hf_logging
+
+from esm2cli.config import EmbedConfig, ModelConfig
+from esm2cli.devices import Device
+from esm2cli.errors import ConfigError, ModelLoadError
+from esm2cli.fasta import RESIDUES
+
+log = logging.getLogger(__name__)
+
+# The six ESM-2 sizes: alias -> (layers, hidden size, attention heads). The feed-forward is 4x hidden.
+ARCHITECTURES: dict[str, tuple[int, int, int]] = {
+    "esm2_t6_8M": (6, 320, 20),
+    "esm2_t12_35M": (12, 480, 20),
+    "esm2_t30_150M": (30, 640, 20),
+    "esm2_t33_650M": (33, 1280, 20),
+    "esm2_t36_3B": (36, 2560, 40),
+    "esm2_t48_15B": (48, 5120, 40),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """An ESM-2 encoder loaded once on the CPU, with what replicas need to tokenise.
+
+    Attributes:
+        name: The model as the user named it.
+        source: The hub id or directory it was loaded from.
+        model: The encoder (no LM head), in eval mode, in its final dtype, on the CPU.
+        token_lut: Maps an ASCII code to its token id (only residue letters are used).
+        cls_id, eos_id, pad_id: Special token ids.
+        dummy: True when the weights are random.
+    """
+
+    name: str
+    source: str
+    model: EsmModel
+    token_lut: np.ndarray
+    cls_id: int
+    eos_id: int
+    pad_id: int
+    dummy: bool
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+@dataclass
+class BatchEmbeddings:
+    """What one batch gives back, always on the CPU in float32.
+
+    Attributes:
+        pooled: Layer -> array of shape (batch, hidden).
+        per_token: Layer -> one (residues, hidden) array per sequence; empty unless asked.
+    """
+
+    pooled: dict[int, np.ndarray]
+    per_token: dict[int, list[np.ndarray]]
+
+
+def resolve_source(model: str) -> str:
+    """Maps a short alias (esm2_t33_650M or esm2_t33_650M_UR50D) to its hub id; returns others as given."""
+    name = model.removesuffix("_UR50D")
+    if name in ARCHITECTURES:
+        return f"facebook/{name}_UR50D"
+    return model
+
+
+def architecture_of(model: str) -> str | None:
+    """Returns the alias of a named ESM-2 size (alias, hub id or a path ending in it), else None."""
+    stem = Path(model.rstrip("/")).name.removesuffix("_UR50D")
+    return stem if stem in ARCHITECTURES else None
+
+
+def esm2_config(alias: str) -> EsmConfig:
+    """The Hugging Face config of one of the six ESM-2 sizes, built without a download."""
+    layers, hidden, heads = ARCHITECTURES[alias]
+    return EsmConfig(
+        vocab_size=33,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=1026,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        emb_layer_norm_before=False,
+        layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        mask_token_id=32,
+        pad_token_id=1,
+    )
+
+
+def bundled_tokenizer() -> EsmTokenizer:
+    """The ESM-2 tokenizer from the vocabulary shipped with esm2cli (the same 33 tokens as the hub's)."""
+    vocab = resources.files("esm2cli").joinpath("esm_vocab.txt")
+    with resources.as_file(vocab) as path:
+        return EsmTokenizer(vocab_file=str(path))
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or not _HUB_ID.match(source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _load_config(source: str) -> EsmConfig:
+    if _is_local(source) and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"{source}: no such model directory")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # hub, network, JSON and file errors all end the same way
+        where = "the directory" if _is_local(source) else "the Hugging Face hub (or its local cache)"
+        raise ModelLoadError(f"cannot load {source} from {where}: {_first_line(exc)}") from exc
+    if config.model_type != "esm" or getattr(config, "is_folding_model", False):
+        raise ModelLoadError(f"{source} is not an ESM-2 encoder (model_type={config.model_type!r})")
+    return config
+
+
+def _load_tokenizer(source: str) -> EsmTokenizer:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # a directory saved without its tokenizer still holds a usable model
+        log.warning("no tokenizer in %s (%s); using the bundled ESM-2 vocabulary", source, _first_line(exc))
+        return bundled_tokenizer()
+
+
+def _token_lut(tokenizer) -> np.ndarray:
+    vocab = tokenizer.get_vocab()
+    missing = sorted(ch for ch in RESIDUES if ch not in vocab)
+    if missing:
+        raise ModelLoadError(f"the tokenizer has no token for residue(s) {', '.join(missing)}: not ESM-2")
+    lut = np.full(256, tokenizer.unk_token_id, dtype=np.int64)
+    for ch in RESIDUES:
+        lut[ord(ch)] = vocab[ch]
+    return lut
+
+
+def _random_model(config: EsmConfig, seed: int = 0) -> EsmModel:
+    # A fixed seed gives the same random weights in every run and every process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EsmModel(config, add_pooling_layer=False)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Loads the encoder once on the CPU, converts it to cfg.dtype, and prepares tokenisation.
+
+    Args:
+        cfg: The model name, load format and dtype.
+
+    Returns:
+        The loaded model, ready to be copied to each device.
+
+    Raises:
+        ModelLoadError: The model is missing, unreachable, or not an ESM-2 encoder.
+        ConfigError: The load format or dtype is unknown.
+    """
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
+    source = resolve_source(cfg.model)
+    hf_logging.set_verbosity_error()  # the unused LM-head weights warning is expected
+    hf_logging.disable_progress_bar()
+    if cfg.load_format == "dummy":
+        alias = architecture_of(source)
+        config = esm2_config(alias) if alias else _load_config(source)
+        log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
+        model, tokenizer, dummy = _random_model(config), bundled_tokenizer(), True
+    elif cfg.load_format == "auto":
+        config = _load_config(source)
+        try:
+            model = EsmModel.from_pretrained(source, config=config, add_pooling_layer=False)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+        tokenizer, dummy = _load_tokenizer(source), False
+    else:
+        raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
+    model = model.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    return LoadedModel(
+        name=cfg.model,
+        source=source,
+        model=model,
+        token_lut=_token_lut(tokenizer),
+        cls_id=tokenizer.cls_token_id,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        dummy=dummy,
+    )
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Maps layer indices to 0..num_layers (negative counts from the end), keeping order, once each.
+
+    Raises:
+        ConfigError: A layer is out of range.
+    """
+    out: list[int] = []
+    for layer in layers:
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ConfigError(
+                f"layer {layer} is out of range for a model with {num_layers} layers "
+                f"(use 0..{num_layers}, or -{num_layers + 1}..-1 from the end)"
+            )
+        norm = layer % (num_layers + 1)
+        if norm not in out:
+            out.append(norm)
+    return tuple(out)
+
+
+class Replica:
+    """One copy of the model on one device; embed_batch is its only job."""
+
+    def __init__(self, loaded: LoadedModel, device: Device, embed: EmbedConfig, model: EsmModel):
+        self.device = device
+        self.loaded = loaded
+        self.model = model
+        self.layers = resolve_layers(embed.layers, loaded.num_layers)
+        self.pooling = embed.pooling
+        self.per_token = embed.per_token
+        self._torch_device = torch.device(device.torch_device)
+        # The last layer is last_hidden_state (after the final LayerNorm, as in fair-esm);
+        # any other layer needs every hidden state.
+        self._need_hidden_states = any(layer != loaded.num_layers for layer in self.layers)
+
+    def tokenize(self, seqs: Sequence[str]) -> torch.Tensor:
+        """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated)."""
+        width = max(len(s) for s in seqs) + 2
+        ids = np.full((len(seqs), width), self.loaded.pad_id, dtype=np.int64)
+        ids[:, 0] = self.loaded.cls_id
+        for row, seq in enumerate(seqs):
+            n = len(seq)
+            ids[row, 1 : n + 1] = self.loaded.token_lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
+            ids[row, n + 1] = self.loaded.eos_id
+        return torch.from_numpy(ids)
+
+    def embed_batch(self, seqs: Sequence[str]) -> BatchEmbeddings:
+        """Embeds a batch of validated, already truncated sequences.
+
+        Args:
+            seqs: Upper-case residue strings.
+
+        Returns:
+            Pooled (and optionally per-residue) float32 CPU arrays, one row per sequence, in order.
+        """
+        ids = self.tokenize(seqs)
+        lengths = torch.tensor([len(s) for s in seqs])
+        if self.device.is_cuda:
+            ids = ids.pin_memory()
+        ids = ids.to(self._torch_device, non_blocking=True)
+        lengths = lengths.to(self._torch_device, non_blocking=True)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=(ids != self.loaded.pad_id).long(),
+                output_hidden_states=self._need_hidden_states,
+            )
+            states = {
+                layer: out.hidden_states[layer] if self._need_hidden_states else out.last_hidden_state
+                for layer in self.layers
+            }
+            return self._pool(states, lengths)
+
+    def _pool(self, states: dict[int, torch.Tensor], lengths: torch.Tensor) -> BatchEmbeddings:
+        """Pools each layer over residue positions 1..L (mean) or takes position 0 (bos)."""
+        width = next(iter(states.values())).shape[1]
+        pos = torch.arange(width, device=lengths.device)
+        residues = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
+        pooled: dict[int, np.ndarray] = {}
+        per_token: dict[int, list[np.ndarray]] = {}
+        for layer, hidden in states.items():
+            h = hidden.float()
+            if self.pooling == "mean":
+                vec = (h * residues[..., None]).sum(dim=1) / lengths[:, None]
+            else:
+                vec = h[:, 0]
+            pooled[layer] = vec.cpu().numpy().copy()
+            if self.per_token:
+                host = h.cpu()
+                per_token[layer] = [host[i, 1 : n + 1].numpy().copy() for i, n in enumerate(lengths.tolist())]
+        return BatchEmbeddings(pooled, per_token)
+
+
+def build_replicas(loaded: LoadedModel, devices: Sequence[Device], embed: EmbedConfig) -> list[Replica]:
+    """Places one replica on each device, copying the weights loaded once.
+
+    Replicas on the CPU (the CPU itself or simulated devices) share one set of weights:
+    inference only reads them, and N copies would cost N times the memory for nothing.
+
+    Raises:
+        ConfigError: A layer index is out of range.
+    """
+    replicas = []
+    for device in devices:
+        if device.is_cuda:
+            model = copy.deepcopy(loaded.model).to(device.torch_device)
+        else:
+            model = loaded.model
+        replicas.append(Replica(loaded, device, embed, model))
+    return replicas

@@ -1,0 +1,256 @@
+"""The embed job as a library: FASTA -> checks -> sorted batches -> Engine -> Parquet, in input order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from esm2cli import __version__
+from esm2cli.batching import plan_batches, windows
+from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
+from esm2cli.engine import Engine
+from esm2cli.errors import FastaError, OutputError
+from esm2cli.fasta import (
+    FastaScan,
+    Record,
+    describe_duplicates,
+    describe_invalid,
+    read_records,
+    scan_fasta,
+    spool_stdin,
+)
+from esm2cli.model import BatchEmbeddings
+from esm2cli.writer import EmbeddingWriter, Rows, build_schema
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (sequences, residues) just finished
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did, for the closing line."""
+
+    sequences: int = 0
+    residues: int = 0
+    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0
+    seconds: float = 0.0
+    devices: list[str] = field(default_factory=list)
+    batches_per_device: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def residues_per_s(self) -> float:
+        return self.residues / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Window:
+    """A run of consecutive records embedded together; written once every batch is back."""
+
+    records: list[Record]
+    seqs: list[str]
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)
+    per_token: dict[int, list] = field(default_factory=dict)
+    missing: int = 0
+
+    def fill(self, rows: list[int], result: BatchEmbeddings) -> None:
+        for layer, matrix in result.pooled.items():
+            if layer not in self.pooled:
+                self.pooled[layer] = np.empty((len(self.records), matrix.shape[1]), dtype=np.float32)
+            self.pooled[layer][rows] = matrix
+        for layer, arrays in result.per_token.items():
+            slots = self.per_token.setdefault(layer, [None] * len(self.records))
+            for row, array in zip(rows, arrays, strict=True):
+                slots[row] = array
+        self.missing -= len(rows)
+
+    def rows(self, truncate: int) -> Rows:
+        recs = self.records
+        return Rows(
+            ids=[r.id for r in recs],
+            descriptions=[r.description for r in recs],
+            lengths=[len(r.sequence) for r in recs],
+            truncated=[len(r.sequence) > truncate for r in recs],
+            pooled=self.pooled,
+            per_token=self.per_token,
+        )
+
+
+def embed_records(
+    records: Iterable[Record],
+    engine: Engine,
+    writer: EmbeddingWriter,
+    batch: BatchConfig,
+    truncate: int,
+    progress: ProgressFn | None = None,
+) -> EmbedSummary:
+    """Embeds valid records and writes them in input order.
+
+    Records are read ``batch.window`` at a time, sorted by length inside the window, cut into
+    batches by token budget and submitted; results are put back in input order by row index.
+
+    Args:
+        records: Valid records, in file order.
+        engine: A started engine.
+        writer: Where rows go, in input order.
+        batch: Batch size, token budget and window.
+        truncate: Residues kept per sequence.
+        progress: Called with (sequences, residues) as each batch completes.
+
+    Returns:
+        Counts for the summary line (seconds and devices are filled by the caller).
+
+    Raises:
+        Exception: The first error a batch raised; later batches are not waited for.
+    """
+    summary = EmbedSummary()
+    pending: deque[tuple[_Window, list[int], Future]] = deque()
+
+    def settle(block: bool) -> None:
+        while pending and (block or pending[0][2].done()):
+            window, rows, future = pending.popleft()
+            window.fill(rows, future.result())
+            residues = sum(len(window.seqs[i]) for i in rows)
+            summary.sequences += len(rows)
+            summary.residues += residues
+            if progress:
+                progress(len(rows), residues)
+            if window.missing == 0:  # batches settle in submission order, so windows finish in order
+                writer.write(window.rows(truncate))
+
+    for records_window in windows(records, batch.window):
+        seqs = [r.sequence[:truncate] for r in records_window]
+        window = _Window(records_window, seqs, missing=len(seqs))
+        summary.truncated += sum(len(r.sequence) > truncate for r in records_window)
+        for rows in plan_batches([len(s) for s in seqs], batch.max_tokens, batch.batch_size):
+            pending.append((window, rows, engine.submit([seqs[i] for i in rows])))
+            settle(block=False)
+    settle(block=True)
+    return summary
+
+
+@contextmanager
+def readable_source(fasta: str | os.PathLike) -> Iterator[Path]:
+    """Yields a path that can be read twice: stdin ('-') is spooled to a temporary file first."""
+    if str(fasta) != "-":
+        yield Path(fasta)
+        return
+    spooled = spool_stdin()
+    try:
+        yield spooled
+    finally:
+        spooled.unlink(missing_ok=True)
+
+
+def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
+    """Stops the run before any compute when the input holds records it cannot embed.
+
+    Raises:
+        FastaError: Invalid records (without skip_invalid), duplicate ids (without
+            allow_duplicate_ids), or nothing left to embed. The message names the records.
+    """
+    if scan.invalid and not inputs.skip_invalid:
+        raise FastaError(
+            f"{fasta}: {len(scan.invalid)} of {scan.records} records cannot be embedded "
+            f"(use --skip-invalid to embed the others):\n{describe_invalid(scan.invalid)}"
+        )
+    if scan.duplicate_ids and not inputs.allow_duplicate_ids:
+        raise FastaError(
+            f"{fasta}: {len(scan.duplicate_ids)} id(s) occur more than once "
+            f"(use --allow-duplicate-ids to keep them all):\n{describe_duplicates(scan.duplicate_ids)}"
+        )
+    if scan.valid == 0:
+        raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
+
+
+def run_metadata(model: ModelConfig, embed: EmbedConfig, layers: tuple[int, ...], source: str, dummy: bool) -> dict:
+    """What the output file records about how it was made."""
+    return {
+        "model": model.model,
+        "model_source": source,
+        "random_weights": dummy,
+        "layers": list(layers),
+        "pooling": embed.pooling,
+        "dtype": model.dtype,
+        "truncate": embed.truncate,
+        "esm2cli_version": __version__,
+    }
+
+
+def embed_fasta(
+    fasta: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: ModelConfig,
+    embed: EmbedConfig,
+    batch: BatchConfig,
+    inputs: InputConfig,
+    overwrite: bool = False,
+    progress_factory: Callable[[FastaScan], ProgressFn] | None = None,
+) -> EmbedSummary:
+    """Embeds every record of a FASTA file into one Parquet file.
+
+    Args:
+        fasta: A path, or '-' for stdin.
+        output: The Parquet file; written to ``<output>.tmp`` and renamed on success.
+        model, embed, batch, inputs: The run's configuration.
+        overwrite: Replace an existing output file.
+        progress_factory: Given the input scan, returns the per-batch progress callback.
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        FastaError: The input is unreadable or holds records that cannot be embedded.
+        ModelLoadError, DeviceError, ConfigError: The model or devices are unusable.
+        OutputError: The output exists (without overwrite) or cannot be written.
+        EngineError: A replica failed.
+    """
+    # Imported here so that the CLI's input checks stay fast: torch loads only when needed.
+    from esm2cli.devices import resolve_devices
+    from esm2cli.model import build_replicas, load_model, resolve_layers
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output} already exists (use --overwrite to replace it)")
+    with readable_source(fasta) as source:
+        scan = scan_fasta(source, embed.truncate)
+        check_scan(scan, str(fasta), inputs)
+        skipped = [rec.id or f"#{rec.position}" for rec in scan.invalid]
+        if skipped:
+            log.warning("skipping %d invalid record(s):\n%s", len(skipped), describe_invalid(scan.invalid))
+        if scan.too_long:
+            log.warning("%d sequence(s) longer than %d residues will be truncated (column 'truncated')",
+                        scan.too_long, embed.truncate)
+        devices = resolve_devices(model.devices)
+        loaded = load_model(model)
+        layers = resolve_layers(embed.layers, loaded.num_layers)
+        replicas = build_replicas(loaded, devices, embed)
+        metadata = run_metadata(model, embed, layers, loaded.source, loaded.dummy)
+        schema = build_schema(loaded.hidden_size, layers, embed.per_token, metadata)
+        writer = EmbeddingWriter(output, schema, loaded.hidden_size, layers)
+        progress = progress_factory(scan) if progress_factory else None
+        start = time.perf_counter()
+        try:
+            with Engine(replicas) as engine:
+                valid = (rec for rec in read_records(source) if rec.problem is None)
+                summary = embed_records(valid, engine, writer, batch, embed.truncate, progress)
+                summary.batches_per_device = engine.batches_done()
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    summary.seconds = time.perf_counter() - start
+    summary.skipped = skipped
+    summary.devices = [d.name for d in devices]
+    return summary

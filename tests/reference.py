@@ -1,0 +1,36 @@
+"""An independent computation of ESM-2 embeddings, one sequence at a time, directly with transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, EsmModel
+
+
+class DirectReference:
+    """Embeds each sequence alone with the model's own tokenizer and output_hidden_states."""
+
+    def __init__(self, model_dir: str):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = EsmModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+        self.num_layers = self.model.config.num_hidden_layers
+
+    def hidden(self, seq: str, layer: int) -> np.ndarray:
+        enc = self.tokenizer(seq, return_tensors="pt")
+        with torch.no_grad():
+            states = self.model(**enc, output_hidden_states=True).hidden_states
+        return states[layer % (self.num_layers + 1)][0].numpy()
+
+    def mean(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[1 : len(seq) + 1].mean(0)
+
+    def bos(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[0]
+
+    def per_token(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[1 : len(seq) + 1]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

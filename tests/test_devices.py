@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from esm2cli.devices import resolve_devices
+from esm2cli.errors import DeviceError
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    def set_count(n: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return set_count
+
+
+def names(spec):
+    return [d.name for d in resolve_devices(spec)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 4, 8])
+def test_auto_uses_every_gpu_or_the_cpu(gpus, count):
+    gpus(count)
+    devices = resolve_devices("auto")
+    if count == 0:
+        assert [(d.name, d.torch_device) for d in devices] == [("cpu", "cpu")]
+    else:
+        assert [d.name for d in devices] == [f"cuda:{i}" for i in range(count)]
+        assert all(d.is_cuda and not d.simulated for d in devices)
+
+
+def test_cuda_reported_but_unavailable_means_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert names("auto") == ["cpu"]
+
+
+def test_count_list_and_cpu(gpus):
+    gpus(4)
+    assert names("2") == ["cuda:0", "cuda:1"]
+    assert names("cuda:0, cuda:2") == ["cuda:0", "cuda:2"]
+    assert names("cpu") == ["cpu"]
+    assert names("0") == ["cpu"]
+
+
+def test_simulated_devices_live_on_the_cpu(gpus):
+    gpus(0)
+    devices = resolve_devices("sim:4")
+    assert [d.name for d in devices] == ["sim:0", "sim:1", "sim:2", "sim:3"]
+    assert all(d.torch_device == "cpu" and d.simulated and not d.is_cuda for d in devices)
+
+
+@pytest.mark.parametrize(
+    "count, spec, message",
+    [
+        (1, "4", "asked for 4 CUDA device"),
+        (0, "1", "use --devices sim:1"),
+        (2, "cuda:5", "cuda:5 but this machine has 2"),
+        (2, "cuda:0,cuda:0", "twice"),
+        (2, "gpu0", "cannot read --devices"),
+        (2, "sim:0", "N >= 1"),
+        (2, "", "cannot read"),
+    ],
+)
+def test_bad_specs(gpus, count, spec, message):
+    gpus(count)
+    with pytest.raises(DeviceError, match=message):
+        resolve_devices(spec)

@@ -1,0 +1,160 @@
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+
+from conftest import FakeEmbedder
+from esm2cli.config import BatchConfig
+from esm2cli.engine import Engine
+from esm2cli.errors import EngineError, OverloadedError
+from esm2cli.fasta import Record
+from esm2cli.pipeline import embed_records
+
+
+class MemoryWriter:
+    def __init__(self):
+        self.ids, self.lengths, self.truncated, self.vectors = [], [], [], []
+
+    def write(self, rows):
+        self.ids += rows.ids
+        self.lengths += rows.lengths
+        self.truncated += rows.truncated
+        self.vectors.append(rows.pooled[0])
+
+
+def _records(lengths):
+    return [Record(f"r{i}", "", "M" * n, i + 1) for i, n in enumerate(lengths)]
+
+
+def test_round_robin_split():
+    replicas = [FakeEmbedder(f"sim:{i}") for i in range(4)]
+    with Engine(replicas) as engine:
+        futures = [engine.submit([f"B{i}"]) for i in range(10)]
+        [f.result(timeout=10) for f in futures]
+    assert [sum(len(b) for b in r.seen) for r in replicas] == [3, 3, 2, 2]
+    assert replicas[1].seen == [["B1"], ["B5"], ["B9"]]
+    assert engine.batches_done() == {"sim:0": 3, "sim:1": 3, "sim:2": 2, "sim:3": 2}
+
+
+@pytest.mark.parametrize("n_replicas", [1, 3, 8])
+def test_order_is_restored(n_replicas):
+    lengths = [((i * 37) % 101) + 1 for i in range(500)]
+    replicas = [FakeEmbedder(f"sim:{i}", delay=0.001 * (i % 2)) for i in range(n_replicas)]
+    writer = MemoryWriter()
+    with Engine(replicas) as engine:
+        summary = embed_records(
+            _records(lengths), engine, writer, BatchConfig(batch_size=7, max_tokens=300, window=64), truncate=90
+        )
+    vectors = np.concatenate(writer.vectors)
+    assert writer.ids == [f"r{i}" for i in range(500)]
+    assert writer.lengths == lengths
+    assert writer.truncated == [n > 90 for n in lengths]
+    assert vectors[:, 0].tolist() == [min(n, 90) for n in lengths]  # v[0] = len(seq): no order or padding mix-up
+    assert summary.sequences == 500 and summary.residues == sum(min(n, 90) for n in lengths)
+    assert summary.truncated == sum(n > 90 for n in lengths)
+    assert all(r.seen for r in replicas)
+
+
+def test_a_failing_replica_fails_its_batch_not_the_others():
+    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="BAD")]
+    with Engine(replicas) as engine:
+        good = engine.submit(["BAD"])  # replica 0 does not fail on it
+        bad = engine.submit(["BAD"])
+        ok = engine.submit(["MK"])
+        assert good.result(timeout=5).pooled[0][0, 0] == 3
+        with pytest.raises(RuntimeError, match="boom on sim:1"):
+            bad.result(timeout=5)
+        assert ok.result(timeout=5)
+        assert engine.healthy
+
+
+def test_pipeline_surfaces_a_replica_error_without_hanging():
+    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="M" * 50)]
+    records = _records([10, 20, 50, 60] * 20)
+    result = {}
+
+    def run():
+        try:
+            with Engine(replicas) as engine:
+                embed_records(records, engine, MemoryWriter(), BatchConfig(batch_size=1, window=16), 1022)
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the run hung after a replica error"
+    assert isinstance(result.get("error"), RuntimeError)
+
+
+class DyingEmbedder(FakeEmbedder):
+    def embed_batch(self, seqs):
+        raise SystemExit("worker killed")  # not an Exception: kills the worker loop
+
+
+def test_dead_worker_fails_waiters_and_next_submit():
+    engine = Engine([DyingEmbedder("sim:0")], queue_depth=4).start()
+    try:
+        first = engine.submit(["A"])
+        with pytest.raises(EngineError):
+            first.result(timeout=5)
+        deadline = time.time() + 5
+        while engine.healthy and time.time() < deadline:
+            time.sleep(0.01)
+        assert not engine.healthy
+        with pytest.raises(EngineError, match="died"):
+            engine.submit(["B"])
+    finally:
+        engine.close()
+
+
+def test_in_flight_work_is_bounded():
+    gate = threading.Event()
+
+    class Blocked(FakeEmbedder):
+        def embed_batch(self, seqs):
+            gate.wait(5)
+            return super().embed_batch(seqs)
+
+    engine = Engine([Blocked("sim:0")], queue_depth=2).start()
+    try:
+        futures = [engine.submit(["A"])]
+        time.sleep(0.05)  # the worker takes the first job and blocks
+        futures += [engine.submit(["A"], block=False) for _ in range(2)]
+        with pytest.raises(OverloadedError):
+            engine.submit(["A"], block=False)
+        gate.set()
+        assert all(f.result(timeout=5) for f in futures)
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_close_with_cancel_skips_queued_work():
+    gate = threading.Event()
+
+    class Slow(FakeEmbedder):
+        def embed_batch(self, seqs):
+            gate.wait(5)
+            return super().embed_batch(seqs)
+
+    replica = Slow("sim:0")
+    engine = Engine([replica], queue_depth=3).start()
+    running = engine.submit(["A"])
+    time.sleep(0.05)
+    queued = [engine.submit(["B"]) for _ in range(3)]
+    threading.Timer(0.1, gate.set).start()
+    engine.close(cancel=True)
+    assert running.result(timeout=5)
+    for f in queued:
+        with pytest.raises(CancelledError):
+            f.result(timeout=5)
+    assert replica.seen == [["A"]]
+
+
+def test_submit_requires_a_started_engine():
+    engine = Engine([FakeEmbedder("sim:0")])
+    with pytest.raises(EngineError, match="not running"):
+        engine.submit(["A"])
