@@ -61,16 +61,37 @@ def _to_click(exc: Esm2Error, param_hint: str | None = None) -> click.ClickExcep
 def model_options(func):
     """Options shared by every command that loads the model: model, load format, dtype, devices."""
     options = [
-        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ESM2CLI_MODEL",
-                     help="ESM-2 alias (esm2_t6_8M ... esm2_t48_15B), Hugging Face hub id, or local directory."),
-        click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto", show_default=True,
-                     envvar="ESM2CLI_LOAD_FORMAT",
-                     help="dummy: the named architecture with RANDOM weights, no download (demos, benchmarks)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                     show_default=True, envvar="ESM2CLI_DTYPE", help="Weights are converted to this once."),
-        click.option("--devices", default="auto", show_default=True, envvar="ESM2CLI_DEVICES",
-                     help="auto, cpu, a GPU count, a list such as cuda:0,cuda:2, or sim:N for N simulated "
-                          "devices on the CPU."),
+        click.option(
+            "-m",
+            "--model",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            envvar="ESM2CLI_MODEL",
+            help="ESM-2 alias (esm2_t6_8M ... esm2_t48_15B), Hugging Face hub id, or local directory.",
+        ),
+        click.option(
+            "--load-format",
+            type=click.Choice(["auto", "dummy"]),
+            default="auto",
+            show_default=True,
+            envvar="ESM2CLI_LOAD_FORMAT",
+            help="dummy: the named architecture with RANDOM weights, no download (demos, benchmarks).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default="float32",
+            show_default=True,
+            envvar="ESM2CLI_DTYPE",
+            help="Weights are converted to this once.",
+        ),
+        click.option(
+            "--devices",
+            default="auto",
+            show_default=True,
+            envvar="ESM2CLI_DEVICES",
+            help="auto, cpu, a GPU count, a list such as cuda:0,cuda:2, or sim:N for N simulated devices on the CPU.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -80,14 +101,30 @@ def model_options(func):
 def embedding_options(func):
     """Options shared by every command that embeds: layers, pooling, truncation."""
     options = [
-        click.option("--layers", type=LayerList(), default="-1", show_default=True, envvar="ESM2CLI_LAYERS",
-                     help="Layers to return, comma-separated; 0 is the embedding layer, -1 the last."),
-        click.option("--pooling", type=click.Choice(["mean", "bos"]), default="mean", show_default=True,
-                     envvar="ESM2CLI_POOLING",
-                     help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token."),
-        click.option("--truncate", type=click.IntRange(min=1), default=DEFAULT_TRUNCATE, show_default=True,
-                     envvar="ESM2CLI_TRUNCATE",
-                     help="Residues kept per sequence; longer ones are truncated and flagged."),
+        click.option(
+            "--layers",
+            type=LayerList(),
+            default="-1",
+            show_default=True,
+            envvar="ESM2CLI_LAYERS",
+            help="Layers to return, comma-separated; 0 is the embedding layer, -1 the last.",
+        ),
+        click.option(
+            "--pooling",
+            type=click.Choice(["mean", "bos"]),
+            default="mean",
+            show_default=True,
+            envvar="ESM2CLI_POOLING",
+            help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token.",
+        ),
+        click.option(
+            "--truncate",
+            type=click.IntRange(min=1),
+            default=DEFAULT_TRUNCATE,
+            show_default=True,
+            envvar="ESM2CLI_TRUNCATE",
+            help="Residues kept per sequence; longer ones are truncated and flagged.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -110,8 +147,14 @@ def _progress_factory(quiet: bool):
     def factory(scan):
         from tqdm import tqdm
 
-        bar = tqdm(total=scan.valid, unit="seq", dynamic_ncols=True, file=sys.stderr,
-                   disable=True if quiet else None, smoothing=0.1)
+        bar = tqdm(
+            total=scan.valid,
+            unit="seq",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=True if quiet else None,
+            smoothing=0.1,
+        )
         state = {"residues": 0}
 
         def update(sequences: int, residues: int) -> None:
@@ -139,24 +182,66 @@ def _summary_line(summary, output: Path) -> str:
 
 @cli.command()
 @click.argument("fasta", type=click.Path(allow_dash=True, path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Parquet file to write.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write."
+)
 @model_options
 @embedding_options
-@click.option("--per-token", is_flag=True, envvar="ESM2CLI_PER_TOKEN",
-              help="Also write per-residue embeddings (large: residues x hidden floats per sequence).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
-              envvar="ESM2CLI_BATCH_SIZE", help="Sequences per batch at most.")
-@click.option("--max-tokens", type=click.IntRange(min=64), default=DEFAULT_MAX_TOKENS, show_default=True,
-              envvar="ESM2CLI_MAX_TOKENS", help="Padded tokens per batch at most, <cls> and <eos> included.")
-@click.option("--skip-invalid", is_flag=True, envvar="ESM2CLI_SKIP_INVALID",
-              help="Embed the valid records and report the invalid ones instead of stopping.")
-@click.option("--allow-duplicate-ids", is_flag=True, envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
-              help="Accept records that share an id (each still gets its own row).")
+@click.option(
+    "--per-token",
+    is_flag=True,
+    envvar="ESM2CLI_PER_TOKEN",
+    help="Also write per-residue embeddings (large: residues x hidden floats per sequence).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    envvar="ESM2CLI_BATCH_SIZE",
+    help="Sequences per batch at most.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=64),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    envvar="ESM2CLI_MAX_TOKENS",
+    help="Padded tokens per batch at most, <cls> and <eos> included.",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    envvar="ESM2CLI_SKIP_INVALID",
+    help="Embed the valid records and report the invalid ones instead of stopping.",
+)
+@click.option(
+    "--allow-duplicate-ids",
+    is_flag=True,
+    envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
+    help="Accept records that share an id (each still gets its own row).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @log_options
-def embed(fasta, output, model, load_format, dtype, devices, layers, pooling, truncate, per_token,
-          batch_size, max_tokens, skip_invalid, allow_duplicate_ids, overwrite, verbose, quiet):
+def embed(
+    fasta,
+    output,
+    model,
+    load_format,
+    dtype,
+    devices,
+    layers,
+    pooling,
+    truncate,
+    per_token,
+    batch_size,
+    max_tokens,
+    skip_invalid,
+    allow_duplicate_ids,
+    overwrite,
+    verbose,
+    quiet,
+):
     """Embed every protein of a FASTA file (plain, .gz, or - for stdin) into Parquet.
 
     One row per protein: id, description, length, truncated, and the pooled embedding of each
@@ -181,8 +266,7 @@ def embed(fasta, output, model, load_format, dtype, devices, layers, pooling, tr
     for name, value in configs.items():
         log.debug("%s: %s", name, value)
     try:
-        summary = embed_fasta(fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet),
-                              **configs)
+        summary = embed_fasta(fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs)
     except ConfigError as exc:
         raise _to_click(exc) from exc
     except Esm2Error as exc:

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from esm2cli.errors import EngineError, OverloadedError
+from esm2cli.errors import BatchError, EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Engine:
                     job.future.set_result(worker.replica.embed_batch(job.seqs))
                     worker.batches += 1
                 except Exception as exc:  # fails this batch's waiters only
-                    job.future.set_exception(exc)
+                    job.future.set_exception(BatchError(str(worker.replica.device.name), exc))
         except BaseException as exc:  # anything else kills the worker: record why, fail its batch
             worker.error = exc
             log.error("worker on %s died: %r", worker.replica.device.name, exc)

@@ -38,6 +38,19 @@ class EngineError(Esm2Error):
     """A replica failed or the engine is not running."""
 
 
+class BatchError(EngineError):
+    """A batch raised on a replica; the original exception is the cause."""
+
+    def __init__(self, device: str, cause: BaseException):
+        super().__init__(f"a batch failed on {device}: {type(cause).__name__}: {cause}")
+        self.device = device
+        self.__cause__ = cause
+
+
+class OutputExistsError(ConfigError):
+    """The output is already there and the user did not ask to replace it."""
+
+
 class OverloadedError(Esm2Error):
     """The engine's queue is full; the caller should retry later."""
 

@@ -18,7 +18,7 @@ from esm2cli import __version__
 from esm2cli.batching import plan_batches, windows
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.engine import Engine
-from esm2cli.errors import FastaError, OutputError
+from esm2cli.errors import FastaError, OutputExistsError
 from esm2cli.fasta import (
     FastaScan,
     Record,
@@ -213,7 +213,8 @@ def embed_fasta(
     Raises:
         FastaError: The input is unreadable or holds records that cannot be embedded.
         ModelLoadError, DeviceError, ConfigError: The model or devices are unusable.
-        OutputError: The output exists (without overwrite) or cannot be written.
+        OutputExistsError: The output exists and overwrite is False.
+        OutputError: The output cannot be written.
         EngineError: A replica failed.
     """
     # Imported here so that the CLI's input checks stay fast: torch loads only when needed.
@@ -222,7 +223,7 @@ def embed_fasta(
 
     output = Path(output)
     if output.exists() and not overwrite:
-        raise OutputError(f"{output} already exists (use --overwrite to replace it)")
+        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
     with readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate)
         check_scan(scan, str(fasta), inputs)
@@ -230,8 +231,11 @@ def embed_fasta(
         if skipped:
             log.warning("skipping %d invalid record(s):\n%s", len(skipped), describe_invalid(scan.invalid))
         if scan.too_long:
-            log.warning("%d sequence(s) longer than %d residues will be truncated (column 'truncated')",
-                        scan.too_long, embed.truncate)
+            log.warning(
+                "%d sequence(s) longer than %d residues will be truncated (column 'truncated')",
+                scan.too_long,
+                embed.truncate,
+            )
         devices = resolve_devices(model.devices)
         loaded = load_model(model)
         layers = resolve_layers(embed.layers, loaded.num_layers)

@@ -52,8 +52,7 @@ def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: 
     fields += [pa.field(name, vector, nullable=False) for name in embedding_columns(layers, "embedding").values()]
     if per_token:
         fields += [
-            pa.field(name, pa.list_(vector), nullable=False)
-            for name in embedding_columns(layers, "per_token").values()
+            pa.field(name, pa.list_(vector), nullable=False) for name in embedding_columns(layers, "per_token").values()
         ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
 

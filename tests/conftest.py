@@ -43,9 +43,17 @@ def build_tiny_esm2(path, seed: int = 7, **overrides) -> str:
     from esm2cli.model import bundled_tokenizer
 
     params = dict(
-        vocab_size=33, max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=True,
-        emb_layer_norm_before=False, layer_norm_eps=1e-5, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, mask_token_id=32, pad_token_id=1, initializer_range=0.2,
+        vocab_size=33,
+        max_position_embeddings=1026,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        emb_layer_norm_before=False,
+        layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        mask_token_id=32,
+        pad_token_id=1,
+        initializer_range=0.2,
     )
     params.update(TINY)
     params.update(overrides)

@@ -8,7 +8,7 @@ import pytest
 from conftest import FakeEmbedder
 from esm2cli.config import BatchConfig
 from esm2cli.engine import Engine
-from esm2cli.errors import EngineError, OverloadedError
+from esm2cli.errors import BatchError, EngineError, OverloadedError
 from esm2cli.fasta import Record
 from esm2cli.pipeline import embed_records
 
@@ -64,8 +64,9 @@ def test_a_failing_replica_fails_its_batch_not_the_others():
         bad = engine.submit(["BAD"])
         ok = engine.submit(["MK"])
         assert good.result(timeout=5).pooled[0][0, 0] == 3
-        with pytest.raises(RuntimeError, match="boom on sim:1"):
+        with pytest.raises(BatchError, match="a batch failed on sim:1: RuntimeError: boom on sim:1") as info:
             bad.result(timeout=5)
+        assert isinstance(info.value.__cause__, RuntimeError)
         assert ok.result(timeout=5)
         assert engine.healthy
 
@@ -86,7 +87,7 @@ def test_pipeline_surfaces_a_replica_error_without_hanging():
     thread.start()
     thread.join(timeout=20)
     assert not thread.is_alive(), "the run hung after a replica error"
-    assert isinstance(result.get("error"), RuntimeError)
+    assert isinstance(result.get("error"), BatchError)
 
 
 class DyingEmbedder(FakeEmbedder):

@@ -45,8 +45,14 @@ def test_aliases_map_to_hub_ids():
 
 @pytest.mark.parametrize(
     "alias, nominal",
-    [("esm2_t6_8M", 8e6), ("esm2_t12_35M", 35e6), ("esm2_t30_150M", 150e6), ("esm2_t33_650M", 650e6),
-     ("esm2_t36_3B", 3e9), ("esm2_t48_15B", 15e9)],
+    [
+        ("esm2_t6_8M", 8e6),
+        ("esm2_t12_35M", 35e6),
+        ("esm2_t30_150M", 150e6),
+        ("esm2_t33_650M", 650e6),
+        ("esm2_t36_3B", 3e9),
+        ("esm2_t48_15B", 15e9),
+    ],
 )
 def test_dummy_architectures_have_the_named_size(alias, nominal):
     with torch.device("meta"):
@@ -136,9 +142,9 @@ def test_missing_directory(tmp_path):
 
 
 def test_not_an_esm_model(tmp_path):
-    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(
-        tmp_path
-    )
+    BertModel(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="not an ESM-2 encoder .*bert"):
         load_model(ModelConfig(model=str(tmp_path)))
 

@@ -1,0 +1,34 @@
+# Every target sets up .venv on first use: `make demo` or `make test` on a fresh clone is enough.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install test test-all demo lint format bench-side-by-side clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP_INSTALL) -c constraints.txt -e ".[dev,serve,s3]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/esm2cli embed examples/demo.fasta -o demo-out/demo.parquet \
+		-m esm2_t6_8M --load-format dummy --devices sim:2 --overwrite
+	$(PY) -c "import pyarrow.parquet as pq; t = pq.read_table('demo-out/demo.parquet'); \
+	print(t.schema); print(t.select(['id', 'length', 'truncated']).slice(0, 5).to_pylist())"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check esm2cli tests benchmarks
+	$(VENV)/bin/ruff format --check esm2cli tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format esm2cli tests benchmarks
+	$(VENV)/bin/ruff check --fix esm2cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
