@@ -8,7 +8,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP_INSTALL) -c constraints.txt -e ".[dev,serve,s3]"
+	$(PIP_INSTALL) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -273,3 +273,172 @@ def embed(
         raise _to_click(exc, param_hint="FASTA") from exc
     if not quiet:
         click.echo(_summary_line(summary, output), err=True)
+
+
+@cli.command()
+@model_options
+@embedding_options
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="ESM2CLI_HOST", help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="ESM2CLI_PORT")
+@click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    envvar="ESM2CLI_BATCHING",
+    help="Coalesce concurrent requests into engine batches (dynamic batching).",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    envvar="ESM2CLI_MAX_BATCH_SIZE",
+    help="Sequences per engine batch at most.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    envvar="ESM2CLI_MAX_WAIT_MS",
+    help="How long a request waits for others to share its batch.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=64),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    envvar="ESM2CLI_MAX_TOKENS",
+    help="Padded tokens per engine batch at most.",
+)
+@click.option(
+    "--max-client-batch",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    envvar="ESM2CLI_MAX_CLIENT_BATCH",
+    help="Sequences per /predict/batch request at most.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    envvar="ESM2CLI_MAX_QUEUE",
+    help="Sequences waiting at most; past it, 429 with Retry-After.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    show_default=True,
+    envvar="ESM2CLI_REQUEST_TIMEOUT",
+    help="Seconds before an unanswered request gets 503.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=4 << 20,
+    show_default=True,
+    envvar="ESM2CLI_MAX_BODY_BYTES",
+    help="Larger request bodies get 422.",
+)
+@click.option(
+    "--truncation/--no-truncation",
+    default=True,
+    show_default=True,
+    envvar="ESM2CLI_TRUNCATION",
+    help="Truncate sequences over --truncate residues (else answer 422).",
+)
+@click.option(
+    "--graceful-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar="ESM2CLI_GRACEFUL_TIMEOUT",
+    help="On SIGTERM, seconds that requests in flight may take.",
+)
+@log_options
+def serve(
+    model,
+    load_format,
+    dtype,
+    devices,
+    layers,
+    pooling,
+    truncate,
+    host,
+    port,
+    batching,
+    max_batch_size,
+    max_wait_ms,
+    max_tokens,
+    max_client_batch,
+    max_queue,
+    request_timeout,
+    max_body_bytes,
+    truncation,
+    graceful_timeout,
+    verbose,
+    quiet,
+):
+    """Serve embeddings over HTTP: GET /health, GET /live, POST /predict, POST /predict/batch, GET /metrics.
+
+    The port opens at once; /health answers 503 until every replica is loaded and warm.
+    SIGTERM stops accepting, finishes the requests in flight and exits 0.
+
+    \b
+    Examples:
+      esm2cli serve -m esm2_t33_650M --port 8000
+      esm2cli serve -m esm2_t6_8M --load-format dummy --devices sim:2
+      curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"sequence": "MKTAYIAK"}'
+    """
+    import signal
+
+    import uvicorn
+
+    from esm2cli.config import ServeConfig
+    from esm2cli.server import create_app
+
+    _setup_logging(verbose, quiet)
+    serve_cfg = ServeConfig(
+        host=host,
+        port=port,
+        batching=batching,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_tokens=max_tokens,
+        max_client_batch=max_client_batch,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_body_bytes=max_body_bytes,
+        truncation=truncation,
+        graceful_timeout_s=graceful_timeout,
+    )
+    model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
+    embed_cfg = EmbedConfig(layers=layers, pooling=pooling, truncate=truncate)
+    log.info("serve: %s", serve_cfg)
+    log.info("model: %s", model_cfg)
+    failure: list[Exception] = []
+
+    def on_load_failure(exc: Exception) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(serve_cfg, model_cfg, embed_cfg, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning" if quiet else "info",
+        timeout_graceful_shutdown=graceful_timeout,
+        access_log=not quiet,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
+    # kills the process. Handlers of ours turn a completed drain into a normal exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if failure:
+        raise _to_click(failure[0]) if isinstance(failure[0], Esm2Error) else click.ClickException(str(failure[0]))

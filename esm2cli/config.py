@@ -70,3 +70,35 @@ class InputConfig:
 
     skip_invalid: bool = False
     allow_duplicate_ids: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """The HTTP server's bounds and batching.
+
+    Attributes:
+        host, port: Where to listen.
+        batching: Coalesce concurrent requests into engine batches (dynamic batching).
+        max_batch_size: Sequences per engine batch at most.
+        max_wait_ms: How long the first request of a batch waits for others.
+        max_tokens: Padded tokens per engine batch at most.
+        max_client_batch: Sequences per /predict/batch request at most.
+        max_queue: Sequences accepted and unanswered at most; past it, 429 with Retry-After.
+        request_timeout_s: A request not answered by then gets 503.
+        max_body_bytes: Request bodies over this size get 422.
+        truncation: Truncate long sequences (else 422).
+        graceful_timeout_s: On SIGTERM, how long requests in flight may take to finish.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batching: bool = True
+    max_batch_size: int = DEFAULT_BATCH_SIZE
+    max_wait_ms: float = 5.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_client_batch: int = 64
+    max_queue: int = 2048
+    request_timeout_s: float = 60.0
+    max_body_bytes: int = 4 << 20
+    truncation: bool = True
+    graceful_timeout_s: float = 30.0

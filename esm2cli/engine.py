@@ -6,11 +6,13 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.errors import BatchError, EngineError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,34 @@ class _Worker:
     alive: bool = True
     error: BaseException | None = None
     batches: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class EngineSetup:
+    """An engine ready to start, with what callers report about it."""
+
+    engine: Engine
+    model: Any  # esm2cli.model.LoadedModel
+    layers: tuple[int, ...]
+    devices: list[Any]  # esm2cli.devices.Device
+
+
+def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2) -> EngineSetup:
+    """Resolves the devices, loads the model once and places one replica on each device.
+
+    Raises:
+        DeviceError, ConfigError, ModelLoadError: The devices, options or model are unusable.
+    """
+    # Imported here so that importing the engine does not import torch.
+    from esm2cli.devices import resolve_devices
+    from esm2cli.model import build_replicas, load_model, resolve_layers
+
+    devices = resolve_devices(model.devices)
+    loaded = load_model(model)
+    layers = resolve_layers(embed.layers, loaded.num_layers)
+    replicas = build_replicas(loaded, devices, embed)
+    return EngineSetup(Engine(replicas, queue_depth=queue_depth), loaded, layers, devices)
 
 
 class Engine:
@@ -73,6 +103,10 @@ class Engine:
     def batches_done(self) -> dict[str, int]:
         """Batches each device has finished, by device name."""
         return {str(w.replica.device.name): w.batches for w in self._workers}
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds each device has spent inside embed_batch, by device name."""
+        return {str(w.replica.device.name): w.busy_s for w in self._workers}
 
     def start(self) -> Engine:
         """Starts one worker thread per replica."""
@@ -133,11 +167,16 @@ class Engine:
             while (job := worker.jobs.get()) is not _STOP:
                 if not job.future.set_running_or_notify_cancel():
                     continue  # the caller gave up: don't spend the device on it
+                start = time.perf_counter()
                 try:
-                    job.future.set_result(worker.replica.embed_batch(job.seqs))
-                    worker.batches += 1
+                    result = worker.replica.embed_batch(job.seqs)
                 except Exception as exc:  # fails this batch's waiters only
                     job.future.set_exception(BatchError(str(worker.replica.device.name), exc))
+                else:
+                    worker.batches += 1
+                    job.future.set_result(result)
+                finally:
+                    worker.busy_s += time.perf_counter() - start
         except BaseException as exc:  # anything else kills the worker: record why, fail its batch
             worker.error = exc
             log.error("worker on %s died: %r", worker.replica.device.name, exc)

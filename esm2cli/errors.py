@@ -59,8 +59,8 @@ class NotReadyError(Esm2Error):
     """The engine is still loading."""
 
 
-class TooLargeError(InputError):
-    """A request holds more items than allowed."""
+class RequestTimeoutError(Esm2Error):
+    """A request was not answered in time."""
 
 
 _EXIT_CODES: dict[type[Esm2Error], int] = {
@@ -69,10 +69,10 @@ _EXIT_CODES: dict[type[Esm2Error], int] = {
 }
 
 _HTTP_STATUSES: dict[type[Esm2Error], int] = {
-    TooLargeError: 413,
     InputError: 422,
     OverloadedError: 429,
     NotReadyError: 503,
+    RequestTimeoutError: 503,
 }
 
 
@@ -89,5 +89,5 @@ def exit_code(exc: Esm2Error) -> int:
 
 
 def http_status(exc: Esm2Error) -> int:
-    """Returns the HTTP status for an error (422, 413, 429, 503, else 500)."""
+    """Returns the HTTP status for an error (422, 429, 503, else 500)."""
     return _lookup(exc, _HTTP_STATUSES, 500)

@@ -17,7 +17,7 @@ import numpy as np
 from esm2cli import __version__
 from esm2cli.batching import plan_batches, windows
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.engine import Engine
+from esm2cli.engine import Engine, build_engine
 from esm2cli.errors import FastaError, OutputExistsError
 from esm2cli.fasta import (
     FastaScan,
@@ -217,10 +217,6 @@ def embed_fasta(
         OutputError: The output cannot be written.
         EngineError: A replica failed.
     """
-    # Imported here so that the CLI's input checks stay fast: torch loads only when needed.
-    from esm2cli.devices import resolve_devices
-    from esm2cli.model import build_replicas, load_model, resolve_layers
-
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
@@ -236,17 +232,15 @@ def embed_fasta(
                 scan.too_long,
                 embed.truncate,
             )
-        devices = resolve_devices(model.devices)
-        loaded = load_model(model)
-        layers = resolve_layers(embed.layers, loaded.num_layers)
-        replicas = build_replicas(loaded, devices, embed)
+        setup = build_engine(model, embed)
+        loaded, layers = setup.model, setup.layers
         metadata = run_metadata(model, embed, layers, loaded.source, loaded.dummy)
         schema = build_schema(loaded.hidden_size, layers, embed.per_token, metadata)
         writer = EmbeddingWriter(output, schema, loaded.hidden_size, layers)
         progress = progress_factory(scan) if progress_factory else None
         start = time.perf_counter()
         try:
-            with Engine(replicas) as engine:
+            with setup.engine as engine:
                 valid = (rec for rec in read_records(source) if rec.problem is None)
                 summary = embed_records(valid, engine, writer, batch, embed.truncate, progress)
                 summary.batches_per_device = engine.batches_done()
@@ -256,5 +250,5 @@ def embed_fasta(
             raise
     summary.seconds = time.perf_counter() - start
     summary.skipped = skipped
-    summary.devices = [d.name for d in devices]
+    summary.devices = [d.name for d in setup.devices]
     return summary

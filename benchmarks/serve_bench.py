@@ -1,0 +1,136 @@
+"""Concurrent clients against `esm2cli serve`, with dynamic batching on and off, in one run.
+
+Starts the server twice on the same model and workload (once per mode), sends ``--requests``
+single-sequence /predict requests from ``--clients`` concurrent clients, and prints throughput and
+p50/p99 latency for each mode, and their ratio.
+
+    python benchmarks/serve_bench.py --model esm2_t6_8M --clients 16 --requests 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import aiohttp
+import httpx
+
+from esm2cli.workload import synthetic_sequences
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "esm2cli", "serve", "-m", args.model, "--load-format", args.load_format,
+        "--devices", args.devices, "--dtype", args.dtype, "--port", str(port), "-q",
+        "--batching" if batching else "--no-batching", "--max-wait-ms", str(args.max_wait_ms),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not become healthy")
+
+
+async def _load(url: str, seqs: list[str], clients: int) -> tuple[float, list[float]]:
+    # aiohttp rather than httpx: the load generator shares the machine's cores with the server,
+    # and aiohttp spends several times less CPU per request.
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for seq in seqs:
+        queue.put_nowait(seq)
+    latencies: list[float] = []
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            seq = queue.get_nowait()
+            start = time.perf_counter()
+            async with http.post(f"{url}/predict", json={"sequence": seq}) as response:
+                response.raise_for_status()
+                await response.read()
+            latencies.append(time.perf_counter() - start)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - start, latencies
+
+
+def _measure(args, batching: bool, seqs: list[str]) -> dict:
+    proc, url = _start_server(args, batching)
+    try:
+        asyncio.run(_load(url, seqs[: args.clients], args.clients))  # warm-up
+        seconds, latencies = asyncio.run(_load(url, seqs, args.clients))
+        batches = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if "batch_size_" in line]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    quantiles = statistics.quantiles(latencies, n=100)
+    count = next(float(x.split()[-1]) for x in batches if x.startswith("esm2cli_batch_size_count"))
+    total = next(float(x.split()[-1]) for x in batches if x.startswith("esm2cli_batch_size_sum"))
+    return {
+        "batching": batching,
+        "requests": len(seqs),
+        "seconds": seconds,
+        "requests_per_s": len(seqs) / seconds,
+        "residues_per_s": sum(map(len, seqs)) / seconds,
+        "p50_ms": quantiles[49] * 1000,
+        "p99_ms": quantiles[98] * 1000,
+        "mean_batch": total / count,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="esm2_t6_8M")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--devices", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--max-length", type=int, default=400, help="longest synthetic sequence")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.pop("ESM2CLI_MODEL", None)
+    seqs = [seq for _, seq in synthetic_sequences(args.requests, seed=1, max_length=args.max_length)]
+    rows = [_measure(args, True, seqs), _measure(args, False, seqs)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{args.model} ({args.load_format}), {args.devices}, {args.dtype}; {args.clients} clients, "
+        f"{args.requests} single-sequence requests, lengths <= {args.max_length}"
+    )
+    print(f"{'batching':>9} {'req/s':>8} {'residues/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11}")
+    for r in rows:
+        print(
+            f"{'on' if r['batching'] else 'off':>9} {r['requests_per_s']:8.1f} {r['residues_per_s']:11,.0f} "
+            f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_batch']:11.1f}"
+        )
+    print(f"throughput ratio on/off: {rows[0]['requests_per_s'] / rows[1]['requests_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the server: requests, latency, batch sizes, queue depth, device busy time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
+
+
+class _DeviceBusy:
+    """Reads the engine's per-device busy seconds at scrape time."""
+
+    def __init__(self, busy_seconds: Callable[[], dict[str, float]]):
+        self._busy_seconds = busy_seconds
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "esm2cli_device_busy_seconds", "Seconds each device spent computing batches", labels=["device"]
+        )
+        for device, seconds in self._busy_seconds().items():
+            family.add_metric([device], seconds)
+        yield family
+
+
+class ServerMetrics:
+    """One registry per app, so that several apps (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "esm2cli_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "esm2cli_request_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "esm2cli_batch_size", "Sequences per engine batch", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.queue_depth = Gauge("esm2cli_queue_depth", "Requests waiting to be batched", registry=self.registry)
+        self.pending = Gauge(
+            "esm2cli_pending_sequences", "Sequences accepted, not yet answered", registry=self.registry
+        )
+
+    def watch_devices(self, busy_seconds: Callable[[], dict[str, float]]) -> None:
+        """Exposes the engine's per-device busy time once it is loaded."""
+        self.registry.register(_DeviceBusy(busy_seconds))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
