@@ -79,11 +79,12 @@ def model_options(func):
         ),
         click.option(
             "--dtype",
-            type=click.Choice(["float32", "bfloat16", "float16"]),
-            default="float32",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
             show_default=True,
             envvar="ESM2CLI_DTYPE",
-            help="Weights are converted to this once.",
+            help="Weights are converted to this once. auto: bfloat16 where the hardware computes it natively "
+            "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. Pooling and output stay float32.",
         ),
         click.option(
             "--devices",
@@ -174,9 +175,11 @@ def _summary_line(summary, output: Path) -> str:
     devices = ", ".join(summary.devices)
     skipped = f", {len(summary.skipped)} skipped" if summary.skipped else ""
     truncated = f", {summary.truncated} truncated" if summary.truncated else ""
+    dedup = f", {summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else ""
+    oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
     return (
-        f"embedded {summary.sequences:,} sequences{skipped}{truncated} -> {output} "
-        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}"
+        f"embedded {summary.sequences:,} sequences{skipped}{truncated}{dedup} -> {output} "
+        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}{oom}"
     )
 
 
@@ -204,10 +207,10 @@ def _summary_line(summary, output: Path) -> str:
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=64),
-    default=DEFAULT_MAX_TOKENS,
-    show_default=True,
+    default=None,
     envvar="ESM2CLI_MAX_TOKENS",
-    help="Padded tokens per batch at most, <cls> and <eos> included.",
+    help="Padded tokens per batch at most, <cls> and <eos> included. "
+    f"[default: {DEFAULT_MAX_TOKENS['cpu']} on the CPU, {DEFAULT_MAX_TOKENS['cuda']} on GPUs]",
 )
 @click.option(
     "--skip-invalid",
@@ -306,7 +309,7 @@ def embed(
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=64),
-    default=DEFAULT_MAX_TOKENS,
+    default=DEFAULT_MAX_TOKENS["cuda"],
     show_default=True,
     envvar="ESM2CLI_MAX_TOKENS",
     help="Padded tokens per engine batch at most.",
@@ -442,3 +445,116 @@ def serve(
     server.run()
     if failure:
         raise _to_click(failure[0]) if isinstance(failure[0], Esm2Error) else click.ClickException(str(failure[0]))
+
+
+@cli.command()
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Devices to scale to: real CUDA devices when there are that many, else simulated on the CPU. "
+    "[default: every CUDA device, or 1]",
+)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id or directory.")
+@click.option(
+    "--load-format",
+    type=click.Choice(["auto", "dummy"]),
+    default="dummy",
+    show_default=True,
+    help="dummy: random weights of the named size (the compute is the same as the real model's).",
+)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True
+)
+@click.option(
+    "--input",
+    "input_fasta",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A FASTA file to time instead of the synthetic workload.",
+)
+@click.option(
+    "--sequences",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Synthetic proteins of UniProt-like lengths. [default: 1024 per GPU; 24 on the CPU]",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=DEFAULT_TRUNCATE,
+    show_default=True,
+    help="Sequences are truncated to this many residues.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=64),
+    default=None,
+    help="Padded tokens per batch. [default: as esm2cli embed]",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of the scaling.")
+@log_options
+def bench(
+    gpus,
+    model,
+    load_format,
+    dtype,
+    input_fasta,
+    sequences,
+    seed,
+    max_length,
+    max_tokens,
+    batch_size,
+    as_json,
+    plot,
+    verbose,
+    quiet,
+):
+    """Measure the engine: throughput, padding, MFU and scaling over 1..N devices.
+
+    \b
+    Examples:
+      esm2cli bench                                  # 650M architecture, every GPU
+      esm2cli bench --gpus 4 -m esm2_t12_35M         # 4 simulated devices on a machine without GPUs
+      esm2cli bench --input proteins.fasta --json
+    """
+    import json
+
+    from esm2cli.bench import format_report, plot_report, run_bench
+    from esm2cli.devices import cuda_device_count
+
+    _setup_logging(verbose, quiet)
+    n_cuda = cuda_device_count()
+    gpus = gpus or max(n_cuda, 1)
+    on_cuda = gpus <= n_cuda
+    if input_fasta:
+        from esm2cli.fasta import read_records
+
+        try:
+            seqs = [r.sequence[:max_length] for r in read_records(input_fasta) if r.problem is None]
+        except Esm2Error as exc:
+            raise _to_click(exc, param_hint="--input") from exc
+    else:
+        from esm2cli.workload import synthetic_sequences
+
+        count = sequences or (1024 * gpus if on_cuda else 24)
+        seqs = [s[:max_length] for _, s in synthetic_sequences(count, seed=seed)]
+    if not seqs:
+        raise click.BadParameter("no valid sequences", param_hint="--input")
+    budget = BatchConfig(max_tokens=max_tokens).for_devices(on_cuda).max_tokens
+    if not on_cuda:
+        log.info("%d simulated device(s) on the CPU (this machine has %d CUDA device(s))", gpus, n_cuda)
+    try:
+        report = run_bench(
+            ModelConfig(model=model, load_format=load_format, dtype=dtype), seqs, gpus, budget, batch_size
+        )
+    except Esm2Error as exc:
+        raise _to_click(exc) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report))
+    if plot:
+        plot_report(report, str(plot))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_MODEL = "esm2_t33_650M"
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_MAX_TOKENS = 16384
+# Padded tokens per batch, by device kind. On the CPU, small batches keep activations in cache and
+# run faster per residue (benchmarks/token_budget.py); GPUs want large batches.
+DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
 
 
@@ -17,13 +19,14 @@ class ModelConfig:
     Attributes:
         model: A short alias (esm2_t33_650M), a Hugging Face hub id, or a local directory.
         load_format: "auto" loads real weights; "dummy" builds the architecture with random weights.
-        dtype: "float32", "bfloat16" or "float16": the dtype the weights are converted to once.
+        dtype: "auto", "float32", "bfloat16" or "float16": the dtype the weights are converted to once
+            (auto: bfloat16 where the devices compute it natively, else float32).
         devices: A device spec: "auto", "cpu", a count, "cuda:0,cuda:2", or "sim:N".
     """
 
     model: str = DEFAULT_MODEL
     load_format: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     devices: str = "auto"
 
 
@@ -50,13 +53,19 @@ class BatchConfig:
 
     Attributes:
         batch_size: At most this many sequences a batch.
-        max_tokens: At most this many padded tokens a batch, <cls> and <eos> included.
+        max_tokens: At most this many padded tokens a batch, <cls> and <eos> included (None: by device).
         window: Sequences read and sorted by length together; bounds memory on huge files.
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = None
     window: int = 4096
+
+    def for_devices(self, on_cuda: bool) -> BatchConfig:
+        """This config with max_tokens decided: the device kind's default when not set."""
+        if self.max_tokens is not None:
+            return self
+        return replace(self, max_tokens=DEFAULT_MAX_TOKENS["cuda" if on_cuda else "cpu"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +104,7 @@ class ServeConfig:
     batching: bool = True
     max_batch_size: int = DEFAULT_BATCH_SIZE
     max_wait_ms: float = 5.0
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int = DEFAULT_MAX_TOKENS["cuda"]
     max_client_batch: int = 64
     max_queue: int = 2048
     request_timeout_s: float = 60.0

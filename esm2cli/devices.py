@@ -34,6 +34,30 @@ class Device:
         return self.name.startswith("sim:")
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def supports_bf16(device: Device) -> bool:
+    """True when bfloat16 runs natively (and fast) on this device."""
+    if device.is_cuda:
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def resolve_dtype(dtype: str, devices: list[Device]) -> str:
+    """Turns --dtype auto into bfloat16 when every device supports it natively, else float32."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if all(supports_bf16(d) for d in devices) else "float32"
+
+
 def cuda_device_count() -> int:
     """CUDA devices visible to this process (0 when CUDA is unavailable)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

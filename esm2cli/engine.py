@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from esm2cli.config import EmbedConfig, ModelConfig
@@ -53,23 +53,27 @@ class EngineSetup:
     model: Any  # esm2cli.model.LoadedModel
     layers: tuple[int, ...]
     devices: list[Any]  # esm2cli.devices.Device
+    dtype: str  # the resolved dtype ("auto" decided)
 
 
 def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2) -> EngineSetup:
-    """Resolves the devices, loads the model once and places one replica on each device.
+    """Resolves the devices and dtype, loads the model once and places one replica on each device.
 
     Raises:
         DeviceError, ConfigError, ModelLoadError: The devices, options or model are unusable.
     """
     # Imported here so that importing the engine does not import torch.
-    from esm2cli.devices import resolve_devices
+    from esm2cli.devices import resolve_devices, resolve_dtype
     from esm2cli.model import build_replicas, load_model, resolve_layers
 
     devices = resolve_devices(model.devices)
-    loaded = load_model(model)
+    dtype = resolve_dtype(model.dtype, devices)
+    if dtype != model.dtype:
+        log.info("--dtype auto: %s on %s", dtype, ", ".join(d.name for d in devices))
+    loaded = load_model(replace(model, dtype=dtype))
     layers = resolve_layers(embed.layers, loaded.num_layers)
     replicas = build_replicas(loaded, devices, embed)
-    return EngineSetup(Engine(replicas, queue_depth=queue_depth), loaded, layers, devices)
+    return EngineSetup(Engine(replicas, queue_depth=queue_depth), loaded, layers, devices, dtype)
 
 
 class Engine:
@@ -103,6 +107,10 @@ class Engine:
     def batches_done(self) -> dict[str, int]:
         """Batches each device has finished, by device name."""
         return {str(w.replica.device.name): w.batches for w in self._workers}
+
+    def oom_splits(self) -> int:
+        """Batches split in two after a CUDA out-of-memory error, over every replica."""
+        return sum(getattr(w.replica, "oom_splits", 0) for w in self._workers)
 
     def busy_seconds(self) -> dict[str, float]:
         """Seconds each device has spent inside embed_batch, by device name."""

@@ -32,6 +32,7 @@ ARCHITECTURES: dict[str, tuple[int, int, int]] = {
     "esm2_t48_15B": (48, 5120, 40),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_THREADS = torch.get_num_threads()  # torch's default (the cores), before any replica changes it
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -77,6 +78,13 @@ class BatchEmbeddings:
 
     pooled: dict[int, np.ndarray]
     per_token: dict[int, list[np.ndarray]]
+
+    @staticmethod
+    def concat(parts: Sequence[BatchEmbeddings]) -> BatchEmbeddings:
+        """Joins the results of consecutive sub-batches, in order."""
+        pooled = {layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in parts[0].pooled}
+        per_token = {layer: [a for p in parts for a in p.per_token[layer]] for layer in parts[0].per_token}
+        return BatchEmbeddings(pooled, per_token)
 
 
 def resolve_source(model: str) -> str:
@@ -162,7 +170,7 @@ def _token_lut(tokenizer) -> np.ndarray:
     return lut
 
 
-def _random_model(config: EsmConfig, seed: int = 0) -> EsmModel:
+def random_model(config: EsmConfig, seed: int = 0) -> EsmModel:
     # A fixed seed gives the same random weights in every run and every process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -191,7 +199,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         alias = architecture_of(source)
         config = esm2_config(alias) if alias else _load_config(source)
         log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
-        model, tokenizer, dummy = _random_model(config), bundled_tokenizer(), True
+        model, tokenizer, dummy = random_model(config), bundled_tokenizer(), True
     elif cfg.load_format == "auto":
         config = _load_config(source)
         try:
@@ -234,10 +242,20 @@ def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 
 
 class Replica:
-    """One copy of the model on one device; embed_batch is its only job."""
+    """One copy of the model on one device; embed_batch is its only job.
 
-    def __init__(self, loaded: LoadedModel, device: Device, embed: EmbedConfig, model: EsmModel):
+    Attributes:
+        oom_splits: How many times a batch was split in two after a CUDA out-of-memory error.
+        cpu_threads: Intra-op threads this replica's worker uses (CPU replicas only; None: torch's default).
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, device: Device, embed: EmbedConfig, model: EsmModel, cpu_threads: int | None = None
+    ):
         self.device = device
+        self.cpu_threads = cpu_threads
+        self.oom_splits = 0
+        self._threads_set = False
         self.loaded = loaded
         self.model = model
         self.layers = resolve_layers(embed.layers, loaded.num_layers)
@@ -262,12 +280,40 @@ class Replica:
     def embed_batch(self, seqs: Sequence[str]) -> BatchEmbeddings:
         """Embeds a batch of validated, already truncated sequences.
 
+        A CUDA out-of-memory error splits the batch in two and retries each half (recursively),
+        so a batch too large for the device costs time, not the run.
+
         Args:
             seqs: Upper-case residue strings.
 
         Returns:
             Pooled (and optionally per-residue) float32 CPU arrays, one row per sequence, in order.
+
+        Raises:
+            torch.cuda.OutOfMemoryError: A single sequence does not fit on the device.
         """
+        self._set_threads()
+        try:
+            return self._forward(seqs)
+        except torch.cuda.OutOfMemoryError:
+            if len(seqs) == 1:
+                raise
+        # Outside the except block, so that the failed attempt's tensors can be freed first.
+        self.oom_splits += 1
+        if self.device.is_cuda:
+            torch.cuda.empty_cache()
+        half = len(seqs) // 2
+        log.warning("out of memory on %s with %d sequences; splitting the batch", self.device.name, len(seqs))
+        return BatchEmbeddings.concat([self.embed_batch(seqs[:half]), self.embed_batch(seqs[half:])])
+
+    def _set_threads(self) -> None:
+        # torch.set_num_threads applies to the calling thread's OpenMP team: each worker sets its own,
+        # so that simulated replicas sharing the CPU do not oversubscribe its cores.
+        if self.cpu_threads and not self._threads_set:
+            torch.set_num_threads(self.cpu_threads)
+            self._threads_set = True
+
+    def _forward(self, seqs: Sequence[str]) -> BatchEmbeddings:
         ids = self.tokenize(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         if self.device.is_cuda:
@@ -316,10 +362,11 @@ def build_replicas(loaded: LoadedModel, devices: Sequence[Device], embed: EmbedC
         ConfigError: A layer index is out of range.
     """
     replicas = []
+    cpu_replicas = sum(not d.is_cuda for d in devices)
+    threads = max(1, _CPU_THREADS // cpu_replicas) if cpu_replicas else None
     for device in devices:
         if device.is_cuda:
-            model = copy.deepcopy(loaded.model).to(device.torch_device)
+            replicas.append(Replica(loaded, device, embed, copy.deepcopy(loaded.model).to(device.torch_device)))
         else:
-            model = loaded.model
-        replicas.append(Replica(loaded, device, embed, model))
+            replicas.append(Replica(loaded, device, embed, loaded.model, cpu_threads=threads))
     return replicas

@@ -11,13 +11,14 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from esm2cli import __version__
 from esm2cli.batching import plan_batches, windows
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.engine import Engine, build_engine
+from esm2cli.engine import Engine, EngineSetup, build_engine
 from esm2cli.errors import FastaError, OutputExistsError
 from esm2cli.fasta import (
     FastaScan,
@@ -29,11 +30,15 @@ from esm2cli.fasta import (
     spool_stdin,
 )
 from esm2cli.model import BatchEmbeddings
-from esm2cli.writer import EmbeddingWriter, Rows, build_schema
+from esm2cli.writer import BackgroundWriter, EmbeddingWriter, Rows, build_schema
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (sequences, residues) just finished
+
+
+class RowSink(Protocol):
+    def write(self, rows: Rows) -> None: ...
 
 
 @dataclass
@@ -44,6 +49,8 @@ class EmbedSummary:
     residues: int = 0
     skipped: list[str] = field(default_factory=list)
     truncated: int = 0
+    deduplicated: int = 0
+    oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
     batches_per_device: dict[str, int] = field(default_factory=dict)
@@ -55,24 +62,43 @@ class EmbedSummary:
 
 @dataclass
 class _Window:
-    """A run of consecutive records embedded together; written once every batch is back."""
+    """A run of consecutive records embedded together; written once every batch is back.
+
+    Identical (truncated) sequences are embedded once: ``unique`` holds each distinct sequence
+    and ``owners`` the window rows that take its result.
+    """
 
     records: list[Record]
-    seqs: list[str]
+    unique: list[str]
+    owners: list[list[int]]
     pooled: dict[int, np.ndarray] = field(default_factory=dict)
     per_token: dict[int, list] = field(default_factory=dict)
     missing: int = 0
 
-    def fill(self, rows: list[int], result: BatchEmbeddings) -> None:
+    @classmethod
+    def of(cls, records: list[Record], truncate: int) -> _Window:
+        first: dict[str, int] = {}
+        owners: list[list[int]] = []
+        for row, record in enumerate(records):
+            seq = record.sequence[:truncate]
+            if seq not in first:
+                first[seq] = len(owners)
+                owners.append([])
+            owners[first[seq]].append(row)
+        return cls(records, list(first), owners, missing=len(owners))
+
+    def fill(self, uniques: list[int], result: BatchEmbeddings) -> None:
         for layer, matrix in result.pooled.items():
             if layer not in self.pooled:
                 self.pooled[layer] = np.empty((len(self.records), matrix.shape[1]), dtype=np.float32)
-            self.pooled[layer][rows] = matrix
+            for k, u in enumerate(uniques):
+                self.pooled[layer][self.owners[u]] = matrix[k]
         for layer, arrays in result.per_token.items():
             slots = self.per_token.setdefault(layer, [None] * len(self.records))
-            for row, array in zip(rows, arrays, strict=True):
-                slots[row] = array
-        self.missing -= len(rows)
+            for u, array in zip(uniques, arrays, strict=True):
+                for row in self.owners[u]:
+                    slots[row] = array
+        self.missing -= len(uniques)
 
     def rows(self, truncate: int) -> Rows:
         recs = self.records
@@ -89,15 +115,16 @@ class _Window:
 def embed_records(
     records: Iterable[Record],
     engine: Engine,
-    writer: EmbeddingWriter,
+    writer: RowSink,
     batch: BatchConfig,
     truncate: int,
     progress: ProgressFn | None = None,
 ) -> EmbedSummary:
     """Embeds valid records and writes them in input order.
 
-    Records are read ``batch.window`` at a time, sorted by length inside the window, cut into
-    batches by token budget and submitted; results are put back in input order by row index.
+    Records are read ``batch.window`` at a time; identical sequences in a window are embedded
+    once; the distinct ones are sorted by length inside the window, cut into batches by token
+    budget and submitted; results are put back in input order by row index.
 
     Args:
         records: Valid records, in file order.
@@ -118,22 +145,23 @@ def embed_records(
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0][2].done()):
-            window, rows, future = pending.popleft()
-            window.fill(rows, future.result())
-            residues = sum(len(window.seqs[i]) for i in rows)
-            summary.sequences += len(rows)
+            window, uniques, future = pending.popleft()
+            window.fill(uniques, future.result())
+            rows = sum(len(window.owners[u]) for u in uniques)
+            residues = sum(len(window.unique[u]) * len(window.owners[u]) for u in uniques)
+            summary.sequences += rows
             summary.residues += residues
             if progress:
-                progress(len(rows), residues)
+                progress(rows, residues)
             if window.missing == 0:  # batches settle in submission order, so windows finish in order
                 writer.write(window.rows(truncate))
 
     for records_window in windows(records, batch.window):
-        seqs = [r.sequence[:truncate] for r in records_window]
-        window = _Window(records_window, seqs, missing=len(seqs))
+        window = _Window.of(records_window, truncate)
         summary.truncated += sum(len(r.sequence) > truncate for r in records_window)
-        for rows in plan_batches([len(s) for s in seqs], batch.max_tokens, batch.batch_size):
-            pending.append((window, rows, engine.submit([seqs[i] for i in rows])))
+        summary.deduplicated += len(records_window) - len(window.unique)
+        for uniques in plan_batches([len(s) for s in window.unique], batch.max_tokens, batch.batch_size):
+            pending.append((window, uniques, engine.submit([window.unique[u] for u in uniques])))
             settle(block=False)
     settle(block=True)
     return summary
@@ -173,15 +201,15 @@ def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
         raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
 
 
-def run_metadata(model: ModelConfig, embed: EmbedConfig, layers: tuple[int, ...], source: str, dummy: bool) -> dict:
+def run_metadata(model: ModelConfig, embed: EmbedConfig, setup: EngineSetup) -> dict:
     """What the output file records about how it was made."""
     return {
         "model": model.model,
-        "model_source": source,
-        "random_weights": dummy,
-        "layers": list(layers),
+        "model_source": setup.model.source,
+        "random_weights": setup.model.dummy,
+        "layers": list(setup.layers),
         "pooling": embed.pooling,
-        "dtype": model.dtype,
+        "dtype": setup.dtype,
         "truncate": embed.truncate,
         "esm2cli_version": __version__,
     }
@@ -233,10 +261,11 @@ def embed_fasta(
                 embed.truncate,
             )
         setup = build_engine(model, embed)
+        batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
         loaded, layers = setup.model, setup.layers
-        metadata = run_metadata(model, embed, layers, loaded.source, loaded.dummy)
+        metadata = run_metadata(model, embed, setup)
         schema = build_schema(loaded.hidden_size, layers, embed.per_token, metadata)
-        writer = EmbeddingWriter(output, schema, loaded.hidden_size, layers)
+        writer = BackgroundWriter(EmbeddingWriter(output, schema, loaded.hidden_size, layers))
         progress = progress_factory(scan) if progress_factory else None
         start = time.perf_counter()
         try:
@@ -244,6 +273,7 @@ def embed_fasta(
                 valid = (rec for rec in read_records(source) if rec.problem is None)
                 summary = embed_records(valid, engine, writer, batch, embed.truncate, progress)
                 summary.batches_per_device = engine.batches_done()
+                summary.oom_splits = engine.oom_splits()
             writer.commit()
         except BaseException:
             writer.abort()

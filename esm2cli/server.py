@@ -266,7 +266,7 @@ def create_app(
             physical_cuda_available=cuda_device_count() > 0,
             logical_devices=len(engine.devices),
             devices=engine.devices,
-            dtype=model.dtype,
+            dtype=state.setup.dtype,
             layers=list(state.setup.layers),
             random_weights=state.setup.model.dummy,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +140,57 @@ class EmbeddingWriter:
             self._writer.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+_DONE = object()
+
+
+class BackgroundWriter:
+    """Hands rows to an EmbeddingWriter on a thread of its own, so Parquet encoding overlaps with compute.
+
+    At most ``depth`` row sets wait for the thread; write() blocks past that, which bounds memory.
+    An error on the thread is raised by the next write(), or by commit().
+    """
+
+    def __init__(self, writer: EmbeddingWriter, depth: int = 2):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="esm2cli-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (rows := self._queue.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    self.writer.write(rows)
+                except BaseException as exc:  # reported to the producer on its next call
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, rows: Rows) -> None:
+        """Queues rows for the writer thread."""
+        self._raise_if_failed()
+        self._queue.put(rows)
+
+    def commit(self) -> None:
+        """Waits for every queued row, then commits the file."""
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._raise_if_failed()
+        self.writer.commit()
+
+    def abort(self) -> None:
+        """Drops what is queued, stops the thread and deletes the temporary file."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive():
+            self._queue.put(_DONE)
+            self._thread.join()
+        self.writer.abort()

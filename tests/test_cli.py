@@ -26,7 +26,10 @@ def fasta(tmp_path, proteins):
 
 
 def run(*args, input=None):
-    return CliRunner().invoke(cli, ["embed", *map(str, args)], input=input)
+    args = [*map(str, args)]
+    if "--dtype" not in args:
+        args += ["--dtype", "float32"]  # compared with float32 references at tight tolerances
+    return CliRunner().invoke(cli, ["embed", *args], input=input)
 
 
 def embed_ok(*args, input=None):
@@ -229,7 +232,8 @@ def test_real_subprocess_with_stdin(tmp_path, tiny_model_dir):
     out = tmp_path / "out.parquet"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "esm2cli", "embed", "-", "-o", str(out), "-m", tiny_model_dir, "--devices", "sim:2"],
+        [sys.executable, "-m", "esm2cli", "embed", "-", "-o", str(out), "-m", tiny_model_dir, "--devices", "sim:2"]
+        + ["--dtype", "float32"],
         input=">p1 first\nMKVLA\n>p2\nmkv*\n",
         capture_output=True,
         text=True,

@@ -66,3 +66,41 @@ def test_bad_specs(gpus, count, spec, message):
     gpus(count)
     with pytest.raises(DeviceError, match=message):
         resolve_devices(spec)
+
+
+def test_dtype_auto_picks_bf16_only_where_native(gpus, monkeypatch):
+    from esm2cli import devices as devmod
+
+    gpus(2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert devmod.resolve_dtype("auto", resolve_devices("auto")) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert devmod.resolve_dtype("auto", resolve_devices("auto")) == "float32"
+    for has_bf16, expected in [(True, "bfloat16"), (False, "float32")]:
+        monkeypatch.setattr(devmod, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert devmod.resolve_dtype("auto", resolve_devices("sim:3")) == expected
+    assert devmod.resolve_dtype("float16", resolve_devices("cpu")) == "float16"
+
+
+def test_cpu_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from esm2cli import devices as devmod
+
+    real_open = builtins.open
+
+    def fake(flags):
+        def opener(path, *args, **kwargs):
+            if path == "/proc/cpuinfo":
+                path = tmp_path / "cpuinfo"
+                path.write_text(f"processor : 0\nflags : fpu sse2 {flags}\n")
+            return real_open(path, *args, **kwargs)
+
+        return opener
+
+    monkeypatch.setattr(builtins, "open", fake("avx512f avx512_bf16"))
+    assert devmod.cpu_has_bf16()
+    monkeypatch.setattr(builtins, "open", fake("avx512f amx_tile amx_bf16"))
+    assert devmod.cpu_has_bf16()
+    monkeypatch.setattr(builtins, "open", fake("avx2 avx512f"))
+    assert not devmod.cpu_has_bf16()

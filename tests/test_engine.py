@@ -73,7 +73,7 @@ def test_a_failing_replica_fails_its_batch_not_the_others():
 
 def test_pipeline_surfaces_a_replica_error_without_hanging():
     replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="M" * 50)]
-    records = _records([10, 20, 50, 60] * 20)
+    records = _records(list(range(1, 80)))  # distinct sequences: every one is computed
     result = {}
 
     def run():
@@ -159,3 +159,27 @@ def test_submit_requires_a_started_engine():
     engine = Engine([FakeEmbedder("sim:0")])
     with pytest.raises(EngineError, match="not running"):
         engine.submit(["A"])
+
+
+def test_identical_sequences_are_embedded_once_and_fill_every_row():
+    seqs = ["MKV", "LLAW", "MKV", "G", "LLAW", "MKV"]
+    records = [Record(f"r{i}", "", s, i + 1) for i, s in enumerate(seqs)]
+    replica = FakeEmbedder("sim:0")
+    writer = MemoryWriter()
+    with Engine([replica]) as engine:
+        summary = embed_records(records, engine, writer, BatchConfig(batch_size=64, max_tokens=1024), truncate=1022)
+    assert sorted(s for batch in replica.seen for s in batch) == ["G", "LLAW", "MKV"]
+    vectors = np.concatenate(writer.vectors)
+    assert writer.ids == [f"r{i}" for i in range(6)]
+    assert vectors[:, 0].tolist() == [len(s) for s in seqs]
+    assert summary.deduplicated == 3 and summary.sequences == 6
+
+
+def test_dedup_uses_the_truncated_sequence():
+    records = [Record("a", "", "MKVAAA", 1), Record("b", "", "MKVLLL", 2)]
+    replica = FakeEmbedder("sim:0")
+    writer = MemoryWriter()
+    with Engine([replica]) as engine:
+        embed_records(records, engine, writer, BatchConfig(max_tokens=1024), truncate=3)
+    assert [s for batch in replica.seen for s in batch] == ["MKV"]
+    assert writer.truncated == [True, True]

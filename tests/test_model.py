@@ -27,7 +27,7 @@ def direct(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_model(ModelConfig(model=tiny_model_dir))
+    return load_model(ModelConfig(model=tiny_model_dir, dtype="float32"))
 
 
 def replica(loaded, **embed):
@@ -63,8 +63,8 @@ def test_dummy_architectures_have_the_named_size(alias, nominal):
 
 
 def test_dummy_weights_are_random_but_repeatable():
-    a = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy"))
-    b = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy"))
+    a = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
+    b = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
     assert a.dummy and a.num_layers == 6 and a.hidden_size == 320
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
@@ -138,7 +138,7 @@ def test_layers_are_normalised_and_checked():
 
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="no such model directory"):
-        load_model(ModelConfig(model=str(tmp_path / "nope")))
+        load_model(ModelConfig(model=str(tmp_path / "nope"), dtype="float32"))
 
 
 def test_not_an_esm_model(tmp_path):
@@ -146,26 +146,26 @@ def test_not_an_esm_model(tmp_path):
         BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="not an ESM-2 encoder .*bert"):
-        load_model(ModelConfig(model=str(tmp_path)))
+        load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
 
 
 def test_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(esm2_config("esm2_t6_8M").to_json_string())
     with pytest.raises(ModelLoadError, match="cannot load the weights"):
-        load_model(ModelConfig(model=str(tmp_path)))
+        load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
 
 
 def test_unreachable_hub_is_one_clear_error():
     # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on this machine
     with pytest.raises(ModelLoadError, match="cannot load facebook/esm2_t6_8M_UR50D from the Hugging Face hub"):
-        load_model(ModelConfig(model="esm2_t6_8M"))
+        load_model(ModelConfig(model="esm2_t6_8M", dtype="float32"))
 
 
 def test_unknown_dtype_and_format():
     with pytest.raises(ConfigError, match="dtype"):
         load_model(ModelConfig(model="esm2_t6_8M", dtype="int8"))
     with pytest.raises(ConfigError, match="load format"):
-        load_model(ModelConfig(model="esm2_t6_8M", load_format="magic"))
+        load_model(ModelConfig(model="esm2_t6_8M", load_format="magic", dtype="float32"))
 
 
 @pytest.mark.gpu
@@ -176,3 +176,34 @@ def test_cuda_replica_matches_cpu(loaded, proteins):
     gpu = gpu_rep.embed_batch(seqs).pooled[3]
     assert isinstance(gpu, np.ndarray) and gpu.dtype == np.float32
     assert cosine(cpu, gpu).min() >= 0.9999
+
+
+def test_cuda_oom_splits_the_batch_and_retries(loaded, monkeypatch, proteins):
+    rep = replica(loaded)
+    seqs = [seq[:80] for _, seq in proteins[:7]]
+    whole = rep.embed_batch(seqs)
+    original = type(rep)._forward
+
+    def limited(self, batch):
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, batch)
+
+    monkeypatch.setattr(type(rep), "_forward", limited)
+    split = rep.embed_batch(seqs)
+    np.testing.assert_allclose(split.pooled[3], whole.pooled[3], rtol=1e-4, atol=1e-5)
+    assert rep.oom_splits == 3  # 7 -> 3+4, 3 -> 1+2, 4 -> 2+2
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        monkeypatch.setattr(
+            type(rep), "_forward", lambda self, batch: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
+        )
+        rep.embed_batch(["MKV"])
+
+
+def test_bfloat16_agrees_with_float32(tiny_model_dir, loaded, proteins):
+    seqs = [seq[:400] for _, seq in proteins[:16]]
+    fp32 = replica(loaded).embed_batch(seqs).pooled[3]
+    bf16 = replica(load_model(ModelConfig(model=tiny_model_dir, dtype="bfloat16"))).embed_batch(seqs).pooled[3]
+    assert cosine(bf16, fp32).min() >= 0.999
+    centre = fp32.mean(0)
+    assert cosine(bf16 - centre, fp32 - centre).min() >= 0.99

@@ -31,7 +31,9 @@ def fasta(tmp_path_factory):
 def test_mean_embeddings_agree_with_fair_esm_extract(tmp_path, fasta, fair, tiny_model_dir, extra, truncate):
     layer = 2 if "--layers" in extra else 3
     out = tmp_path / "out.parquet"
-    result = CliRunner().invoke(cli, ["embed", fasta, "-o", str(out), "-m", tiny_model_dir, *extra])
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(out), "-m", tiny_model_dir, "--dtype", "float32", *extra]
+    )
     assert result.exit_code == 0, result.output
     model, alphabet = fair
     ref = extract_mean(model, alphabet, fasta, repr_layers=[layer], truncation_seq_length=truncate)

@@ -28,7 +28,7 @@ def direct(tiny_model_dir):
 
 
 def make_app(model_dir, loader_wrap=None, embed=None, **serve):
-    model = ModelConfig(model=model_dir, devices=serve.pop("devices", "cpu"))
+    model = ModelConfig(model=model_dir, devices=serve.pop("devices", "cpu"), dtype="float32")
     embed = embed or EmbedConfig()
 
     def loader():
@@ -247,7 +247,7 @@ def test_several_layers_answer_by_layer(tiny_model_dir, direct):
 def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
-    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", "esm2_t12_35M", "--load-format", "dummy",
+    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", "esm2_t12_35M", "--load-format", "dummy", "--dtype", "float32",
            "--devices", "cpu", "--port", str(port), "--max-batch-size", "4"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

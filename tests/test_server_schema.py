@@ -12,7 +12,9 @@ from esm2cli.server import create_app
 
 @pytest.fixture(scope="module")
 def api_url(tiny_model_dir):
-    app = create_app(ServeConfig(max_wait_ms=1), ModelConfig(model=tiny_model_dir, devices="cpu"), EmbedConfig())
+    app = create_app(
+        ServeConfig(max_wait_ms=1), ModelConfig(model=tiny_model_dir, devices="cpu", dtype="float32"), EmbedConfig()
+    )
     with live_server(app) as url, httpx.Client(base_url=url) as client:
         wait_healthy(client)
         yield url

@@ -1,0 +1,47 @@
+"""Residues/s of one replica across padded-token budgets and dtypes, on the same synthetic proteins.
+
+python benchmarks/token_budget.py --model esm2_t30_150M --sequences 300 --budgets 512,1024,2048,4096,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from esm2cli.batching import plan_batches
+from esm2cli.config import EmbedConfig, ModelConfig
+from esm2cli.devices import resolve_devices
+from esm2cli.model import build_replicas, load_model
+from esm2cli.workload import synthetic_sequences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="esm2_t30_150M")
+    parser.add_argument("--sequences", type=int, default=300)
+    parser.add_argument("--budgets", default="512,1024,2048,4096,16384")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--devices", default="auto")
+    args = parser.parse_args()
+    seqs = [seq[:1022] for _, seq in synthetic_sequences(args.sequences, seed=0)]
+    residues = sum(map(len, seqs))
+    device = resolve_devices(args.devices)[:1]
+    print(f"{args.model}, {args.sequences} proteins, {residues:,} residues, on {device[0].name}")
+    for dtype in args.dtypes.split(","):
+        loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype))
+        replica = build_replicas(loaded, device, EmbedConfig())[0]
+        replica.embed_batch(seqs[:4])  # warm-up
+        for budget in map(int, args.budgets.split(",")):
+            batches = plan_batches([len(s) for s in seqs], budget, 64)
+            start = time.perf_counter()
+            for rows in batches:
+                replica.embed_batch([seqs[i] for i in rows])
+            seconds = time.perf_counter() - start
+            print(
+                f"{dtype:>9} max_tokens={budget:>6}: {residues / seconds:8,.0f} residues/s ({len(batches)} batches)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
