@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test test-all demo lint format bench-side-by-side clean
+IMAGE ?= esm2cli:0.1.0
+
+.PHONY: install test demo lint format image clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +31,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format esm2cli tests benchmarks
 	$(VENV)/bin/ruff check --fix esm2cli tests benchmarks
+
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -18,6 +18,7 @@ from esm2cli.config import (
     EmbedConfig,
     InputConfig,
     ModelConfig,
+    ShardConfig,
 )
 from esm2cli.errors import ConfigError, Esm2Error, InputError, exit_code
 
@@ -43,10 +44,12 @@ class LayerList(click.ParamType):
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="esm2cli: %(message)s", stream=sys.stderr, force=True)
+    # Other libraries (botocore, werkzeug, httpx, ...) speak only at WARNING and up unless -vv.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING, format="esm2cli: %(message)s", stream=sys.stderr,
+        force=True,
+    )  # fmt: skip
     logging.getLogger("esm2cli").setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 def _to_click(exc: Esm2Error, param_hint: str | None = None) -> click.ClickException:
@@ -145,11 +148,11 @@ def cli() -> None:
 
 
 def _progress_factory(quiet: bool):
-    def factory(scan):
+    def factory(total: int):
         from tqdm import tqdm
 
         bar = tqdm(
-            total=scan.valid,
+            total=total,
             unit="seq",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -171,22 +174,36 @@ def _progress_factory(quiet: bool):
     return factory
 
 
-def _summary_line(summary, output: Path) -> str:
+def _summary_line(summary, output, shard=None) -> str:
+    from esm2cli.pipeline import output_target
+
+    target = output_target(output, shard)
+    if summary.already_complete:
+        return f"{target} is already complete (same arguments): nothing to do"
     devices = ", ".join(summary.devices)
-    skipped = f", {len(summary.skipped)} skipped" if summary.skipped else ""
-    truncated = f", {summary.truncated} truncated" if summary.truncated else ""
-    dedup = f", {summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else ""
+    notes = [
+        f"{len(summary.skipped)} skipped" if summary.skipped else "",
+        f"{summary.truncated} truncated" if summary.truncated else "",
+        f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
+        f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
+    ]
+    note = "".join(f", {n}" for n in notes if n)
     oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
     return (
-        f"embedded {summary.sequences:,} sequences{skipped}{truncated}{dedup} -> {output} "
+        f"embedded {summary.sequences:,} sequences{note} -> {target} "
         f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}{oom}"
     )
 
 
 @cli.command()
-@click.argument("fasta", type=click.Path(allow_dash=True, path_type=str))
+@click.argument("fasta", envvar="ESM2CLI_INPUT")
 @click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write."
+    "-o",
+    "--output",
+    required=True,
+    envvar="ESM2CLI_OUTPUT",
+    help="Parquet file to write (a path or an fsspec URL such as s3://bucket/out.parquet); "
+    "with --shard-count, the directory or prefix of the parts.",
 )
 @model_options
 @embedding_options
@@ -225,6 +242,33 @@ def _summary_line(summary, output: Path) -> str:
     help="Accept records that share an id (each still gets its own row).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option(
+    "--shard-index",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar=["ESM2CLI_SHARD_INDEX", "JOB_COMPLETION_INDEX"],
+    help="This process's shard (0-based); read from $JOB_COMPLETION_INDEX in an Indexed Job.",
+)
+@click.option(
+    "--shard-count",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="ESM2CLI_SHARD_COUNT",
+    help="Split the input into this many contiguous shards; OUTPUT is then a directory or prefix.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    envvar="ESM2CLI_CHUNK_SIZE",
+    help="Records sorted together and committed together; what an interruption can lose at most.",
+)
+@click.option(
+    "--s3-endpoint-url",
+    envvar="ESM2CLI_S3_ENDPOINT_URL",
+    help="S3-compatible endpoint (MinIO, Ceph) for s3:// URLs; credentials from the AWS variables.",
+)
 @log_options
 def embed(
     fasta,
@@ -242,13 +286,21 @@ def embed(
     skip_invalid,
     allow_duplicate_ids,
     overwrite,
+    shard_index,
+    shard_count,
+    chunk_size,
+    s3_endpoint_url,
     verbose,
     quiet,
 ):
-    """Embed every protein of a FASTA file (plain, .gz, or - for stdin) into Parquet.
+    """Embed every protein of a FASTA file (plain, .gz, - for stdin, or s3://...) into Parquet.
 
     One row per protein: id, description, length, truncated, and the pooled embedding of each
     requested layer (float32). Batches run on one model replica per device.
+
+    Runs are resumable: finished chunks of --chunk-size records are kept, and rerunning the same
+    command after an interruption computes only what is missing. With --shard-count N, this
+    process embeds shard --shard-index (or $JOB_COMPLETION_INDEX) into OUTPUT/part-<i>-of-<N>.parquet.
 
     \b
     Examples:
@@ -256,18 +308,37 @@ def embed(
       esm2cli embed proteins.fa.gz -o out.parquet -m esm2_t12_35M --layers 6,-1
       zcat big.fa.gz | esm2cli embed - -o out.parquet --devices cuda:0,cuda:1
       esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
+      esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
     """
+    import os
+    import signal
+
     _setup_logging(verbose, quiet)
     from esm2cli.pipeline import embed_fasta
 
+    if s3_endpoint_url:
+        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = s3_endpoint_url  # read by esm2cli.storage for s3:// URLs
+    shard = None
+    if shard_count is not None:
+        if shard_index is None:
+            raise click.BadParameter("needs --shard-index or $JOB_COMPLETION_INDEX", param_hint="--shard-count")
+        if shard_index >= shard_count:
+            raise click.BadParameter(
+                f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
+            )
+        shard = ShardConfig(index=shard_index, count=shard_count)
     configs = dict(
         model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
         embed=EmbedConfig(layers=layers, pooling=pooling, per_token=per_token, truncate=truncate),
-        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens),
+        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, window=chunk_size),
         inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
+        shard=shard,
     )
     for name, value in configs.items():
         log.debug("%s: %s", name, value)
+    # A preempted pod gets SIGTERM: exit through the normal unwinding, so that the chunk being
+    # written is discarded cleanly and the finished ones stay for the rerun.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         summary = embed_fasta(fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs)
     except ConfigError as exc:
@@ -275,7 +346,7 @@ def embed(
     except Esm2Error as exc:
         raise _to_click(exc, param_hint="FASTA") from exc
     if not quiet:
-        click.echo(_summary_line(summary, output), err=True)
+        click.echo(_summary_line(summary, output, shard), err=True)
 
 
 @cli.command()
@@ -558,3 +629,37 @@ def bench(
         click.echo(format_report(report))
     if plot:
         plot_report(report, str(plot))
+
+
+@cli.command()
+@click.argument("prefix")
+@click.option("-o", "--output", required=True, help="The single Parquet file to write (a path or URL).")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--s3-endpoint-url", envvar="ESM2CLI_S3_ENDPOINT_URL", help="S3-compatible endpoint for s3:// URLs.")
+@log_options
+def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
+    """Merge the parts of a sharded run (PREFIX/part-<i>-of-<n>.parquet) into one file, in input order.
+
+    The parts already read as one dataset (pyarrow.dataset, duckdb and polars over PREFIX);
+    merge is for tools that want a single file.
+
+    \b
+    Example:
+      esm2cli merge s3://bucket/emb/ -o s3://bucket/emb.parquet
+    """
+    import os
+
+    from esm2cli import storage
+    from esm2cli.writer import merge_parts
+
+    _setup_logging(verbose, quiet)
+    if s3_endpoint_url:
+        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = s3_endpoint_url  # read by esm2cli.storage for s3:// URLs
+    try:
+        if storage.exists(output) and not overwrite:
+            raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
+        rows = merge_parts(prefix, output)
+    except Esm2Error as exc:
+        raise _to_click(exc) from exc
+    if not quiet:
+        click.echo(f"merged {rows:,} rows -> {output}", err=True)

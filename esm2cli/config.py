@@ -111,3 +111,23 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     truncation: bool = True
     graceful_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """Which contiguous slice of the input records this process embeds.
+
+    Attributes:
+        index: 0-based shard number (JOB_COMPLETION_INDEX in a Kubernetes Indexed Job).
+        count: How many shards split the input.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def range(self, records: int) -> tuple[int, int]:
+        """The 0-based record positions [start, stop) of this shard: contiguous, complete, disjoint."""
+        return self.index * records // self.count, (self.index + 1) * records // self.count
+
+    def part_name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}.parquet"

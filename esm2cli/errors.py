@@ -34,6 +34,10 @@ class OutputError(Esm2Error):
     """The output cannot be written."""
 
 
+class StorageError(Esm2Error):
+    """A file or object cannot be read or written (missing, denied, no credentials)."""
+
+
 class EngineError(Esm2Error):
     """A replica failed or the engine is not running."""
 

@@ -17,7 +17,8 @@ from typing import BinaryIO, TextIO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from esm2cli.errors import FastaError
+from esm2cli.errors import FastaError, StorageError
+from esm2cli.storage import open_input
 
 # The residues ESM-2 was trained on: the 20 standard ones plus X (unknown), B, U, Z and O.
 # The ESM vocabulary also has '.' and '-', but those are alignment gaps, not residues.
@@ -114,7 +115,7 @@ def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str
 
 @contextmanager
 def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
-    """Opens a FASTA file (plain or gzip; '-' is stdin) as UTF-8 text.
+    """Opens a FASTA file (plain or gzip; a path, an fsspec URL such as s3://..., or '-' for stdin) as text.
 
     Raises:
         FastaError: The file does not exist or cannot be read.
@@ -123,13 +124,10 @@ def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
         yield _text_stream(sys.stdin.buffer)
         return
     try:
-        raw = open(source, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError as exc:
-        raise FastaError(f"{source}: no such file") from exc
-    except OSError as exc:
-        raise FastaError(f"{source}: cannot open ({exc.strerror})") from exc
-    with raw, _text_stream(raw) as text:
-        yield text
+        with open_input(source) as raw, _text_stream(raw) as text:
+            yield text
+    except StorageError as exc:
+        raise FastaError(str(exc)) from exc
 
 
 def read_records(source: str | os.PathLike) -> Iterator[Record]:

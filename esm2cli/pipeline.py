@@ -15,9 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from esm2cli import __version__
+from esm2cli import __version__, storage
 from esm2cli.batching import plan_batches, windows
-from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
+from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig, ShardConfig
 from esm2cli.engine import Engine, EngineSetup, build_engine
 from esm2cli.errors import FastaError, OutputExistsError
 from esm2cli.fasta import (
@@ -30,7 +30,7 @@ from esm2cli.fasta import (
     spool_stdin,
 )
 from esm2cli.model import BatchEmbeddings
-from esm2cli.writer import BackgroundWriter, EmbeddingWriter, Rows, build_schema
+from esm2cli.writer import BackgroundWriter, ChunkStore, Rows, build_schema, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ProgressFn = Callable[[int, int], None]  # (sequences, residues) just finished
 
 
 class RowSink(Protocol):
-    def write(self, rows: Rows) -> None: ...
+    def write(self, index: int, rows: Rows) -> None: ...
 
 
 @dataclass
@@ -50,6 +50,8 @@ class EmbedSummary:
     skipped: list[str] = field(default_factory=list)
     truncated: int = 0
     deduplicated: int = 0
+    resumed: int = 0
+    already_complete: bool = False
     oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
@@ -119,6 +121,7 @@ def embed_records(
     batch: BatchConfig,
     truncate: int,
     progress: ProgressFn | None = None,
+    done: set[int] = frozenset(),
 ) -> EmbedSummary:
     """Embeds valid records and writes them in input order.
 
@@ -129,10 +132,11 @@ def embed_records(
     Args:
         records: Valid records, in file order.
         engine: A started engine.
-        writer: Where rows go, in input order.
+        writer: Where each window's rows go, with the window's index, in input order.
         batch: Batch size, token budget and window.
         truncate: Residues kept per sequence.
         progress: Called with (sequences, residues) as each batch completes.
+        done: Indexes of windows finished by an earlier run: skipped, not computed.
 
     Returns:
         Counts for the summary line (seconds and devices are filled by the caller).
@@ -141,11 +145,11 @@ def embed_records(
         Exception: The first error a batch raised; later batches are not waited for.
     """
     summary = EmbedSummary()
-    pending: deque[tuple[_Window, list[int], Future]] = deque()
+    pending: deque[tuple[int, _Window, list[int], Future]] = deque()
 
     def settle(block: bool) -> None:
-        while pending and (block or pending[0][2].done()):
-            window, uniques, future = pending.popleft()
+        while pending and (block or pending[0][3].done()):
+            index, window, uniques, future = pending.popleft()
             window.fill(uniques, future.result())
             rows = sum(len(window.owners[u]) for u in uniques)
             residues = sum(len(window.unique[u]) * len(window.owners[u]) for u in uniques)
@@ -154,28 +158,33 @@ def embed_records(
             if progress:
                 progress(rows, residues)
             if window.missing == 0:  # batches settle in submission order, so windows finish in order
-                writer.write(window.rows(truncate))
+                writer.write(index, window.rows(truncate))
 
-    for records_window in windows(records, batch.window):
+    for index, records_window in enumerate(windows(records, batch.window)):
+        if index in done:
+            summary.resumed += len(records_window)
+            if progress:
+                progress(len(records_window), 0)
+            continue
         window = _Window.of(records_window, truncate)
         summary.truncated += sum(len(r.sequence) > truncate for r in records_window)
         summary.deduplicated += len(records_window) - len(window.unique)
         for uniques in plan_batches([len(s) for s in window.unique], batch.max_tokens, batch.batch_size):
-            pending.append((window, uniques, engine.submit([window.unique[u] for u in uniques])))
+            pending.append((index, window, uniques, engine.submit([window.unique[u] for u in uniques])))
             settle(block=False)
     settle(block=True)
     return summary
 
 
 @contextmanager
-def readable_source(fasta: str | os.PathLike) -> Iterator[Path]:
-    """Yields a path that can be read twice: stdin ('-') is spooled to a temporary file first."""
+def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
+    """Yields a path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
     if str(fasta) != "-":
-        yield Path(fasta)
+        yield str(fasta)
         return
     spooled = spool_stdin()
     try:
-        yield spooled
+        yield str(spooled)
     finally:
         spooled.unlink(missing_ok=True)
 
@@ -201,7 +210,19 @@ def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
         raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
 
 
-def run_metadata(model: ModelConfig, embed: EmbedConfig, setup: EngineSetup) -> dict:
+def run_key(
+    fasta: str, model: ModelConfig, embed: EmbedConfig, batch: BatchConfig, inputs: InputConfig, shard: ShardConfig
+) -> dict:
+    """The arguments that decide a run's output: a rerun with the same key may resume or skip it."""
+    return {
+        "input": str(fasta), "model": model.model, "load_format": model.load_format, "dtype": model.dtype,
+        "layers": list(embed.layers), "pooling": embed.pooling, "per_token": embed.per_token,
+        "truncate": embed.truncate, "skip_invalid": inputs.skip_invalid, "window": batch.window,
+        "shard": [shard.index, shard.count],
+    }  # fmt: skip
+
+
+def run_metadata(model: ModelConfig, embed: EmbedConfig, setup: EngineSetup, key: dict) -> dict:
     """What the output file records about how it was made."""
     return {
         "model": model.model,
@@ -212,7 +233,29 @@ def run_metadata(model: ModelConfig, embed: EmbedConfig, setup: EngineSetup) -> 
         "dtype": setup.dtype,
         "truncate": embed.truncate,
         "esm2cli_version": __version__,
+        "run": key,
     }
+
+
+def output_target(output: str | os.PathLike, shard: ShardConfig | None) -> str:
+    """The file this run writes: ``output`` itself, or ``<output>/part-<i>-of-<n>.parquet`` for a shard."""
+    return storage.join(output, shard.part_name()) if shard else str(output)
+
+
+def _check_existing(target: str, key: dict, overwrite: bool) -> bool:
+    """True when the target already holds this very run's output; clears it with overwrite.
+
+    Raises:
+        OutputExistsError: Something else is there and overwrite is False.
+    """
+    if not storage.exists(target):
+        return False
+    if overwrite:
+        storage.remove(target)
+        return False
+    if read_metadata(target).get("run") == key:
+        return True
+    raise OutputExistsError(f"{target} already exists (use --overwrite to replace it)")
 
 
 def embed_fasta(
@@ -223,17 +266,23 @@ def embed_fasta(
     embed: EmbedConfig,
     batch: BatchConfig,
     inputs: InputConfig,
+    shard: ShardConfig | None = None,
     overwrite: bool = False,
-    progress_factory: Callable[[FastaScan], ProgressFn] | None = None,
+    progress_factory: Callable[[int], ProgressFn] | None = None,
 ) -> EmbedSummary:
-    """Embeds every record of a FASTA file into one Parquet file.
+    """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
+
+    The work is resumable: each window of records is committed as a chunk of its own, and a
+    rerun with the same arguments skips the finished chunks; the chunks are merged into the
+    output at the end. An output that this same run already completed is left as it is.
 
     Args:
-        fasta: A path, or '-' for stdin.
-        output: The Parquet file; written to ``<output>.tmp`` and renamed on success.
+        fasta: A path, an fsspec URL (s3://...), or '-' for stdin.
+        output: The Parquet file; or, with ``shard``, the directory or prefix of the parts.
         model, embed, batch, inputs: The run's configuration.
-        overwrite: Replace an existing output file.
-        progress_factory: Given the input scan, returns the per-batch progress callback.
+        shard: Embed only this shard's contiguous slice of the records, into its part file.
+        overwrite: Replace an existing output (and discard unfinished work of another run).
+        progress_factory: Given the number of sequences to embed, returns the per-batch callback.
 
     Returns:
         The run's summary.
@@ -241,44 +290,52 @@ def embed_fasta(
     Raises:
         FastaError: The input is unreadable or holds records that cannot be embedded.
         ModelLoadError, DeviceError, ConfigError: The model or devices are unusable.
-        OutputExistsError: The output exists and overwrite is False.
-        OutputError: The output cannot be written.
+        OutputExistsError: The output exists (from another run) and overwrite is False.
+        OutputError, StorageError: The output cannot be written.
         EngineError: A replica failed.
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    shard_cfg = shard or ShardConfig()
+    key = run_key(str(fasta), model, embed, batch, inputs, shard_cfg)
+    target = output_target(output, shard)
+    if _check_existing(target, key, overwrite):
+        log.info("%s is already complete: nothing to do", target)
+        return EmbedSummary(already_complete=True)
     with readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate)
         check_scan(scan, str(fasta), inputs)
-        skipped = [rec.id or f"#{rec.position}" for rec in scan.invalid]
-        if skipped:
-            log.warning("skipping %d invalid record(s):\n%s", len(skipped), describe_invalid(scan.invalid))
+        start_pos, stop_pos = shard_cfg.range(scan.records)
+        invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
+        todo = (stop_pos - start_pos) - len(invalid)
+        if shard:
+            log.info("shard %d of %d: records %d..%d (%d to embed)", shard.index, shard.count, start_pos + 1,
+                     stop_pos, todo)  # fmt: skip
+        if invalid:
+            log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
         if scan.too_long:
-            log.warning(
-                "%d sequence(s) longer than %d residues will be truncated (column 'truncated')",
-                scan.too_long,
-                embed.truncate,
-            )
+            log.warning("sequences longer than %d residues are truncated (column 'truncated')", embed.truncate)
         setup = build_engine(model, embed)
         batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
-        loaded, layers = setup.model, setup.layers
-        metadata = run_metadata(model, embed, setup)
-        schema = build_schema(loaded.hidden_size, layers, embed.per_token, metadata)
-        writer = BackgroundWriter(EmbeddingWriter(output, schema, loaded.hidden_size, layers))
-        progress = progress_factory(scan) if progress_factory else None
+        loaded = setup.model
+        schema = build_schema(loaded.hidden_size, setup.layers, embed.per_token, run_metadata(model, embed, setup, key))
+        chunks = ChunkStore(target, schema, loaded.hidden_size, setup.layers, key)
+        done = chunks.open(overwrite)
+        if done:
+            log.info("resuming: %d finished chunk(s) of %d records each are kept", len(done), batch.window)
+        writer = BackgroundWriter(chunks)
+        progress = progress_factory(todo) if progress_factory else None
         start = time.perf_counter()
         try:
             with setup.engine as engine:
-                valid = (rec for rec in read_records(source) if rec.problem is None)
-                summary = embed_records(valid, engine, writer, batch, embed.truncate, progress)
+                mine = (r for r in read_records(source) if start_pos < r.position <= stop_pos and r.problem is None)
+                summary = embed_records(mine, engine, writer, batch, embed.truncate, progress, done)
                 summary.batches_per_device = engine.batches_done()
                 summary.oom_splits = engine.oom_splits()
-            writer.commit()
+            writer.finish()
         except BaseException:
             writer.abort()
             raise
+        chunks.commit(-(-todo // batch.window), todo)
     summary.seconds = time.perf_counter() - start
-    summary.skipped = skipped
+    summary.skipped = [rec.id or f"#{rec.position}" for rec in invalid]
     summary.devices = [d.name for d in setup.devices]
     return summary

@@ -130,7 +130,7 @@ def test_hostile_fasta_stops_before_compute_with_a_clear_message(tmp_path, tiny_
     for part in expected:
         assert part in result.output
     assert "Traceback" not in result.output
-    assert not out.exists() and not (tmp_path / "out.parquet.tmp").exists()
+    assert not out.exists() and not (tmp_path / ".out.parquet.tmp").exists()
 
 
 def test_binary_file(tmp_path, tiny_model_dir):
@@ -207,7 +207,7 @@ def test_a_failing_batch_fails_the_run_and_leaves_no_file(tmp_path, tiny_model_d
     result = run(fa, "-o", out, "-m", tiny_model_dir, "--batch-size", "2", "--devices", "sim:2")
     assert result.exit_code == 1
     assert "a batch failed on sim:" in result.output and "device fell over" in result.output
-    assert not out.exists() and not (tmp_path / "out.parquet.tmp").exists()
+    assert not out.exists() and not list(tmp_path.rglob(".*.tmp"))
 
 
 def test_pandas_duckdb_and_polars_read_the_output(tmp_path, tiny_model_dir):

@@ -15,9 +15,10 @@ from esm2cli.pipeline import embed_records
 
 class MemoryWriter:
     def __init__(self):
-        self.ids, self.lengths, self.truncated, self.vectors = [], [], [], []
+        self.ids, self.lengths, self.truncated, self.vectors, self.windows = [], [], [], [], []
 
-    def write(self, rows):
+    def write(self, index, rows):
+        self.windows.append(index)
         self.ids += rows.ids
         self.lengths += rows.lengths
         self.truncated += rows.truncated
@@ -53,6 +54,7 @@ def test_order_is_restored(n_replicas):
     assert writer.truncated == [n > 90 for n in lengths]
     assert vectors[:, 0].tolist() == [min(n, 90) for n in lengths]  # v[0] = len(seq): no order or padding mix-up
     assert summary.sequences == 500 and summary.residues == sum(min(n, 90) for n in lengths)
+    assert writer.windows == list(range(8))  # 500 records, windows of 64
     assert summary.truncated == sum(n > 90 for n in lengths)
     assert all(r.seen for r in replicas)
 
@@ -183,3 +185,15 @@ def test_dedup_uses_the_truncated_sequence():
         embed_records(records, engine, writer, BatchConfig(max_tokens=1024), truncate=3)
     assert [s for batch in replica.seen for s in batch] == ["MKV"]
     assert writer.truncated == [True, True]
+
+
+def test_finished_windows_are_skipped_not_computed():
+    records = _records([5 + i for i in range(10)])
+    replica = FakeEmbedder("sim:0")
+    writer = MemoryWriter()
+    with Engine([replica]) as engine:
+        summary = embed_records(records, engine, writer, BatchConfig(max_tokens=1024, window=4), 1022, done={0, 2})
+    assert writer.windows == [1]
+    assert writer.ids == ["r4", "r5", "r6", "r7"]
+    assert sorted(len(s) for batch in replica.seen for s in batch) == [9, 10, 11, 12]
+    assert summary.resumed == 6 and summary.sequences == 4

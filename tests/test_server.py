@@ -247,7 +247,8 @@ def test_several_layers_answer_by_layer(tiny_model_dir, direct):
 def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
-    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", "esm2_t12_35M", "--load-format", "dummy", "--dtype", "float32",
+    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", "esm2_t12_35M", "--load-format", "dummy",
+           "--dtype", "float32",
            "--devices", "cpu", "--port", str(port), "--max-batch-size", "4"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,0 +1,174 @@
+"""Where files live: local paths or fsspec URLs (s3://, gs://, ...), with atomic commits and clear errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from esm2cli.errors import StorageError
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs such as s3://bucket/key (a plain path is local)."""
+    return "://" in str(path)
+
+
+def storage_options(url: str) -> dict:
+    """Options for the URL's filesystem: an S3 endpoint from ESM2CLI_S3_ENDPOINT_URL or AWS_ENDPOINT_URL[_S3].
+
+    Credentials come from the usual AWS variables, files or instance roles, as boto does.
+    """
+    if not str(url).startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = (
+        os.environ.get("ESM2CLI_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def _fs(url: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"{url}: {exc}") from exc
+
+
+def describe(exc: BaseException, url: str) -> StorageError:
+    """Turns a storage exception into one clear line (no such bucket, denied, no credentials, ...)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    name = type(exc).__name__
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return StorageError(f"{url}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return StorageError(f"{url}: no such bucket")
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return StorageError(f"{url}: access denied ({text})")
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{url}: no such file")
+    return StorageError(f"{url}: {text}")
+
+
+@contextmanager
+def open_input(url: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Opens a local path or URL for reading bytes.
+
+    Raises:
+        StorageError: The file, bucket or credentials are missing, or access is denied.
+    """
+    if not is_url(url):
+        try:
+            handle = open(url, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError as exc:
+            raise StorageError(f"{url}: no such file") from exc
+        except OSError as exc:
+            raise StorageError(f"{url}: cannot open ({exc.strerror})") from exc
+        with handle:
+            yield handle
+        return
+    fs, path = _fs(str(url))
+    try:
+        handle = fs.open(path, "rb")
+    except Exception as exc:  # botocore, aiohttp and fsspec errors all end as one line
+        raise describe(exc, str(url)) from exc
+    with handle:
+        yield handle
+
+
+def exists(url: str | os.PathLike) -> bool:
+    """True when a file exists at this path or URL."""
+    if not is_url(url):
+        return os.path.exists(url)
+    fs, path = _fs(str(url))
+    try:
+        return fs.exists(path)
+    except Exception as exc:
+        raise describe(exc, str(url)) from exc
+
+
+def listdir(url: str | os.PathLike) -> list[str]:
+    """Names (not paths) of the files directly under a directory or prefix; empty when there is none."""
+    if not is_url(url):
+        return sorted(os.listdir(url)) if os.path.isdir(url) else []
+    fs, path = _fs(str(url))
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
+    except Exception as exc:
+        raise describe(exc, str(url)) from exc
+
+
+def remove(url: str | os.PathLike, recursive: bool = False) -> None:
+    """Deletes a file (or a directory tree); a missing one is not an error."""
+    if not is_url(url):
+        if os.path.isdir(url) and recursive:
+            import shutil
+
+            shutil.rmtree(url, ignore_errors=True)
+        elif os.path.exists(url):
+            os.remove(url)
+        return
+    fs, path = _fs(str(url))
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except Exception as exc:
+        raise describe(exc, str(url)) from exc
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """Joins names onto a path or URL."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return os.path.join(base, *names)
+
+
+class AtomicFile:
+    """A file that appears at its final path only when commit() succeeds.
+
+    Locally it is written as ``.<name>.tmp`` beside the target and renamed; on object stores the
+    upload completes at commit (an object is never visible half-written) and abort() discards it.
+    """
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = str(url)
+        try:
+            if is_url(self.url):
+                fs, path = _fs(self.url)
+                self.tmp = None
+                self.handle = fs.open(path, "wb")
+            else:
+                directory, name = os.path.split(os.path.abspath(self.url))
+                os.makedirs(directory, exist_ok=True)
+                self.tmp = os.path.join(directory, f".{name}.tmp")
+                self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise describe(exc, self.url) from exc
+
+    def commit(self) -> None:
+        """Closes the file and makes it visible at its final path."""
+        try:
+            self.handle.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.url)
+        except Exception as exc:
+            raise describe(exc, self.url) from exc
+
+    def abort(self) -> None:
+        """Drops the file: nothing appears at the final path."""
+        if self.tmp is None:
+            discard = getattr(self.handle, "discard", None)
+            if discard:
+                discard()
+            else:
+                self.handle.close()
+            return
+        self.handle.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
