@@ -135,6 +135,16 @@ def embedding_options(func):
     return func
 
 
+max_tokens_option = click.option(
+    "--max-tokens",
+    type=click.IntRange(min=64),
+    default=None,
+    envvar="ESM2CLI_MAX_TOKENS",
+    help="Padded tokens per batch at most, <cls> and <eos> included. "
+    f"[default: {DEFAULT_MAX_TOKENS['cpu']} on the CPU, {DEFAULT_MAX_TOKENS['cuda']} on GPUs]",
+)
+
+
 def log_options(func):
     """-v and -q."""
     func = click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")(func)
@@ -221,14 +231,7 @@ def _summary_line(summary, output, shard=None) -> str:
     envvar="ESM2CLI_BATCH_SIZE",
     help="Sequences per batch at most.",
 )
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=64),
-    default=None,
-    envvar="ESM2CLI_MAX_TOKENS",
-    help="Padded tokens per batch at most, <cls> and <eos> included. "
-    f"[default: {DEFAULT_MAX_TOKENS['cpu']} on the CPU, {DEFAULT_MAX_TOKENS['cuda']} on GPUs]",
-)
+@max_tokens_option
 @click.option(
     "--skip-invalid",
     is_flag=True,
@@ -377,14 +380,7 @@ def embed(
     envvar="ESM2CLI_MAX_WAIT_MS",
     help="How long a request waits for others to share its batch.",
 )
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=64),
-    default=DEFAULT_MAX_TOKENS["cuda"],
-    show_default=True,
-    envvar="ESM2CLI_MAX_TOKENS",
-    help="Padded tokens per engine batch at most.",
-)
+@max_tokens_option
 @click.option(
     "--max-client-batch",
     type=click.IntRange(min=1),

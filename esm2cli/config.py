@@ -90,7 +90,7 @@ class ServeConfig:
         batching: Coalesce concurrent requests into engine batches (dynamic batching).
         max_batch_size: Sequences per engine batch at most.
         max_wait_ms: How long the first request of a batch waits for others.
-        max_tokens: Padded tokens per engine batch at most.
+        max_tokens: Padded tokens per engine batch at most (None: the device kind's default).
         max_client_batch: Sequences per /predict/batch request at most.
         max_queue: Sequences accepted and unanswered at most; past it, 429 with Retry-After.
         request_timeout_s: A request not answered by then gets 503.
@@ -104,7 +104,7 @@ class ServeConfig:
     batching: bool = True
     max_batch_size: int = DEFAULT_BATCH_SIZE
     max_wait_ms: float = 5.0
-    max_tokens: int = DEFAULT_MAX_TOKENS["cuda"]
+    max_tokens: int | None = None
     max_client_batch: int = 64
     max_queue: int = 2048
     request_timeout_s: float = 60.0

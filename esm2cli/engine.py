@@ -194,13 +194,21 @@ class Engine:
             worker.alive = False
             self._fail_queued(worker)
 
-    def _fail_queued(self, worker: _Worker) -> None:
+    @staticmethod
+    def _drain(worker: _Worker) -> list[_Job]:
+        """Takes every job still queued for a worker (not the stop marker)."""
+        jobs = []
         while True:
             try:
                 job = worker.jobs.get_nowait()
             except queue.Empty:
-                return
-            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                return jobs
+            if job is not _STOP:
+                jobs.append(job)
+
+    def _fail_queued(self, worker: _Worker) -> None:
+        for job in self._drain(worker):
+            if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(
                     EngineError(f"the worker on {worker.replica.device.name} stopped before this batch ran")
                 )
@@ -223,9 +231,5 @@ class Engine:
         self._pool.shutdown(wait=True)
 
     def _cancel_queued(self, worker: _Worker) -> None:
-        while True:
-            try:
-                job = worker.jobs.get_nowait()
-            except queue.Empty:
-                return
+        for job in self._drain(worker):
             job.future.cancel()

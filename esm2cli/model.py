@@ -101,10 +101,9 @@ def architecture_of(model: str) -> str | None:
     return stem if stem in ARCHITECTURES else None
 
 
-def esm2_config(alias: str) -> EsmConfig:
-    """The Hugging Face config of one of the six ESM-2 sizes, built without a download."""
-    layers, hidden, heads = ARCHITECTURES[alias]
-    return EsmConfig(
+def esm2_architecture(layers: int, hidden: int, heads: int, **overrides) -> EsmConfig:
+    """An ESM-2 config of any size: rotary positions, token dropout, a 4x feed-forward, the 33-token vocabulary."""
+    params = dict(
         vocab_size=33,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -120,6 +119,13 @@ def esm2_config(alias: str) -> EsmConfig:
         mask_token_id=32,
         pad_token_id=1,
     )
+    params.update(overrides)
+    return EsmConfig(**params)
+
+
+def esm2_config(alias: str) -> EsmConfig:
+    """The Hugging Face config of one of the six ESM-2 sizes, built without a download."""
+    return esm2_architecture(*ARCHITECTURES[alias])
 
 
 def bundled_tokenizer() -> EsmTokenizer:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -317,7 +316,9 @@ def embed_fasta(
         batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
         loaded = setup.model
         schema = build_schema(loaded.hidden_size, setup.layers, embed.per_token, run_metadata(model, embed, setup, key))
-        chunks = ChunkStore(target, schema, loaded.hidden_size, setup.layers, key)
+        # The chunks also record what the input held, so that an edited input is never resumed into.
+        fingerprint = {**key, "input_records": scan.records, "input_residues": scan.residues}
+        chunks = ChunkStore(target, schema, loaded.hidden_size, setup.layers, fingerprint)
         done = chunks.open(overwrite)
         if done:
             log.info("resuming: %d finished chunk(s) of %d records each are kept", len(done), batch.window)

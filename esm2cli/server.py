@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from esm2cli import __version__
 from esm2cli.batcher import BatcherStats, DynamicBatcher
-from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.engine import EngineSetup, build_engine
 from esm2cli.errors import (
     EngineError,
@@ -173,7 +173,9 @@ def create_app(
             setup.engine.submit,
             max_batch=serve.max_batch_size if serve.batching else serve.max_client_batch,
             max_wait_s=serve.max_wait_ms / 1000,
-            max_tokens=serve.max_tokens,
+            max_tokens=BatchConfig(max_tokens=serve.max_tokens)
+            .for_devices(any(d.is_cuda for d in setup.devices))
+            .max_tokens,
             max_queue=serve.max_queue,
             max_in_flight=2 * len(setup.engine.devices),  # one running and one ready per replica
             coalesce=serve.batching,

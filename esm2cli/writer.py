@@ -270,26 +270,8 @@ class ChunkStore:
 
     def commit(self, chunks: int, expected_rows: int) -> None:
         """Concatenates chunks 0..chunks-1 into the target, atomically, then deletes the work directory."""
-        out = AtomicFile(self.target)
-        writer = pq.ParquetWriter(out.handle, self.schema, compression="zstd")
-        rows = 0
-        try:
-            for index in range(chunks):
-                with open_input(self.chunk_path(index)) as handle:
-                    part = pq.ParquetFile(handle)
-                    for group in range(part.num_row_groups):
-                        table = part.read_row_group(group)
-                        rows += table.num_rows
-                        writer.write_table(table.cast(self.schema))
-            writer.close()
-        except BaseException:
-            writer.close()
-            out.abort()
-            raise
-        if rows != expected_rows:
-            out.abort()
-            raise OutputError(f"chunks hold {rows} rows, expected {expected_rows}; this is a bug")
-        out.commit()
+        paths = [self.chunk_path(index) for index in range(chunks)]
+        concatenate(paths, self.target, self.schema, expected_rows)
         remove(self.dir, recursive=True)
 
     def abort(self) -> None:
@@ -321,6 +303,39 @@ def find_parts(prefix: str) -> list[str]:
     return [join(prefix, f"part-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
 
 
+def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_rows: int | None = None) -> int:
+    """Copies the row groups of Parquet files, in order, into one new file that appears atomically.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        OutputError: A source's columns differ from ``schema``, or the rows are not ``expected_rows``.
+    """
+    out = AtomicFile(target)
+    writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
+    rows = 0
+    try:
+        for source_path in sources:
+            with open_input(source_path) as handle:
+                source = pq.ParquetFile(handle)
+                if not source.schema_arrow.remove_metadata().equals(schema.remove_metadata()):
+                    raise OutputError(f"{source_path}: its columns differ from those of {sources[0]}")
+                for group in range(source.num_row_groups):
+                    table = source.read_row_group(group)
+                    rows += table.num_rows
+                    writer.write_table(table.replace_schema_metadata(schema.metadata))
+        writer.close()
+        if expected_rows is not None and rows != expected_rows:
+            raise OutputError(f"{len(sources)} files hold {rows} rows, expected {expected_rows}; this is a bug")
+    except BaseException:
+        writer.close()
+        out.abort()
+        raise
+    out.commit()
+    return rows
+
+
 def merge_parts(prefix: str, output: str) -> int:
     """Concatenates every part of a sharded run, in shard order (the input order), into one file.
 
@@ -333,23 +348,4 @@ def merge_parts(prefix: str, output: str) -> int:
     parts = find_parts(prefix)
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
-    out = AtomicFile(output)
-    writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
-    rows = 0
-    try:
-        for part in parts:
-            with open_input(part) as handle:
-                source = pq.ParquetFile(handle)
-                if not source.schema_arrow.remove_metadata().equals(schema.remove_metadata()):
-                    raise OutputError(f"{part}: its columns differ from {parts[0]}'s")
-                for group in range(source.num_row_groups):
-                    table = source.read_row_group(group)
-                    rows += table.num_rows
-                    writer.write_table(table.replace_schema_metadata(schema.metadata))
-        writer.close()
-    except BaseException:
-        writer.close()
-        out.abort()
-        raise
-    out.commit()
-    return rows
+    return concatenate(parts, output, schema)

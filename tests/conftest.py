@@ -29,36 +29,21 @@ def _clean_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+TINY = dict(layers=3, hidden=32, heads=4)
 
 
-def build_tiny_esm2(path, seed: int = 7, **overrides) -> str:
+def build_tiny_esm2(path, seed: int = 7) -> str:
     """Saves a small ESM-2 (real architecture and tokenizer, random weights) with save_pretrained.
 
     The weights are drawn wider than the default init so that embeddings of different sequences
     differ clearly and a comparison can fail.
     """
-    from transformers import EsmConfig, EsmForMaskedLM
+    from transformers import EsmForMaskedLM
 
-    from esm2cli.model import bundled_tokenizer
+    from esm2cli.model import bundled_tokenizer, esm2_architecture
 
-    params = dict(
-        vocab_size=33,
-        max_position_embeddings=1026,
-        position_embedding_type="rotary",
-        token_dropout=True,
-        emb_layer_norm_before=False,
-        layer_norm_eps=1e-5,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        mask_token_id=32,
-        pad_token_id=1,
-        initializer_range=0.2,
-    )
-    params.update(TINY)
-    params.update(overrides)
     torch.manual_seed(seed)
-    model = EsmForMaskedLM(EsmConfig(**params))
+    model = EsmForMaskedLM(esm2_architecture(**TINY, initializer_range=0.2))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name:
