@@ -3,6 +3,7 @@
 Methods, timed on the model compute (loading excluded), each on every protein of the input:
   esm2cli            esm2cli embed with its defaults (dtype auto, token budget auto)
   esm2cli-fp32       esm2cli embed --dtype float32
+  esm2cli-1rep       esm2cli embed --devices cpu (one replica using every core, instead of one per core)
   fair-esm           fair-esm's extraction loop (esm-extract --include mean) with fair-esm's own ESM-2 code
   first-draft        64 sequences in file order, padded to the longest, default attention, fp32
   sorted-bf16        transformers, sorted into 4096-token batches, SDPA, weights converted to bf16 once
@@ -82,15 +83,15 @@ def sorted_bf16(model_dir: str, records: list[tuple[str, str]], max_tokens: int 
     return out, time.perf_counter() - start
 
 
-def run_esm2cli(fasta: str, model_dir: str, work: Path, dtype: str) -> tuple[dict, float, str]:
+def run_esm2cli(fasta: str, model_dir: str, work: Path, dtype: str, devices: str = "auto") -> tuple[dict, float, str]:
     import pyarrow.parquet as pq
 
     from esm2cli.writer import read_metadata
 
-    out = work / f"esm2cli-{dtype}.parquet"
+    out = work / f"esm2cli-{dtype}-{devices}.parquet"
     summary = embed_fasta(
-        fasta, out, model=ModelConfig(model=model_dir, dtype=dtype), embed=EmbedConfig(), batch=BatchConfig(),
-        inputs=InputConfig(), overwrite=True,
+        fasta, out, model=ModelConfig(model=model_dir, dtype=dtype, devices=devices), embed=EmbedConfig(),
+        batch=BatchConfig(), inputs=InputConfig(), overwrite=True,
     )  # fmt: skip
     table = pq.read_table(out)
     vectors = dict(zip(table["id"].to_pylist(), np.array(table["embedding"].to_pylist()), strict=True))
@@ -141,6 +142,7 @@ def main() -> None:
     for name, run in [
         ("esm2cli", lambda: run_esm2cli(fasta, model_dir, work, "auto")),
         ("esm2cli-fp32", lambda: run_esm2cli(fasta, model_dir, work, "float32")),
+        ("esm2cli-1rep", lambda: run_esm2cli(fasta, model_dir, work, "auto", devices="cpu")),
         ("sorted-bf16", lambda: (*sorted_bf16(model_dir, records), "bfloat16")),
         ("first-draft", lambda: (*first_draft(model_dir, records), "float32")),
     ]:

@@ -84,8 +84,8 @@ class BenchReport:
 
 
 def _run_once(engine: Engine, seqs: list[str], batches: list[list[int]]) -> float:
+    start = time.perf_counter()  # before submitting: submit blocks while the replicas' queues are full
     futures = [engine.submit([seqs[i] for i in rows]) for rows in batches]
-    start = time.perf_counter()
     for future in futures:
         future.result()
     return time.perf_counter() - start
@@ -175,8 +175,9 @@ def format_report(report: BenchReport) -> str:
     if report.device_kind == "simulated" and len(report.rows) > 1:
         lines += [
             "",
-            "Simulated devices run on the same CPU cores, so the ideal is a flat line (speedup 1.00x);",
-            "what falls below it is the cost of more replicas sharing those cores (threads, dispatch, caches).",
+            "Simulated devices share the same CPU cores, so the ideal is a flat line (speedup 1.00x). Above it:",
+            "single-threaded replicas use the cores better than one replica with every thread. Below it: the",
+            "cost of more replicas than cores (threads contending, dispatch, caches).",
         ]
     return "\n".join(lines)
 

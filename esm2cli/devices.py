@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -58,6 +59,22 @@ def resolve_dtype(dtype: str, devices: list[Device]) -> str:
     return "bfloat16" if all(supports_bf16(d) for d in devices) else "float32"
 
 
+MAX_CPU_REPLICAS = 8
+
+
+def cpu_devices() -> list[Device]:
+    """The CPU as one replica per core (at most 8), each running single-threaded.
+
+    On the CPU, N single-threaded replicas embed more residues per second than one replica
+    with N threads: small matrix products and element-wise kernels scale poorly across threads
+    (benchmarks/RESULTS.md). The replicas share one copy of the weights.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores <= 1:
+        return [Device("cpu", "cpu")]
+    return [Device(f"cpu:{i}", "cpu") for i in range(min(cores, MAX_CPU_REPLICAS))]
+
+
 def cuda_device_count() -> int:
     """CUDA devices visible to this process (0 when CUDA is unavailable)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -76,7 +93,8 @@ def resolve_devices(spec: str) -> list[Device]:
     """Turns a --devices spec into the list of devices that get one replica each.
 
     Args:
-        spec: "auto" (every CUDA device, else the CPU), "cpu", a count N (the first N CUDA
+        spec: "auto" (every CUDA device, else one single-threaded replica per CPU core), "cpu" (one
+            replica using every core), a count N (the first N CUDA
             devices), a comma list such as "cuda:0,cuda:2", or "sim:N" (N simulated devices
             whose replicas all live on the CPU).
 
@@ -86,7 +104,7 @@ def resolve_devices(spec: str) -> list[Device]:
     spec = spec.strip().lower()
     if spec == "auto":
         n = cuda_device_count()
-        return _cuda_devices(list(range(n))) if n else [Device("cpu", "cpu")]
+        return _cuda_devices(list(range(n))) if n else cpu_devices()
     if spec == "cpu":
         return [Device("cpu", "cpu")]
     if spec.isdigit():

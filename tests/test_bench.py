@@ -36,7 +36,8 @@ def test_bench_scales_over_simulated_devices(tiny_model_dir):
     assert 0 <= report.padding_fraction < 0.5
     assert report.rows[0].speedup == pytest.approx(1.0)
     for row in report.rows:
-        assert row.residues_per_s > 0 and 0 < row.mfu < 1.5
+        assert row.residues_per_s > 0 and 0 < row.mfu <= 1.0
+        assert row.seconds >= sum(row.busy_share.values()) * row.seconds / max(row.devices, 1) * 0.9
         assert list(row.busy_share) == [f"sim:{i}" for i in range(row.devices)]
         assert all(0 < share <= 1.05 for share in row.busy_share.values())
     assert "simulated devices sharing the CPU" in format_report(report)

@@ -23,7 +23,7 @@ def test_auto_uses_every_gpu_or_the_cpu(gpus, count):
     gpus(count)
     devices = resolve_devices("auto")
     if count == 0:
-        assert [(d.name, d.torch_device) for d in devices] == [("cpu", "cpu")]
+        assert all(d.torch_device == "cpu" and not d.is_cuda and not d.simulated for d in devices)
     else:
         assert [d.name for d in devices] == [f"cuda:{i}" for i in range(count)]
         assert all(d.is_cuda and not d.simulated for d in devices)
@@ -32,7 +32,7 @@ def test_auto_uses_every_gpu_or_the_cpu(gpus, count):
 def test_cuda_reported_but_unavailable_means_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert names("auto") == ["cpu"]
+    assert all(d.torch_device == "cpu" for d in resolve_devices("auto"))
 
 
 def test_count_list_and_cpu(gpus):
@@ -104,3 +104,14 @@ def test_cpu_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
     assert devmod.cpu_has_bf16()
     monkeypatch.setattr(builtins, "open", fake("avx2 avx512f"))
     assert not devmod.cpu_has_bf16()
+
+
+@pytest.mark.parametrize(
+    "cores, expected", [(1, ["cpu"]), (2, ["cpu:0", "cpu:1"]), (32, [f"cpu:{i}" for i in range(8)])]
+)
+def test_auto_on_the_cpu_is_one_replica_per_core(gpus, monkeypatch, cores, expected):
+    import os
+
+    gpus(0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert names("auto") == expected
