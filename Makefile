@@ -10,6 +10,7 @@ IMAGE ?= esm2cli:0.1.0
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
