@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from esm2cli.batching import SPECIAL_TOKENS, plan_batches
+from esm2cli.batching import SPECIAL_TOKENS, padded_tokens, plan_batches
 from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.engine import Engine
 
@@ -117,7 +117,7 @@ def run_bench(
     loaded = load_model(replace(model, dtype=dtype))
     batches = plan_batches([len(s) for s in seqs], max_tokens, batch_size)
     real_tokens = sum(len(s) + SPECIAL_TOKENS for s in seqs)
-    padded = sum((max(len(seqs[i]) for i in rows) + SPECIAL_TOKENS) * len(rows) for rows in batches)
+    padded = sum(padded_tokens([len(seqs[i]) for i in rows]) for rows in batches)
     flops = model_flops([len(s) for s in seqs], loaded.num_layers, loaded.hidden_size)
     peak = measure_matmul_peak(devices[0].torch_device, dtype, peak_seconds)
     report = BenchReport(

@@ -54,7 +54,6 @@ class EmbedSummary:
     oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
-    batches_per_device: dict[str, int] = field(default_factory=dict)
 
     @property
     def residues_per_s(self) -> float:
@@ -329,7 +328,6 @@ def embed_fasta(
             with setup.engine as engine:
                 mine = (r for r in read_records(source) if start_pos < r.position <= stop_pos and r.problem is None)
                 summary = embed_records(mine, engine, writer, batch, embed.truncate, progress, done)
-                summary.batches_per_device = engine.batches_done()
                 summary.oom_splits = engine.oom_splits()
             writer.finish()
         except BaseException:

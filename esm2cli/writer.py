@@ -94,7 +94,6 @@ class EmbeddingWriter:
         self.hidden = hidden
         self.pooled_cols = embedding_columns(layers, "embedding")
         self.token_cols = embedding_columns(layers, "per_token")
-        self.rows_written = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_bytes = 0
         self._file = AtomicFile(self.path)
@@ -118,7 +117,6 @@ class EmbeddingWriter:
         batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
         self._buffer.append(batch)
         self._buffered_bytes += batch.nbytes
-        self.rows_written += len(rows)
         if self._buffered_bytes >= ROW_GROUP_BYTES:
             self._flush()
 
