@@ -52,6 +52,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("esm2cli").setLevel(level)
 
 
+def _use_s3_endpoint(url: str | None) -> None:
+    """Hands --s3-endpoint-url to esm2cli.storage, which reads it for s3:// URLs."""
+    if url:
+        import os
+
+        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = url
+
+
 def _to_click(exc: Esm2Error, param_hint: str | None = None) -> click.ClickException:
     """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise."""
     if exit_code(exc) == 2:
@@ -313,14 +321,12 @@ def embed(
       esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
       esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
     """
-    import os
     import signal
 
     _setup_logging(verbose, quiet)
     from esm2cli.pipeline import embed_fasta
 
-    if s3_endpoint_url:
-        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = s3_endpoint_url  # read by esm2cli.storage for s3:// URLs
+    _use_s3_endpoint(s3_endpoint_url)
     shard = None
     if shard_count is not None:
         if shard_index is None:
@@ -643,14 +649,12 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
     Example:
       esm2cli merge s3://bucket/emb/ -o s3://bucket/emb.parquet
     """
-    import os
 
     from esm2cli import storage
     from esm2cli.writer import merge_parts
 
     _setup_logging(verbose, quiet)
-    if s3_endpoint_url:
-        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = s3_endpoint_url  # read by esm2cli.storage for s3:// URLs
+    _use_s3_endpoint(s3_endpoint_url)
     try:
         if storage.exists(output) and not overwrite:
             raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")

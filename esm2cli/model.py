@@ -313,8 +313,8 @@ class Replica:
         return BatchEmbeddings.concat([self.embed_batch(seqs[:half]), self.embed_batch(seqs[half:])])
 
     def _set_threads(self) -> None:
-        # torch.set_num_threads applies to the calling thread's OpenMP team: each worker sets its own,
-        # so that simulated replicas sharing the CPU do not oversubscribe its cores.
+        # Set from the worker thread, whose OpenMP team it sizes (MKL's count is process-wide, but every
+        # CPU replica asks for the same share), so that replicas sharing the cores do not oversubscribe them.
         if self.cpu_threads and not self._threads_set:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True

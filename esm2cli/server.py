@@ -123,8 +123,9 @@ def _checked(item: SequenceIn, where: str, serve: ServeConfig, truncate: int) ->
     return seq[:truncate], len(seq)
 
 
-def _label(index: int, item: SequenceIn) -> str:
-    return f"sequences[{index}]" + (f" (id {item.id!r})" if item.id is not None else "")
+def _label(where: str, item: SequenceIn) -> str:
+    """Names an item in messages: where it stands in the request, and its id when it has one."""
+    return where + (f" (id {item.id!r})" if item.id is not None else "")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -283,7 +284,7 @@ def create_app(
     @app.post("/predict", response_model=EmbeddingOut, responses=errors)
     async def predict(body: SequenceIn) -> EmbeddingOut:
         """Embeds one sequence."""
-        (answer,) = await _embed([body], ["sequence" + (f" (id {body.id!r})" if body.id is not None else "")])
+        (answer,) = await _embed([body], [_label("sequence", body)])
         return answer
 
     @app.post("/predict/batch", response_model=BatchOut, responses=errors)
@@ -294,7 +295,7 @@ def create_app(
         if not body.sequences:
             raise InputError("sequences: empty list")
         items = [SequenceIn(sequence=s) if isinstance(s, str) else s for s in body.sequences]
-        return BatchOut(results=await _embed(items, [_label(i, item) for i, item in enumerate(items)]))
+        return BatchOut(results=await _embed(items, [_label(f"sequences[{i}]", item) for i, item in enumerate(items)]))
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
