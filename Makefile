@@ -6,7 +6,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
 IMAGE ?= esm2cli:0.1.0
 
-.PHONY: install test demo lint format image clean
+.PHONY: install test demo lint format image gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,16 @@ format: $(STAMP)
 
 image:
 	docker build -t $(IMAGE) .
+
+# What benchmarks/gpu_check.sh needs on a GPU machine with no internet (Python 3.12, torch there):
+# the packages its image lacks, as wheels in .whl/, at the versions constraints.txt pins.
+GPU_WHEELS := biopython fastapi starlette pydantic pydantic_core annotated-types typing-inspection \
+	typing_extensions opentelemetry-api uvicorn
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(for p in $(GPU_WHEELS); do grep -i -E "^$$p==" constraints.txt; done)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

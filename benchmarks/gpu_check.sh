@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in well under 8 minutes.
-# Runs the GPU-marked tests, then `esm2cli bench` on the 650M architecture (random weights) in bf16
-# and fp32, and writes everything under $OUT (default: gpu-results/).
+# 1. the GPU-marked tests;
+# 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32;
+# 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
+#    batching on and off in one run, and the engine alone (the serve issue's 3x check).
+# Results go under $OUT (default: gpu-results/): summary.txt first, then the JSON and logs.
 #
 # The machine is expected to have python3 with torch (CUDA), transformers, pyarrow, numpy, click, tqdm,
-# fsspec and pytest. What it lacks travels as wheels in .whl/ (ignored by git), fetched here with:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl biopython==1.88
+# fsspec, aiohttp, httpx, prometheus-client and pytest. What it lacks (biopython, and fastapi with
+# what it needs) travels as wheels in .whl/ (ignored by git): `make gpu-wheels` fetches them.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -17,19 +19,24 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/run.log"
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$OUT/summary.txt"
 
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_gpu.py 2>&1 \
-    | tee "$OUT/gpu-tests.log"
+    | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 
 for dtype in bfloat16 float32; do
-    timeout 150 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
-        > "$OUT/bench-650M-$dtype.json" 2> "$OUT/bench-650M-$dtype.log"
-    echo "bench $dtype: exit $?"
+    timeout 120 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
+        > "$OUT/bench-650M-$dtype.json" 2>> "$LOG"
+    echo "bench $dtype: exit $?" | tee -a "$OUT/summary.txt"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\")" \
-        "$OUT/bench-650M-$dtype.json" 2>&1 | tee -a "$OUT/summary.txt"
+        "$OUT/bench-650M-$dtype.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 done
+
+timeout 180 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
+    2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
+echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"

@@ -4,6 +4,11 @@ Starts the server twice on the same model and workload (once per mode), sends ``
 single-sequence /predict requests from ``--clients`` concurrent clients, and prints throughput and
 p50/p99 latency for each mode, and their ratio.
 
+Then, with ``--engine-ceiling``, runs the same sequences through the engine alone (no HTTP, same
+devices and dtype): one sequence per batch, against groups of ``--clients`` sequences planned as
+the server plans them. Their ratio is what batching gains in compute on these devices, with the
+per-request costs of HTTP left out.
+
     python benchmarks/serve_bench.py --model esm2_t6_8M --clients 16 --requests 400
 """
 
@@ -23,6 +28,8 @@ import time
 import aiohttp
 import httpx
 
+from esm2cli.batching import plan_batches
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.workload import synthetic_sequences
 
 
@@ -101,6 +108,35 @@ def _measure(args, batching: bool, seqs: list[str]) -> dict:
     }
 
 
+def _engine_ceiling(args, seqs: list[str]) -> dict:
+    """Sequences/s of the engine alone, one sequence per batch and in groups of --clients."""
+    from esm2cli.engine import build_engine
+
+    setup = build_engine(ModelConfig(model=args.model, load_format=args.load_format, devices=args.devices,
+                                     dtype=args.dtype), EmbedConfig())  # fmt: skip
+    on_cuda = any(d.is_cuda for d in setup.devices)
+    max_tokens = BatchConfig().for_devices(on_cuda).max_tokens
+    max_batch = ServeConfig().max_batch_size
+
+    def batches(group: int) -> list[list[str]]:
+        out = []
+        for start in range(0, len(seqs), group):
+            chunk = seqs[start : start + group]
+            out += [[chunk[i] for i in rows] for rows in plan_batches(list(map(len, chunk)), max_tokens, max_batch)]
+        return out
+
+    def rate(group: int) -> float:
+        start = time.perf_counter()
+        for future in [setup.engine.submit(batch) for batch in batches(group)]:
+            future.result()
+        return len(seqs) / (time.perf_counter() - start)
+
+    with setup.engine:
+        rate(args.clients)  # warm-up
+        single, grouped = rate(1), rate(args.clients)
+    return {"single_per_s": single, "grouped_per_s": grouped, "ratio": grouped / single}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="esm2_t6_8M")
@@ -111,13 +147,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-length", type=int, default=400, help="longest synthetic sequence")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--engine-ceiling", action="store_true", help="also time the engine alone (no HTTP)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.pop("ESM2CLI_MODEL", None)
     seqs = [seq for _, seq in synthetic_sequences(args.requests, seed=1, max_length=args.max_length)]
     rows = [_measure(args, True, seqs), _measure(args, False, seqs)]
+    ceiling = _engine_ceiling(args, seqs) if args.engine_ceiling else None
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"server": rows, "engine_ceiling": ceiling}, indent=2))
         return
     print(
         f"{args.model} ({args.load_format}), {args.devices}, {args.dtype}; {args.clients} clients, "
@@ -130,6 +168,11 @@ def main() -> None:
             f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_batch']:11.1f}"
         )
     print(f"throughput ratio on/off: {rows[0]['requests_per_s'] / rows[1]['requests_per_s']:.2f}x")
+    if ceiling:
+        print(
+            f"engine alone, no HTTP: {ceiling['single_per_s']:.1f} sequences/s one at a time, "
+            f"{ceiling['grouped_per_s']:.1f} in groups of {args.clients}: {ceiling['ratio']:.2f}x"
+        )
 
 
 if __name__ == "__main__":
