@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in under 8 minutes (the
-# timeouts below add up to 7.5).
+# timeouts below add up to 7.5 minutes).
 # 1. the GPU-marked tests;
 # 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32;
 # 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
-#    batching on and off in one run, and the engine alone (the serve issue's 3x check).
+#    batching on and off in one run, and the engine alone (the serve issue's 3x check);
+# 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one.
 # Results go under $OUT (default: gpu-results/): summary.txt first, then the JSON and logs.
 #
 # The machine is expected to have python3 with torch (CUDA), transformers, pyarrow, numpy, click, tqdm,
@@ -27,17 +28,21 @@ LOG="$OUT/run.log"
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
 
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_gpu.py 2>&1 \
+timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 
 for dtype in bfloat16 float32; do
-    timeout 90 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
+    timeout 80 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
         > "$OUT/bench-650M-$dtype.json" 2>> "$LOG"
     echo "bench $dtype: exit $?" | tee -a "$OUT/summary.txt"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\")" \
         "$OUT/bench-650M-$dtype.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 done
 
-timeout 150 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
+timeout 140 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
     2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
 echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
+
+timeout 60 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
+    2>> "$LOG" | tee -a "$OUT/summary.txt"
+echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"

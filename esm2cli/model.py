@@ -19,6 +19,7 @@ from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.devices import Device
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.fasta import RESIDUES
+from esm2cli.fused import fuse_gelu
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer, dummy = _load_tokenizer(source), False
     else:
         raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
-    model = model.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    model = fuse_gelu(model).to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
     return LoadedModel(
         name=cfg.model,
         source=source,
