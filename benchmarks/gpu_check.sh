@@ -5,7 +5,8 @@
 # 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32;
 # 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
 #    batching on and off in one run, and the engine alone (the serve issue's 3x check);
-# 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one.
+# 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one;
+# 5. `benchmarks/token_budget.py` on the 650M architecture: residues/s at 4k, 16k and 32k tokens a batch.
 # Results go under $OUT (default: gpu-results/): summary.txt first, then the JSON and logs.
 #
 # The machine is expected to have python3 with torch (CUDA), transformers, pyarrow, numpy, click, tqdm,
@@ -32,17 +33,21 @@ timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py t
     | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 
 for dtype in bfloat16 float32; do
-    timeout 80 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
+    timeout 70 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
         > "$OUT/bench-650M-$dtype.json" 2>> "$LOG"
     echo "bench $dtype: exit $?" | tee -a "$OUT/summary.txt"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\")" \
         "$OUT/bench-650M-$dtype.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 done
 
-timeout 140 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
+timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
     2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
 echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
 
-timeout 60 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
+timeout 50 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
     2>> "$LOG" | tee -a "$OUT/summary.txt"
 echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"
+
+timeout 40 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
+    --budgets 4096,16384,32768 2>> "$LOG" | tee -a "$OUT/summary.txt"
+echo "token budget: exit $?" | tee -a "$OUT/summary.txt"
