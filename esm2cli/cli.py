@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -11,6 +13,8 @@ import click
 from esm2cli import __version__
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMMIT_SECONDS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_TRUNCATE,
@@ -20,7 +24,7 @@ from esm2cli.config import (
     ModelConfig,
     ShardConfig,
 )
-from esm2cli.errors import ConfigError, Esm2Error, InputError, exit_code
+from esm2cli.errors import ConfigError, Esm2Error, InputError, Interrupted, exit_code
 
 log = logging.getLogger("esm2cli")
 
@@ -192,18 +196,26 @@ def _progress_factory(quiet: bool):
     return factory
 
 
+def _device_list(devices: list[str], most: int = 4) -> str:
+    """Names the devices, abbreviated past ``most``: 'cuda:0, cuda:1, ... cuda:7 (8 devices)'."""
+    if len(devices) <= most:
+        return ", ".join(devices)
+    return f"{devices[0]}, {devices[1]}, ... {devices[-1]} ({len(devices)} devices)"
+
+
 def _summary_line(summary, output, shard=None) -> str:
     from esm2cli.pipeline import output_target
 
     target = output_target(output, shard)
     if summary.already_complete:
-        return f"{target} is already complete (same arguments): nothing to do"
-    devices = ", ".join(summary.devices)
+        return f"{target} is already complete (same input content, weights and options): nothing to do"
+    devices = _device_list(summary.devices)
     notes = [
         f"{len(summary.skipped)} skipped" if summary.skipped else "",
         f"{summary.truncated} truncated" if summary.truncated else "",
         f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
         f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
+        f"{summary.recomputed} changed chunk(s) recomputed" if summary.recomputed else "",
     ]
     note = "".join(f", {n}" for n in notes if n)
     oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
@@ -252,7 +264,11 @@ def _summary_line(summary, output, shard=None) -> str:
     envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
     help="Accept records that share an id (each still gets its own row).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an output made by another run; the old file stays until the new one is complete.",
+)
 @click.option(
     "--shard-index",
     type=click.IntRange(min=0),
@@ -270,10 +286,11 @@ def _summary_line(summary, output, shard=None) -> str:
 @click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
-    default=4096,
+    default=DEFAULT_CHUNK_SIZE,
     show_default=True,
     envvar="ESM2CLI_CHUNK_SIZE",
-    help="Records sorted together and committed together; what an interruption can lose at most.",
+    help="Records sorted and committed together at most. A chunk is also committed after about "
+    f"{DEFAULT_COMMIT_SECONDS:.0f} s of compute (and 128 MB of embeddings): what an interruption loses.",
 )
 @click.option(
     "--s3-endpoint-url",
@@ -321,8 +338,6 @@ def embed(
       esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
       esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
     """
-    import signal
-
     _setup_logging(verbose, quiet)
     from esm2cli.pipeline import embed_fasta
 
@@ -339,23 +354,47 @@ def embed(
     configs = dict(
         model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
         embed=EmbedConfig(layers=layers, pooling=pooling, per_token=per_token, truncate=truncate),
-        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, window=chunk_size),
+        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
         inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
         shard=shard,
     )
     for name, value in configs.items():
         log.debug("%s: %s", name, value)
-    # A preempted pod gets SIGTERM: exit through the normal unwinding, so that the chunk being
-    # written is discarded cleanly and the finished ones stay for the rerun.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        summary = embed_fasta(fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs)
-    except ConfigError as exc:
-        raise _to_click(exc) from exc
-    except Esm2Error as exc:
-        raise _to_click(exc, param_hint="FASTA") from exc
+    with _interruptible():
+        try:
+            summary = embed_fasta(
+                fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs
+            )
+        except ConfigError as exc:
+            raise _to_click(exc) from exc
+        except Esm2Error as exc:
+            raise _to_click(exc, param_hint="FASTA") from exc
     if not quiet:
         click.echo(_summary_line(summary, output, shard), err=True)
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM (a preempted pod) unwind the run: finished chunks stay, the exit is 130 or 143.
+
+    A second signal during that unwinding exits at once: every committed chunk is already safe on disk.
+    """
+    import signal
+
+    def first(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, f: os._exit(128 + s))
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Interrupted as exc:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(128 + exc.signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @cli.command()
@@ -636,7 +675,9 @@ def bench(
 @cli.command()
 @click.argument("prefix")
 @click.option("-o", "--output", required=True, help="The single Parquet file to write (a path or URL).")
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the output if it exists; the old file stays until the new one is done."
+)
 @click.option("--s3-endpoint-url", envvar="ESM2CLI_S3_ENDPOINT_URL", help="S3-compatible endpoint for s3:// URLs.")
 @log_options
 def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
@@ -658,7 +699,7 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
     try:
         if storage.exists(output) and not overwrite:
             raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
-        rows = merge_parts(prefix, output)
+        rows = merge_parts(prefix, output)  # refuses an output among its parts; replaces atomically
     except Esm2Error as exc:
         raise _to_click(exc) from exc
     if not quiet:

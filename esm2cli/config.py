@@ -10,6 +10,13 @@ DEFAULT_BATCH_SIZE = 64
 # run faster per residue (benchmarks/token_budget.py); GPUs want large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
+DEFAULT_CHUNK_SIZE = 4096
+# A chunk is also committed once this much compute went into it, so that an interruption loses about
+# this much work on any device; the first chunk of a run, before its speed is known, holds this many residues.
+DEFAULT_COMMIT_SECONDS = 30.0
+FIRST_CHUNK_RESIDUES = 4096
+# ... and once its embeddings reach this many bytes, so that memory stays bounded with --per-token.
+CHUNK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,12 +61,16 @@ class BatchConfig:
     Attributes:
         batch_size: At most this many sequences a batch.
         max_tokens: At most this many padded tokens a batch, <cls> and <eos> included (None: by device).
-        window: Sequences read and sorted by length together; bounds memory on huge files.
+        chunk_size: Records read, sorted by length and committed together at most.
+        commit_seconds: A chunk is also closed once it holds about this much compute.
+        chunk_bytes: ... or this many bytes of embeddings (bounds memory with per-token output).
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
     max_tokens: int | None = None
-    window: int = 4096
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS
+    chunk_bytes: int = CHUNK_BYTES
 
     def for_devices(self, on_cuda: bool) -> BatchConfig:
         """This config with max_tokens decided: the device kind's default when not set."""

@@ -55,6 +55,18 @@ class OutputExistsError(ConfigError):
     """The output is already there and the user did not ask to replace it."""
 
 
+class OutputLockedError(ConfigError):
+    """Another live run is writing the same output."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error of the run
+    """SIGINT or SIGTERM arrived: unwind, keep the finished chunks, exit 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class OverloadedError(Esm2Error):
     """The engine's queue is full; the caller should retry later."""
 

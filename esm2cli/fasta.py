@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from esm2cli.storage import open_input
 RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
 _GZIP_MAGIC = b"\x1f\x8b"
 _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+# Only ASCII is upper-cased: str.upper() would turn 'ß' into 'SS', 'ﬁ' into 'FI' and 'ı' into 'I',
+# silently changing the protein. Other letters stay as they are and are refused by check_sequence.
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 @dataclass(slots=True)
@@ -47,7 +51,10 @@ class Record:
 
     def label(self) -> str:
         """Names the record for messages: its id, else its position."""
-        return f"record #{self.position} '{self.id}'" if self.id else f"record #{self.position} (no id)"
+        if not self.id:
+            return f"record #{self.position} (no id)"
+        shown = self.id if self.id.isprintable() else repr(self.id)[1:-1]  # no raw control bytes on a terminal
+        return f"record #{self.position} '{shown}'"
 
 
 @dataclass
@@ -55,6 +62,7 @@ class FastaScan:
     """What a first pass over a FASTA file found."""
 
     records: int = 0
+    sha256: str = ""
     valid: int = 0
     residues: int = 0
     too_long: int = 0
@@ -63,8 +71,8 @@ class FastaScan:
 
 
 def normalise(raw: str) -> str:
-    """Upper-cases a sequence, removes white space and drops one trailing stop codon '*'."""
-    seq = raw.translate(_WHITESPACE).upper()
+    """Upper-cases ASCII letters, removes white space and drops one trailing stop codon '*'."""
+    seq = raw.translate(_WHITESPACE).translate(_ASCII_UPPER)
     return seq[:-1] if seq.endswith("*") else seq
 
 
@@ -83,13 +91,25 @@ def check_sequence(seq: str) -> str | None:
     )
 
 
+def check_text(text: str, what: str) -> str | None:
+    """Returns why an id or header cannot be kept (a control character other than tab), or None."""
+    for index, ch in enumerate(text):
+        if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cs"):
+            name = "a surrogate" if unicodedata.category(ch) == "Cs" else "a control character"
+            return f"{what} holds {name} (U+{ord(ch):04X} at character {index + 1})"
+    return None
+
+
 def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     """Builds a checked Record from a FASTA title line (without '>') and its raw sequence."""
     parts = title.strip().split(None, 1)
     rec_id = parts[0] if parts else ""
     description = parts[1] if len(parts) > 1 else ""
     sequence = normalise(raw_sequence)
-    problem = "no id (empty header line)" if not rec_id else check_sequence(sequence)
+    if not rec_id:
+        problem = "no id (empty header line)"
+    else:
+        problem = check_text(title, "the header") or check_sequence(sequence)
     return Record(rec_id, description, sequence, position, problem)
 
 
@@ -98,7 +118,8 @@ def _text_stream(raw: BinaryIO) -> TextIO:
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
         buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
-    return io.TextIOWrapper(buffered, encoding="utf-8", newline=None)
+    # utf-8-sig drops a byte-order mark before the first header (Windows editors write one).
+    return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline=None)
 
 
 def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str]:
@@ -158,12 +179,17 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None) -> FastaS
         truncate: Residues counted per sequence at most, for progress estimates.
 
     Returns:
-        The counts, the invalid records and the ids seen more than once (with their counts).
+        The counts, the content hash of every record, the invalid records and the ids seen more
+        than once (with their counts).
     """
+    from esm2cli.identity import RecordHasher
+
     scan = FastaScan()
+    hasher = RecordHasher()
     seen: set[str] = set()
     for record in read_records(source):
         scan.records += 1
+        hasher.update(record)
         if record.problem:
             scan.invalid.append(record)
             continue
@@ -173,6 +199,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None) -> FastaS
         if record.id in seen:
             scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
         seen.add(record.id)
+    scan.sha256 = hasher.hexdigest()
     return scan
 
 

@@ -51,6 +51,8 @@ def describe(exc: BaseException, url: str) -> StorageError:
         return StorageError(f"{url}: access denied ({text})")
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{url}: no such file")
+    if isinstance(exc, OSError) and exc.strerror:
+        return StorageError(f"{url}: {exc.strerror}")
     return StorageError(f"{url}: {text}")
 
 
@@ -154,21 +156,29 @@ class AtomicFile:
     def commit(self) -> None:
         """Closes the file and makes it visible at its final path."""
         try:
+            if self.tmp is not None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())  # durable before it replaces anything
             self.handle.close()
             if self.tmp is not None:
                 os.replace(self.tmp, self.url)
         except Exception as exc:
+            self.abort()
             raise describe(exc, self.url) from exc
 
     def abort(self) -> None:
         """Drops the file: nothing appears at the final path."""
-        if self.tmp is None:
-            discard = getattr(self.handle, "discard", None)
-            if discard:
-                discard()
-            else:
-                self.handle.close()
-            return
-        self.handle.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        try:
+            if self.tmp is None:
+                discard = getattr(self.handle, "discard", None)
+                if discard:
+                    discard()
+                else:
+                    self.handle.close()
+                return
+            self.handle.close()
+        except Exception:  # a full disk fails the final flush too: the file is dropped all the same
+            pass
+        finally:
+            if self.tmp is not None and os.path.exists(self.tmp):
+                os.remove(self.tmp)

@@ -18,7 +18,7 @@ from esm2cli.errors import OutputError, OutputExistsError
 from esm2cli.storage import AtomicFile, exists, is_url, join, listdir, open_input, remove
 
 METADATA_KEY = b"esm2cli"
-ROW_GROUP_BYTES = 32 << 20  # a row group is flushed past this much buffered embedding data
+ROW_GROUP_BYTES = 32 << 20  # embeddings per row group at most: bounds what a reader or the merge holds
 
 
 @dataclass
@@ -82,10 +82,29 @@ def _token_lists(arrays: list[np.ndarray], hidden: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), _vectors(stacked, hidden))
 
 
-class EmbeddingWriter:
-    """Streams rows to a file in row groups; the file appears at ``path`` only on commit.
+def _slices(rows: Rows, hidden: int, limit: int) -> list[tuple[int, int]]:
+    """Cuts rows into runs of at most ``limit`` bytes of embeddings (at least one row each)."""
+    per_row = [4 * hidden * len(rows.pooled)] * len(rows)
+    for arrays in rows.per_token.values():
+        for i, array in enumerate(arrays):
+            per_row[i] += array.nbytes
+    cuts, start, size = [], 0, 0
+    for i, nbytes in enumerate(per_row):
+        if i > start and size + nbytes > limit:
+            cuts.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    return cuts + [(start, len(rows))] if len(rows) else cuts
 
-    A crash or an abort leaves no file at ``path``: what is there is always complete.
+
+def _os_error(path: str, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+class EmbeddingWriter:
+    """Streams rows to a file in row groups of at most ROW_GROUP_BYTES; the file appears at ``path`` only on commit.
+
+    A crash, an abort or a full disk leaves no file at ``path`` (and no temporary file beside it).
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, hidden: int, layers: Sequence[int]):
@@ -94,51 +113,58 @@ class EmbeddingWriter:
         self.hidden = hidden
         self.pooled_cols = embedding_columns(layers, "embedding")
         self.token_cols = embedding_columns(layers, "per_token")
-        self._buffer: list[pa.RecordBatch] = []
-        self._buffered_bytes = 0
         self._file = AtomicFile(self.path)
-        self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        except OSError as exc:
+            self._file.abort()
+            raise _os_error(self.path, exc) from exc
 
     def write(self, rows: Rows) -> None:
-        """Adds rows; a row group is written once enough data is buffered."""
-        if not len(rows):
-            return
+        """Writes rows as one or more row groups.
+
+        Raises:
+            OutputError: The file cannot be written (a full disk, say).
+        """
+        for start, stop in _slices(rows, self.hidden, ROW_GROUP_BYTES):
+            try:
+                self._writer.write_batch(self._batch(rows, start, stop))
+            except OSError as exc:
+                raise _os_error(self.path, exc) from exc
+
+    def _batch(self, rows: Rows, start: int, stop: int) -> pa.RecordBatch:
         columns = {
-            "id": pa.array(rows.ids, pa.string()),
-            "description": pa.array(rows.descriptions, pa.string()),
-            "length": pa.array(rows.lengths, pa.int32()),
-            "truncated": pa.array(rows.truncated, pa.bool_()),
+            "id": pa.array(rows.ids[start:stop], pa.string()),
+            "description": pa.array(rows.descriptions[start:stop], pa.string()),
+            "length": pa.array(rows.lengths[start:stop], pa.int32()),
+            "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
         }
         for layer, name in self.pooled_cols.items():
-            columns[name] = _vectors(rows.pooled[layer], self.hidden)
+            columns[name] = _vectors(rows.pooled[layer][start:stop], self.hidden)
         if rows.per_token:
             for layer, name in self.token_cols.items():
-                columns[name] = _token_lists(rows.per_token[layer], self.hidden)
-        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
-        self._buffer.append(batch)
-        self._buffered_bytes += batch.nbytes
-        if self._buffered_bytes >= ROW_GROUP_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._buffer:
-            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
-            self._buffer, self._buffered_bytes = [], 0
+                columns[name] = _token_lists(rows.per_token[layer][start:stop], self.hidden)
+        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
 
     def commit(self) -> None:
-        """Writes what is buffered, closes the file and makes it visible at its path."""
+        """Closes the file and makes it visible at its path.
+
+        Raises:
+            OutputError: The file cannot be written; nothing is left behind.
+        """
         try:
-            self._flush()
             self._writer.close()
         except OSError as exc:
             self._file.abort()
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            raise _os_error(self.path, exc) from exc
         self._file.commit()
 
     def abort(self) -> None:
         """Closes and drops the file; nothing appears at the final path."""
         try:
             self._writer.close()
+        except OSError:  # a full disk fails the close too; the file is dropped all the same
+            pass
         finally:
             self._file.abort()
 
@@ -147,9 +173,9 @@ _DONE = object()
 
 
 class BackgroundWriter:
-    """Hands windows of rows to a sink (a ChunkStore) on a thread of its own, overlapping I/O with compute.
+    """Hands chunks of rows to a sink (a ChunkStore) on a thread of its own, overlapping I/O with compute.
 
-    At most ``depth`` windows wait for the thread; write() blocks past that, which bounds memory.
+    At most ``depth`` chunks wait for the thread; write() blocks past that, which bounds memory.
     An error on the thread is raised by the next write(), or by finish().
     """
 
@@ -172,19 +198,23 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, index: int, rows: Rows) -> None:
-        """Queues one window of rows for the writer thread."""
+    def write(self, chunk, rows: Rows) -> None:
+        """Queues one chunk of rows for the writer thread."""
         self._raise_if_failed()
-        self._queue.put((index, rows))
+        self._queue.put((chunk, rows))
+
+    def discard(self, chunk) -> None:
+        """Deletes a committed chunk at once (it is never among the queued ones)."""
+        self.writer.discard(chunk)
 
     def finish(self) -> None:
-        """Waits until every queued window is written."""
+        """Waits until every queued chunk is written."""
         self._queue.put(_DONE)
         self._thread.join()
         self._raise_if_failed()
 
     def abort(self) -> None:
-        """Drops what is queued, stops the thread and lets the sink clean up."""
+        """Drops what is queued and stops the thread."""
         while True:
             try:
                 self._queue.get_nowait()
@@ -193,10 +223,10 @@ class BackgroundWriter:
         if self._thread.is_alive():
             self._queue.put(_DONE)
             self._thread.join()
-        self.writer.abort()
 
 
 CHUNK_MANIFEST = "run.json"
+_CHUNK = re.compile(r"^chunk-(\d{10})-(\d{10})-([0-9a-f]{64})\.parquet$")
 
 
 def work_dir(target: str) -> str:
@@ -205,60 +235,78 @@ def work_dir(target: str) -> str:
     Its name starts with '_' so that dataset readers (pyarrow, and globs of *.parquet) skip it.
     """
     if is_url(target):
-        parent, name = target.rsplit("/", 1)
+        parent, name = target.rstrip("/").rsplit("/", 1)
     else:
         parent, name = os.path.split(os.path.abspath(target))
     return join(parent, f"_{name}.parts")
 
 
-class ChunkStore:
-    """The resumable form of one output file: one Parquet file per window of records, then one merge.
+@dataclass(frozen=True)
+class Chunk:
+    """Records [start, stop) of the input (0-based file positions), committed together, and their hash."""
 
-    Every chunk is committed atomically, so after an interruption (Ctrl-C, SIGTERM, SIGKILL) the
-    finished chunks are intact and a rerun with the same arguments skips them. A manifest records
-    the run's arguments so that chunks of a different run are never mixed in.
+    start: int
+    stop: int
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.start:010d}-{self.stop:010d}-{self.sha256}.parquet"
+
+
+class ChunkStore:
+    """The resumable form of one output: one Parquet file per chunk of records, then one merge.
+
+    Every chunk is committed atomically and named by the records it covers and their hash, so after
+    an interruption (Ctrl-C, SIGTERM, SIGKILL, a full disk) the finished chunks are intact, and a
+    rerun reuses a chunk only when the records it covers hash the same now. A manifest records the
+    run's options (model identity, dtype, layers, ...): chunks of other options are never mixed in.
     """
 
-    def __init__(self, target: str, schema: pa.Schema, hidden: int, layers: Sequence[int], run_key: dict):
+    def __init__(self, target: str, schema: pa.Schema, hidden: int, layers: Sequence[int], options: dict):
         self.target = target
         self.dir = work_dir(target)
         self.schema = schema
         self.hidden = hidden
         self.layers = layers
-        self.run_key = run_key
+        self.options = options
 
-    def chunk_path(self, index: int) -> str:
-        return join(self.dir, f"chunk-{index:06d}.parquet")
+    def chunk_path(self, chunk: Chunk) -> str:
+        return join(self.dir, chunk.name)
 
-    def open(self, overwrite: bool) -> set[int]:
-        """Prepares the work directory; returns the chunks already finished by an earlier run.
+    def open(self, overwrite: bool) -> dict[int, Chunk]:
+        """Prepares the work directory; returns the chunks an earlier run finished, by start.
 
         Raises:
-            OutputExistsError: The directory holds chunks of a run with other arguments.
+            OutputExistsError: The directory holds chunks of a run with other options (named).
         """
+        from esm2cli.identity import describe_changes
+
         manifest = join(self.dir, CHUNK_MANIFEST)
-        if exists(manifest) and not overwrite:
+        earlier = None
+        if exists(manifest):
             with open_input(manifest) as handle:
                 earlier = json.load(handle)
-            if earlier != self.run_key:
+        if earlier != self.options:
+            if earlier is not None and not overwrite:
                 raise OutputExistsError(
-                    f"{self.dir} holds unfinished work of a run with other arguments "
-                    "(use --overwrite to discard it, or rerun with the same arguments)"
+                    f"{self.dir} holds unfinished work of a run with other options "
+                    f"({'; '.join(describe_changes(earlier, self.options))}): rerun with those options to "
+                    "resume it, or add --overwrite to discard it"
                 )
-        else:
             remove(self.dir, recursive=True)
             manifest_file = AtomicFile(manifest)
-            manifest_file.handle.write(json.dumps(self.run_key, sort_keys=True).encode())
+            manifest_file.handle.write(json.dumps(self.options, sort_keys=True).encode())
             manifest_file.commit()
-        done = set()
+        found = {}
         for name in listdir(self.dir):
-            if name.startswith("chunk-") and name.endswith(".parquet"):
-                done.add(int(name[len("chunk-") : -len(".parquet")]))
-        return done
+            if m := _CHUNK.match(name):
+                found[int(m.group(1))] = Chunk(int(m.group(1)), int(m.group(2)), m.group(3))
+        return found
 
-    def write(self, index: int, rows: Rows) -> None:
+    def write(self, chunk: Chunk, rows: Rows) -> None:
         """Writes one chunk and commits it."""
-        writer = EmbeddingWriter(self.chunk_path(index), self.schema, self.hidden, self.layers)
+        writer = EmbeddingWriter(self.chunk_path(chunk), self.schema, self.hidden, self.layers)
         try:
             writer.write(rows)
         except BaseException:
@@ -266,14 +314,21 @@ class ChunkStore:
             raise
         writer.commit()
 
-    def commit(self, chunks: int, expected_rows: int) -> None:
-        """Concatenates chunks 0..chunks-1 into the target, atomically, then deletes the work directory."""
-        paths = [self.chunk_path(index) for index in range(chunks)]
-        concatenate(paths, self.target, self.schema, expected_rows)
-        remove(self.dir, recursive=True)
+    def discard(self, chunk: Chunk) -> None:
+        """Deletes a chunk whose records changed."""
+        remove(self.chunk_path(chunk))
 
-    def abort(self) -> None:
-        """Keeps the finished chunks: a rerun resumes from them."""
+    def commit(self, chunks: list[Chunk], expected_rows: int) -> None:
+        """Concatenates the chunks in order into the target (replacing it atomically), then drops the work directory.
+
+        Raises:
+            OutputError: The chunks do not cover one contiguous range, or hold other than ``expected_rows`` rows.
+        """
+        for before, after in zip(chunks, chunks[1:], strict=False):
+            if before.stop != after.start:
+                raise OutputError(f"chunks {before.name} and {after.name} are not contiguous; this is a bug")
+        concatenate([self.chunk_path(c) for c in chunks], self.target, self.schema, expected_rows)
+        remove(self.dir, recursive=True)
 
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
@@ -311,7 +366,11 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
         OutputError: A source's columns differ from ``schema``, or the rows are not ``expected_rows``.
     """
     out = AtomicFile(target)
-    writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
+    try:
+        writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
+    except OSError as exc:
+        out.abort()
+        raise _os_error(target, exc) from exc
     rows = 0
     try:
         for source_path in sources:
@@ -326,9 +385,14 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
         writer.close()
         if expected_rows is not None and rows != expected_rows:
             raise OutputError(f"{len(sources)} files hold {rows} rows, expected {expected_rows}; this is a bug")
-    except BaseException:
-        writer.close()
+    except BaseException as exc:
+        try:
+            writer.close()
+        except OSError:  # a full disk fails the close too; the file is dropped all the same
+            pass
         out.abort()
+        if isinstance(exc, OSError):
+            raise _os_error(target, exc) from exc
         raise
     out.commit()
     return rows
@@ -342,8 +406,14 @@ def merge_parts(prefix: str, output: str) -> int:
 
     Raises:
         OutputError: Parts are missing or inconsistent.
+        OutputExistsError: The output is one of the parts.
     """
+    from esm2cli.identity import same_file
+
     parts = find_parts(prefix)
+    for part in parts:
+        if same_file(part, output):
+            raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
     return concatenate(parts, output, schema)

@@ -15,10 +15,13 @@ from esm2cli.pipeline import embed_records
 
 class MemoryWriter:
     def __init__(self):
-        self.ids, self.lengths, self.truncated, self.vectors, self.windows = [], [], [], [], []
+        self.ids, self.lengths, self.truncated, self.vectors, self.chunks, self.discarded = [], [], [], [], [], []
 
-    def write(self, index, rows):
-        self.windows.append(index)
+    def discard(self, chunk):
+        self.discarded.append(chunk)
+
+    def write(self, chunk, rows):
+        self.chunks.append((chunk.start, chunk.stop))
         self.ids += rows.ids
         self.lengths += rows.lengths
         self.truncated += rows.truncated
@@ -46,7 +49,7 @@ def test_order_is_restored(n_replicas):
     writer = MemoryWriter()
     with Engine(replicas) as engine:
         summary = embed_records(
-            _records(lengths), engine, writer, BatchConfig(batch_size=7, max_tokens=300, window=64), truncate=90
+            _records(lengths), engine, writer, BatchConfig(batch_size=7, max_tokens=300, chunk_size=64), truncate=90
         )
     vectors = np.concatenate(writer.vectors)
     assert writer.ids == [f"r{i}" for i in range(500)]
@@ -54,7 +57,7 @@ def test_order_is_restored(n_replicas):
     assert writer.truncated == [n > 90 for n in lengths]
     assert vectors[:, 0].tolist() == [min(n, 90) for n in lengths]  # v[0] = len(seq): no order or padding mix-up
     assert summary.sequences == 500 and summary.residues == sum(min(n, 90) for n in lengths)
-    assert writer.windows == list(range(8))  # 500 records, windows of 64
+    assert writer.chunks == [(i, min(i + 64, 500)) for i in range(0, 500, 64)]  # 500 records, chunks of 64
     assert summary.truncated == sum(n > 90 for n in lengths)
     assert all(r.seen for r in replicas)
 
@@ -81,7 +84,7 @@ def test_pipeline_surfaces_a_replica_error_without_hanging():
     def run():
         try:
             with Engine(replicas) as engine:
-                embed_records(records, engine, MemoryWriter(), BatchConfig(batch_size=1, window=16), 1022)
+                embed_records(records, engine, MemoryWriter(), BatchConfig(batch_size=1, chunk_size=16), 1022)
         except Exception as exc:
             result["error"] = exc
 
@@ -187,13 +190,53 @@ def test_dedup_uses_the_truncated_sequence():
     assert writer.truncated == [True, True]
 
 
-def test_finished_windows_are_skipped_not_computed():
+def test_finished_chunks_are_reused_only_when_their_records_hash_the_same():
     records = _records([5 + i for i in range(10)])
-    replica = FakeEmbedder("sim:0")
-    writer = MemoryWriter()
+    batch = BatchConfig(max_tokens=1024, chunk_size=4)
+    first = MemoryWriter()
+    with Engine([FakeEmbedder("sim:0")]) as engine:
+        done = embed_records(records, engine, first, batch, 1022).chunks
+    assert first.chunks == [(0, 4), (4, 8), (8, 10)]
+    earlier = {done[0].start: done[0], done[2].start: done[2]}
+
+    replica, writer = FakeEmbedder("sim:0"), MemoryWriter()
     with Engine([replica]) as engine:
-        summary = embed_records(records, engine, writer, BatchConfig(max_tokens=1024, window=4), 1022, done={0, 2})
-    assert writer.windows == [1]
+        summary = embed_records(records, engine, writer, batch, 1022, earlier=earlier)
+    assert writer.chunks == [(4, 8)]
     assert writer.ids == ["r4", "r5", "r6", "r7"]
     assert sorted(len(s) for batch in replica.seen for s in batch) == [9, 10, 11, 12]
-    assert summary.resumed == 6 and summary.sequences == 4
+    assert summary.resumed == 6 and summary.sequences == 4 and summary.chunks == done
+
+    edited = list(records)
+    edited[9] = Record("r9", "", "M" * 13 + "A", 10)  # one residue of the last committed chunk changed
+    replica, writer = FakeEmbedder("sim:0"), MemoryWriter()
+    with Engine([replica]) as engine:
+        summary = embed_records(edited, engine, writer, batch, 1022, earlier=earlier)
+    assert writer.discarded == [done[2]] and summary.recomputed == 1
+    assert (8, 10) in writer.chunks and "M" * 13 + "A" in [s for b in replica.seen for s in b]
+    assert summary.resumed == 4  # chunk 0 only
+
+
+def test_new_chunks_stop_at_an_earlier_chunks_start():
+    from esm2cli.writer import Chunk
+
+    records = _records([5] * 10)
+    earlier = {6: Chunk(6, 8, "0" * 64)}  # whatever its hash, no new chunk may cover record 6
+    writer = MemoryWriter()
+    with Engine([FakeEmbedder("sim:0")]) as engine:
+        summary = embed_records(records, engine, writer, BatchConfig(max_tokens=1024, chunk_size=5), 1022,
+                                earlier=earlier)  # fmt: skip
+    assert [(c.start, c.stop) for c in summary.chunks] == [(0, 5), (5, 6), (6, 8), (8, 10)]
+    assert summary.recomputed == 1 and writer.ids == [f"r{i}" for i in range(10)]
+
+
+def test_chunks_close_after_about_commit_seconds_of_compute():
+    from esm2cli.pipeline import ChunkLimit
+
+    limit = ChunkLimit(BatchConfig(chunk_size=10**6, commit_seconds=30.0))
+    assert limit.full(1, 4096) and not limit.full(1, 4095)  # the first chunk, before any speed is known
+    limit.observe(residues=10_000, seconds=2.0)  # 5,000 residues/s
+    assert limit.residues == 150_000
+    assert limit.full(10, 150_000) and not limit.full(10, 149_999)
+    bounded = ChunkLimit(BatchConfig(chunk_bytes=1000), bytes_per_residue=10, bytes_per_record=0)
+    assert bounded.full(1, 100) and not bounded.full(1, 99)

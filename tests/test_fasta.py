@@ -59,7 +59,7 @@ def test_stdin(monkeypatch):
         (">a\nMK-V\n>b\nMK\n", "'-'"),
         (">a\nMK1V\n>b\nMK\n", "'1'"),
         (">a\nMK*V\n>b\nMK\n", "'*'"),
-        (">a\nMKVé\n>b\nMK\n", "'É'"),
+        (">a\nMKVé\n>b\nMK\n", "'é'"),
     ],
 )
 def test_invalid_record_is_named_with_reason(tmp_path, text, problem):
