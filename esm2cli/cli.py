@@ -18,6 +18,7 @@ from esm2cli.config import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_TRUNCATE,
+    DEFAULT_WINDOW_OVERLAP,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -147,6 +148,27 @@ def embedding_options(func):
     return func
 
 
+def long_sequence_options(func):
+    """--long-sequences and --window-overlap."""
+    func = click.option(
+        "--window-overlap",
+        type=click.IntRange(min=0),
+        default=DEFAULT_WINDOW_OVERLAP,
+        show_default=True,
+        envvar="ESM2CLI_WINDOW_OVERLAP",
+        help="Residues shared by consecutive windows (--long-sequences window).",
+    )(func)
+    return click.option(
+        "--long-sequences",
+        type=click.Choice(["truncate", "window", "error"]),
+        default="truncate",
+        show_default=True,
+        envvar="ESM2CLI_LONG_SEQUENCES",
+        help="Sequences over --truncate residues: truncate them (flagged), embed them whole in overlapping "
+        "windows of --truncate residues (column 'windows'), or refuse them as invalid records.",
+    )(func)
+
+
 max_tokens_option = click.option(
     "--max-tokens",
     type=click.IntRange(min=64),
@@ -213,6 +235,7 @@ def _summary_line(summary, output, shard=None) -> str:
     notes = [
         f"{len(summary.skipped)} skipped" if summary.skipped else "",
         f"{summary.truncated} truncated" if summary.truncated else "",
+        f"{summary.windowed} embedded whole in windows" if summary.windowed else "",
         f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
         f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
         f"{summary.recomputed} changed chunk(s) recomputed" if summary.recomputed else "",
@@ -237,6 +260,7 @@ def _summary_line(summary, output, shard=None) -> str:
 )
 @model_options
 @embedding_options
+@long_sequence_options
 @click.option(
     "--per-token",
     is_flag=True,
@@ -308,6 +332,8 @@ def embed(
     layers,
     pooling,
     truncate,
+    long_sequences,
+    window_overlap,
     per_token,
     batch_size,
     max_tokens,
@@ -353,7 +379,14 @@ def embed(
         shard = ShardConfig(index=shard_index, count=shard_count)
     configs = dict(
         model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
-        embed=EmbedConfig(layers=layers, pooling=pooling, per_token=per_token, truncate=truncate),
+        embed=EmbedConfig(
+            layers=layers,
+            pooling=pooling,
+            per_token=per_token,
+            truncate=truncate,
+            long_sequences=long_sequences,
+            window_overlap=window_overlap,
+        ),  # fmt: skip
         batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
         inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
         shard=shard,

@@ -10,6 +10,7 @@ DEFAULT_BATCH_SIZE = 64
 # run faster per residue (benchmarks/token_budget.py); GPUs want large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
+DEFAULT_WINDOW_OVERLAP = 256
 DEFAULT_CHUNK_SIZE = 4096
 # A chunk is also committed once this much compute went into it, so that an interruption loses about
 # this much work on any device; the first chunk of a run, before its speed is known, holds this many residues.
@@ -45,13 +46,23 @@ class EmbedConfig:
         layers: Layer indices; 0 is the embedding layer, negative counts from the end (-1 is the last).
         pooling: "mean" over residues (no <cls>, <eos> or padding) or "bos" (the <cls> token).
         per_token: Also return the per-residue representations.
-        truncate: Residues kept per sequence; longer sequences are truncated and flagged.
+        truncate: Residues kept per sequence (W, the window width in window mode).
+        long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged), "window" (embedded
+            whole in overlapping windows, see esm2cli.windows) or "error" (invalid records).
+        window_overlap: Residues shared by consecutive windows.
     """
 
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
     per_token: bool = False
     truncate: int = DEFAULT_TRUNCATE
+    long_sequences: str = "truncate"
+    window_overlap: int = DEFAULT_WINDOW_OVERLAP
+
+    @property
+    def max_length(self) -> int | None:
+        """Longer sequences are invalid records (error mode only)."""
+        return self.truncate if self.long_sequences == "error" else None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ class Embedder(Protocol):
 class _Job:
     seqs: Sequence[str]
     future: Future = field(default_factory=Future)
+    options: dict = field(default_factory=dict)  # keyword arguments for embed_batch (per_token)
 
 
 @dataclass
@@ -130,12 +131,13 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.close(cancel=exc_info[0] is not None)
 
-    def submit(self, seqs: Sequence[str], block: bool = True) -> Future:
+    def submit(self, seqs: Sequence[str], block: bool = True, **options) -> Future:
         """Queues one batch on the next replica in turn.
 
         Args:
             seqs: The batch's sequences.
             block: Wait for a free slot; when False, raise OverloadedError instead.
+            **options: Passed to the replica's embed_batch (per_token=True for windows of long proteins).
 
         Returns:
             A future resolved with the replica's result, or with the exception it raised.
@@ -148,7 +150,7 @@ class Engine:
             raise EngineError("the engine is not running")
         with self._lock:
             worker = self._workers[next(self._next)]
-        job = _Job(list(seqs))
+        job = _Job(list(seqs), options=options)
         self._put(worker, job, block)
         if not worker.alive:  # it died while we queued: fail what it left behind, ours included
             self._fail_queued(worker)
@@ -177,7 +179,7 @@ class Engine:
                     continue  # the caller gave up: don't spend the device on it
                 start = time.perf_counter()
                 try:
-                    result = worker.replica.embed_batch(job.seqs)
+                    result = worker.replica.embed_batch(job.seqs, **job.options)
                 except Exception as exc:  # fails this batch's waiters only
                     job.future.set_exception(BatchError(str(worker.replica.device.name), exc))
                 else:

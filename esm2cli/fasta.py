@@ -151,11 +151,12 @@ def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
         raise FastaError(str(exc)) from exc
 
 
-def read_records(source: str | os.PathLike) -> Iterator[Record]:
+def read_records(source: str | os.PathLike, max_length: int | None = None) -> Iterator[Record]:
     """Yields every record of a FASTA file in file order, each with its problem (or None).
 
     Args:
         source: A path, or '-' for stdin (which can be read once only: see spool_stdin).
+        max_length: Sequences longer than this are invalid (--long-sequences error); None: no limit.
 
     Raises:
         FastaError: The file is missing, not UTF-8 text, a broken gzip, or not FASTA.
@@ -164,19 +165,26 @@ def read_records(source: str | os.PathLike) -> Iterator[Record]:
         try:
             lines = _check_starts_with_header(iter(text), str(source))
             for position, (title, raw) in enumerate(SimpleFastaParser(lines), start=1):
-                yield parse_record(title, raw, position)
+                record = parse_record(title, raw, position)
+                if max_length is not None and record.problem is None and len(record.sequence) > max_length:
+                    record.problem = (
+                        f"{len(record.sequence)} residues, longer than {max_length} "
+                        "(--long-sequences error; use truncate or window to embed it)"
+                    )
+                yield record
         except UnicodeDecodeError as exc:
             raise FastaError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except (gzip.BadGzipFile, EOFError, OSError) as exc:
             raise FastaError(f"{source}: cannot read ({exc})") from exc
 
 
-def scan_fasta(source: str | os.PathLike, truncate: int | None = None) -> FastaScan:
+def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_length: int | None = None) -> FastaScan:
     """Reads a whole FASTA file once to count, check and find duplicate ids before any compute.
 
     Args:
         source: A path (not stdin: spool it first).
         truncate: Residues counted per sequence at most, for progress estimates.
+        max_length: Sequences longer than this are invalid (see read_records).
 
     Returns:
         The counts, the content hash of every record, the invalid records and the ids seen more
@@ -187,7 +195,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None) -> FastaS
     scan = FastaScan()
     hasher = RecordHasher()
     seen: set[str] = set()
-    for record in read_records(source):
+    for record in read_records(source, max_length):
         scan.records += 1
         hasher.update(record)
         if record.problem:

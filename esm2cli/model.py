@@ -284,7 +284,7 @@ class Replica:
             ids[row, n + 1] = self.loaded.eos_id
         return torch.from_numpy(ids)
 
-    def embed_batch(self, seqs: Sequence[str]) -> BatchEmbeddings:
+    def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None) -> BatchEmbeddings:
         """Embeds a batch of validated, already truncated sequences.
 
         A CUDA out-of-memory error splits the batch in two and retries each half (recursively),
@@ -292,6 +292,8 @@ class Replica:
 
         Args:
             seqs: Upper-case residue strings.
+            per_token: Also return per-residue vectors (None: as the replica's EmbedConfig says);
+                windows of long proteins need them to be stitched.
 
         Returns:
             Pooled (and optionally per-residue) float32 CPU arrays, one row per sequence, in order.
@@ -300,8 +302,9 @@ class Replica:
             torch.cuda.OutOfMemoryError: A single sequence does not fit on the device.
         """
         self._set_threads()
+        per_token = self.per_token if per_token is None else per_token
         try:
-            return self._forward(seqs)
+            return self._forward(seqs, per_token)
         except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
                 raise
@@ -311,7 +314,9 @@ class Replica:
             torch.cuda.empty_cache()
         half = len(seqs) // 2
         log.warning("out of memory on %s with %d sequences; splitting the batch", self.device.name, len(seqs))
-        return BatchEmbeddings.concat([self.embed_batch(seqs[:half]), self.embed_batch(seqs[half:])])
+        return BatchEmbeddings.concat(
+            [self.embed_batch(seqs[:half], per_token), self.embed_batch(seqs[half:], per_token)]
+        )
 
     def _set_threads(self) -> None:
         # Set from the worker thread, whose OpenMP team it sizes (MKL's count is process-wide, but every
@@ -320,7 +325,7 @@ class Replica:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True
 
-    def _forward(self, seqs: Sequence[str]) -> BatchEmbeddings:
+    def _forward(self, seqs: Sequence[str], per_token: bool) -> BatchEmbeddings:
         ids = self.tokenize(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         if self.device.is_cuda:
@@ -337,9 +342,9 @@ class Replica:
                 layer: out.hidden_states[layer] if self._need_hidden_states else out.last_hidden_state
                 for layer in self.layers
             }
-            return self._pool(states, lengths)
+            return self._pool(states, lengths, per_token)
 
-    def _pool(self, states: dict[int, torch.Tensor], lengths: torch.Tensor) -> BatchEmbeddings:
+    def _pool(self, states: dict[int, torch.Tensor], lengths: torch.Tensor, want_tokens: bool) -> BatchEmbeddings:
         """Pools each layer over residue positions 1..L (mean) or takes position 0 (bos)."""
         width = next(iter(states.values())).shape[1]
         pos = torch.arange(width, device=lengths.device)
@@ -353,7 +358,7 @@ class Replica:
             else:
                 vec = h[:, 0]
             pooled[layer] = vec.cpu().numpy().copy()
-            if self.per_token:
+            if want_tokens:
                 host = h.cpu()
                 per_token[layer] = [host[i, 1 : n + 1].numpy().copy() for i, n in enumerate(lengths.tolist())]
         return BatchEmbeddings(pooled, per_token)

@@ -31,6 +31,7 @@ from esm2cli.fasta import (
 from esm2cli.identity import describe_changes, hash_records, model_identity, same_file
 from esm2cli.lock import OutputLock
 from esm2cli.model import BatchEmbeddings
+from esm2cli.windows import WINDOW_RULE, check_overlap, computed_residues, stitch_pooled, stitch_tokens, window_starts
 from esm2cli.writer import BackgroundWriter, Chunk, ChunkStore, Rows, build_schema, read_metadata
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class EmbedSummary:
     residues: int = 0
     skipped: list[str] = field(default_factory=list)
     truncated: int = 0
+    windowed: int = 0
     deduplicated: int = 0
     resumed: int = 0
     recomputed: int = 0
@@ -68,54 +70,108 @@ class EmbedSummary:
 
 @dataclass
 class _ChunkWork:
-    """The valid records of one chunk, embedded together; written once every batch is back.
+    """The valid records of one chunk, embedded together; written once every item is back.
 
-    Identical (truncated) sequences are embedded once: ``unique`` holds each distinct sequence
-    and ``owners`` the chunk rows that take its result.
+    Each record becomes one item (its sequence, truncated) or, for a long protein in window mode,
+    one item per window. Identical items are embedded once: ``items`` holds each distinct sequence,
+    ``parts[row]`` the items a row is made of, and ``starts[row]`` where its windows start (None
+    for a record that is one item).
     """
 
     chunk: Chunk
     records: list[Record]
-    unique: list[str]
-    owners: list[list[int]]
+    embed: EmbedConfig
+    items: list[str]
+    parts: list[list[int]]
+    starts: list[list[int] | None]
+    windowed: set[int]
     pooled: dict[int, np.ndarray] = field(default_factory=dict)
-    per_token: dict[int, list] = field(default_factory=dict)
+    tokens: dict[int, list] = field(default_factory=dict)
     missing: int = 0
+    owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
+    row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
 
     @classmethod
-    def of(cls, chunk: Chunk, records: list[Record], truncate: int) -> _ChunkWork:
-        first: dict[str, int] = {}
-        owners: list[list[int]] = []
-        for row, record in enumerate(records):
-            seq = record.sequence[:truncate]
-            if seq not in first:
-                first[seq] = len(owners)
-                owners.append([])
-            owners[first[seq]].append(row)
-        return cls(chunk, records, list(first), owners, missing=len(owners))
+    def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> _ChunkWork:
+        index: dict[str, int] = {}
+        parts: list[list[int]] = []
+        starts: list[list[int] | None] = []
+        windowed: set[int] = set()
 
-    def fill(self, uniques: list[int], result: BatchEmbeddings) -> None:
+        def item(seq: str) -> int:
+            return index.setdefault(seq, len(index))
+
+        for record in records:
+            seq, width = record.sequence, embed.truncate
+            if embed.long_sequences == "window" and len(seq) > width:
+                begins = window_starts(len(seq), width, embed.window_overlap)
+                ids = [item(seq[b : b + width]) for b in begins]
+                windowed.update(ids)
+                parts.append(ids)
+                starts.append(begins)
+            else:
+                parts.append([item(seq[:width])])
+                starts.append(None)
+        work = cls(chunk, records, embed, list(index), parts, starts, windowed, missing=len(index))
+        work.owners = [[] for _ in index]
+        for row, ids in enumerate(parts):
+            for i in ids:
+                work.owners[i].append(row)
+        work.row_missing = [len(set(ids)) for ids in parts]
+        return work
+
+    def truncated_flags(self) -> list[bool]:
+        """Per row: truncated (longer than the window, and not embedded in windows)."""
+        width = self.embed.truncate
+        return [s is None and len(r.sequence) > width for r, s in zip(self.records, self.starts, strict=True)]
+
+    @property
+    def windowed_records(self) -> int:
+        return sum(s is not None for s in self.starts)
+
+    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
+        """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
         for layer, matrix in result.pooled.items():
             if layer not in self.pooled:
-                self.pooled[layer] = np.empty((len(self.records), matrix.shape[1]), dtype=np.float32)
-            for k, u in enumerate(uniques):
-                self.pooled[layer][self.owners[u]] = matrix[k]
+                self.pooled[layer] = np.empty((len(self.items), matrix.shape[1]), dtype=np.float32)
+            self.pooled[layer][items] = matrix
         for layer, arrays in result.per_token.items():
-            slots = self.per_token.setdefault(layer, [None] * len(self.records))
-            for u, array in zip(uniques, arrays, strict=True):
-                for row in self.owners[u]:
-                    slots[row] = array
-        self.missing -= len(uniques)
+            slots = self.tokens.setdefault(layer, [None] * len(self.items))
+            for i, array in zip(items, arrays, strict=True):
+                if self.embed.per_token or i in self.windowed:
+                    slots[i] = array
+        self.missing -= len(items)
+        done = residues = 0
+        for i in items:
+            residues += len(self.items[i]) * len(self.owners[i])
+            for row in set(self.owners[i]):
+                self.row_missing[row] -= 1
+                done += self.row_missing[row] == 0
+        return done, residues
 
-    def rows(self, truncate: int) -> Rows:
-        recs = self.records
+    def rows(self) -> Rows:
+        recs, embed = self.records, self.embed
+        pooled = {layer: np.empty((len(recs), m.shape[1]), np.float32) for layer, m in self.pooled.items()}
+        per_token: dict[int, list] = {layer: [] for layer in self.pooled} if embed.per_token else {}
+        for row, (ids, begins) in enumerate(zip(self.parts, self.starts, strict=True)):
+            for layer, matrix in self.pooled.items():
+                if begins is None:
+                    pooled[layer][row] = matrix[ids[0]]
+                    if embed.per_token:
+                        per_token[layer].append(self.tokens[layer][ids[0]])
+                    continue
+                stitched = stitch_tokens(len(recs[row].sequence), begins, [self.tokens[layer][i] for i in ids])
+                pooled[layer][row] = stitch_pooled(embed.pooling, stitched, [matrix[i] for i in ids])
+                if embed.per_token:
+                    per_token[layer].append(stitched)
         return Rows(
             ids=[r.id for r in recs],
             descriptions=[r.description for r in recs],
             lengths=[len(r.sequence) for r in recs],
-            truncated=[len(r.sequence) > truncate for r in recs],
-            pooled=self.pooled,
-            per_token=self.per_token,
+            truncated=self.truncated_flags(),
+            pooled=pooled,
+            per_token=per_token,
+            windows=[len(ids) for ids in self.parts],
         )
 
 
@@ -143,7 +199,7 @@ class ChunkLimit:
 
 
 def split_chunks(
-    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, truncate: int
+    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, embed: EmbedConfig
 ) -> Iterator[tuple[int, int, list[Record], Chunk | None]]:
     """Cuts records (in file order) into chunks: (start, stop, records, the earlier chunk at that place or None).
 
@@ -162,7 +218,7 @@ def split_chunks(
         if not buf:
             start = index
         buf.append(record)
-        residues += min(len(record.sequence), truncate)
+        residues += computed_residues(len(record.sequence), embed)
         if reuse is not None:
             if index + 1 == reuse.stop:
                 yield start, index + 1, buf, reuse
@@ -179,7 +235,7 @@ def embed_records(
     engine: Engine,
     sink: ChunkSink,
     batch: BatchConfig,
-    truncate: int,
+    embed: EmbedConfig,
     progress: ProgressFn | None = None,
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
@@ -196,7 +252,7 @@ def embed_records(
         engine: A started engine.
         sink: Where each chunk's rows go (a ChunkStore, or a BackgroundWriter in front of one).
         batch: Batch size, token budget and chunk bounds.
-        truncate: Residues kept per sequence.
+        embed: Truncation, window rule and whether per-token vectors are kept.
         progress: Called with (sequences, residues) as each batch completes.
         earlier: Chunks committed by an earlier run, by start: reused when their records hash the same.
         limit: When to close a chunk (default: from ``batch``).
@@ -215,19 +271,17 @@ def embed_records(
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0][2].done()):
-            work, uniques, future = pending.popleft()
-            work.fill(uniques, future.result())
-            rows = sum(len(work.owners[u]) for u in uniques)
-            residues = sum(len(work.unique[u]) * len(work.owners[u]) for u in uniques)
+            work, items, future = pending.popleft()
+            rows, residues = work.fill(items, future.result())
             summary.sequences += rows
             summary.residues += residues
             limit.observe(summary.residues, time.perf_counter() - clock["start"])
             if work.missing == 0:  # batches settle in submission order, so chunks finish in order
-                sink.write(work.chunk, work.rows(truncate))
+                sink.write(work.chunk, work.rows())
             if progress:
                 progress(rows, residues)
 
-    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, truncate):
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed):
         chunk = Chunk(start, stop, hash_records(chunk_records))
         valid = [r for r in chunk_records if r.problem is None]
         summary.chunks.append(chunk)
@@ -239,15 +293,17 @@ def embed_records(
                 continue
             summary.recomputed += 1
             sink.discard(old)
-        work = _ChunkWork.of(chunk, valid, truncate)
-        summary.truncated += sum(len(r.sequence) > truncate for r in valid)
-        summary.deduplicated += len(valid) - len(work.unique)
-        if not work.unique:
-            sink.write(chunk, work.rows(truncate))
+        work = _ChunkWork.of(chunk, valid, embed)
+        summary.truncated += sum(work.truncated_flags())
+        summary.windowed += work.windowed_records
+        summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
+        if not work.items:
+            sink.write(chunk, work.rows())
             continue
-        for uniques in plan_batches([len(s) for s in work.unique], batch.max_tokens, batch.batch_size):
+        for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
-            pending.append((work, uniques, engine.submit([work.unique[u] for u in uniques])))
+            options = {"per_token": True} if not embed.per_token and work.windowed.intersection(items) else {}
+            pending.append((work, items, engine.submit([work.items[i] for i in items], **options)))
             settle(block=False)
     settle(block=True)
     return summary
@@ -297,6 +353,8 @@ def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedC
         "input_sha256": scan.sha256, "input_records": scan.records, "model_identity": model_identity,
         "dtype": dtype, "layers": list(embed.layers), "pooling": embed.pooling, "per_token": embed.per_token,
         "truncate": embed.truncate, "skip_invalid": inputs.skip_invalid, "shard": [shard.index, shard.count],
+        "long_sequences": embed.long_sequences,
+        "window_overlap": embed.window_overlap if embed.long_sequences == "window" else None,
     }  # fmt: skip
 
 
@@ -315,6 +373,12 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
         "pooling": embed.pooling,
         "dtype": setup.dtype,
         "truncate": embed.truncate,
+        "long_sequences": embed.long_sequences,
+        **(
+            {"window": {"width": embed.truncate, "overlap": embed.window_overlap, "rule": WINDOW_RULE}}
+            if embed.long_sequences == "window"
+            else {}
+        ),  # fmt: skip
         "input": fasta,
         "esm2cli_version": __version__,
         "identity": identity,
@@ -405,8 +469,9 @@ def embed_fasta(
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
     check_target(str(fasta), target, shard)
+    check_overlap(embed.truncate, embed.window_overlap)
     with OutputLock(target), readable_source(fasta) as source:
-        scan = scan_fasta(source, embed.truncate)
+        scan = scan_fasta(source, embed.truncate, embed.max_length)
         check_scan(scan, str(fasta), inputs)
         dtype = resolve_dtype(model.dtype, resolve_devices(model.devices))
         model = replace(model, dtype=dtype)
@@ -435,8 +500,11 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
                  todo)  # fmt: skip
     if invalid:
         log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
-    if scan.too_long:
+    if scan.too_long and embed.long_sequences == "truncate":
         log.warning("sequences longer than %d residues are truncated (column 'truncated')", embed.truncate)
+    elif scan.too_long and embed.long_sequences == "window":
+        log.info("%d sequence(s) longer than %d residues are embedded whole, in windows overlapping by %d",
+                 scan.too_long, embed.truncate, embed.window_overlap)  # fmt: skip
     batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
     hidden, layers = setup.model.hidden_size, setup.layers
     schema = build_schema(hidden, layers, embed.per_token, run_metadata(fasta, model, embed, setup, identity))
@@ -450,8 +518,8 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     start = time.perf_counter()
     try:
         with setup.engine as engine:
-            mine = (r for r in read_records(source) if start_pos < r.position <= stop_pos)
-            summary = embed_records(mine, engine, writer, batch, embed.truncate, progress, earlier, limit)
+            mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
+            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit)
             summary.oom_splits = engine.oom_splits()
         writer.finish()
     except Interrupted:

@@ -31,6 +31,7 @@ class Rows:
     truncated: list[bool]
     pooled: dict[int, np.ndarray]
     per_token: dict[int, list[np.ndarray]]
+    windows: list[int] | None = None  # windows each protein was embedded in (None: one each)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +52,7 @@ def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: 
         pa.field("description", pa.string(), nullable=False),
         pa.field("length", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("windows", pa.int32(), nullable=False),
     ]
     fields += [pa.field(name, vector, nullable=False) for name in embedding_columns(layers, "embedding").values()]
     if per_token:
@@ -138,6 +140,7 @@ class EmbeddingWriter:
             "description": pa.array(rows.descriptions[start:stop], pa.string()),
             "length": pa.array(rows.lengths[start:stop], pa.int32()),
             "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
+            "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
         }
         for layer, name in self.pooled_cols.items():
             columns[name] = _vectors(rows.pooled[layer][start:stop], self.hidden)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import FakeEmbedder
-from esm2cli.config import BatchConfig
+from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.engine import Engine
 from esm2cli.errors import BatchError, EngineError, OverloadedError
 from esm2cli.fasta import Record
@@ -49,7 +49,11 @@ def test_order_is_restored(n_replicas):
     writer = MemoryWriter()
     with Engine(replicas) as engine:
         summary = embed_records(
-            _records(lengths), engine, writer, BatchConfig(batch_size=7, max_tokens=300, chunk_size=64), truncate=90
+            _records(lengths),
+            engine,
+            writer,
+            BatchConfig(batch_size=7, max_tokens=300, chunk_size=64),
+            EmbedConfig(truncate=90),
         )
     vectors = np.concatenate(writer.vectors)
     assert writer.ids == [f"r{i}" for i in range(500)]
@@ -84,7 +88,7 @@ def test_pipeline_surfaces_a_replica_error_without_hanging():
     def run():
         try:
             with Engine(replicas) as engine:
-                embed_records(records, engine, MemoryWriter(), BatchConfig(batch_size=1, chunk_size=16), 1022)
+                embed_records(records, engine, MemoryWriter(), BatchConfig(batch_size=1, chunk_size=16), EmbedConfig())
         except Exception as exc:
             result["error"] = exc
 
@@ -172,7 +176,7 @@ def test_identical_sequences_are_embedded_once_and_fill_every_row():
     replica = FakeEmbedder("sim:0")
     writer = MemoryWriter()
     with Engine([replica]) as engine:
-        summary = embed_records(records, engine, writer, BatchConfig(batch_size=64, max_tokens=1024), truncate=1022)
+        summary = embed_records(records, engine, writer, BatchConfig(batch_size=64, max_tokens=1024), EmbedConfig())
     assert sorted(s for batch in replica.seen for s in batch) == ["G", "LLAW", "MKV"]
     vectors = np.concatenate(writer.vectors)
     assert writer.ids == [f"r{i}" for i in range(6)]
@@ -185,7 +189,7 @@ def test_dedup_uses_the_truncated_sequence():
     replica = FakeEmbedder("sim:0")
     writer = MemoryWriter()
     with Engine([replica]) as engine:
-        embed_records(records, engine, writer, BatchConfig(max_tokens=1024), truncate=3)
+        embed_records(records, engine, writer, BatchConfig(max_tokens=1024), EmbedConfig(truncate=3))
     assert [s for batch in replica.seen for s in batch] == ["MKV"]
     assert writer.truncated == [True, True]
 
@@ -195,13 +199,13 @@ def test_finished_chunks_are_reused_only_when_their_records_hash_the_same():
     batch = BatchConfig(max_tokens=1024, chunk_size=4)
     first = MemoryWriter()
     with Engine([FakeEmbedder("sim:0")]) as engine:
-        done = embed_records(records, engine, first, batch, 1022).chunks
+        done = embed_records(records, engine, first, batch, EmbedConfig()).chunks
     assert first.chunks == [(0, 4), (4, 8), (8, 10)]
     earlier = {done[0].start: done[0], done[2].start: done[2]}
 
     replica, writer = FakeEmbedder("sim:0"), MemoryWriter()
     with Engine([replica]) as engine:
-        summary = embed_records(records, engine, writer, batch, 1022, earlier=earlier)
+        summary = embed_records(records, engine, writer, batch, EmbedConfig(), earlier=earlier)
     assert writer.chunks == [(4, 8)]
     assert writer.ids == ["r4", "r5", "r6", "r7"]
     assert sorted(len(s) for batch in replica.seen for s in batch) == [9, 10, 11, 12]
@@ -211,7 +215,7 @@ def test_finished_chunks_are_reused_only_when_their_records_hash_the_same():
     edited[9] = Record("r9", "", "M" * 13 + "A", 10)  # one residue of the last committed chunk changed
     replica, writer = FakeEmbedder("sim:0"), MemoryWriter()
     with Engine([replica]) as engine:
-        summary = embed_records(edited, engine, writer, batch, 1022, earlier=earlier)
+        summary = embed_records(edited, engine, writer, batch, EmbedConfig(), earlier=earlier)
     assert writer.discarded == [done[2]] and summary.recomputed == 1
     assert (8, 10) in writer.chunks and "M" * 13 + "A" in [s for b in replica.seen for s in b]
     assert summary.resumed == 4  # chunk 0 only
@@ -224,7 +228,7 @@ def test_new_chunks_stop_at_an_earlier_chunks_start():
     earlier = {6: Chunk(6, 8, "0" * 64)}  # whatever its hash, no new chunk may cover record 6
     writer = MemoryWriter()
     with Engine([FakeEmbedder("sim:0")]) as engine:
-        summary = embed_records(records, engine, writer, BatchConfig(max_tokens=1024, chunk_size=5), 1022,
+        summary = embed_records(records, engine, writer, BatchConfig(max_tokens=1024, chunk_size=5), EmbedConfig(),
                                 earlier=earlier)  # fmt: skip
     assert [(c.start, c.stop) for c in summary.chunks] == [(0, 5), (5, 6), (6, 8), (8, 10)]
     assert summary.recomputed == 1 and writer.ids == [f"r{i}" for i in range(10)]

@@ -1,0 +1,83 @@
+"""Long proteins whole: overlapping windows of W residues, embedded as sequences of their own, stitched back.
+
+The rule (also in the README and in each output's metadata): a window holds W residues (the --truncate
+value). A protein of L <= W residues is one window, embedded exactly as a plain sequence. For L > W,
+windows start at 0, S, 2S, ... (S = W - overlap) while start + W < L, plus one last window that ends at
+the protein's end (start L - W). A residue's per-token vector is the plain mean over the windows that
+hold it; the `mean` embedding is the mean of those vectors over all L residues; `bos` is the mean of the
+windows' <cls> vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from esm2cli.errors import ConfigError
+
+LONG_SEQUENCE_MODES = ("truncate", "window", "error")
+WINDOW_RULE = (
+    "windows of W residues start at 0, S, 2S, ... (S = W - overlap) while start + W < L, plus one ending at L; "
+    "a residue's vector is the mean over the windows holding it; mean = the mean of those over L; "
+    "bos = the mean of the windows' <cls> vectors"
+)
+
+
+def check_overlap(width: int, overlap: int) -> None:
+    """Refuses an overlap that leaves no stride.
+
+    Raises:
+        ConfigError: overlap is negative or not below the window width.
+    """
+    if not 0 <= overlap < width:
+        raise ConfigError(f"--window-overlap {overlap} must be at least 0 and below the window of {width} residues")
+
+
+def window_starts(length: int, width: int, overlap: int) -> list[int]:
+    """Where each window of a protein of ``length`` residues starts (one window when it fits)."""
+    if length <= width:
+        return [0]
+    stride = width - overlap
+    starts = list(range(0, length - width, stride))
+    return starts + [length - width]
+
+
+def split_windows(sequence: str, width: int, overlap: int) -> list[str]:
+    """The windows of a sequence, in order."""
+    return [sequence[s : s + width] for s in window_starts(len(sequence), width, overlap)]
+
+
+def stitch_tokens(length: int, starts: Sequence[int], tokens: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-residue vectors of the whole protein: the mean over the windows that hold each residue.
+
+    Args:
+        length: L, the protein's residues.
+        starts: Each window's first residue.
+        tokens: Each window's per-residue vectors, shape (window residues, hidden).
+
+    Returns:
+        Float32 array of shape (L, hidden).
+    """
+    hidden = tokens[0].shape[1]
+    total = np.zeros((length, hidden), dtype=np.float64)
+    count = np.zeros(length, dtype=np.float64)
+    for start, window in zip(starts, tokens, strict=True):
+        total[start : start + len(window)] += window
+        count[start : start + len(window)] += 1
+    return (total / count[:, None]).astype(np.float32)
+
+
+def stitch_pooled(pooling: str, stitched: np.ndarray | None, window_pooled: Sequence[np.ndarray]) -> np.ndarray:
+    """The protein's pooled vector: the mean of its stitched residues, or of its windows' <cls> vectors."""
+    if pooling == "mean":
+        return stitched.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return np.mean(np.stack(window_pooled), axis=0, dtype=np.float64).astype(np.float32)
+
+
+def computed_residues(length: int, embed) -> int:
+    """Residues the model computes for a protein of ``length`` residues under ``embed`` (an EmbedConfig)."""
+    width = embed.truncate
+    if embed.long_sequences == "window" and length > width:
+        return len(window_starts(length, width, embed.window_overlap)) * width
+    return min(length, width)
