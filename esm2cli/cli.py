@@ -25,7 +25,7 @@ from esm2cli.config import (
     ModelConfig,
     ShardConfig,
 )
-from esm2cli.errors import ConfigError, Esm2Error, InputError, Interrupted, exit_code
+from esm2cli.errors import Esm2Error, Interrupted, exit_code
 
 log = logging.getLogger("esm2cli")
 
@@ -65,13 +65,19 @@ def _use_s3_endpoint(url: str | None) -> None:
         os.environ["ESM2CLI_S3_ENDPOINT_URL"] = url
 
 
-def _to_click(exc: Esm2Error, param_hint: str | None = None) -> click.ClickException:
-    """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise."""
-    if exit_code(exc) == 2:
-        if isinstance(exc, InputError) and param_hint:
-            return click.BadParameter(str(exc), param_hint=param_hint)
-        return click.UsageError(str(exc))
-    return click.ClickException(str(exc))
+class _Refused(click.ClickException):
+    """A domain error the user must fix (bad input, an output in the way): one message, exit 2, no usage text."""
+
+    exit_code = 2
+
+
+def _to_click(exc: Esm2Error) -> click.ClickException:
+    """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise.
+
+    Option values Click itself rejects keep Click's usage text; our own findings (which name the file,
+    record or option) are the message alone.
+    """
+    return _Refused(str(exc)) if exit_code(exc) == 2 else click.ClickException(str(exc))
 
 
 def model_options(func):
@@ -364,46 +370,45 @@ def embed(
       esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
       esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
     """
-    _setup_logging(verbose, quiet)
-    from esm2cli.pipeline import embed_fasta
-
-    _use_s3_endpoint(s3_endpoint_url)
-    shard = None
-    if shard_count is not None:
-        if shard_index is None:
-            raise click.BadParameter("needs --shard-index or $JOB_COMPLETION_INDEX", param_hint="--shard-count")
-        if shard_index >= shard_count:
-            raise click.BadParameter(
-                f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
-            )
-        shard = ShardConfig(index=shard_index, count=shard_count)
-    configs = dict(
-        model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
-        embed=EmbedConfig(
-            layers=layers,
-            pooling=pooling,
-            per_token=per_token,
-            truncate=truncate,
-            long_sequences=long_sequences,
-            window_overlap=window_overlap,
-        ),  # fmt: skip
-        batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
-        inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
-        shard=shard,
-    )
-    for name, value in configs.items():
-        log.debug("%s: %s", name, value)
+    # From the first statement: a signal while the heavy imports run exits as cleanly as one mid-run.
     with _interruptible():
+        _setup_logging(verbose, quiet)
+        from esm2cli.pipeline import embed_fasta
+
+        _use_s3_endpoint(s3_endpoint_url)
+        shard = None
+        if shard_count is not None:
+            if shard_index is None:
+                raise click.BadParameter("needs --shard-index or $JOB_COMPLETION_INDEX", param_hint="--shard-count")
+            if shard_index >= shard_count:
+                raise click.BadParameter(
+                    f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
+                )
+            shard = ShardConfig(index=shard_index, count=shard_count)
+        configs = dict(
+            model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
+            embed=EmbedConfig(
+                layers=layers,
+                pooling=pooling,
+                per_token=per_token,
+                truncate=truncate,
+                long_sequences=long_sequences,
+                window_overlap=window_overlap,
+            ),  # fmt: skip
+            batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
+            inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
+            shard=shard,
+        )
+        for name, value in configs.items():
+            log.debug("%s: %s", name, value)
         try:
             summary = embed_fasta(
                 fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs
             )
-        except ConfigError as exc:
-            raise _to_click(exc) from exc
         except Esm2Error as exc:
-            raise _to_click(exc, param_hint="FASTA") from exc
-    if not quiet:
-        click.echo(_summary_line(summary, output, shard), err=True)
+            raise _to_click(exc) from exc
+        if not quiet:
+            click.echo(_summary_line(summary, output, shard), err=True)
 
 
 @contextmanager
@@ -680,7 +685,7 @@ def bench(
         try:
             seqs = [r.sequence[:max_length] for r in read_records(input_fasta) if r.problem is None]
         except Esm2Error as exc:
-            raise _to_click(exc, param_hint="--input") from exc
+            raise _to_click(exc) from exc
     else:
         from esm2cli.workload import synthetic_sequences
 
@@ -724,16 +729,14 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
       esm2cli merge s3://bucket/emb/ -o s3://bucket/emb.parquet
     """
 
-    from esm2cli import storage
     from esm2cli.writer import merge_parts
 
     _setup_logging(verbose, quiet)
     _use_s3_endpoint(s3_endpoint_url)
     try:
-        if storage.exists(output) and not overwrite:
-            raise click.UsageError(f"{output} already exists (use --overwrite to replace it)")
-        rows = merge_parts(prefix, output)  # refuses an output among its parts; replaces atomically
+        rows = merge_parts(prefix, output, overwrite)  # checks the parts and the output; replaces atomically
     except Esm2Error as exc:
         raise _to_click(exc) from exc
     if not quiet:
-        click.echo(f"merged {rows:,} rows -> {output}", err=True)
+        done = f"merged {rows:,} rows -> {output}" if rows is not None else f"{output} is already complete"
+        click.echo(done, err=True)

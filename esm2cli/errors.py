@@ -55,6 +55,10 @@ class OutputExistsError(ConfigError):
     """The output is already there and the user did not ask to replace it."""
 
 
+class PartsError(InputError):
+    """The parts of a sharded run cannot be merged: missing, of other shard counts, or of other runs."""
+
+
 class OutputLockedError(ConfigError):
     """Another live run is writing the same output."""
 

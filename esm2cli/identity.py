@@ -131,8 +131,20 @@ def describe_changes(before: dict, now: dict) -> list[str]:
     return changes
 
 
+def stdin_is(path: str | os.PathLike) -> bool:
+    """True when standard input is redirected from this very file (``embed - -o x.fa < x.fa``)."""
+    if "://" in str(path):
+        return False
+    try:
+        return os.path.samestat(os.fstat(0), os.stat(path))
+    except OSError:
+        return False
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when two local paths name one file (after links and relative paths are resolved)."""
+    if str(a) == "-" or str(b) == "-":
+        return False
     if "://" in str(a) or "://" in str(b):
         return str(a).rstrip("/") == str(b).rstrip("/")
     try:

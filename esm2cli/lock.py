@@ -7,6 +7,7 @@ the run lives, and a lease not renewed for LEASE_S is taken over.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ import threading
 import time
 
 from esm2cli import storage
-from esm2cli.errors import OutputLockedError
+from esm2cli.errors import OutputError, OutputLockedError
 
 LEASE_S = 120.0  # an object-store lease not renewed for this long belongs to a dead run
 RENEW_S = 30.0
@@ -56,8 +57,15 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         if storage.is_url(self.path):
             self._take_lease()
-        else:
+            return self
+        try:
             self._flock()
+        except OSError as exc:
+            if getattr(exc, "errno", None) not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise OutputError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+            # Nothing can be written there, so no other run can write either: go on without the lock
+            # (an output that is already complete is reported as such; any write fails in one line).
+            self._fd = None
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -28,7 +28,7 @@ from esm2cli.fasta import (
     scan_fasta,
     spool_stdin,
 )
-from esm2cli.identity import describe_changes, hash_records, model_identity, same_file
+from esm2cli.identity import describe_changes, hash_records, model_identity, same_file, stdin_is
 from esm2cli.lock import OutputLock
 from esm2cli.model import BatchEmbeddings
 from esm2cli.windows import WINDOW_RULE, check_overlap, computed_residues, stitch_pooled, stitch_tokens, window_starts
@@ -396,7 +396,7 @@ def check_target(fasta: str, target: str, shard: ShardConfig | None) -> None:
     Raises:
         ConfigError: The output names the input file, or a directory where a file is expected.
     """
-    if fasta != "-" and same_file(fasta, target):
+    if same_file(fasta, target) or (fasta == "-" and stdin_is(target)):
         raise ConfigError(f"{target} is the input file: name another output")
     if not storage.is_url(target) and os.path.isdir(target):
         hint = "" if shard else " (or add --shard-count to write parts into it)"
@@ -469,7 +469,8 @@ def embed_fasta(
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
     check_target(str(fasta), target, shard)
-    check_overlap(embed.truncate, embed.window_overlap)
+    if embed.long_sequences == "window":
+        check_overlap(embed.truncate, embed.window_overlap)
     with OutputLock(target), readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate, embed.max_length)
         check_scan(scan, str(fasta), inputs)

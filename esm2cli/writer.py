@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esm2cli.errors import OutputError, OutputExistsError
+from esm2cli.errors import OutputError, OutputExistsError, PartsError
 from esm2cli.storage import AtomicFile, exists, is_url, join, listdir, open_input, remove
 
 METADATA_KEY = b"esm2cli"
@@ -341,21 +341,21 @@ def find_parts(prefix: str) -> list[str]:
     """The part files of a sharded run under a directory or prefix, in shard order.
 
     Raises:
-        OutputError: No parts, parts of different shard counts, or missing shards (named).
+        PartsError: No parts, parts of different shard counts, or missing shards (named).
     """
     found: dict[int, set[int]] = {}
     for name in listdir(prefix):
         if m := _PART.match(name):
             found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     if not found:
-        raise OutputError(f"{prefix}: no part-<i>-of-<n>.parquet files")
+        raise PartsError(f"{prefix}: no part-<i>-of-<n>.parquet files")
     if len(found) > 1:
-        raise OutputError(f"{prefix}: parts of different shard counts ({', '.join(map(str, sorted(found)))})")
+        raise PartsError(f"{prefix}: parts of different shard counts ({', '.join(map(str, sorted(found)))})")
     ((count, indices),) = found.items()
     missing = sorted(set(range(count)) - indices)
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        raise OutputError(f"{prefix}: {len(missing)} of {count} shards are not finished: {shown}")
+        raise PartsError(f"{prefix}: {len(missing)} of {count} shards are not finished: {shown}")
     return [join(prefix, f"part-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
 
 
@@ -375,6 +375,13 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
         out.abort()
         raise _os_error(target, exc) from exc
     rows = 0
+    pending: list[pa.Table] = []  # small row groups (one a chunk) are joined up to ROW_GROUP_BYTES
+
+    def flush() -> None:
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=sum(t.num_rows for t in pending))
+            pending.clear()
+
     try:
         for source_path in sources:
             with open_input(source_path) as handle:
@@ -382,9 +389,12 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
                 if not source.schema_arrow.remove_metadata().equals(schema.remove_metadata()):
                     raise OutputError(f"{source_path}: its columns differ from those of {sources[0]}")
                 for group in range(source.num_row_groups):
-                    table = source.read_row_group(group)
+                    table = source.read_row_group(group).replace_schema_metadata(schema.metadata)
                     rows += table.num_rows
-                    writer.write_table(table.replace_schema_metadata(schema.metadata))
+                    if pending and sum(t.nbytes for t in pending) + table.nbytes > ROW_GROUP_BYTES:
+                        flush()
+                    pending.append(table)
+        flush()
         writer.close()
         if expected_rows is not None and rows != expected_rows:
             raise OutputError(f"{len(sources)} files hold {rows} rows, expected {expected_rows}; this is a bug")
@@ -401,22 +411,52 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
     return rows
 
 
-def merge_parts(prefix: str, output: str) -> int:
+def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None:
     """Concatenates every part of a sharded run, in shard order (the input order), into one file.
 
+    The parts must come from one run: the same identity (input content, weights, options) but for
+    the shard. The merged file records that identity with the shard set to "merged".
+
     Returns:
-        The number of rows written.
+        The number of rows written; None when the output already holds this very merge.
 
     Raises:
-        OutputError: Parts are missing or inconsistent.
-        OutputExistsError: The output is one of the parts.
+        PartsError: Parts are missing, of different shard counts, or of different runs (named).
+        OutputExistsError: The output is one of the parts or lies under the prefix, or it holds
+            something else and overwrite is False.
     """
-    from esm2cli.identity import same_file
+    from esm2cli.identity import describe_changes, same_file
 
     parts = find_parts(prefix)
-    for part in parts:
-        if same_file(part, output):
-            raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
+    if any(same_file(part, output) for part in parts):
+        raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
+    _check_merge_output(prefix, output)
+    first = read_metadata(parts[0])
+    identity = {**first.get("identity", {}), "shard": "merged"}
+    for part in parts[1:]:
+        other = {**read_metadata(part).get("identity", {}), "shard": "merged"}
+        if other != identity:
+            changes = "; ".join(describe_changes(identity, other))
+            raise PartsError(f"{part} was made by another run than {parts[0]} ({changes}): rerun that shard")
+    if exists(output):
+        if read_metadata(output).get("identity") == identity:
+            return None
+        if not overwrite:
+            raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
-    return concatenate(parts, output, schema)
+    metadata = {**first, "identity": identity, "parts": len(parts)}
+    return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
+
+
+def _check_merge_output(prefix: str, output: str) -> None:
+    """Refuses an output inside the prefix: readers of the prefix would see every row twice."""
+    if is_url(prefix) or is_url(output):
+        inside = str(output).startswith(str(prefix).rstrip("/") + "/")
+    else:
+        directory = os.path.realpath(prefix)
+        inside = os.path.commonpath([directory, os.path.realpath(output)]) == directory
+    if inside:
+        raise OutputExistsError(
+            f"{output} lies inside {prefix}: readers of the parts would see its rows twice; name a file outside it"
+        )

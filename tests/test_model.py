@@ -184,10 +184,10 @@ def test_cuda_oom_splits_the_batch_and_retries(loaded, monkeypatch, proteins):
     whole = rep.embed_batch(seqs)
     original = type(rep)._forward
 
-    def limited(self, batch):
+    def limited(self, batch, *args):
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, batch)
+        return original(self, batch, *args)
 
     monkeypatch.setattr(type(rep), "_forward", limited)
     split = rep.embed_batch(seqs)
@@ -195,7 +195,7 @@ def test_cuda_oom_splits_the_batch_and_retries(loaded, monkeypatch, proteins):
     assert rep.oom_splits == 3  # 7 -> 3+4, 3 -> 1+2, 4 -> 2+2
     with pytest.raises(torch.cuda.OutOfMemoryError):
         monkeypatch.setattr(
-            type(rep), "_forward", lambda self, batch: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
+            type(rep), "_forward", lambda self, batch, *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
         )
         rep.embed_batch(["MKV"])
 

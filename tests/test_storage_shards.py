@@ -190,7 +190,7 @@ def test_merge_names_missing_shards(tmp_path, records, tiny_model_dir):
     fa = write_fasta(tmp_path / "in.fa", records)
     cli_ok(*embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1))
     result = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
-    assert result.exit_code == 1 and "2 of 3 shards are not finished: 0, 2" in result.output
+    assert result.exit_code == 2 and "2 of 3 shards are not finished: 0, 2" in result.output
 
 
 def test_shard_options_are_checked(tmp_path, tiny_model_dir):

@@ -351,3 +351,73 @@ def test_a_summary_over_many_devices_is_abbreviated(tmp_path, tiny_model_dir):
     result = embed(fa, "-o", tmp_path / "o.parquet", "-m", tiny_model_dir, "--devices", "sim:8")
     assert result.exit_code == 0
     assert "on sim:0, sim:1, ... sim:7 (8 devices)" in result.output
+
+
+def _shards(tmp_path, fa, model, count=2, *extra):
+    emb = tmp_path / "emb"
+    for i in range(count):
+        result = embed(fa, "-o", emb, "-m", model, "--shard-count", count, "--shard-index", i, *extra)
+        assert result.exit_code == 0, result.output
+    return emb
+
+
+def test_merge_refuses_parts_of_different_runs_and_outputs_inside_the_prefix(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "a.fa", SEQS)
+    emb = _shards(tmp_path, fa, tiny_model_dir)
+    bos = tmp_path / "bos"
+    embed(fa, "-o", bos, "-m", tiny_model_dir, "--shard-count", 2, "--shard-index", 1, "--pooling", "bos")
+    (emb / "part-00001-of-00002.parquet").write_bytes((bos / "part-00001-of-00002.parquet").read_bytes())
+    result = CliRunner().invoke(cli, ["merge", str(emb), "-o", str(tmp_path / "m.parquet")])
+    assert result.exit_code == 2 and "was made by another run" in result.output and "pooling" in result.output
+    assert not (tmp_path / "m.parquet").exists()
+    for inside in (emb / "new.parquet", emb / "sub" / "x.parquet"):
+        result = CliRunner().invoke(cli, ["merge", str(emb), "-o", str(inside)])
+        assert result.exit_code == 2 and "lies inside" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(cli, ["merge", str(empty), "-o", str(tmp_path / "x.parquet")]).exit_code == 2
+
+
+def test_merge_joins_small_row_groups_and_a_rerun_is_complete(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "a.fa", SEQS)
+    emb = _shards(tmp_path, fa, tiny_model_dir, 2, "--chunk-size", 1)
+    out = tmp_path / "m.parquet"
+    first = CliRunner().invoke(cli, ["merge", str(emb), "-o", str(out)])
+    assert first.exit_code == 0, first.output
+    assert pq.ParquetFile(out).metadata.num_row_groups == 1
+    assert pq.read_table(out)["id"].to_pylist() == [rid for rid, _ in SEQS]
+    assert read_metadata(out)["identity"]["shard"] == "merged"
+    again = CliRunner().invoke(cli, ["merge", str(emb), "-o", str(out)])
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_stdin_redirected_from_the_output_file_is_refused(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "same.fa", SEQS)
+    before = Path(fa).read_bytes()
+    with open(fa, "rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "esm2cli", "embed", "-", "-o", fa, "-m", tiny_model_dir,
+                               "--overwrite"], stdin=stdin, env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "is the input file" in done.stderr
+    assert Path(fa).read_bytes() == before
+
+
+def test_refusals_are_one_message_without_usage_text(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "a.fa", SEQS)
+    (tmp_path / "outdir").mkdir()
+    result = embed(fa, "-o", tmp_path / "outdir", "-m", tiny_model_dir)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: {tmp_path / 'outdir'} is a directory: name a file "
+                                                  "(or add --shard-count to write parts into it)"]  # fmt: skip
+
+
+def test_a_read_only_output_directory_is_one_line_and_a_complete_output_is_still_complete(
+    tmp_path, tiny_model_dir, small_disk
+):
+    fa = write_fasta(tmp_path / "a.fa", SEQS)
+    assert embed(fa, "-o", small_disk / "done.parquet", "-m", tiny_model_dir).exit_code == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    again = embed(fa, "-o", small_disk / "done.parquet", "-m", tiny_model_dir)
+    assert again.exit_code == 0 and "already complete" in again.output
+    new = embed(fa, "-o", small_disk / "new.parquet", "-m", tiny_model_dir)
+    assert new.exit_code == 1 and "Read-only file system" in new.output and "Traceback" not in new.output
+    assert len(new.output.strip().splitlines()) == 1
