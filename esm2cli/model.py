@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmModel, EsmTokenizer
 from transformers.utils import logging as hf_logging
 
+from esm2cli import fair_esm
 from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.devices import Device
 from esm2cli.errors import ConfigError, ModelLoadError
@@ -98,7 +99,7 @@ def resolve_source(model: str) -> str:
 
 def architecture_of(model: str) -> str | None:
     """Returns the alias of a named ESM-2 size (alias, hub id or a path ending in it), else None."""
-    stem = Path(model.rstrip("/")).name.removesuffix("_UR50D")
+    stem = Path(model.rstrip("/")).name.removesuffix(fair_esm.SUFFIX).removesuffix("_UR50D")
     return stem if stem in ARCHITECTURES else None
 
 
@@ -204,9 +205,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     hf_logging.disable_progress_bar()
     if cfg.load_format == "dummy":
         alias = architecture_of(source)
-        config = esm2_config(alias) if alias else _load_config(source)
+        if alias:
+            config = esm2_config(alias)
+        elif fair_esm.is_checkpoint(source):
+            config = fair_esm.read_config(fair_esm.find_checkpoint(source))
+        else:
+            config = _load_config(source)
         log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
         model, tokenizer, dummy = random_model(config), bundled_tokenizer(), True
+    elif cfg.load_format == "auto" and fair_esm.is_checkpoint(source):
+        path = fair_esm.find_checkpoint(source)
+        model, tokenizer, dummy, source = fair_esm.load_checkpoint(path), bundled_tokenizer(), False, str(path)
     elif cfg.load_format == "auto":
         config = _load_config(source)
         try:
