@@ -12,51 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from esm.model.esm2 import ESM2
 
 from benchmarks.fair_esm_reference import extract_mean
-from conftest import write_fasta
+from conftest import FAIR_ESM_NAME, write_fair_esm_checkpoint, write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ModelConfig
 from esm2cli.errors import ModelLoadError
 from esm2cli.model import bundled_tokenizer, load_model
 from esm2cli.workload import synthetic_sequences
 from reference import cosine
-
-NAME = "esm2_t3_tiny_UR50D"  # fair-esm picks its ESM-2 loader by the "esm2" prefix of the file name
-
-
-def write_fair_esm_checkpoint(folder: Path, name: str = NAME, layers: int = 3, hidden: int = 32, heads: int = 4,
-                              seed: int = 3, regression: bool = True) -> Path:  # fmt: skip
-    """Saves a random ESM-2 built with fair-esm's own ESM2 class, in the layout of fair-esm's downloads.
-
-    ``{"model": encoder.sentence_encoder.* and encoder.lm_head.* weights, "cfg": {"model": Namespace}}``,
-    and ``<name>-contact-regression.pt`` beside it, as fair-esm's hub loader expects.
-    """
-    torch.manual_seed(seed)
-    model = ESM2(num_layers=layers, embed_dim=hidden, attention_heads=heads, alphabet="ESM-1b", token_dropout=True)
-    with torch.no_grad():  # wider than the default init, so that different sequences differ clearly
-        for pname, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.2 if "layer_norm" in pname else 0.05))
-    state = model.state_dict()
-    weights = {}
-    for key, value in state.items():
-        if key.startswith("contact_head."):
-            continue
-        prefix = "encoder." if key.startswith("lm_head.") else "encoder.sentence_encoder."
-        weights[prefix + key] = value.clone()
-    args = argparse.Namespace(
-        _name="esm2", encoder_layers=layers, encoder_embed_dim=hidden, encoder_ffn_embed_dim=4 * hidden,
-        encoder_attention_heads=heads, token_dropout=True, attention_dropout=0.0, dropout=0.0, max_positions=1024,
-    )  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.pt"
-    torch.save({"model": weights, "cfg": {"model": args, "task": argparse.Namespace(_name="masked_lm")},
-                "args": None, "extra_state": {"epoch": 1}}, path)  # fmt: skip
-    if regression:
-        contact = {k: v.clone() for k, v in state.items() if k.startswith("contact_head.")}
-        torch.save({"model": contact}, folder / f"{name}-contact-regression.pt")
-    return path
 
 
 def fair_esm_loads(path: Path):
@@ -172,7 +136,7 @@ def test_a_file_needing_another_global_is_refused_and_runs_nothing(tmp_path, fas
     ],
 )
 def test_unusable_files_fail_with_one_line(tmp_path, checkpoint, fasta, damage, message):
-    path = tmp_path / f"{NAME}.pt"
+    path = tmp_path / f"{FAIR_ESM_NAME}.pt"
     if damage == "truncate":
         path.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     elif damage == "empty":
