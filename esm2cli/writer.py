@@ -103,6 +103,26 @@ def _os_error(path: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def record_batch(
+    rows: Rows, schema: pa.Schema, hidden: int, layers: Sequence[int], start: int = 0, stop: int | None = None
+) -> pa.RecordBatch:
+    """Rows ``start:stop`` as an Arrow record batch of ``schema`` (build_schema's for these layers)."""
+    stop = len(rows) if stop is None else stop
+    columns = {
+        "id": pa.array(rows.ids[start:stop], pa.string()),
+        "description": pa.array(rows.descriptions[start:stop], pa.string()),
+        "length": pa.array(rows.lengths[start:stop], pa.int32()),
+        "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
+        "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
+    }
+    for layer, name in embedding_columns(layers, "embedding").items():
+        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden)
+    if rows.per_token:
+        for layer, name in embedding_columns(layers, "per_token").items():
+            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden)
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
 class EmbeddingWriter:
     """Streams rows to a file in row groups of at most ROW_GROUP_BYTES; the file appears at ``path`` only on commit.
 
@@ -135,19 +155,7 @@ class EmbeddingWriter:
                 raise _os_error(self.path, exc) from exc
 
     def _batch(self, rows: Rows, start: int, stop: int) -> pa.RecordBatch:
-        columns = {
-            "id": pa.array(rows.ids[start:stop], pa.string()),
-            "description": pa.array(rows.descriptions[start:stop], pa.string()),
-            "length": pa.array(rows.lengths[start:stop], pa.int32()),
-            "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
-            "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
-        }
-        for layer, name in self.pooled_cols.items():
-            columns[name] = _vectors(rows.pooled[layer][start:stop], self.hidden)
-        if rows.per_token:
-            for layer, name in self.token_cols.items():
-                columns[name] = _token_lists(rows.per_token[layer][start:stop], self.hidden)
-        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        return record_batch(rows, self.schema, self.hidden, list(self.pooled_cols), start, stop)
 
     def commit(self) -> None:
         """Closes the file and makes it visible at its path.
