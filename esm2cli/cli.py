@@ -257,8 +257,8 @@ def _summary_line(summary, output, shard=None) -> str:
     "--output",
     required=True,
     envvar="ESM2CLI_OUTPUT",
-    help="Parquet file to write (a path or an fsspec URL such as s3://bucket/out.parquet); "
-    "with --shard-count, the directory or prefix of the parts.",
+    help="Parquet file to write, or HDF5 for a name ending in .h5 (a path or an fsspec URL such as "
+    "s3://bucket/out.parquet); with --shard-count, the directory or prefix of the parts.",
 )
 @model_options
 @embedding_options
@@ -310,6 +310,16 @@ def _summary_line(summary, output, shard=None) -> str:
     help="Split the input into this many contiguous shards; OUTPUT is then a directory or prefix.",
 )
 @click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["auto", "parquet", "h5"]),
+    default="auto",
+    show_default=True,
+    envvar="ESM2CLI_FORMAT",
+    help="auto: HDF5 when OUTPUT ends in .h5 or .hdf5 (needs esm2cli[h5]), else Parquet; the parts' format "
+    "with --shard-count (auto: Parquet).",
+)
+@click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
     default=DEFAULT_CHUNK_SIZE,
@@ -344,6 +354,7 @@ def embed(
     overwrite,
     shard_index,
     shard_count,
+    output_format,
     chunk_size,
     s3_endpoint_url,
     verbose,
@@ -367,6 +378,7 @@ def embed(
       esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
     """
     _setup_logging(verbose, quiet)
+    from esm2cli.hdf5 import is_hdf5
     from esm2cli.pipeline import embed_fasta
 
     _use_s3_endpoint(s3_endpoint_url)
@@ -378,7 +390,9 @@ def embed(
             raise click.BadParameter(
                 f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
             )
-        shard = ShardConfig(index=shard_index, count=shard_count)
+        shard = ShardConfig(index=shard_index, count=shard_count, suffix=".h5" if output_format == "h5" else ".parquet")
+    elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
+        raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
     configs = dict(
         model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
         embed=EmbedConfig(
@@ -747,7 +761,7 @@ def download(model, to, verbose, quiet):
 
 @cli.command()
 @click.argument("prefix")
-@click.option("-o", "--output", required=True, help="The single Parquet file to write (a path or URL).")
+@click.option("-o", "--output", required=True, help="The single Parquet (or .h5) file to write (a path or URL).")
 @click.option(
     "--overwrite", is_flag=True, help="Replace the output if it exists; the old file stays until the new one is done."
 )

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from esm2cli import __version__, storage
+from esm2cli import __version__, hdf5, storage
 from esm2cli.batching import plan_batches
 from esm2cli.config import FIRST_CHUNK_RESIDUES, BatchConfig, EmbedConfig, InputConfig, ModelConfig, ShardConfig
 from esm2cli.engine import Engine, EngineSetup, build_engine
@@ -476,6 +476,8 @@ def embed_fasta(
     with OutputLock(target), readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate, embed.max_length)
         check_scan(scan, str(fasta), inputs)
+        if hdf5.is_hdf5(target):
+            hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
         dtype = resolve_dtype(model.dtype, resolve_devices(model.devices))
         model = replace(model, dtype=dtype)
         weights = model_identity(resolve_source(model.model), model.load_format)

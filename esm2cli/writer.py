@@ -63,7 +63,11 @@ def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: 
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The esm2cli metadata of a Parquet file written by esm2cli ({} for any other file)."""
+    """The esm2cli metadata of a Parquet (or HDF5) file written by esm2cli ({} for any other file)."""
+    from esm2cli import hdf5
+
+    if hdf5.is_hdf5(path):
+        return hdf5.read_metadata(path)
     try:
         with open_input(path) as handle:
             metadata = pq.read_schema(handle).metadata or {}
@@ -338,11 +342,17 @@ class ChunkStore:
         for before, after in zip(chunks, chunks[1:], strict=False):
             if before.stop != after.start:
                 raise OutputError(f"chunks {before.name} and {after.name} are not contiguous; this is a bug")
-        concatenate([self.chunk_path(c) for c in chunks], self.target, self.schema, expected_rows)
+        from esm2cli import hdf5
+
+        paths = [self.chunk_path(c) for c in chunks]
+        if hdf5.is_hdf5(self.target):  # the same chunks, written into the HDF5 layout
+            hdf5.from_parquet(paths, self.target, expected_rows)
+        else:
+            concatenate(paths, self.target, self.schema, expected_rows)
         remove(self.dir, recursive=True)
 
 
-_PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+_PART = re.compile(r"^part-(\d{5})-of-(\d{5})(\.parquet|\.h5)$")
 
 
 def find_parts(prefix: str) -> list[str]:
@@ -352,11 +362,15 @@ def find_parts(prefix: str) -> list[str]:
         OutputError: No parts, parts of different shard counts, or missing shards (named).
     """
     found: dict[int, set[int]] = {}
+    suffixes = set()
     for name in listdir(prefix):
         if m := _PART.match(name):
             found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+            suffixes.add(m.group(3))
     if not found:
-        raise OutputError(f"{prefix}: no part-<i>-of-<n>.parquet files")
+        raise OutputError(f"{prefix}: no part-<i>-of-<n>.parquet (or .h5) files")
+    if len(suffixes) > 1:
+        raise OutputError(f"{prefix}: both Parquet and HDF5 parts; merge one format at a time")
     if len(found) > 1:
         raise OutputError(f"{prefix}: parts of different shard counts ({', '.join(map(str, sorted(found)))})")
     ((count, indices),) = found.items()
@@ -364,7 +378,8 @@ def find_parts(prefix: str) -> list[str]:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise OutputError(f"{prefix}: {len(missing)} of {count} shards are not finished: {shown}")
-    return [join(prefix, f"part-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
+    (suffix,) = suffixes
+    return [join(prefix, f"part-{i:05d}-of-{count:05d}{suffix}") for i in range(count)]
 
 
 def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_rows: int | None = None) -> int:
@@ -425,6 +440,14 @@ def merge_parts(prefix: str, output: str) -> int:
     for part in parts:
         if same_file(part, output):
             raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
+    from esm2cli import hdf5
+
+    if hdf5.is_hdf5(parts[0]):
+        if not hdf5.is_hdf5(output):
+            raise OutputError(f"{prefix} holds HDF5 parts: name an .h5 output to merge them")
+        return hdf5.merge(parts, output)
+    if hdf5.is_hdf5(output):
+        return hdf5.from_parquet(parts, output)
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
     return concatenate(parts, output, schema)
