@@ -93,8 +93,13 @@ class Embedder:
             raise ConfigError(f"pooling={pooling!r}: use 'mean' or 'bos'")
         if truncate < 1 or batch_size < 1 or chunk_size < 1:
             raise ConfigError("truncate, batch_size and chunk_size must be at least 1")
-        self._several = not isinstance(layers, numbers.Integral)
-        layer_tuple = tuple(int(layer) for layer in layers) if self._several else (int(layers),)
+        if isinstance(layers, str):  # "6,-1", as --layers takes them
+            try:
+                layers = [int(part) for part in layers.split(",") if part.strip()]
+            except ValueError:
+                raise ConfigError(f"layers={layers!r} is not a comma-separated list of integers") from None
+        layer_tuple = (int(layers),) if isinstance(layers, numbers.Integral) else tuple(int(x) for x in layers)
+        self._several = len(layer_tuple) > 1
         if not layer_tuple:
             raise ConfigError("name at least one layer")
         self.model_config = ModelConfig(model=str(model), load_format=load_format, dtype=dtype, devices=devices)

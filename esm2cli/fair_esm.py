@@ -211,6 +211,8 @@ def load_checkpoint(path: str | os.PathLike) -> EsmModel:
         ModelLoadError: The file is missing, unreadable, refused, or not an ESM-2 checkpoint.
     """
     path = Path(path)
+    if path.name.endswith(f"-contact-regression{SUFFIX}"):
+        raise ModelLoadError(f"{path}: a contact regression file; pass the model's checkpoint beside it")
     data = safe_load(path)
     config = checkpoint_config(data, path)
     state = dict(data["model"])

@@ -177,3 +177,12 @@ def test_long_sequences_as_the_cli(tiny_model_dir, fasta, tmp_path):
             emb.embed(["M" * 40, "M" * 41])
     with pytest.raises(ConfigError):
         Embedder(tiny_model_dir, long_sequences="window", truncate=100, window_overlap=100, **OPTIONS)
+
+
+def test_layers_as_the_cli_writes_them(tiny_model_dir):
+    with Embedder(tiny_model_dir, layers="1,-1", **OPTIONS) as emb:
+        assert sorted(emb.embed(["MKV"])) == [1, 3]
+    with Embedder(tiny_model_dir, layers=[1], **OPTIONS) as emb:
+        assert emb.embed(["MKV"]).shape == (1, 32)  # one layer asked: an array
+    with pytest.raises(ConfigError, match="not a comma-separated list of integers"):
+        Embedder(tiny_model_dir, layers="x", **OPTIONS)

@@ -133,11 +133,15 @@ def test_a_file_needing_another_global_is_refused_and_runs_nothing(tmp_path, fas
         ("more_layers", r"missing weights .* 4 layers x 32: encoder\.layer\.3\."),
         ("wider", "wrong shapes"),
         ("missing", "no such checkpoint file"),
+        ("regression", "a contact regression file; pass the model's checkpoint"),
     ],
 )
 def test_unusable_files_fail_with_one_line(tmp_path, checkpoint, fasta, damage, message):
     path = tmp_path / f"{FAIR_ESM_NAME}.pt"
-    if damage == "truncate":
+    if damage == "regression":
+        path = tmp_path / f"{FAIR_ESM_NAME}-contact-regression.pt"
+        shutil.copy(checkpoint.with_name(path.name), path)
+    elif damage == "truncate":
         path.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     elif damage == "empty":
         path.write_bytes(b"")
