@@ -122,6 +122,7 @@ def _add_rows(out, batch: pa.RecordBatch, layers: Sequence[int], hidden: int) ->
     descriptions = batch.column(names.index("description")).to_pylist()
     lengths = batch.column(names.index("length")).to_pylist()
     truncated = batch.column(names.index("truncated")).to_pylist()
+    windows = batch.column(names.index("windows")).to_pylist() if "windows" in names else [1] * len(ids)
     for row, record_id in enumerate(ids):
         key = key_of(record_id)
         if key in out:
@@ -129,7 +130,7 @@ def _add_rows(out, batch: pa.RecordBatch, layers: Sequence[int], hidden: int) ->
         dataset = out.create_dataset(key, data=_stack([p[row] for p in pooled], several))
         dataset.attrs.update(
             original_id=record_id, description=descriptions[row], length=lengths[row],
-            truncated=bool(truncated[row]), windows=1,
+            truncated=bool(truncated[row]), windows=windows[row],
         )  # fmt: skip
         if tokens:
             group = _per_token_group(out)

@@ -80,6 +80,16 @@ def test_hdf5_holds_the_parquet_rows(tmp_path, fasta, tiny_model_dir, extra):
         assert (PER_TOKEN_GROUP in f) == several
 
 
+def test_windows_attribute_in_window_mode(tmp_path, fasta, tiny_model_dir):
+    out, parquet = tmp_path / "w.h5", tmp_path / "w.parquet"
+    options = ["--long-sequences", "window", "--truncate", "30", "--window-overlap", "10"]
+    for path in (out, parquet):
+        assert embed(fasta, "-o", path, "-m", tiny_model_dir, *options).exit_code == 0
+    got = read_h5(out)
+    assert [int(attrs["windows"]) for _, attrs in got.values()] == pq.read_table(parquet)["windows"].to_pylist()
+    assert max(int(attrs["windows"]) for _, attrs in got.values()) > 1
+
+
 def test_rerun_is_complete_and_overwrite_replaces(tmp_path, fasta, tiny_model_dir):
     out = tmp_path / "out.h5"
     assert embed(fasta, "-o", out, "-m", tiny_model_dir).exit_code == 0
