@@ -1,3 +1,16 @@
-"""esm2cli: ESM-2 protein embeddings from FASTA to Parquet on every device you have."""
+"""esm2cli: ESM-2 protein embeddings from FASTA to Parquet on every device you have.
+
+``from esm2cli import Embedder`` is the Python API (esm2cli.api); it is imported on first use, so that
+the command line starts without loading torch.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Embedder", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Embedder":
+        from esm2cli.api import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'esm2cli' has no attribute {name!r}")

@@ -55,6 +55,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         force=True,
     )  # fmt: skip
     logging.getLogger("esm2cli").setLevel(level)
+    # huggingface_hub prints through a handler of its own; propagating too would print each message twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def _use_s3_endpoint(url: str | None) -> None:
@@ -261,8 +263,8 @@ def _summary_line(summary, output, shard=None) -> str:
     "--output",
     required=True,
     envvar="ESM2CLI_OUTPUT",
-    help="Parquet file to write (a path or an fsspec URL such as s3://bucket/out.parquet); "
-    "with --shard-count, the directory or prefix of the parts.",
+    help="Parquet file to write, or HDF5 for a name ending in .h5 (a path or an fsspec URL such as "
+    "s3://bucket/out.parquet); with --shard-count, the directory or prefix of the parts.",
 )
 @model_options
 @embedding_options
@@ -314,6 +316,16 @@ def _summary_line(summary, output, shard=None) -> str:
     help="Split the input into this many contiguous shards; OUTPUT is then a directory or prefix.",
 )
 @click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["auto", "parquet", "h5"]),
+    default="auto",
+    show_default=True,
+    envvar="ESM2CLI_FORMAT",
+    help="auto: HDF5 when OUTPUT ends in .h5 or .hdf5 (needs esm2cli[h5]), else Parquet; the parts' format "
+    "with --shard-count (auto: Parquet).",
+)
+@click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
     default=DEFAULT_CHUNK_SIZE,
@@ -348,6 +360,7 @@ def embed(
     overwrite,
     shard_index,
     shard_count,
+    output_format,
     chunk_size,
     s3_endpoint_url,
     verbose,
@@ -373,6 +386,7 @@ def embed(
     # From the first statement: a signal while the heavy imports run exits as cleanly as one mid-run.
     with _interruptible():
         _setup_logging(verbose, quiet)
+        from esm2cli.hdf5 import is_hdf5
         from esm2cli.pipeline import embed_fasta
 
         _use_s3_endpoint(s3_endpoint_url)
@@ -384,7 +398,10 @@ def embed(
                 raise click.BadParameter(
                     f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
                 )
-            shard = ShardConfig(index=shard_index, count=shard_count)
+            suffix = ".h5" if output_format == "h5" else ".parquet"
+            shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
+        elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
+            raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
         configs = dict(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
             embed=EmbedConfig(
@@ -711,8 +728,46 @@ def bench(
 
 
 @cli.command()
+@click.argument("model")
+@click.option(
+    "--to",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Put the model in DIR/<name> (a shared volume) instead of the Hugging Face cache.",
+)
+@log_options
+def download(model, to, verbose, quiet):
+    """Download a model's weights once, for machines or runs without internet access.
+
+    MODEL is an alias (esm2_t33_650M) or a hub id. Only the config, the tokenizer and one set of
+    weights are fetched. Without --to they go to the Hugging Face cache (HF_HOME), where embed and
+    serve find them with no request to the hub; with --to, pass the printed folder to -m.
+    The folder is printed on stdout.
+
+    \b
+    Examples:
+      esm2cli download esm2_t33_650M                         # then: HF_HUB_OFFLINE=1 esm2cli embed ...
+      esm2cli download esm2_t36_3B --to /shared/models       # then: -m /shared/models/esm2_t36_3B_UR50D
+    """
+    from esm2cli import hub
+    from esm2cli.model import resolve_source
+
+    _setup_logging(verbose, quiet)
+    repo_id = resolve_source(model)
+    if not hub.is_repo_id(repo_id):
+        raise click.BadParameter(f"{model!r} is not an ESM-2 alias or a hub id (owner/name)", param_hint="MODEL")
+    try:
+        folder = hub.download(repo_id, to, alias=model)
+    except Esm2Error as exc:
+        raise _to_click(exc) from exc
+    click.echo(str(folder))
+    if not quiet:
+        click.echo(f"{repo_id} is in {folder}", err=True)
+
+
+@cli.command()
 @click.argument("prefix")
-@click.option("-o", "--output", required=True, help="The single Parquet file to write (a path or URL).")
+@click.option("-o", "--output", required=True, help="The single Parquet (or .h5) file to write (a path or URL).")
 @click.option(
     "--overwrite", is_flag=True, help="Replace the output if it exists; the old file stays until the new one is done."
 )

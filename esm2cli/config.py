@@ -142,14 +142,16 @@ class ShardConfig:
     Attributes:
         index: 0-based shard number (JOB_COMPLETION_INDEX in a Kubernetes Indexed Job).
         count: How many shards split the input.
+        suffix: The parts' format: ".parquet", or ".h5" for HDF5.
     """
 
     index: int = 0
     count: int = 1
+    suffix: str = ".parquet"
 
     def range(self, records: int) -> tuple[int, int]:
         """The 0-based record positions [start, stop) of this shard: contiguous, complete, disjoint."""
         return self.index * records // self.count, (self.index + 1) * records // self.count
 
     def part_name(self) -> str:
-        return f"part-{self.index:05d}-of-{self.count:05d}.parquet"
+        return f"part-{self.index:05d}-of-{self.count:05d}{self.suffix}"

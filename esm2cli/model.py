@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmModel, EsmTokenizer
 from transformers.utils import logging as hf_logging
 
+from esm2cli import fair_esm
 from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.devices import Device
 from esm2cli.errors import ConfigError, ModelLoadError
@@ -34,7 +34,6 @@ ARCHITECTURES: dict[str, tuple[int, int, int]] = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_THREADS = torch.get_num_threads()  # torch's default (the cores), before any replica changes it
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -98,7 +97,7 @@ def resolve_source(model: str) -> str:
 
 def architecture_of(model: str) -> str | None:
     """Returns the alias of a named ESM-2 size (alias, hub id or a path ending in it), else None."""
-    stem = Path(model.rstrip("/")).name.removesuffix("_UR50D")
+    stem = Path(model.rstrip("/")).name.removesuffix(fair_esm.SUFFIX).removesuffix("_UR50D")
     return stem if stem in ARCHITECTURES else None
 
 
@@ -137,7 +136,9 @@ def bundled_tokenizer() -> EsmTokenizer:
 
 
 def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or not _HUB_ID.match(source)
+    from esm2cli.hub import is_repo_id
+
+    return not is_repo_id(source)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -177,6 +178,27 @@ def _token_lut(tokenizer) -> np.ndarray:
     return lut
 
 
+def _local_weights(source: str, name: str) -> str:
+    """Where the weights of ``source`` are on this machine: a local path as it is; a hub id from the
+    Hugging Face cache (no request to the hub), else fair-esm's own download of the same size in the
+    torch hub cache, else downloaded once into the Hugging Face cache.
+
+    Raises:
+        ModelLoadError: Not on this machine, and offline or the hub cannot be reached (at once).
+    """
+    if _is_local(source) or fair_esm.is_checkpoint(source):
+        return source
+    from esm2cli import hub
+
+    if (folder := hub.cached(source)) is not None:
+        return str(folder)
+    alias = architecture_of(source)
+    if alias and (checkpoint := fair_esm.cached_checkpoint(alias)) is not None:
+        log.info("%s: using fair-esm's download %s", source, checkpoint)
+        return str(checkpoint)
+    return str(hub.model_folder(source, alias=name))
+
+
 def random_model(config: EsmConfig, seed: int = 0) -> EsmModel:
     # A fixed seed gives the same random weights in every run and every process.
     with torch.random.fork_rng(devices=[]):
@@ -204,16 +226,27 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     hf_logging.disable_progress_bar()
     if cfg.load_format == "dummy":
         alias = architecture_of(source)
-        config = esm2_config(alias) if alias else _load_config(source)
+        if alias:
+            config = esm2_config(alias)
+        elif fair_esm.is_checkpoint(source):
+            config = fair_esm.read_config(fair_esm.find_checkpoint(source))
+        else:
+            config = _load_config(source)
         log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
         model, tokenizer, dummy = random_model(config), bundled_tokenizer(), True
     elif cfg.load_format == "auto":
-        config = _load_config(source)
-        try:
-            model = EsmModel.from_pretrained(source, config=config, add_pooling_layer=False)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
-        tokenizer, dummy = _load_tokenizer(source), False
+        folder = _local_weights(source, cfg.model)
+        if fair_esm.is_checkpoint(folder):
+            path = fair_esm.find_checkpoint(folder)
+            model, tokenizer, source = fair_esm.load_checkpoint(path), bundled_tokenizer(), str(path)
+        else:
+            config = _load_config(folder)
+            try:
+                model = EsmModel.from_pretrained(folder, config=config, add_pooling_layer=False)
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+            tokenizer = _load_tokenizer(folder)
+        dummy = False
     else:
         raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
     model = fuse_gelu(model).to(DTYPES[cfg.dtype]).eval().requires_grad_(False)

@@ -8,13 +8,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
-from esm2cli import __version__, storage
+from esm2cli import __version__, hdf5, storage
 from esm2cli.batching import plan_batches
 from esm2cli.config import FIRST_CHUNK_RESIDUES, BatchConfig, EmbedConfig, InputConfig, ModelConfig, ShardConfig
 from esm2cli.engine import Engine, EngineSetup, build_engine
@@ -435,6 +435,7 @@ def embed_fasta(
     shard: ShardConfig | None = None,
     overwrite: bool = False,
     progress_factory: Callable[[int], ProgressFn] | None = None,
+    setup: EngineSetup | None = None,
 ) -> EmbedSummary:
     """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
 
@@ -451,6 +452,7 @@ def embed_fasta(
         shard: Embed only this shard's contiguous slice of the records, into its part file.
         overwrite: Replace an existing output of another run (and discard unfinished work of other options).
         progress_factory: Given the number of sequences to embed, returns the per-batch callback.
+        setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
 
     Returns:
         The run's summary.
@@ -469,29 +471,32 @@ def embed_fasta(
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
     check_target(str(fasta), target, shard)
-    if embed.long_sequences == "window":
+    if embed.long_sequences == "window":  # the overlap means nothing to truncate or error (--truncate 40 is fine)
         check_overlap(embed.truncate, embed.window_overlap)
     with OutputLock(target), readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate, embed.max_length)
         check_scan(scan, str(fasta), inputs)
+        if hdf5.is_hdf5(target):
+            hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
         dtype = resolve_dtype(model.dtype, resolve_devices(model.devices))
         model = replace(model, dtype=dtype)
         weights = model_identity(resolve_source(model.model), model.load_format)
         if weights is not None and is_complete(target, run_identity(scan, weights, dtype, embed, inputs, shard_cfg),
                                                overwrite):  # fmt: skip
             return EmbedSummary(already_complete=True)
-        setup = build_engine(model, embed)
+        owned = setup is None
+        setup = build_engine(model, embed) if owned else setup
         if weights is None:  # a hub model that was not cached before loading
             weights = model_identity(setup.model.source, model.load_format) or f"unresolved:{setup.model.source}"
         identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg)
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
         return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,
-                           overwrite, progress_factory)  # fmt: skip
+                           overwrite, progress_factory, owned)  # fmt: skip
 
 
 def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batch, inputs, shard, overwrite,
-                progress_factory) -> EmbedSummary:  # fmt: skip
+                progress_factory, owned=True) -> EmbedSummary:  # fmt: skip
     """The compute of embed_fasta, once the output is known to need it."""
     start_pos, stop_pos = (shard or ShardConfig()).range(scan.records)
     invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
@@ -518,7 +523,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     progress = progress_factory(todo) if progress_factory else None
     start = time.perf_counter()
     try:
-        with setup.engine as engine:
+        with setup.engine if owned else nullcontext(setup.engine) as engine:
             mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
             summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit)
             summary.oom_splits = engine.oom_splits()

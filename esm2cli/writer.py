@@ -63,7 +63,11 @@ def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: 
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The esm2cli metadata of a Parquet file written by esm2cli ({} for any other file)."""
+    """The esm2cli metadata of a Parquet (or HDF5) file written by esm2cli ({} for any other file)."""
+    from esm2cli import hdf5
+
+    if hdf5.is_hdf5(path):
+        return hdf5.read_metadata(path)
     try:
         with open_input(path) as handle:
             metadata = pq.read_schema(handle).metadata or {}
@@ -103,6 +107,26 @@ def _os_error(path: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def record_batch(
+    rows: Rows, schema: pa.Schema, hidden: int, layers: Sequence[int], start: int = 0, stop: int | None = None
+) -> pa.RecordBatch:
+    """Rows ``start:stop`` as an Arrow record batch of ``schema`` (build_schema's for these layers)."""
+    stop = len(rows) if stop is None else stop
+    columns = {
+        "id": pa.array(rows.ids[start:stop], pa.string()),
+        "description": pa.array(rows.descriptions[start:stop], pa.string()),
+        "length": pa.array(rows.lengths[start:stop], pa.int32()),
+        "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
+        "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
+    }
+    for layer, name in embedding_columns(layers, "embedding").items():
+        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden)
+    if rows.per_token:
+        for layer, name in embedding_columns(layers, "per_token").items():
+            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden)
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
 class EmbeddingWriter:
     """Streams rows to a file in row groups of at most ROW_GROUP_BYTES; the file appears at ``path`` only on commit.
 
@@ -135,19 +159,7 @@ class EmbeddingWriter:
                 raise _os_error(self.path, exc) from exc
 
     def _batch(self, rows: Rows, start: int, stop: int) -> pa.RecordBatch:
-        columns = {
-            "id": pa.array(rows.ids[start:stop], pa.string()),
-            "description": pa.array(rows.descriptions[start:stop], pa.string()),
-            "length": pa.array(rows.lengths[start:stop], pa.int32()),
-            "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
-            "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
-        }
-        for layer, name in self.pooled_cols.items():
-            columns[name] = _vectors(rows.pooled[layer][start:stop], self.hidden)
-        if rows.per_token:
-            for layer, name in self.token_cols.items():
-                columns[name] = _token_lists(rows.per_token[layer][start:stop], self.hidden)
-        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        return record_batch(rows, self.schema, self.hidden, list(self.pooled_cols), start, stop)
 
     def commit(self) -> None:
         """Closes the file and makes it visible at its path.
@@ -330,11 +342,17 @@ class ChunkStore:
         for before, after in zip(chunks, chunks[1:], strict=False):
             if before.stop != after.start:
                 raise OutputError(f"chunks {before.name} and {after.name} are not contiguous; this is a bug")
-        concatenate([self.chunk_path(c) for c in chunks], self.target, self.schema, expected_rows)
+        from esm2cli import hdf5
+
+        paths = [self.chunk_path(c) for c in chunks]
+        if hdf5.is_hdf5(self.target):  # the same chunks, written into the HDF5 layout
+            hdf5.from_parquet(paths, self.target, expected_rows)
+        else:
+            concatenate(paths, self.target, self.schema, expected_rows)
         remove(self.dir, recursive=True)
 
 
-_PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+_PART = re.compile(r"^part-(\d{5})-of-(\d{5})(\.parquet|\.h5)$")
 
 
 def find_parts(prefix: str) -> list[str]:
@@ -344,11 +362,15 @@ def find_parts(prefix: str) -> list[str]:
         PartsError: No parts, parts of different shard counts, or missing shards (named).
     """
     found: dict[int, set[int]] = {}
+    suffixes = set()
     for name in listdir(prefix):
         if m := _PART.match(name):
             found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+            suffixes.add(m.group(3))
     if not found:
-        raise PartsError(f"{prefix}: no part-<i>-of-<n>.parquet files")
+        raise PartsError(f"{prefix}: no part-<i>-of-<n>.parquet (or .h5) files")
+    if len(suffixes) > 1:
+        raise PartsError(f"{prefix}: both Parquet and HDF5 parts; merge one format at a time")
     if len(found) > 1:
         raise PartsError(f"{prefix}: parts of different shard counts ({', '.join(map(str, sorted(found)))})")
     ((count, indices),) = found.items()
@@ -356,7 +378,8 @@ def find_parts(prefix: str) -> list[str]:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise PartsError(f"{prefix}: {len(missing)} of {count} shards are not finished: {shown}")
-    return [join(prefix, f"part-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
+    (suffix,) = suffixes
+    return [join(prefix, f"part-{i:05d}-of-{count:05d}{suffix}") for i in range(count)]
 
 
 def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_rows: int | None = None) -> int:
@@ -431,18 +454,28 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
     if any(same_file(part, output) for part in parts):
         raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
     _check_merge_output(prefix, output)
+    from esm2cli import hdf5
+
     first = read_metadata(parts[0])
     identity = {**first.get("identity", {}), "shard": "merged"}
     for part in parts[1:]:
-        other = {**read_metadata(part).get("identity", {}), "shard": "merged"}
+        meta = read_metadata(part)
+        other = {**meta.get("identity", {}), "shard": "merged"}
         if other != identity:
             changes = "; ".join(describe_changes(identity, other))
             raise PartsError(f"{part} was made by another run than {parts[0]} ({changes}): rerun that shard")
     if exists(output):
-        if read_metadata(output).get("identity") == identity:
+        done = read_metadata(output)
+        if done.get("identity") == identity:
             return None
         if not overwrite:
             raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    if hdf5.is_hdf5(parts[0]):
+        if not hdf5.is_hdf5(output):
+            raise PartsError(f"{prefix} holds HDF5 parts: name an .h5 output to merge them")
+        return hdf5.merge(parts, output)
+    if hdf5.is_hdf5(output):
+        return hdf5.from_parquet(parts, output)
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
     metadata = {**first, "identity": identity, "parts": len(parts)}

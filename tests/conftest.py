@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,48 @@ def build_tiny_esm2(path, seed: int = 7) -> str:
     model.save_pretrained(path)
     bundled_tokenizer().save_pretrained(path)
     return str(path)
+
+
+FAIR_ESM_NAME = "esm2_t3_tiny_UR50D"  # fair-esm picks its ESM-2 loader by the "esm2" prefix of the file name
+
+
+def write_fair_esm_checkpoint(
+    folder: Path, name: str = FAIR_ESM_NAME, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 3,
+    regression: bool = True,
+) -> Path:  # fmt: skip
+    """Saves a random ESM-2 built with fair-esm's own ESM2 class, in the layout of fair-esm's downloads.
+
+    ``{"model": encoder.sentence_encoder.* and encoder.lm_head.* weights, "cfg": {"model": Namespace}}``,
+    and ``<name>-contact-regression.pt`` beside it, as fair-esm's hub loader expects.
+    """
+    import argparse
+
+    from esm.model.esm2 import ESM2
+
+    torch.manual_seed(seed)
+    model = ESM2(num_layers=layers, embed_dim=hidden, attention_heads=heads, alphabet="ESM-1b", token_dropout=True)
+    with torch.no_grad():  # wider than the default init, so that different sequences differ clearly
+        for pname, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if "layer_norm" in pname else 0.05))
+    state = model.state_dict()
+    weights = {}
+    for key, value in state.items():
+        if key.startswith("contact_head."):
+            continue
+        prefix = "encoder." if key.startswith("lm_head.") else "encoder.sentence_encoder."
+        weights[prefix + key] = value.clone()
+    args = argparse.Namespace(
+        _name="esm2", encoder_layers=layers, encoder_embed_dim=hidden, encoder_ffn_embed_dim=4 * hidden,
+        encoder_attention_heads=heads, token_dropout=True, attention_dropout=0.0, dropout=0.0, max_positions=1024,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    torch.save({"model": weights, "cfg": {"model": args, "task": argparse.Namespace(_name="masked_lm")},
+                "args": None, "extra_state": {"epoch": 1}}, path)  # fmt: skip
+    if regression:
+        contact = {k: v.clone() for k, v in state.items() if k.startswith("contact_head.")}
+        torch.save({"model": contact}, folder / f"{name}-contact-regression.pt")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir):
     "args, code, message",
     [
         (["-m", "/nonexistent/model"], 1, "no such model directory"),
-        (["-m", "esm2_t6_8M"], 1, "cannot load facebook/esm2_t6_8M_UR50D from the Hugging Face hub"),
+        (["-m", "esm2_t6_8M"], 1, "facebook/esm2_t6_8M_UR50D is not in the Hugging Face cache"),
         (["--devices", "cuda:3"], 2, "asked for cuda:3"),
         (["--layers", "x"], 2, "not a comma-separated list"),
         (["--layers", "9"], 2, "layer 9 is out of range"),

@@ -155,9 +155,11 @@ def test_directory_without_weights(tmp_path):
         load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
 
 
-def test_unreachable_hub_is_one_clear_error():
-    # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on this machine
-    with pytest.raises(ModelLoadError, match="cannot load facebook/esm2_t6_8M_UR50D from the Hugging Face hub"):
+def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
+    # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on this machine; empty caches
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ModelLoadError, match="esm2_t6_8M_UR50D is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
         load_model(ModelConfig(model="esm2_t6_8M", dtype="float32"))
 
 
