@@ -158,7 +158,7 @@ def test_shards_write_hdf5_parts_that_merge_into_one_file(tmp_path, fasta, tiny_
         np.testing.assert_allclose(got[key][0], want[key][0], rtol=1e-5, atol=1e-6)
         assert got[key][1]["original_id"] == want[key][1]["original_id"]
     result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "m.parquet")])
-    assert result.exit_code == 1 and "name an .h5 output" in result.output
+    assert result.exit_code == 2 and "name an .h5 output" in result.output
 
 
 def test_parquet_parts_merge_into_hdf5(tmp_path, fasta, tiny_model_dir):
