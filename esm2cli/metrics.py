@@ -42,8 +42,15 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("esm2cli_queue_depth", "Requests waiting to be batched", registry=self.registry)
         self.pending = Gauge(
-            "esm2cli_pending_sequences", "Sequences accepted, not yet answered", registry=self.registry
+            "esm2cli_pending_sequences",
+            "Sequences accepted, not yet answered (the per-pod autoscaling metric)",
+            registry=self.registry,
         )
+
+    def watch_queue(self, pending: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Reads the batcher's pending sequences and waiting requests at scrape time, so they are never stale."""
+        self.pending.set_function(pending)
+        self.queue_depth.set_function(waiting)
 
     def watch_devices(self, busy_seconds: Callable[[], dict[str, float]]) -> None:
         """Exposes the engine's per-device busy time once it is loaded."""
