@@ -85,7 +85,8 @@ class RequestGuard:
         except Exception:
             log.exception("unexpected error answering %s %s; this is a bug", scope["method"], _shown(scope["path"]))
             if not sent:
-                await send_error(send, scope["path"], 500, "internal server error (see the server log)", "InternalError")
+                message = "internal server error (see the server log)"
+                await send_error(send, scope["path"], 500, message, "InternalError")
         finally:
             self._record(scope, status, time.perf_counter() - start)
 
@@ -151,9 +152,7 @@ class RequestGuard:
         self.metrics.latency.labels(endpoint).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
             client = scope.get("client") or ("-", 0)
-            access_log.info(
-                '%s "%s %s" %d %.1f ms', client[0], scope["method"], _shown(path), status, seconds * 1000
-            )
+            access_log.info('%s "%s %s" %d %.1f ms', client[0], scope["method"], _shown(path), status, seconds * 1000)
 
 
 def _shown(path: str) -> str:

@@ -39,9 +39,7 @@ from esm2cli.openai_api import openai_router
 log = logging.getLogger(__name__)
 
 WARMUP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
-ENDPOINTS = frozenset(
-    {"/health", "/live", "/predict", "/predict/batch", "/metrics", "/v1/embeddings", "/v1/models"}
-)
+ENDPOINTS = frozenset({"/health", "/live", "/predict", "/predict/batch", "/metrics", "/v1/embeddings", "/v1/models"})
 
 
 class SequenceIn(BaseModel):
@@ -233,13 +231,15 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400:  # FastAPI's answer to a body it cannot parse: ours is 422, with the reason
             return _json_error(request, 422, _body_error(exc.__cause__), "InputError")
-        response = _json_error(request, exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "HTTPError")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = _json_error(request, exc.status_code, message, "HTTPError")
         response.headers.update(exc.headers or {})  # Allow, on 405
         return response
 
     def _ready() -> tuple[EngineSetup, DynamicBatcher]:
         if state.status != "ok" or state.setup is None or state.batcher is None:
-            raise NotReadyError("the model is still loading" if state.status == "loading" else "the model failed to load")
+            loading = state.status == "loading"
+            raise NotReadyError("the model is still loading" if loading else "the model failed to load")
         if not state.setup.engine.healthy:
             raise EngineError("a device worker has died; the server must be restarted")
         return state.setup, state.batcher
@@ -284,9 +284,7 @@ def create_app(
         layers = state.setup.layers
         return [_answer(item, length, row, layers) for item, (length, row) in zip(items, rows, strict=True)]
 
-    errors = {
-        status: {"model": ErrorOut} for status in (401, 422, 429, 503)
-    }  # what the OpenAPI page documents
+    errors = {status: {"model": ErrorOut} for status in (401, 422, 429, 503)}  # what the OpenAPI page documents
 
     @app.get("/health", responses={503: {"description": "Loading, failed, or a worker died"}})
     async def health() -> Response:

@@ -65,6 +65,7 @@ def make_app(model_dir, loader_wrap=None, embed=None, **serve):
 
 def slow_replicas(delay: float):
     """A loader_wrap that makes every engine batch take ``delay`` seconds more."""
+
     def wrap(setup):
         for worker in setup.engine._workers:
             original = worker.replica.embed_batch

@@ -153,7 +153,8 @@ def test_cli_keys_from_options_env_and_file_never_logged_and_access_log_on_stder
             for key in (key_env, KEY_A, KEY_B):
                 answer = client.post("/predict?token=QUERYSECRET", json={"sequence": "MKV"}, headers=bearer(key))
                 assert answer.status_code == 200, key
-            assert client.post("/predict", json={"sequence": "MKV"}, headers=bearer("k-wrong-0123456789ab")).status_code == 401
+            wrong = client.post("/predict", json={"sequence": "MKV"}, headers=bearer("k-wrong-0123456789ab"))
+            assert wrong.status_code == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
