@@ -188,11 +188,15 @@ class DynamicBatcher:
             return
         finally:
             self._slots.release()
-        for k, (request, i) in enumerate(members):
-            request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
-            request.missing -= 1
-            if request.missing == 0 and not request.future.done():
-                request.future.set_result(request.rows)
+        try:
+            for k, (request, i) in enumerate(members):
+                request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
+                request.missing -= 1
+                if request.missing == 0 and not request.future.done():
+                    request.future.set_result(request.rows)
+        except Exception as exc:  # a result of the wrong shape: fail the waiters rather than leave them hanging
+            log.error("cannot fan out a batch's results; this is a bug: %r", exc)
+            self._fail(members, exc)
 
     @staticmethod
     def _fail(members: list[tuple[_Request, int]], exc: Exception) -> None:

@@ -209,6 +209,7 @@ def create_app(
 
     app = FastAPI(title="esm2cli", version=__version__, lifespan=lifespan)
     app.state.serve = serve  # read by esm2cli.connections.uvicorn_config
+    app.state.model_id = model_id
     app.add_middleware(
         RequestGuard,
         keys=keys,
