@@ -820,3 +820,30 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
         raise _to_click(exc) from exc
     if not quiet:
         click.echo(f"merged {rows:,} rows -> {output}", err=True)
+
+
+@cli.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ESM2CLI_MODEL",
+              help="ESM-2 alias, Hugging Face hub id, or local directory.")  # fmt: skip
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The directory to write.")
+@log_options
+def fetch(model, output, verbose, quiet):
+    """Download a model once into a plain directory (weights, config, tokenizer) that loads with -m DIRECTORY.
+
+    For a shared volume filled by one Kubernetes Job and mounted read-only by the pods that embed:
+    they then need neither the network nor a writable cache.
+
+    \b
+    Example:
+      esm2cli fetch -m esm2_t33_650M -o /models/esm2_t33_650M
+      esm2cli embed proteins.fasta -o out.parquet -m /models/esm2_t33_650M
+    """
+    from esm2cli.model import save_local_copy
+
+    _setup_logging(verbose, quiet)
+    try:
+        out = save_local_copy(model, output)
+    except Esm2Error as exc:
+        raise _to_click(exc) from exc
+    if not quiet:
+        click.echo(f"fetched {model} -> {out}", err=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -17,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.devices import Device
-from esm2cli.errors import ConfigError, ModelLoadError
+from esm2cli.errors import ConfigError, ModelLoadError, OutputError, OutputExistsError
 from esm2cli.fasta import RESIDUES
 from esm2cli.fused import fuse_gelu
 
@@ -382,3 +384,38 @@ def build_replicas(loaded: LoadedModel, devices: Sequence[Device], embed: EmbedC
         else:
             replicas.append(Replica(loaded, device, embed, loaded.model, cpu_threads=threads))
     return replicas
+
+
+def save_local_copy(model: str, output: str | Path) -> Path:
+    """Saves a model's encoder weights, config and tokenizer into a plain directory, once, for read-only mounts.
+
+    The directory loads with ``-m DIRECTORY`` and no network or writable cache (a Kubernetes Job fetches
+    the weights once into a volume that the embedding pods then mount read-only). It is written beside
+    and renamed into place, so that a half-written copy is never taken for a complete one.
+
+    Raises:
+        ModelLoadError: The model cannot be found or is not an ESM-2 encoder.
+        OutputExistsError: The output directory exists already.
+        OutputError: It cannot be written.
+    """
+    out = Path(output)
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists; remove it to fetch again")
+    source = resolve_source(model)
+    config = _load_config(source)
+    hf_logging.set_verbosity_error()
+    try:
+        encoder = EsmModel.from_pretrained(source, config=config, add_pooling_layer=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+    tokenizer = _load_tokenizer(source)
+    _token_lut(tokenizer)  # refuses a tokenizer without the ESM-2 residues now, not in every pod later
+    partial = out.with_name(out.name + ".partial")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        encoder.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc}") from exc
+    return out
