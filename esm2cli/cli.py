@@ -620,7 +620,8 @@ def serve(
     Examples:
       esm2cli serve -m esm2_t33_650M --port 8000 --api-key-file /etc/esm2cli/api-keys
       esm2cli serve -m esm2_t6_8M --load-format dummy --devices sim:2
-      curl -s localhost:8000/predict -H "authorization: Bearer $KEY" -d '{"sequence": "MKTAYIAK"}'
+      curl -s localhost:8000/predict -H "authorization: Bearer $KEY" -H 'content-type: application/json' \\
+           -d '{"sequence": "MKTAYIAK"}'
     """
     import signal
 
