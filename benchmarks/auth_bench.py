@@ -4,8 +4,9 @@ Starts two servers on the same model and devices, one with an API key and one wi
 same sequences, in requests of ``--batch`` sequences from ``--clients`` concurrent clients, to
 /predict/batch, /v1/embeddings (float) and /v1/embeddings (base64) on each. The rounds interleave every
 (server, endpoint) pair in a shuffled order, so that drift on a shared machine falls on all of them alike;
-the medians are compared. It also times the key check alone (the only work keys add to a request) against
-the time a request takes.
+the medians are compared. Beside throughput (wall clock, which other load on a shared machine moves), it
+reads the CPU time each server process spent per request from /proc, which such load moves much less. It
+also times the key check alone (the only work keys add to a request) against the server's time a request.
 
     python -m benchmarks.auth_bench --model esm2_t6_8M --sequences 256 --batch 8 --clients 8 --rounds 5
 """
@@ -86,6 +87,12 @@ async def _load(url: str, key: str | None, endpoint: str, model: str, batches: l
         return sum(map(len, batches)) / (time.perf_counter() - start)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process and its threads so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _key_check_seconds() -> float:
     """Seconds one key check takes (the header a request carries, against 3 keys)."""
     checker = KeyChecker([KEY, KEY[::-1], KEY.upper()])
@@ -112,6 +119,7 @@ def main() -> None:
     servers = {"keys on": _start(args, KEY), "keys off": _start(args, None)}
     model_id = httpx.get(f"{servers['keys off'][1]}/v1/models").json()["data"][0]["id"]
     rates: dict[tuple[str, str], list[float]] = {(s, e): [] for s in servers for e in ENDPOINTS}
+    cpu_ms: dict[tuple[str, str], list[float]] = {(s, e): [] for s in servers for e in ENDPOINTS}
     order = list(rates)
     try:
         for server, endpoint in order:  # warm-up: every path once
@@ -121,13 +129,17 @@ def main() -> None:
             random.shuffle(order)
             for server, endpoint in order:
                 key = KEY if server == "keys on" else None
-                rate = asyncio.run(_load(servers[server][1], key, endpoint, model_id, batches, args.clients))
+                proc, url = servers[server]
+                cpu_before = _cpu_seconds(proc.pid)
+                rate = asyncio.run(_load(url, key, endpoint, model_id, batches, args.clients))
+                cpu_ms[server, endpoint].append((_cpu_seconds(proc.pid) - cpu_before) * 1000 / len(batches))
                 rates[server, endpoint].append(rate)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
     median = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
     check_s = _key_check_seconds()
     request_s = args.batch / median["keys on", "predict_batch"]  # the server's time per request, amortised
     report = {
@@ -141,6 +153,9 @@ def main() -> None:
         "v1_float_over_predict_batch_keys_on": median["keys on", "v1_float"] / median["keys on", "predict_batch"],
         "v1_base64_over_predict_batch_keys_on": median["keys on", "v1_base64"] / median["keys on", "predict_batch"],
         "keys_on_over_off": {e: median["keys on", e] / median["keys off", e] for e in ENDPOINTS},
+        "server_cpu_ms_per_request": {f"{s} / {e}": v for (s, e), v in cpu.items()},
+        "cpu_keys_on_over_off": {e: cpu["keys on", e] / cpu["keys off", e] for e in ENDPOINTS},
+        "cpu_v1_float_over_predict_batch_keys_on": cpu["keys on", "v1_float"] / cpu["keys on", "predict_batch"],
         "key_check_us": check_s * 1e6,
         "key_check_share_of_request": check_s / request_s,
     }
@@ -151,16 +166,21 @@ def main() -> None:
         f"{args.model} ({args.load_format}), {args.devices}; {len(seqs)} sequences ({report['residues']:,} residues) "
         f"in requests of {args.batch}, {args.clients} clients, {args.rounds} interleaved rounds (medians)"
     )
-    print(f"{'endpoint':>16} {'keys on seq/s':>14} {'keys off seq/s':>15} {'on/off':>7}  per-round on/off")
+    print(
+        f"{'endpoint':>16} {'keys on seq/s':>14} {'keys off seq/s':>15} {'on/off':>7} "
+        f"{'on CPU ms/req':>14} {'off CPU ms/req':>15} {'CPU on/off':>11}  per-round CPU on/off"
+    )
     for e in ENDPOINTS:
-        per_round = " ".join(f"{a / b:.3f}" for a, b in zip(rates["keys on", e], rates["keys off", e], strict=True))
+        per_round = " ".join(f"{a / b:.3f}" for a, b in zip(cpu_ms["keys on", e], cpu_ms["keys off", e], strict=True))
         print(
             f"{e:>16} {median['keys on', e]:14.1f} {median['keys off', e]:15.1f} "
-            f"{report['keys_on_over_off'][e]:7.3f}  {per_round}"
+            f"{report['keys_on_over_off'][e]:7.3f} {cpu['keys on', e]:14.2f} {cpu['keys off', e]:15.2f} "
+            f"{report['cpu_keys_on_over_off'][e]:11.3f}  {per_round}"
         )
     print(
         f"keys on: /v1/embeddings float / /predict/batch = {report['v1_float_over_predict_batch_keys_on']:.3f}, "
-        f"base64 / /predict/batch = {report['v1_base64_over_predict_batch_keys_on']:.3f}"
+        f"base64 / /predict/batch = {report['v1_base64_over_predict_batch_keys_on']:.3f}; server CPU a request, "
+        f"/v1 float / /predict/batch = {report['cpu_v1_float_over_predict_batch_keys_on']:.3f}"
     )
     print(
         f"the key check alone: {report['key_check_us']:.1f} us a request, "

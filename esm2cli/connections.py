@@ -6,6 +6,7 @@ accept() with a traceback. Here:
 - a connection that has not sent a request's complete headers within ``header_timeout_s`` gets 408 and
   is closed (measured from when it opened or from its previous answer);
 - past ``max_connections`` open connections, a new one is answered 503 (with Retry-After) and closed;
+- a client that stops reading its answers for ``body_timeout_s`` is disconnected;
 - accept() errors (EMFILE and the like) are logged at most once per ``ACCEPT_LOG_INTERVAL_S``, one line
   with the count of those not shown;
 - the process's open-file limit is raised, where allowed, to hold ``max_connections`` with room to spare.
@@ -43,11 +44,12 @@ def _raw_answer(status: int, reason: str, message: str, error_type: str) -> byte
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
-    """An h11 protocol class for uvicorn with the header timeout and the connection cap."""
+def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout_s: float) -> type[H11Protocol]:
+    """An h11 protocol class for uvicorn with the header timeout, the connection cap and the send timeout."""
     timeout_answer = _raw_answer(
         408, "Request Timeout", f"the request headers were not received within {header_timeout_s:g} s", "InputError"
     )
+    bad_answer = _raw_answer(400, "Bad Request", "invalid HTTP request", "InputError")
     busy_answer = _raw_answer(
         503, "Service Unavailable", f"too many open connections (over {max_connections}); retry later",
         "OverloadedError",
@@ -55,6 +57,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
         _refusing = False
 
         def connection_made(self, transport) -> None:
@@ -78,7 +81,22 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
 
         def connection_lost(self, exc) -> None:
             self._stop_timer()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            # The client stopped reading its answers: it may resume within send_timeout_s, else the
+            # connection is dropped, and the answer with it (uvicorn would wait for it forever).
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(send_timeout_s, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
 
         def _watch_headers(self) -> None:
             """Arms the timer while the next request's headers are awaited; disarms it once they are in."""
@@ -103,12 +121,45 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
             if not self.transport.is_closing():
                 self._close_with(busy_answer)
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own answer is plain text; ours is the documented JSON (h11 has refused the bytes).
+            self._stop_timer()
+            self._close_with(bad_answer)
+
         def _close_with(self, answer: bytes) -> None:
             self._unset_keepalive_if_required()
             self.transport.write(answer)
             self.transport.close()  # after the buffered answer is written
 
     return GuardedH11Protocol
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a log message through at most once per interval (clients can make uvicorn repeat some at will)."""
+
+    def __init__(self, messages: tuple[str, ...], interval_s: float = ACCEPT_LOG_INTERVAL_S):
+        super().__init__()
+        self._messages = messages
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in self._messages:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(message, -float("inf")) < self._interval_s:
+            return False
+        self._last[message] = now
+        return True
+
+
+def _limit_uvicorn_repeats() -> None:
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatFilter) for f in errors.filters):
+        errors.addFilter(
+            RepeatFilter(("Invalid HTTP request received.", "ASGI callable returned without completing response."))
+        )
 
 
 class AcceptErrorLimiter:
@@ -173,11 +224,12 @@ def fit_open_files(max_connections: int) -> int:
 def uvicorn_config(app, serve: ServeConfig, *, host: str, port: int, **options) -> uvicorn.Config:
     """The uvicorn configuration of esm2cli serve: the guarded protocol, no access log of uvicorn's own
     (esm2cli.guard writes one on stderr), no Server header. ``options`` go to uvicorn.Config as they are."""
+    _limit_uvicorn_repeats()
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=guarded_protocol(serve.header_timeout_s, serve.max_connections),
+        http=guarded_protocol(serve.header_timeout_s, serve.max_connections, serve.body_timeout_s),
         access_log=False,
         server_header=False,
         log_config=None,  # esm2cli's logging (stderr) carries uvicorn's messages too

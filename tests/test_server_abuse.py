@@ -241,3 +241,30 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
     assert "does not fit the open-file limit (256)" in err  # the cap was lowered to fit
     assert err.count("cannot accept connections") == 1, err[-3000:]
     assert "out of system resource" not in err and "Traceback" not in err
+
+
+def test_garbage_requests_get_a_json_400_and_are_logged_at_most_once(guarded, caplog):
+    url, _ = guarded
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\ncontent-length: nope\r\n\r\n"):
+        raw = raw_exchange(url, garbage)
+        assert _status(raw) == 400 and _json_body(raw) == {"error": "invalid HTTP request", "error_type": "InputError"}
+    logged = [r for r in caplog.records if r.getMessage() == "Invalid HTTP request received."]
+    assert len(logged) <= 1
+
+
+def test_a_client_that_does_not_read_its_answers_is_dropped(guarded):
+    url, client = guarded
+    answer_size = len(client.get("/openapi.json").content)
+    host, port = url.removeprefix("http://").split(":")
+    request = b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(request * 2000)  # pipelined: far more answer than the socket buffers hold; never read
+        time.sleep(3)  # the server's writes pause, and after body_timeout_s (0.5 s) it drops the connection
+        sock.settimeout(5)
+        received = 0
+        while chunk := sock.recv(1 << 20):  # what the kernel buffers held, then the end: no timeout here
+            received += len(chunk)
+    assert received < 2000 * answer_size / 2
+    assert client.get("/health").status_code == 200
