@@ -30,7 +30,7 @@ from esm2cli.errors import (
     RequestTimeoutError,
     http_status,
 )
-from esm2cli.fasta import check_sequence, normalise
+from esm2cli.fasta import check_sequence, check_text, normalise
 from esm2cli.guard import RequestGuard
 from esm2cli.http_errors import encode, error_headers, error_payload
 from esm2cli.metrics import ServerMetrics
@@ -86,23 +86,15 @@ def public_model_name(model: str) -> str:
 
 def _checked(sequence: str, rec_id: str | None, where: str, serve: ServeConfig, truncate: int) -> tuple[str, int]:
     """Normalises and validates one sequence (as FASTA records are); returns it (truncated) and its full length."""
-    if rec_id is not None and not _is_text(rec_id):
-        # JSON can carry lone surrogates, which no UTF-8 answer (or Parquet file) can hold.
-        raise InputError(f"{where}: the id is not valid Unicode (it holds a lone surrogate)", param="id")
+    # As FASTA ids are: JSON can carry lone surrogates (which no UTF-8 answer can hold) and control characters.
+    if rec_id is not None and (problem := check_text(rec_id, "the id")):
+        raise InputError(f"{where}: {problem}", param="id")
     seq = normalise(sequence)
     if problem := check_sequence(seq):
         raise InputError(f"{where}: {problem}")
     if len(seq) > truncate and not serve.truncation:
         raise InputError(f"{where}: {len(seq)} residues is over the maximum of {truncate} (truncation is off)")
     return seq[:truncate], len(seq)
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _label(where: str, item: SequenceIn) -> str:

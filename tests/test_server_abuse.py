@@ -126,9 +126,11 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
 @pytest.mark.parametrize(
     "payload, message",
     [
-        ('{"sequence": "MKV", "id": "\\ud800"}', "sequence (id '\\\\ud800'): the id is not valid Unicode"),
-        ('{"sequences": [{"sequence": "MKV", "id": "a\\udfffb"}]}', "sequences[0] (id 'a\\\\udfffb')"),
+        ('{"sequence": "MKV", "id": "\\ud800"}', "sequence (id '\\\\ud800'): the id holds a surrogate (U+D800"),
+        ('{"sequences": [{"sequence": "MKV", "id": "a\\udfffb"}]}', "sequences[0] (id 'a\\\\udfffb'): the id holds"),
+        ('{"sequence": "MKV", "id": "a\\u001b[2Jb"}', "the id holds a control character (U+001B at character 2)"),
         ('{"sequence": "MK\\ud800V"}', "outside the ESM-2 alphabet"),
+        ('{"sequence": "MK\\u00dfV"}', "outside the ESM-2 alphabet"),  # 'ß' upper-cases to 'SS': refused
     ],
 )
 def test_unencodable_ids_and_sequences_are_422_before_any_compute(guarded, payload, message):
