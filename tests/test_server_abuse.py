@@ -42,6 +42,9 @@ def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_m
     request += b"content-length: %d\r\n\r\n" % len(body) + body
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         wait_healthy(client)
+        start = time.perf_counter()
+        assert client.post("/predict", json={"sequence": long_seq}).status_code == 200
+        alone = time.perf_counter() - start  # the same request on an idle server
         host, port = url.removeprefix("http://").split(":")
         socks = [socket.create_connection((host, int(port))) for _ in range(60)]
         for sock in socks:
@@ -63,10 +66,11 @@ def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_m
         gone = metric(client, 'esm2cli_requests_total{endpoint="/predict/batch",status="499"}')
         refused = metric(client, 'esm2cli_requests_total{endpoint="/predict/batch",status="429"}')
         batches = metric(client, "esm2cli_batch_size_count")
-    assert freed < 2.0, f"the queue took {freed:.1f} s to empty"  # 3,840 sequences would take ~40 s to compute
-    assert served < 2.0, f"the next request took {served:.1f} s"
+    print(f"queue freed in {freed:.3f} s; next request {served:.3f} s (alone: {alone:.3f} s); {batches:.0f} batches")
+    assert freed < 2.0, f"the queue took {freed:.1f} s to empty"  # 2,048 sequences would take > 100 s to compute
+    assert served < alone + 1.0, f"the next request took {served:.1f} s, {alone:.1f} s on an idle server"
     assert gone == 32 and refused == 28
-    assert batches < 200  # of the 2,048 accepted sequences, only those already at a replica ran
+    assert batches < 200 + 1  # of the 2,048 accepted sequences, only those already at a replica ran
 
 
 def test_a_gone_client_is_counted_499_even_when_it_left_during_its_body(guarded):
