@@ -4,7 +4,7 @@ uvicorn closes idle keep-alive connections, but not one that sends half of its h
 it accepts connections until the process runs out of file descriptors, then logs every failed
 accept() with a traceback. Here:
 - a connection that has not sent a request's complete headers within ``header_timeout_s`` gets 408 and
-  is closed (measured from when it opened or from its previous answer);
+  is closed (measured from when it opened, or from the first bytes of a later request);
 - past ``max_connections`` open connections, a new one is answered 503 (with Retry-After) and closed;
 - a client that stops reading its answers for ``body_timeout_s`` is disconnected;
 - accept() errors (EMFILE and the like) are logged at most once per ``ACCEPT_LOG_INTERVAL_S``, one line
@@ -18,6 +18,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -44,8 +45,14 @@ def _raw_answer(status: int, reason: str, message: str, error_type: str) -> byte
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout_s: float) -> type[H11Protocol]:
-    """An h11 protocol class for uvicorn with the header timeout, the connection cap and the send timeout."""
+def guarded_protocol(
+    header_timeout_s: float,
+    max_connections: int,
+    send_timeout_s: float,
+    on_close: Callable[[str], None] = lambda reason: None,
+) -> type[H11Protocol]:
+    """An h11 protocol class for uvicorn with the header timeout, the connection cap and the send timeout;
+    ``on_close`` is told why each connection it closes was closed (for metrics)."""
     timeout_answer = _raw_answer(
         408, "Request Timeout", f"the request headers were not received within {header_timeout_s:g} s", "InputError"
     )
@@ -77,7 +84,8 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._watch_headers()
+            if self.conn.trailing_data[0]:  # part of a pipelined request already came with the last one
+                self._watch_headers()
 
         def connection_lost(self, exc) -> None:
             self._stop_timer()
@@ -90,7 +98,11 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
             # connection is dropped, and the answer with it (uvicorn would wait for it forever).
             super().pause_writing()
             if self._write_timer is None:
-                self._write_timer = self.loop.call_later(send_timeout_s, self.transport.abort)
+                self._write_timer = self.loop.call_later(send_timeout_s, self._reader_gone)
+
+        def _reader_gone(self) -> None:
+            on_close("send_timeout")
+            self.transport.abort()
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -99,7 +111,12 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
                 self._write_timer = None
 
         def _watch_headers(self) -> None:
-            """Arms the timer while the next request's headers are awaited; disarms it once they are in."""
+            """Arms the timer while a request's headers are awaited; disarms it once they are in.
+
+            Called when the connection opens and when bytes arrive (or wait, pipelined): between requests,
+            uvicorn's keep-alive timeout closes an idle connection, and the timer starts with the next
+            request's first bytes.
+            """
             waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
             if waiting and self._header_timer is None:
                 self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
@@ -114,16 +131,19 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
         def _headers_late(self) -> None:
             self._header_timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                on_close("header_timeout")
                 self._close_with(timeout_answer)
 
         def _refuse(self) -> None:
             self._stop_timer()
             if not self.transport.is_closing():
+                on_close("over_capacity")
                 self._close_with(busy_answer)
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's own answer is plain text; ours is the documented JSON (h11 has refused the bytes).
             self._stop_timer()
+            on_close("bad_request")
             self._close_with(bad_answer)
 
         def _close_with(self, answer: bytes) -> None:
@@ -221,7 +241,7 @@ def fit_open_files(max_connections: int) -> int:
     return max_connections
 
 
-def uvicorn_config(app, serve: ServeConfig, *, host: str, port: int, **options) -> uvicorn.Config:
+def uvicorn_config(app, serve: ServeConfig, *, host: str, port: int, **options) -> uvicorn.Config:  # app: create_app()
     """The uvicorn configuration of esm2cli serve: the guarded protocol, no access log of uvicorn's own
     (esm2cli.guard writes one on stderr), no Server header. ``options`` go to uvicorn.Config as they are."""
     _limit_uvicorn_repeats()
@@ -229,7 +249,12 @@ def uvicorn_config(app, serve: ServeConfig, *, host: str, port: int, **options) 
         app,
         host=host,
         port=port,
-        http=guarded_protocol(serve.header_timeout_s, serve.max_connections, serve.body_timeout_s),
+        http=guarded_protocol(
+            serve.header_timeout_s,
+            serve.max_connections,
+            serve.body_timeout_s,
+            on_close=app.state.metrics.connection_closed,
+        ),
         access_log=False,
         server_header=False,
         log_config=None,  # esm2cli's logging (stderr) carries uvicorn's messages too

@@ -202,6 +202,7 @@ def create_app(
     app = FastAPI(title="esm2cli", version=__version__, lifespan=lifespan)
     app.state.serve = serve  # read by esm2cli.connections.uvicorn_config
     app.state.model_id = model_id
+    app.state.metrics = metrics  # the connection layer counts what it closes here
     app.add_middleware(
         RequestGuard,
         keys=keys,

@@ -92,6 +92,7 @@ def test_a_gone_client_is_counted_499_even_when_it_left_during_its_body(guarded)
 
 def test_half_sent_headers_get_408_and_the_connection_is_closed(guarded):
     url, client = guarded
+    before = metric(client, 'esm2cli_connections_closed_total{reason="header_timeout"}')
     for partial in (b"", b"POST /predict HTTP/1.1\r\nhost: t\r\ncontent-"):
         start = time.perf_counter()
         raw = raw_exchange(url, partial)
@@ -101,6 +102,7 @@ def test_half_sent_headers_get_408_and_the_connection_is_closed(guarded):
     request = b"GET /live HTTP/1.1\r\nhost: t\r\n\r\nGET /live HTTP/1.1\r\nhost:"
     raw = raw_exchange(url, request)
     assert raw.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in raw
+    assert metric(client, 'esm2cli_connections_closed_total{reason="header_timeout"}') == before + 3
 
 
 def test_a_trickled_body_gets_408_and_is_counted(guarded):
@@ -125,6 +127,7 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
         time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.get("/live").status_code == 200
+            assert metric(client, 'esm2cli_connections_closed_total{reason="over_capacity"}') == 1
 
 
 @pytest.mark.parametrize(
@@ -273,4 +276,5 @@ def test_a_client_that_does_not_read_its_answers_is_dropped(guarded):
         while chunk := sock.recv(1 << 20):  # what the kernel buffers held, then the end: no timeout here
             received += len(chunk)
     assert received < 2000 * answer_size / 2
+    assert metric(client, 'esm2cli_connections_closed_total{reason="send_timeout"}') == 1
     assert client.get("/health").status_code == 200
