@@ -5,6 +5,8 @@ STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
 IMAGE ?= esm2cli:0.1.0
+BASE_IMAGE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+BASE_DIGEST ?=
 
 .PHONY: install test demo lint format image gpu-wheels clean
 
@@ -33,8 +35,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format esm2cli tests benchmarks
 	$(VENV)/bin/ruff check --fix esm2cli tests benchmarks
 
+# The base image by digest (pass BASE_DIGEST=sha256:... to pin one; else the tag's current digest, printed).
 image:
-	docker build -t $(IMAGE) .
+	@digest="$(BASE_DIGEST)"; \
+	if [ -z "$$digest" ]; then \
+		digest=$$(docker buildx imagetools inspect $(BASE_IMAGE) --format '{{json .Manifest.Digest}}' | tr -d '"'); \
+		echo "base image $(BASE_IMAGE)@$$digest (pin it: make image BASE_DIGEST=$$digest)"; \
+	fi; \
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BASE_DIGEST=$$digest -t $(IMAGE) .
 
 # What benchmarks/gpu_check.sh needs on a GPU machine with no internet (Python 3.12, torch there):
 # the packages its image lacks, as wheels in .whl/, at the versions constraints.txt pins.

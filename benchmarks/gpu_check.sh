@@ -40,7 +40,7 @@ for dtype in bfloat16 float32; do
         "$OUT/bench-650M-$dtype.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 done
 
-timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 800 --engine-ceiling \
+timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests 200 --engine-ceiling \
     2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
 echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
 

@@ -30,10 +30,9 @@ class _Request:
 
 @dataclass(frozen=True, kw_only=True)
 class BatcherStats:
-    """Hooks for metrics: called with each engine batch's size, and with the queue depth."""
+    """Hooks for metrics: called with each engine batch's size."""
 
     on_batch: Callable[[int], None] = lambda size: None
-    on_queue_depth: Callable[[int], None] = lambda depth: None
 
 
 class DynamicBatcher:
@@ -42,6 +41,10 @@ class DynamicBatcher:
     With ``coalesce=False`` each request is submitted on its own (dynamic batching off). At most
     ``max_queue`` sequences may be accepted and unanswered; past that, embed() raises
     OverloadedError at once instead of growing memory.
+
+    A request whose caller gives up (its embed() is cancelled: the client left) frees its place in
+    the queue at once; its sequences are dropped from batches not yet submitted, and an engine batch
+    that only it needed is cancelled before a replica takes it.
     """
 
     def __init__(
@@ -69,7 +72,13 @@ class DynamicBatcher:
         # batch then takes everything that arrived meanwhile instead of being cut early.
         self._slots = asyncio.Semaphore(max_in_flight)
         self._dispatcher: asyncio.Task | None = None
+        self._waiting: set[int] = set()  # ids of the requests not yet taken into a batch
         self.pending = 0  # sequences accepted and not yet answered
+
+    @property
+    def waiting(self) -> int:
+        """Requests accepted and not yet taken into a batch (those whose caller left are not counted)."""
+        return len(self._waiting)
 
     def start(self) -> None:
         """Starts the dispatcher task on the running event loop."""
@@ -95,12 +104,13 @@ class DynamicBatcher:
         request = _Request(list(seqs), asyncio.get_running_loop().create_future())
         request.rows, request.missing = [None] * len(seqs), len(seqs)
         self.pending += len(seqs)
+        self._waiting.add(id(request))
         self._queue.put_nowait(request)
-        self._stats.on_queue_depth(self._queue.qsize())
         try:
-            return await request.future
+            return await request.future  # cancelling this task cancels request.future too
         finally:
             self.pending -= len(seqs)
+            self._waiting.discard(id(request))
 
     async def _next_group(self) -> list[_Request]:
         """Takes the next request, then (coalescing) more until max_batch sequences or max_wait_s."""
@@ -125,7 +135,8 @@ class DynamicBatcher:
         while True:
             await self._slots.acquire()  # wait for a free replica slot before forming the next group
             group = [r for r in await self._next_group() if not r.future.done()]  # skip requests that gave up
-            self._stats.on_queue_depth(self._queue.qsize())
+            for request in group:
+                self._waiting.discard(id(request))
             slots = [(request, i) for request in group for i in range(len(request.seqs))]
             batches = plan_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch)
             if not batches:
@@ -133,7 +144,12 @@ class DynamicBatcher:
             for n, rows in enumerate(batches):
                 if n:
                     await self._slots.acquire()
-                await self._submit_batch([slots[k] for k in rows])
+                # A request may have given up while the previous batches waited for a slot.
+                members = [slots[k] for k in rows if not slots[k][0].future.done()]
+                if members:
+                    await self._submit_batch(members)
+                else:
+                    self._slots.release()
 
     async def _submit_batch(self, members: list[tuple[_Request, int]]) -> None:
         """Submits one engine batch; its slot is released when its results have been fanned out."""
@@ -145,23 +161,42 @@ class DynamicBatcher:
             self._slots.release()
             return
         self._stats.on_batch(len(seqs))
+        self._cancel_when_abandoned(members, future)
         task = asyncio.get_running_loop().create_task(self._fan_out(members, asyncio.wrap_future(future)))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
+    @staticmethod
+    def _cancel_when_abandoned(members: list[tuple[_Request, int]], future: Future) -> None:
+        """Cancels an engine batch once every request in it has given up (a replica then skips it)."""
+        requests = list({id(request): request for request, _ in members}.values())
+
+        def check(_) -> None:
+            if all(request.future.done() for request in requests):
+                future.cancel()  # no effect once a replica has started it
+
+        for request in requests:
+            request.future.add_done_callback(check)
+
     async def _fan_out(self, members: list[tuple[_Request, int]], result: asyncio.Future) -> None:
         try:
             embeddings = await result
+        except asyncio.CancelledError:
+            return  # the batch was cancelled before it ran: nobody waits for it
         except Exception as exc:
             self._fail(members, exc)
             return
         finally:
             self._slots.release()
-        for k, (request, i) in enumerate(members):
-            request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
-            request.missing -= 1
-            if request.missing == 0 and not request.future.done():
-                request.future.set_result(request.rows)
+        try:
+            for k, (request, i) in enumerate(members):
+                request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
+                request.missing -= 1
+                if request.missing == 0 and not request.future.done():
+                    request.future.set_result(request.rows)
+        except Exception as exc:  # a result of the wrong shape: fail the waiters rather than leave them hanging
+            log.error("cannot fan out a batch's results; this is a bug: %r", exc)
+            self._fail(members, exc)
 
     @staticmethod
     def _fail(members: list[tuple[_Request, int]], exc: Exception) -> None:

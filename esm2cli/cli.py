@@ -23,9 +23,10 @@ from esm2cli.config import (
     EmbedConfig,
     InputConfig,
     ModelConfig,
+    ServeConfig,
     ShardConfig,
 )
-from esm2cli.errors import Esm2Error, Interrupted, exit_code
+from esm2cli.errors import ConfigError, Esm2Error, Interrupted, exit_code
 
 log = logging.getLogger("esm2cli")
 
@@ -452,6 +453,76 @@ def _interruptible():
             signal.signal(sig, handler)
 
 
+class _ApiKey(click.ParamType):
+    """An API key; ESM2CLI_API_KEYS holds several, comma-separated."""
+
+    name = "KEY"
+    envvar_list_splitter = ","
+
+    def convert(self, value, param, ctx):
+        return value.strip()
+
+
+def serve_security_options(func):
+    """The server's access control and connection bounds."""
+    options = [
+        click.option(
+            "--api-key",
+            "api_keys",
+            type=_ApiKey(),
+            multiple=True,
+            envvar="ESM2CLI_API_KEYS",
+            help="A key clients send as 'Authorization: Bearer KEY' (repeatable; ESM2CLI_API_KEYS: comma-separated). "
+            "Without any key the server answers anyone.",
+        ),
+        click.option(
+            "--api-key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="ESM2CLI_API_KEY_FILE",
+            help="A file of API keys, one a line (# comments); for a Kubernetes Secret.",
+        ),
+        click.option(
+            "--public-metrics",
+            is_flag=True,
+            envvar="ESM2CLI_PUBLIC_METRICS",
+            help="Serve /metrics without a key.",
+        ),
+        click.option(
+            "--public-docs",
+            is_flag=True,
+            envvar="ESM2CLI_PUBLIC_DOCS",
+            help="Serve /docs, /redoc and /openapi.json without a key.",
+        ),
+        click.option(
+            "--header-timeout",
+            type=click.FloatRange(min=0.1),
+            default=ServeConfig.header_timeout_s,
+            show_default=True,
+            envvar="ESM2CLI_HEADER_TIMEOUT",
+            help="Seconds a connection may take to send a request's headers (else 408 and closed).",
+        ),
+        click.option(
+            "--body-timeout",
+            type=click.FloatRange(min=0.1),
+            default=ServeConfig.body_timeout_s,
+            show_default=True,
+            envvar="ESM2CLI_BODY_TIMEOUT",
+            help="Seconds a request body may take to arrive (else 408 and closed).",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(min=1),
+            default=ServeConfig.max_connections,
+            show_default=True,
+            envvar="ESM2CLI_MAX_CONNECTIONS",
+            help="Open connections at most; past it, new ones get 503.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @model_options
 @embedding_options
@@ -528,6 +599,7 @@ def _interruptible():
     envvar="ESM2CLI_GRACEFUL_TIMEOUT",
     help="On SIGTERM, seconds that requests in flight may take.",
 )
+@serve_security_options
 @log_options
 def serve(
     model,
@@ -549,31 +621,45 @@ def serve(
     max_body_bytes,
     truncation,
     graceful_timeout,
+    api_keys,
+    api_key_file,
+    public_metrics,
+    public_docs,
+    header_timeout,
+    body_timeout,
+    max_connections,
     verbose,
     quiet,
 ):
-    """Serve embeddings over HTTP: GET /health, GET /live, POST /predict, POST /predict/batch, GET /metrics.
+    """Serve embeddings over HTTP: GET /health, GET /live, POST /predict, POST /predict/batch,
+    POST /v1/embeddings (OpenAI-compatible), GET /v1/models, GET /metrics.
 
     The port opens at once; /health answers 503 until every replica is loaded and warm.
-    SIGTERM stops accepting, finishes the requests in flight and exits 0.
+    SIGTERM stops accepting, finishes the requests in flight and exits 0. With API keys, every
+    route but /health and /live needs 'Authorization: Bearer KEY'.
 
     \b
     Examples:
-      esm2cli serve -m esm2_t33_650M --port 8000
+      esm2cli serve -m esm2_t33_650M --port 8000 --api-key-file /etc/esm2cli/api-keys
       esm2cli serve -m esm2_t6_8M --load-format dummy --devices sim:2
-      curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"sequence": "MKTAYIAK"}'
+      curl -s localhost:8000/predict -H "authorization: Bearer $KEY" -H 'content-type: application/json' \\
+           -d '{"sequence": "MKTAYIAK"}'
     """
     import signal
 
     import uvicorn
 
-    from esm2cli.config import ServeConfig
+    from esm2cli.auth import checked_keys, read_key_file
+    from esm2cli.connections import fit_open_files, uvicorn_config
     from esm2cli.server import create_app
 
     _setup_logging(verbose, quiet)
+    logging.getLogger("uvicorn").setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        keys = checked_keys([*api_keys, *(read_key_file(api_key_file) if api_key_file else [])])
+    except ConfigError as exc:
+        raise _to_click(exc) from exc
     serve_cfg = ServeConfig(
-        host=host,
-        port=port,
         batching=batching,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
@@ -583,7 +669,12 @@ def serve(
         request_timeout_s=request_timeout,
         max_body_bytes=max_body_bytes,
         truncation=truncation,
-        graceful_timeout_s=graceful_timeout,
+        api_keys=keys,
+        public_metrics=public_metrics,
+        public_docs=public_docs,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_connections=fit_open_files(max_connections),
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
     embed_cfg = EmbedConfig(layers=layers, pooling=pooling, truncate=truncate)
@@ -596,14 +687,7 @@ def serve(
         server.should_exit = True
 
     app = create_app(serve_cfg, model_cfg, embed_cfg, on_load_failure=on_load_failure)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning" if quiet else "info",
-        timeout_graceful_shutdown=graceful_timeout,
-        access_log=not quiet,
-    )
+    config = uvicorn_config(app, serve_cfg, host=host, port=port, timeout_graceful_shutdown=graceful_timeout)
     server = uvicorn.Server(config)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
     # kills the process. Handlers of ours turn a completed drain into a normal exit 0.

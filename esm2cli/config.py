@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 DEFAULT_MODEL = "esm2_t33_650M"
 DEFAULT_BATCH_SIZE = 64
@@ -105,24 +105,26 @@ class InputConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """The HTTP server's bounds and batching.
+    """The HTTP server's bounds, batching and access control.
 
     Attributes:
-        host, port: Where to listen.
         batching: Coalesce concurrent requests into engine batches (dynamic batching).
         max_batch_size: Sequences per engine batch at most.
         max_wait_ms: How long the first request of a batch waits for others.
         max_tokens: Padded tokens per engine batch at most (None: the device kind's default).
-        max_client_batch: Sequences per /predict/batch request at most.
+        max_client_batch: Sequences per /predict/batch or /v1/embeddings request at most.
         max_queue: Sequences accepted and unanswered at most; past it, 429 with Retry-After.
         request_timeout_s: A request not answered by then gets 503.
         max_body_bytes: Request bodies over this size get 422.
         truncation: Truncate long sequences (else 422).
-        graceful_timeout_s: On SIGTERM, how long requests in flight may take to finish.
+        api_keys: Bearer keys that are accepted; empty: no authentication (never shown in repr).
+        public_metrics: /metrics answers without a key.
+        public_docs: /docs, /redoc and /openapi.json answer without a key.
+        header_timeout_s: A connection that has not sent a request's complete headers by then is closed (408).
+        body_timeout_s: A request body not complete by then gets 408 and the connection is closed.
+        max_connections: Open connections at most; past it, new ones get 503 and are closed.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
     batching: bool = True
     max_batch_size: int = DEFAULT_BATCH_SIZE
     max_wait_ms: float = 5.0
@@ -132,7 +134,17 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     max_body_bytes: int = 4 << 20
     truncation: bool = True
-    graceful_timeout_s: float = 30.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_metrics: bool = False
+    public_docs: bool = False
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1024
+
+    def __repr__(self) -> str:
+        # The keys are secrets: the resolved config is logged at startup with their count only.
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return f"ServeConfig({shown}, api_keys=<{len(self.api_keys)} redacted>)"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,27 @@ class Esm2Error(Exception):
 
 
 class InputError(Esm2Error):
-    """The input (a FASTA file, a request body) cannot be embedded as it is."""
+    """The input (a FASTA file, a request body) cannot be embedded as it is.
+
+    Attributes:
+        param: The request field at fault, when there is one (OpenAI-style errors name it).
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class NotFoundError(InputError):
+    """The request names something the server does not have (a model, a route)."""
+
+
+class AuthenticationError(Esm2Error):
+    """The request carries no API key, or one the server does not accept."""
+
+
+class ClientDisconnectedError(Esm2Error):
+    """The client closed its connection before the answer was ready; its work was dropped."""
 
 
 class FastaError(InputError):
@@ -90,6 +110,9 @@ _EXIT_CODES: dict[type[Esm2Error], int] = {
 
 _HTTP_STATUSES: dict[type[Esm2Error], int] = {
     InputError: 422,
+    NotFoundError: 404,
+    AuthenticationError: 401,
+    ClientDisconnectedError: 499,  # nginx's "client closed request": counted, never seen by the client
     OverloadedError: 429,
     NotReadyError: 503,
     RequestTimeoutError: 503,
@@ -109,5 +132,5 @@ def exit_code(exc: Esm2Error) -> int:
 
 
 def http_status(exc: Esm2Error) -> int:
-    """Returns the HTTP status for an error (422, 429, 503, else 500)."""
+    """Returns the HTTP status for an error (401, 404, 422, 429, 499, 503, else 500)."""
     return _lookup(exc, _HTTP_STATUSES, 500)

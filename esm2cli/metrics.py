@@ -40,10 +40,27 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "esm2cli_batch_size", "Sequences per engine batch", buckets=BATCH_BUCKETS, registry=self.registry
         )
+        self.connections_closed = Counter(
+            "esm2cli_connections_closed",
+            "Connections closed by the server before any request reached the app, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("esm2cli_queue_depth", "Requests waiting to be batched", registry=self.registry)
         self.pending = Gauge(
-            "esm2cli_pending_sequences", "Sequences accepted, not yet answered", registry=self.registry
+            "esm2cli_pending_sequences",
+            "Sequences accepted, not yet answered (the per-pod autoscaling metric)",
+            registry=self.registry,
         )
+
+    def connection_closed(self, reason: str) -> None:
+        """Counts a connection closed below HTTP: header_timeout, over_capacity, send_timeout or bad_request."""
+        self.connections_closed.labels(reason).inc()
+
+    def watch_queue(self, pending: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Reads the batcher's pending sequences and waiting requests at scrape time, so they are never stale."""
+        self.pending.set_function(pending)
+        self.queue_depth.set_function(waiting)
 
     def watch_devices(self, busy_seconds: Callable[[], dict[str, float]]) -> None:
         """Exposes the engine's per-device busy time once it is loaded."""

@@ -1,25 +1,28 @@
-"""The HTTP API: create_app(...) -> FastAPI, with /health, /live, /predict, /predict/batch and /metrics."""
+"""The HTTP API: create_app(...) -> FastAPI, with /health, /live, /predict, /predict/batch, /v1 and /metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from esm2cli import __version__
+from esm2cli.auth import KeyChecker
 from esm2cli.batcher import BatcherStats, DynamicBatcher
 from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.connections import AcceptErrorLimiter
 from esm2cli.engine import EngineSetup, build_engine
 from esm2cli.errors import (
+    ClientDisconnectedError,
     EngineError,
     Esm2Error,
     InputError,
@@ -27,13 +30,16 @@ from esm2cli.errors import (
     RequestTimeoutError,
     http_status,
 )
-from esm2cli.fasta import check_sequence, normalise
+from esm2cli.fasta import check_sequence, check_text, normalise
+from esm2cli.guard import RequestGuard
+from esm2cli.http_errors import encode, error_headers, error_payload
 from esm2cli.metrics import ServerMetrics
+from esm2cli.openai_api import openai_router
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = "1"
 WARMUP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
+ENDPOINTS = frozenset({"/health", "/live", "/predict", "/predict/batch", "/metrics", "/v1/embeddings", "/v1/models"})
 
 
 class SequenceIn(BaseModel):
@@ -70,52 +76,20 @@ class _State:
     error: str | None = None
 
 
-class BodySizeLimit:
-    """Refuses request bodies over ``max_bytes`` with 422, counting what arrives (chunked bodies too)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        seen, over, refused = 0, False, False
-
-        async def counting_receive():
-            # Past the limit, the app sees the body end here (and fails to parse it); its answer is
-            # replaced by ours below. Raising instead would reach FastAPI's body parser as a 400.
-            nonlocal seen, over
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                over = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
-        async def replacing_send(message):
-            nonlocal refused
-            if not over:
-                return await send(message)
-            if not refused:
-                refused = True
-                await self._refuse(send)
-
-        await self.app(scope, counting_receive, replacing_send)
-
-    async def _refuse(self, send):
-        body = json.dumps({"error": f"request body over {self.max_bytes} bytes", "error_type": "InputError"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 422, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+def public_model_name(model: str) -> str:
+    """The model as the API shows it: a local directory by its last component only (paths stay private)."""
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        return path.resolve().name
+    return model
 
 
-def _checked(item: SequenceIn, where: str, serve: ServeConfig, truncate: int) -> tuple[str, int]:
-    """Normalises and validates one sequence; returns it (truncated) and its full length."""
-    seq = normalise(item.sequence)
+def _checked(sequence: str, rec_id: str | None, where: str, serve: ServeConfig, truncate: int) -> tuple[str, int]:
+    """Normalises and validates one sequence (as FASTA records are); returns it (truncated) and its full length."""
+    # As FASTA ids are: JSON can carry lone surrogates (which no UTF-8 answer can hold) and control characters.
+    if rec_id is not None and (problem := check_text(rec_id, "the id")):
+        raise InputError(f"{where}: {problem}", param="id")
+    seq = normalise(sequence)
     if problem := check_sequence(seq):
         raise InputError(f"{where}: {problem}")
     if len(seq) > truncate and not serve.truncation:
@@ -128,15 +102,38 @@ def _label(where: str, item: SequenceIn) -> str:
     return where + (f" (id {item.id!r})" if item.id is not None else "")
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line for the client, and the first field at fault."""
+    parts, param = [], None
     for error in exc.errors()[:5]:
         if error.get("type") == "json_invalid":
             parts.append(f"malformed JSON body: {error.get('ctx', {}).get('error', 'cannot parse')}")
             continue
-        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts), param
+
+
+def _body_error(exc: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (it answers 400 with a generic detail; the cause says more)."""
+    if isinstance(exc, RecursionError):
+        return "malformed JSON body: nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"malformed JSON body: not UTF-8 ({exc.reason} at byte {exc.start})"
+    return "malformed JSON body: cannot parse"
+
+
+def _json_error(request: Request, status: int, message: str, error_type: str, param: str | None = None) -> Response:
+    body = encode(error_payload(request.url.path, status, message, error_type, param=param))
+    headers = {k.decode(): v.decode() for k, v in error_headers(status) if k != b"content-type"}
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+async def _until_disconnected(receive) -> None:
+    """Returns when the client has closed its connection (the request body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(
@@ -149,7 +146,7 @@ def create_app(
     """Builds the app; its lifespan loads the engine in the background and owns it.
 
     Args:
-        serve: Bounds and batching.
+        serve: Bounds, batching and API keys.
         model, embed: What to load and compute (the same options as esm2cli embed).
         loader: Builds the engine (default: build_engine(model, embed)); tests may slow it down.
         on_load_failure: Called when loading fails (the CLI stops the server with exit code 1).
@@ -157,6 +154,8 @@ def create_app(
     state = _State()
     metrics = ServerMetrics()
     loader = loader or (lambda: build_engine(model, embed))
+    model_id = public_model_name(model.model)
+    keys = KeyChecker(serve.api_keys, public_metrics=serve.public_metrics, public_docs=serve.public_docs)
 
     async def load() -> None:
         try:
@@ -169,7 +168,6 @@ def create_app(
             if on_load_failure:
                 on_load_failure(exc)
             return
-        stats = BatcherStats(on_batch=metrics.batch_size.observe, on_queue_depth=metrics.queue_depth.set)
         batcher = DynamicBatcher(
             setup.engine.submit,
             max_batch=serve.max_batch_size if serve.batching else serve.max_client_batch,
@@ -180,15 +178,19 @@ def create_app(
             max_queue=serve.max_queue,
             max_in_flight=2 * len(setup.engine.devices),  # one running and one ready per replica
             coalesce=serve.batching,
-            stats=stats,
+            stats=BatcherStats(on_batch=metrics.batch_size.observe),
         )
         batcher.start()
         metrics.watch_devices(setup.engine.busy_seconds)
+        metrics.watch_queue(lambda: batcher.pending, lambda: batcher.waiting)
         state.setup, state.batcher, state.status = setup, batcher, "ok"
         log.info("ready: %s on %s", setup.model.source, ", ".join(setup.engine.devices))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        AcceptErrorLimiter.install(asyncio.get_running_loop())
+        if not keys.enabled:
+            log.warning("no API key is set: the server answers anyone who can reach it (see --api-key)")
         loading = asyncio.create_task(load())  # the port opens now; /health says 503 until this is done
         yield
         await asyncio.gather(loading, return_exceptions=True)
@@ -198,51 +200,71 @@ def create_app(
             state.setup.engine.close()
 
     app = FastAPI(title="esm2cli", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=serve.max_body_bytes)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in _ENDPOINTS else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.state.serve = serve  # read by esm2cli.connections.uvicorn_config
+    app.state.model_id = model_id
+    app.state.metrics = metrics  # the connection layer counts what it closes here
+    app.add_middleware(
+        RequestGuard,
+        keys=keys,
+        metrics=metrics,
+        endpoints=ENDPOINTS,
+        max_body_bytes=serve.max_body_bytes,
+        body_timeout_s=serve.body_timeout_s,
+    )
 
     @app.exception_handler(Esm2Error)
-    async def _esm2_error(request: Request, exc: Esm2Error) -> JSONResponse:
-        status = http_status(exc)
-        headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
-        body = {"error": str(exc), "error_type": type(exc).__name__}
-        return JSONResponse(body, status_code=status, headers=headers)
+    async def _esm2_error(request: Request, exc: Esm2Error) -> Response:
+        return _json_error(request, http_status(exc), str(exc), type(exc).__name__, getattr(exc, "param", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _validation_message(exc), "error_type": "InputError"}, status_code=422)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        return _json_error(request, 422, message, "InputError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot parse: ours is 422, with the reason
+            return _json_error(request, 422, _body_error(exc.__cause__), "InputError")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = _json_error(request, exc.status_code, message, "HTTPError")
+        response.headers.update(exc.headers or {})  # Allow, on 405
+        return response
 
     def _ready() -> tuple[EngineSetup, DynamicBatcher]:
         if state.status != "ok" or state.setup is None or state.batcher is None:
-            raise NotReadyError(
-                "the model is still loading" if state.status == "loading" else f"not ready: {state.error}"
-            )
+            loading = state.status == "loading"
+            raise NotReadyError("the model is still loading" if loading else "the model failed to load")
         if not state.setup.engine.healthy:
             raise EngineError("a device worker has died; the server must be restarted")
         return state.setup, state.batcher
 
-    async def _embed(items: list[SequenceIn], labels: list[str]) -> list[EmbeddingOut]:
-        setup, batcher = _ready()
-        checked = [_checked(item, where, serve, embed.truncate) for item, where in zip(items, labels, strict=True)]
-        metrics.pending.set(batcher.pending + len(checked))
-        try:
-            rows = await asyncio.wait_for(batcher.embed([s for s, _ in checked]), serve.request_timeout_s)
-        except TimeoutError:
-            raise RequestTimeoutError(f"not answered within {serve.request_timeout_s:g} s; retry later") from None
-        finally:
-            metrics.pending.set(batcher.pending)
-        return [
-            _answer(item, length, row, setup.layers)
-            for item, (_, length), row in zip(items, checked, rows, strict=True)
+    async def _embed(
+        items: list[tuple[str, str | None]], labels: list[str], request: Request
+    ) -> list[tuple[int, dict]]:
+        """Validates, batches and embeds; returns (residues before truncation, {layer: vector}) per item.
+
+        Raises:
+            ClientDisconnectedError: The client left first; its sequences were dropped from the queue.
+            RequestTimeoutError: Not answered within --request-timeout.
+        """
+        _, batcher = _ready()
+        checked = [
+            _checked(seq, rec_id, where, serve, embed.truncate)
+            for (seq, rec_id), where in zip(items, labels, strict=True)
         ]
+        work = asyncio.ensure_future(batcher.embed([s for s, _ in checked]))
+        gone = asyncio.ensure_future(_until_disconnected(request.receive))
+        try:
+            done, _ = await asyncio.wait({work, gone}, timeout=serve.request_timeout_s, return_when="FIRST_COMPLETED")
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # the batcher drops what was not yet submitted, and cancels batches only it needed
+        if work in done:
+            return [(length, row) for (_, length), row in zip(checked, work.result(), strict=True)]
+        if gone in done:
+            raise ClientDisconnectedError("the client closed the connection before the answer was ready")
+        raise RequestTimeoutError(f"not answered within {serve.request_timeout_s:g} s; retry later")
 
     def _answer(item: SequenceIn, length: int, row: dict, layers: tuple[int, ...]) -> EmbeddingOut:
         truncated = length > embed.truncate
@@ -251,16 +273,21 @@ def create_app(
         vectors = {f"l{layer}": row[layer].tolist() for layer in layers}
         return EmbeddingOut(id=item.id, length=length, truncated=truncated, embeddings=vectors)
 
-    errors = {422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+    async def _embed_items(items: list[SequenceIn], labels: list[str], request: Request) -> list[EmbeddingOut]:
+        rows = await _embed([(item.sequence, item.id) for item in items], labels, request)
+        layers = state.setup.layers
+        return [_answer(item, length, row, layers) for item, (length, row) in zip(items, rows, strict=True)]
 
-    @app.get("/health", responses={503: {"description": "Loading, failed, or a device worker died"}})
-    async def health() -> JSONResponse:
-        """Readiness: 200 once every replica is loaded and warm, 503 before (and if a worker dies)."""
-        body = {"status": state.status, "model": model.model, "version": __version__}
+    errors = {status: {"model": ErrorOut} for status in (401, 422, 429, 503)}  # what the OpenAPI page documents
+
+    @app.get("/health", responses={503: {"description": "Loading, failed, or a worker died"}})
+    async def health() -> Response:
+        """Readiness: 200 once every replica is loaded and warm, 503 before (and if a worker dies). Open to probes."""
+        body = {"status": state.status, "model": model_id, "version": __version__}
         if state.status == "failed":
-            body["error"] = state.error
+            body["error"] = "the model failed to load (the server log says why)"
         if state.status != "ok" or state.setup is None:
-            return JSONResponse(body, status_code=503)
+            return _plain_json(body, 503)
         from esm2cli.devices import cuda_device_count
 
         engine = state.setup.engine
@@ -273,39 +300,62 @@ def create_app(
             layers=list(state.setup.layers),
             random_weights=state.setup.model.dummy,
         )
-        return JSONResponse(body, status_code=200 if engine.healthy else 503)
+        return _plain_json(body, 200 if engine.healthy else 503)
 
-    @app.get("/live", responses={503: {"description": "Loading failed or a device worker died"}})
-    async def live() -> JSONResponse:
-        """Liveness: 200 while the process serves or is still loading; 503 once it cannot recover."""
+    @app.get("/live", responses={503: {"description": "Loading failed or a worker died"}})
+    async def live() -> Response:
+        """Liveness: 200 while the process serves or is still loading; 503 once it cannot recover. Open to probes."""
         dead = state.status == "failed" or (state.setup is not None and not state.setup.engine.healthy)
-        return JSONResponse({"status": "dead" if dead else "alive"}, status_code=503 if dead else 200)
+        return _plain_json({"status": "dead" if dead else "alive"}, 503 if dead else 200)
+
+    for path, probe in (("/health", health), ("/live", live)):  # HEAD too, for probes that use it
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/predict", response_model=EmbeddingOut, responses=errors)
-    async def predict(body: SequenceIn) -> EmbeddingOut:
+    async def predict(body: SequenceIn, request: Request) -> EmbeddingOut:
         """Embeds one sequence."""
-        (answer,) = await _embed([body], [_label("sequence", body)])
+        (answer,) = await _embed_items([body], [_label("sequence", body)], request)
         return answer
 
     @app.post("/predict/batch", response_model=BatchOut, responses=errors)
-    async def predict_batch(body: BatchIn) -> BatchOut:
+    async def predict_batch(body: BatchIn, request: Request) -> BatchOut:
         """Embeds up to --max-client-batch sequences; answers in request order."""
         if len(body.sequences) > serve.max_client_batch:
             raise InputError(f"batch size {len(body.sequences)} > maximum allowed batch size {serve.max_client_batch}")
         if not body.sequences:
             raise InputError("sequences: empty list")
         items = [SequenceIn(sequence=s) if isinstance(s, str) else s for s in body.sequences]
-        return BatchOut(results=await _embed(items, [_label(f"sequences[{i}]", item) for i, item in enumerate(items)]))
+        labels = [_label(f"sequences[{i}]", item) for i, item in enumerate(items)]
+        return BatchOut(results=await _embed_items(items, labels, request))
 
-    @app.get("/metrics")
+    def _vector_info() -> tuple[int, int]:
+        setup, _ = _ready()
+        return setup.layers[-1], setup.model.hidden_size
+
+    from esm2cli.model import resolve_source  # the server process loads the model anyway
+
+    app.include_router(
+        openai_router(
+            model_id=model_id,
+            accepted_names=frozenset({model_id, model.model, resolve_source(model.model)}),
+            embed=_embed,
+            vector_info=_vector_info,
+            max_client_batch=serve.max_client_batch,
+            truncate=embed.truncate,
+        ),
+        responses=errors,
+    )
+
+    @app.get("/metrics", responses={401: {"model": ErrorOut}})
     async def prometheus_metrics() -> Response:
-        """Prometheus metrics."""
+        """Prometheus metrics (needs a key unless --public-metrics)."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-_ENDPOINTS = {"/health", "/live", "/predict", "/predict/batch", "/metrics"}
+def _plain_json(body: dict, status: int) -> Response:
+    return Response(encode(body), status_code=status, media_type="application/json")
 
 
 def _warm_up(setup: EngineSetup) -> None:

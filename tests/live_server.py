@@ -1,4 +1,4 @@
-"""A real uvicorn server on a loopback port, in a thread of the test process."""
+"""A real uvicorn server on a loopback port, in a thread of the test process, and the apps it serves."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.engine import build_engine
+from esm2cli.server import create_app
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -18,9 +22,11 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(app, port: int | None = None):
-    """Serves ``app`` on 127.0.0.1 until the block ends; yields its base URL."""
+    """Serves ``app`` on 127.0.0.1 until the block ends, as esm2cli serve does; yields its base URL."""
+    from esm2cli.connections import uvicorn_config
+
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -43,3 +49,51 @@ def wait_healthy(client, timeout: float = 60) -> dict:
             return response.json()
         time.sleep(0.05)
     raise AssertionError(f"never healthy: {response.status_code} {response.text}")
+
+
+def make_app(model_dir, loader_wrap=None, embed=None, **serve):
+    """The server's app on a model directory, float32 on the CPU; ``serve`` holds ServeConfig fields (and devices)."""
+    model = ModelConfig(model=model_dir, devices=serve.pop("devices", "cpu"), dtype="float32")
+    embed = embed or EmbedConfig()
+
+    def loader():
+        setup = build_engine(model, embed)
+        return loader_wrap(setup) if loader_wrap else setup
+
+    return create_app(ServeConfig(**serve), model, embed, loader=loader)
+
+
+def slow_replicas(delay: float):
+    """A loader_wrap that makes every engine batch take ``delay`` seconds more."""
+
+    def wrap(setup):
+        for worker in setup.engine._workers:
+            original = worker.replica.embed_batch
+
+            def slow(seqs, original=original):
+                time.sleep(delay)
+                return original(seqs)
+
+            worker.replica.embed_batch = slow
+        return setup
+
+    return wrap
+
+
+def raw_exchange(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Sends raw bytes on a new connection; returns everything the server sends until it closes (or timeout)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def metric(client, name: str, headers: dict | None = None) -> float:
+    """The value of one sample of /metrics, by its full name with labels (0 when absent)."""
+    for line in client.get("/metrics", headers=headers).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

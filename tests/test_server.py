@@ -6,18 +6,18 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from live_server import free_port, live_server, wait_healthy
+from live_server import free_port, live_server, make_app, slow_replicas, wait_healthy
 
 from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
-from esm2cli.engine import build_engine
 from esm2cli.server import create_app
 from reference import DirectReference, cosine
 
@@ -27,38 +27,12 @@ def direct(tiny_model_dir):
     return DirectReference(tiny_model_dir)
 
 
-def make_app(model_dir, loader_wrap=None, embed=None, **serve):
-    model = ModelConfig(model=model_dir, devices=serve.pop("devices", "cpu"), dtype="float32")
-    embed = embed or EmbedConfig()
-
-    def loader():
-        setup = build_engine(model, embed)
-        return loader_wrap(setup) if loader_wrap else setup
-
-    return create_app(ServeConfig(**serve), model, embed, loader=loader)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     app = make_app(tiny_model_dir, devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         wait_healthy(client)
         yield client
-
-
-def slow_replicas(delay: float):
-    def wrap(setup):
-        for worker in setup.engine._workers:
-            original = worker.replica.embed_batch
-
-            def slow(seqs, original=original):
-                time.sleep(delay)
-                return original(seqs)
-
-            worker.replica.embed_batch = slow
-        return setup
-
-    return wrap
 
 
 def test_health_is_503_while_loading_then_200(tiny_model_dir):
@@ -77,18 +51,22 @@ def test_health_is_503_while_loading_then_200(tiny_model_dir):
         gate.set()
         body = wait_healthy(client)
     assert body["status"] == "ok" and body["logical_devices"] == 1 and body["devices"] == ["cpu"]
-    assert body["physical_cuda_available"] is False and body["model"] == tiny_model_dir
+    assert body["physical_cuda_available"] is False
+    assert body["model"] == Path(tiny_model_dir).name and tiny_model_dir not in json.dumps(body)  # no paths
 
 
-def test_failed_load_reports_503_and_dead(tmp_path):
-    app = create_app(ServeConfig(), ModelConfig(model=str(tmp_path / "missing")), EmbedConfig())
+def test_failed_load_reports_503_and_dead_without_showing_paths(tmp_path, caplog):
+    missing = str(tmp_path / "missing")
+    app = create_app(ServeConfig(), ModelConfig(model=missing), EmbedConfig())
     with live_server(app) as url, httpx.Client(base_url=url) as client:
         deadline = time.time() + 30
         while client.get("/health").json()["status"] == "loading" and time.time() < deadline:
             time.sleep(0.05)
         health = client.get("/health")
-        assert health.status_code == 503 and "no such model directory" in health.json()["error"]
+        assert health.status_code == 503 and health.json()["error"].startswith("the model failed to load")
+        assert str(tmp_path) not in health.text  # /health is open to anyone: the reason goes to the log
         assert client.get("/live").status_code == 503
+    assert any("no such model directory" in r.getMessage() and missing in r.getMessage() for r in caplog.records)
 
 
 def test_predict_one_matches_direct_computation(server, direct):

@@ -26,7 +26,13 @@ def api_schema(api_url):
 
 
 # schemathesis's own pytest plugin does not run under pytest 9, so its strategies drive Hypothesis directly.
-OPERATIONS = [("/predict", "POST"), ("/predict/batch", "POST"), ("/health", "GET"), ("/live", "GET")]
+OPERATIONS = [
+    ("/predict", "POST"),
+    ("/predict/batch", "POST"),
+    ("/v1/embeddings", "POST"),
+    ("/health", "GET"),
+    ("/live", "GET"),
+]
 
 
 @pytest.mark.parametrize("path, method", OPERATIONS)
