@@ -191,6 +191,8 @@ class DynamicBatcher:
         try:
             for k, (request, i) in enumerate(members):
                 request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
+                if embeddings.per_token:  # windows of a long protein, to be stitched by the server
+                    request.rows[i]["tokens"] = {layer: arrays[k] for layer, arrays in embeddings.per_token.items()}
                 request.missing -= 1
                 if request.missing == 0 and not request.future.done():
                     request.future.set_result(request.rows)

@@ -526,6 +526,7 @@ def serve_security_options(func):
 @cli.command()
 @model_options
 @embedding_options
+@long_sequence_options
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="ESM2CLI_HOST", help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="ESM2CLI_PORT")
 @click.option(
@@ -609,6 +610,8 @@ def serve(
     layers,
     pooling,
     truncate,
+    long_sequences,
+    window_overlap,
     host,
     port,
     batching,
@@ -677,7 +680,16 @@ def serve(
         max_connections=fit_open_files(max_connections),
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
-    embed_cfg = EmbedConfig(layers=layers, pooling=pooling, truncate=truncate)
+    embed_cfg = EmbedConfig(
+        layers=layers, pooling=pooling, truncate=truncate, long_sequences=long_sequences, window_overlap=window_overlap
+    )
+    if long_sequences == "window":
+        from esm2cli.windows import check_overlap
+
+        try:
+            check_overlap(truncate, window_overlap)
+        except ConfigError as exc:
+            raise _to_click(exc) from exc
     log.info("serve: %s", serve_cfg)
     log.info("model: %s", model_cfg)
     failure: list[Exception] = []

@@ -41,7 +41,9 @@ class EmbeddingItem(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(description="Tokens the model saw: residues after truncation, plus <cls> and <eos>")
+    prompt_tokens: int = Field(
+        description="Tokens the model saw: residues after truncation (or in windows), plus <cls> and <eos> each"
+    )
     total_tokens: int
 
 
@@ -71,7 +73,7 @@ def openai_router(
     embed: EmbedFn,
     vector_info: Callable[[], tuple[int, int]],
     max_client_batch: int,
-    truncate: int,
+    tokens_of: Callable[[int], int],
 ) -> APIRouter:
     """Builds the /v1 routes.
 
@@ -81,7 +83,7 @@ def openai_router(
         embed: The server's embedding path (validation, batching, disconnect handling).
         vector_info: Returns (the layer answered, the vector size) once the model is loaded; raises while loading.
         max_client_batch: Inputs per request at most.
-        truncate: Residues kept per sequence (tokens are counted after truncation).
+        tokens_of: Tokens the model sees for a sequence of so many residues (after truncation or in windows).
     """
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
     created = int(time.time())
@@ -121,7 +123,7 @@ def openai_router(
             {"object": "embedding", "index": i, "embedding": _encoded(row[layer], body.encoding_format)}
             for i, (_, row) in enumerate(rows)
         ]
-        tokens = sum(min(length, truncate) + 2 for length, _ in rows)
+        tokens = sum(tokens_of(length) for length, _ in rows)
         answer = {
             "object": "list",
             "data": data,

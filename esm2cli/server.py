@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,7 @@ from esm2cli.guard import RequestGuard
 from esm2cli.http_errors import encode, error_headers, error_payload
 from esm2cli.metrics import ServerMetrics
 from esm2cli.openai_api import openai_router
+from esm2cli.windows import WindowPlan, model_tokens, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class EmbeddingOut(BaseModel):
     id: str | None
     length: int = Field(description="Residues before truncation")
     truncated: bool
+    windows: int = Field(default=1, description="Windows the protein was embedded in (--long-sequences window)")
     embedding: list[float] | None = Field(default=None, description="The pooled embedding (one layer)")
     embeddings: dict[str, list[float]] | None = Field(default=None, description="By layer, when several")
 
@@ -84,17 +87,18 @@ def public_model_name(model: str) -> str:
     return model
 
 
-def _checked(sequence: str, rec_id: str | None, where: str, serve: ServeConfig, truncate: int) -> tuple[str, int]:
+def _checked(sequence: str, rec_id: str | None, where: str, serve: ServeConfig, embed: EmbedConfig) -> tuple[str, int]:
     """Normalises and validates one sequence (as FASTA records are); returns it (truncated) and its full length."""
+    truncate = embed.truncate
     # As FASTA ids are: JSON can carry lone surrogates (which no UTF-8 answer can hold) and control characters.
     if rec_id is not None and (problem := check_text(rec_id, "the id")):
         raise InputError(f"{where}: {problem}", param="id")
     seq = normalise(sequence)
     if problem := check_sequence(seq):
         raise InputError(f"{where}: {problem}")
-    if len(seq) > truncate and not serve.truncation:
+    if len(seq) > truncate and (not serve.truncation or embed.long_sequences == "error"):
         raise InputError(f"{where}: {len(seq)} residues is over the maximum of {truncate} (truncation is off)")
-    return seq[:truncate], len(seq)
+    return (seq if embed.long_sequences == "window" else seq[:truncate]), len(seq)
 
 
 def _label(where: str, item: SequenceIn) -> str:
@@ -168,8 +172,12 @@ def create_app(
             if on_load_failure:
                 on_load_failure(exc)
             return
+        # Windows of long proteins are stitched from their residues' vectors, so every batch brings them back.
+        submit = (
+            partial(setup.engine.submit, per_token=True) if embed.long_sequences == "window" else setup.engine.submit
+        )
         batcher = DynamicBatcher(
-            setup.engine.submit,
+            submit,
             max_batch=serve.max_batch_size if serve.batching else serve.max_client_batch,
             max_wait_s=serve.max_wait_ms / 1000,
             max_tokens=BatchConfig(max_tokens=serve.max_tokens)
@@ -249,10 +257,10 @@ def create_app(
         """
         _, batcher = _ready()
         checked = [
-            _checked(seq, rec_id, where, serve, embed.truncate)
-            for (seq, rec_id), where in zip(items, labels, strict=True)
+            _checked(seq, rec_id, where, serve, embed) for (seq, rec_id), where in zip(items, labels, strict=True)
         ]
-        work = asyncio.ensure_future(batcher.embed([s for s, _ in checked]))
+        plan = WindowPlan(embed, [s for s, _ in checked])
+        work = asyncio.ensure_future(batcher.embed(plan.items))
         gone = asyncio.ensure_future(_until_disconnected(request.receive))
         try:
             done, _ = await asyncio.wait({work, gone}, timeout=serve.request_timeout_s, return_when="FIRST_COMPLETED")
@@ -261,17 +269,18 @@ def create_app(
             if not work.done():
                 work.cancel()  # the batcher drops what was not yet submitted, and cancels batches only it needed
         if work in done:
-            return [(length, row) for (_, length), row in zip(checked, work.result(), strict=True)]
+            return [(length, row) for (_, length), row in zip(checked, plan.rows(work.result()), strict=True)]
         if gone in done:
             raise ClientDisconnectedError("the client closed the connection before the answer was ready")
         raise RequestTimeoutError(f"not answered within {serve.request_timeout_s:g} s; retry later")
 
     def _answer(item: SequenceIn, length: int, row: dict, layers: tuple[int, ...]) -> EmbeddingOut:
-        truncated = length > embed.truncate
+        truncated = length > embed.truncate and embed.long_sequences != "window"
+        windows = len(window_starts(length, embed.truncate, embed.window_overlap)) if not truncated else 1
+        common = dict(id=item.id, length=length, truncated=truncated, windows=windows)
         if len(layers) == 1:
-            return EmbeddingOut(id=item.id, length=length, truncated=truncated, embedding=row[layers[0]].tolist())
-        vectors = {f"l{layer}": row[layer].tolist() for layer in layers}
-        return EmbeddingOut(id=item.id, length=length, truncated=truncated, embeddings=vectors)
+            return EmbeddingOut(**common, embedding=row[layers[0]].tolist())
+        return EmbeddingOut(**common, embeddings={f"l{layer}": row[layer].tolist() for layer in layers})
 
     async def _embed_items(items: list[SequenceIn], labels: list[str], request: Request) -> list[EmbeddingOut]:
         rows = await _embed([(item.sequence, item.id) for item in items], labels, request)
@@ -341,7 +350,7 @@ def create_app(
             embed=_embed,
             vector_info=_vector_info,
             max_client_batch=serve.max_client_batch,
-            truncate=embed.truncate,
+            tokens_of=lambda length: model_tokens(length, embed),
         ),
         responses=errors,
     )

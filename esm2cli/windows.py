@@ -81,3 +81,52 @@ def computed_residues(length: int, embed) -> int:
     if embed.long_sequences == "window" and length > width:
         return len(window_starts(length, width, embed.window_overlap)) * width
     return min(length, width)
+
+
+def model_tokens(length: int, embed) -> int:
+    """Tokens the model sees for a protein: its computed residues plus <cls> and <eos> per window."""
+    windows = (
+        len(window_starts(length, embed.truncate, embed.window_overlap)) if embed.long_sequences == "window" else 1
+    )
+    return computed_residues(length, embed) + 2 * windows
+
+
+class WindowPlan:
+    """The server's side of the rule: request sequences become batch items (one per window of a long
+    protein in window mode), and the items' results become one row per sequence again.
+
+    Each item's result is a dict {layer: pooled vector}, with "tokens": {layer: per-residue vectors}
+    when the batch brought them back (window mode asks for them).
+    """
+
+    def __init__(self, embed, seqs: Sequence[str]):
+        self.embed = embed
+        self.items: list[str] = []
+        self.parts: list[tuple[int, list[int] | None, list[int]]] = []
+        for seq in seqs:
+            first = len(self.items)
+            if embed.long_sequences == "window" and len(seq) > embed.truncate:
+                starts = window_starts(len(seq), embed.truncate, embed.window_overlap)
+                self.items += [seq[s : s + embed.truncate] for s in starts]
+                self.parts.append((len(seq), starts, list(range(first, len(self.items)))))
+            else:
+                self.items.append(seq)
+                self.parts.append((len(seq), None, [first]))
+
+    def rows(self, results: Sequence[dict]) -> list[dict]:
+        """One {layer: vector} per request sequence, windows stitched."""
+        out = []
+        for length, starts, ids in self.parts:
+            if starts is None:
+                out.append({k: v for k, v in results[ids[0]].items() if k != "tokens"})
+                continue
+            layers = [k for k in results[ids[0]] if k != "tokens"]
+            out.append({
+                layer: stitch_pooled(
+                    self.embed.pooling,
+                    stitch_tokens(length, starts, [results[i]["tokens"][layer] for i in ids]),
+                    [results[i][layer] for i in ids],
+                )
+                for layer in layers
+            })  # fmt: skip
+        return out

@@ -150,3 +150,30 @@ def test_window_options_are_checked_and_recorded(tmp_path, tiny_model_dir, prote
     meta = read_metadata(tmp_path / "meta.parquet")
     assert meta["window"]["width"] == W and meta["window"]["overlap"] == OVERLAP and "rule" in meta["window"]
     assert table["windows"].to_pylist() == [1]
+
+
+def test_serve_gives_what_embed_gives_in_window_mode(tmp_path, tiny_model_dir, proteins):
+    import httpx
+
+    from esm2cli.config import EmbedConfig
+    from live_server import live_server, make_app, wait_healthy
+
+    chosen = [proteins[0], proteins[2], proteins[-1]]  # 300, 1023 and 5000 residues
+    fasta = write_fasta(tmp_path / "some.fa", chosen)
+    table = embed(tmp_path, fasta, "embed", "-m", tiny_model_dir, "--long-sequences", "window")
+    app = make_app(tiny_model_dir, embed=EmbedConfig(long_sequences="window"))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        wait_healthy(client)
+        body = {"sequences": [{"id": rid, "sequence": seq} for rid, seq in chosen]}
+        answer = client.post("/predict/batch", json=body)
+        assert answer.status_code == 200, answer.text
+        items = answer.json()["results"]
+        model_id = client.get("/v1/models").json()["data"][0]["id"]
+        usage = client.post("/v1/embeddings", json={"input": chosen[-1][1], "model": model_id})
+    assert [i["windows"] for i in items] == table["windows"].to_pylist() == [1, 2, 7]
+    assert [i["truncated"] for i in items] == [False, False, False]
+    for row, item in enumerate(items):
+        np.testing.assert_allclose(item["embedding"], table["embedding"][row].as_py(), rtol=1e-4, atol=1e-5)
+    assert usage.status_code == 200, usage.text
+    assert usage.json()["usage"]["prompt_tokens"] == 7 * (W + 2)  # tokens as the model saw them: 7 windows
+    np.testing.assert_allclose(usage.json()["data"][0]["embedding"], items[-1]["embedding"], rtol=1e-6)
