@@ -154,9 +154,9 @@ def test_window_options_are_checked_and_recorded(tmp_path, tiny_model_dir, prote
 
 def test_serve_gives_what_embed_gives_in_window_mode(tmp_path, tiny_model_dir, proteins):
     import httpx
+    from live_server import live_server, make_app, wait_healthy
 
     from esm2cli.config import EmbedConfig
-    from live_server import live_server, make_app, wait_healthy
 
     chosen = [proteins[0], proteins[2], proteins[-1]]  # 300, 1023 and 5000 residues
     fasta = write_fasta(tmp_path / "some.fa", chosen)
