@@ -50,12 +50,14 @@ class EmbedConfig:
         long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged), "window" (embedded
             whole in overlapping windows, see esm2cli.windows) or "error" (invalid records).
         window_overlap: Residues shared by consecutive windows.
+        contacts: Also return contact probabilities from the contact head (which is then loaded).
     """
 
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
     per_token: bool = False
     truncate: int = DEFAULT_TRUNCATE
+    contacts: bool = False
     long_sequences: str = "truncate"
     window_overlap: int = DEFAULT_WINDOW_OVERLAP
 
