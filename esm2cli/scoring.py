@@ -1,0 +1,493 @@
+"""The score job: pseudo-log-likelihoods and mutant scores from ESM-2's masked-LM head, over the Engine.
+
+Every score reads a log-probability vector at one position of one protein, from an input that is
+either the protein's window with that position masked (pseudo-log-likelihood, masked marginal) or the
+window unmasked (wild-type marginal). Those inputs are the unit of work: the distinct ones are collected,
+sorted by length and cut into batches under the token budget like any embedding batch, and run on
+every replica; an input asked for by many mutants (every mutant at one position, identical proteins)
+is computed once. A position of a protein longer than the window is read from the window of ``window``
+residues that centres it, clamped to the protein's ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esm2cli import __version__, storage
+from esm2cli.batching import plan_batches
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ScoreConfig
+from esm2cli.engine import Engine, build_engine
+from esm2cli.errors import ConfigError, FastaError, MutantError, OutputError, OutputExistsError
+from esm2cli.fasta import Record, describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.mutants import AMINO_ACIDS, MutantRow, check_mutations, describe_rows, read_mutants
+
+log = logging.getLogger(__name__)
+
+MODES = ("pll", "mutations", "all-substitutions")
+METHODS = ("masked-marginal", "wt-marginal")
+CHUNK_POSITIONS = 1 << 15  # positions planned, computed and released together: bounds memory on any input
+ROW_GROUP_ROWS = 1 << 16
+METADATA_KEY = b"esm2cli"
+
+ProgressFn = Callable[[int, int], None]  # (positions scored, residues computed) just finished
+Item = tuple[str, "int | None"]  # (window sequence, masked 0-based position or None): one LM input
+
+
+def window_start(position: int, length: int, window: int) -> int:
+    """The 0-based start of the window of ``window`` residues that centres ``position``, clamped to the protein.
+
+    Args:
+        position: 0-based residue position.
+        length: Residues in the protein.
+        window: Residues a window holds.
+    """
+    if length <= window:
+        return 0
+    return min(max(position - window // 2, 0), length - window)
+
+
+@dataclass
+class _Inputs:
+    """The distinct LM inputs of a chunk; each is computed once, however many positions read it."""
+
+    index: dict[Item, int] = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)
+    readers: list[int] = field(default_factory=list)  # positions that read each input, for progress
+
+    def add(self, item: Item) -> int:
+        i = self.index.get(item)
+        if i is None:
+            i = self.index[item] = len(self.items)
+            self.items.append(item)
+            self.readers.append(0)
+        self.readers[i] += 1
+        return i
+
+
+@dataclass
+class _Protein:
+    """One protein of a chunk: the positions it needs (0-based) and where each is read from."""
+
+    record: Record
+    positions: list[int]
+    reads: list[tuple[int, int]] = field(default_factory=list)  # (input, row of that input's result)
+    rows: list[int] = field(default_factory=list)  # mutations mode: the CSV rows of this protein
+
+    def plan(self, inputs: _Inputs, window: int, masked: bool) -> None:
+        seq = self.record.sequence
+        for pos in self.positions:
+            start = window_start(pos, len(seq), window)
+            window_seq = seq[start : start + window]
+            if masked:
+                self.reads.append((inputs.add((window_seq, pos - start)), 0))
+            else:
+                self.reads.append((inputs.add((window_seq, None)), pos - start))
+
+
+@dataclass
+class _Chunk:
+    proteins: list[_Protein]
+    inputs: _Inputs
+    results: list = field(default_factory=list)
+    missing: int = 0
+
+    def log_probs(self, protein: _Protein) -> np.ndarray:
+        """(positions, vocabulary) log-probabilities at the protein's positions, in its order."""
+        return np.stack([self.results[i][row] for i, row in protein.reads])
+
+
+def log_prob_chunks(
+    engine: Engine,
+    chunks: Iterable[list[_Protein]],
+    batch: BatchConfig,
+    window: int,
+    masked: bool,
+    progress: ProgressFn | None = None,
+) -> Iterator[_Chunk]:
+    """Computes the log-probabilities every protein of every chunk needs; yields chunks in order as they finish.
+
+    Batches of one chunk are submitted while the earlier chunks' batches are still running, so the
+    replicas do not wait at chunk boundaries; the engine's bounded queues hold the submission back.
+
+    Raises:
+        Exception: The first error a batch raised.
+    """
+    pending: deque[tuple[_Chunk, list[int], object]] = deque()
+
+    def settle(block: bool) -> Iterator[_Chunk]:
+        while pending and (block or pending[0][2].done()):
+            chunk, indices, future = pending.popleft()
+            for i, result in zip(indices, future.result(), strict=True):
+                chunk.results[i] = result
+            chunk.missing -= len(indices)
+            if progress:
+                items = chunk.inputs
+                progress(sum(items.readers[i] for i in indices), sum(len(items.items[i][0]) for i in indices))
+            if chunk.missing == 0:  # batches settle in submission order, so chunks finish in order
+                yield chunk
+
+    for proteins in chunks:
+        inputs = _Inputs()
+        for protein in proteins:
+            protein.plan(inputs, window, masked)
+        chunk = _Chunk(proteins, inputs, [None] * len(inputs.items), len(inputs.items))
+        lengths = [len(seq) for seq, _ in inputs.items]
+        for indices in plan_batches(lengths, batch.max_tokens, batch.batch_size):
+            future = engine.submit([inputs.items[i] for i in indices], method="lm_log_probs")
+            pending.append((chunk, indices, future))
+            yield from settle(block=False)
+    yield from settle(block=True)
+
+
+def chunked(proteins: Iterable[_Protein], positions: int = CHUNK_POSITIONS) -> Iterator[list[_Protein]]:
+    """Groups proteins into chunks of about ``positions`` positions (a protein is never split)."""
+    chunk: list[_Protein] = []
+    size = 0
+    for protein in proteins:
+        chunk.append(protein)
+        size += len(protein.positions)
+        if size >= positions:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class ScoreFile:
+    """A Parquet file written in row groups beside its final path and renamed over it on commit.
+
+    An existing file at the path stays as it is until the new one is complete.
+    """
+
+    def __init__(self, url: str, schema: pa.Schema):
+        self.url = url
+        self.schema = schema
+        self._file = storage.AtomicFile(url)
+        self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        self._buffer: list[pa.RecordBatch] = []
+        self._rows = 0
+        self.rows_written = 0
+
+    def write(self, columns: dict) -> None:
+        """Adds rows (a dict of equal-length columns); a row group is written every ROW_GROUP_ROWS rows."""
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self._buffer.append(batch)
+        self._rows += batch.num_rows
+        if self._rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self.rows_written += self._rows
+            self._buffer, self._rows = [], 0
+
+    def commit(self) -> None:
+        """Writes what is buffered and makes the file appear at its path."""
+        try:
+            self._flush()
+            self._writer.close()
+        except OSError as exc:
+            self._file.abort()
+            raise OutputError(f"cannot write {self.url}: {exc.strerror or exc}") from exc
+        self._file.commit()
+
+    def abort(self) -> None:
+        """Drops the file; whatever was at the path before is left as it was."""
+        try:
+            self._writer.close()
+        finally:
+            self._file.abort()
+
+
+def _schema(mode: str, metadata: dict) -> pa.Schema:
+    if mode == "pll":
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("length", pa.int32(), nullable=False),
+            pa.field("pll", pa.float64(), nullable=False),
+            pa.field("pseudo_perplexity", pa.float64(), nullable=False),
+            pa.field("windowed", pa.bool_(), nullable=False),
+        ]
+    else:
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("mutant", pa.string(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+        ]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
+
+
+@dataclass
+class ScoreSummary:
+    """What a score run did, for the closing line."""
+
+    mode: str = "pll"
+    proteins: int = 0
+    positions: int = 0
+    inputs: int = 0
+    residues: int = 0
+    rows: int = 0
+    windowed: int = 0
+    skipped_records: list[str] = field(default_factory=list)
+    skipped_rows: int = 0
+    oom_splits: int = 0
+    seconds: float = 0.0
+    devices: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _readable(fasta: str) -> Iterator[str]:
+    """A path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
+    if fasta != "-":
+        yield fasta
+        return
+    spooled = spool_stdin()
+    try:
+        yield str(spooled)
+    finally:
+        spooled.unlink(missing_ok=True)
+
+
+def _check_records(invalid: list[Record], records: int, valid: int, fasta: str, skip_invalid: bool) -> None:
+    if invalid and not skip_invalid:
+        raise FastaError(
+            f"{fasta}: {len(invalid)} of {records} records cannot be scored "
+            f"(use --skip-invalid to score the others):\n{describe_invalid(invalid)}"
+        )
+    if invalid:
+        log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
+    if valid == 0:
+        raise FastaError(f"{fasta}: no records to score" + (" (every record is invalid)" if records else ""))
+
+
+def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_Protein], list[MutantRow], int]:
+    """Reads the wild types and the mutant list and checks every row.
+
+    Returns:
+        The proteins that have mutants (in FASTA order), the rows to score (in CSV order), and how many
+        rows were skipped.
+
+    Raises:
+        FastaError, MutantError: Bad records, duplicate ids, or rows that cannot be scored (without skip_invalid).
+    """
+    records = list(read_records(source))
+    invalid = [r for r in records if r.problem]
+    valid = [r for r in records if not r.problem]
+    _check_records(invalid, len(records), len(valid), fasta, cfg.skip_invalid)
+    by_id: dict[str, Record] = {}
+    for record in valid:
+        if record.id in by_id:
+            raise FastaError(f"{fasta}: id {record.id!r} occurs more than once; mutants name their protein by id")
+        by_id[record.id] = record
+    skipped_ids = {r.id for r in invalid}
+    if invalid:
+        log.warning("mutants of the skipped records are skipped too")
+    single_id = valid[0].id if len(records) == 1 else None
+    rows = list(read_mutants(cfg.mutations, single_id))
+    if not rows:
+        raise MutantError(f"{cfg.mutations}: no mutants (a header and no rows)")
+    for row in rows:
+        if row.problem:
+            continue
+        record = by_id.get(row.id)
+        if record is None:
+            why = "its record is invalid and was skipped" if row.id in skipped_ids else f"not in {fasta}"
+            row.problem = f"unknown id {row.id!r} ({why})"
+        else:
+            row.problem = check_mutations(row.mutations, record.sequence)
+    bad = [row for row in rows if row.problem]
+    if bad and not cfg.skip_invalid:
+        raise MutantError(
+            f"{cfg.mutations}: {len(bad)} of {len(rows)} mutants cannot be scored "
+            f"(use --skip-invalid to score the others):\n{describe_rows(bad)}"
+        )
+    if bad:
+        log.warning("skipping %d mutant(s):\n%s", len(bad), describe_rows(bad))
+    good = [row for row in rows if not row.problem]
+    if not good:
+        raise MutantError(f"{cfg.mutations}: no mutant can be scored")
+    proteins: dict[str, _Protein] = {}
+    for k, row in enumerate(good):
+        protein = proteins.get(row.id)
+        if protein is None:
+            protein = proteins[row.id] = _Protein(by_id[row.id], [])
+        protein.rows.append(k)
+    order = {r.id: n for n, r in enumerate(valid)}
+    for protein in proteins.values():
+        positions = {m.position - 1 for k in protein.rows for m in good[k].mutations}
+        protein.positions = sorted(positions)
+    return sorted(proteins.values(), key=lambda p: order[p.record.id]), good, len(bad)
+
+
+def _tokens(lut: np.ndarray, letters: str) -> np.ndarray:
+    return lut[np.frombuffer(letters.encode("ascii"), dtype=np.uint8)]
+
+
+class _Scorer:
+    """Turns a chunk's log-probabilities into output rows, for one mode."""
+
+    def __init__(self, cfg: ScoreConfig, lut: np.ndarray, rows: list[MutantRow] | None = None):
+        self.cfg = cfg
+        self.lut = lut
+        self.rows = rows
+        self.scores = np.full(len(rows), np.nan) if rows is not None else None
+        self._aa = _tokens(lut, AMINO_ACIDS)
+
+    def columns(self, chunk: _Chunk) -> dict | None:
+        if self.cfg.mode == "pll":
+            return self._pll(chunk)
+        if self.cfg.mode == "all-substitutions":
+            return self._all_substitutions(chunk)
+        self._mutants(chunk)
+        return None
+
+    def _pll(self, chunk: _Chunk) -> dict:
+        ids, lengths, plls, windowed = [], [], [], []
+        for protein in chunk.proteins:
+            seq = protein.record.sequence
+            lp = chunk.log_probs(protein)
+            pll = float(lp[np.arange(len(seq)), _tokens(self.lut, seq)].sum(dtype=np.float64))
+            ids.append(protein.record.id)
+            lengths.append(len(seq))
+            plls.append(pll)
+            windowed.append(len(seq) > self.cfg.window)
+        ppl = [math.exp(-p / n) for p, n in zip(plls, lengths, strict=True)]
+        return {"id": ids, "length": lengths, "pll": plls, "pseudo_perplexity": ppl, "windowed": windowed}
+
+    def _all_substitutions(self, chunk: _Chunk) -> dict:
+        ids, mutants, scores = [], [], []
+        for protein in chunk.proteins:
+            seq = protein.record.sequence
+            lp = chunk.log_probs(protein).astype(np.float64)
+            wt = lp[np.arange(len(seq)), _tokens(self.lut, seq)]
+            table = lp[:, self._aa] - wt[:, None]  # (positions, 20)
+            for i, wt_letter in enumerate(seq):
+                for j, aa in enumerate(AMINO_ACIDS):
+                    if aa != wt_letter:
+                        mutants.append(f"{wt_letter}{i + 1}{aa}")
+                        scores.append(table[i, j])
+            ids.extend([protein.record.id] * (len(mutants) - len(ids)))
+        return {"id": ids, "mutant": mutants, "score": scores}
+
+    def _mutants(self, chunk: _Chunk) -> None:
+        for protein in chunk.proteins:
+            lp = chunk.log_probs(protein).astype(np.float64)
+            at = {pos: k for k, pos in enumerate(protein.positions)}
+            for k in protein.rows:
+                total = 0.0
+                for m in self.rows[k].mutations:
+                    v = lp[at[m.position - 1]]
+                    total += v[self.lut[ord(m.mt)]] - v[self.lut[ord(m.wt)]]
+                self.scores[k] = total
+
+
+def _fasta_proteins(source: str, positions_of: Callable[[Record], list[int]]) -> Iterator[_Protein]:
+    for record in read_records(source):
+        if record.problem is None:
+            yield _Protein(record, positions_of(record))
+
+
+def score_fasta(
+    fasta: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: ModelConfig,
+    score: ScoreConfig,
+    batch: BatchConfig,
+    overwrite: bool = False,
+    progress_factory: Callable[[int], ProgressFn] | None = None,
+) -> ScoreSummary:
+    """Scores the proteins of a FASTA file (or the mutants of a CSV against them) into one Parquet file.
+
+    Output columns: ``id, length, pll, pseudo_perplexity, windowed`` for mode "pll"; ``id, mutant,
+    score`` for "mutations" (in the CSV's row order) and "all-substitutions" (per protein, position by
+    position, then in the order ACDEFGHIKLMNPQRSTVWY). Scores are natural logarithms.
+
+    Args:
+        fasta: A path, an fsspec URL (s3://...), or '-' for stdin.
+        output: The Parquet file (a path or URL); written beside and renamed over on success.
+        model: The model; its masked-LM head is loaded.
+        score: The mode, method, mutant list, window and checks.
+        batch: Batch size and token budget.
+        overwrite: Replace an existing output (only once the new one is complete).
+        progress_factory: Given the number of positions to score, returns the per-batch callback.
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        FastaError, MutantError: The input is unreadable or holds records or mutants that cannot be scored.
+        ConfigError: Mode or method unknown; OutputExistsError: the output exists and overwrite is False.
+        ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
+        OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
+    """
+    if score.mode not in MODES or score.method not in METHODS:
+        raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
+    if score.mode == "mutations" and not score.mutations:
+        raise ConfigError("mode mutations needs a mutant list; this is a bug")
+    output = str(output)
+    if storage.exists(output) and not overwrite:
+        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    summary = ScoreSummary(mode=score.mode)
+    with _readable(str(fasta)) as source:
+        rows = None
+        if score.mode == "mutations":
+            proteins, rows, summary.skipped_rows = _mutant_proteins(source, str(fasta), score)
+            total = sum(len(p.positions) for p in proteins)
+            protein_stream: Iterable[_Protein] = proteins
+        else:
+            scan = scan_fasta(source)
+            _check_records(scan.invalid, scan.records, scan.valid, str(fasta), score.skip_invalid)
+            summary.skipped_records = [r.id or f"#{r.position}" for r in scan.invalid]
+            total = scan.residues
+            protein_stream = _fasta_proteins(source, lambda record: list(range(len(record.sequence))))
+        setup = build_engine(model, EmbedConfig(truncate=score.window), lm_head=True)
+        batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
+        scorer = _Scorer(score, setup.model.token_lut, rows)
+        method = "masked-marginal" if score.mode == "pll" else score.method
+        metadata = {
+            "model": model.model, "model_source": setup.model.source, "random_weights": setup.model.dummy,
+            "dtype": setup.dtype, "mode": score.mode, "method": method, "window": score.window,
+            "mutations": score.mutations, "esm2cli_version": __version__,
+        }  # fmt: skip
+        out = ScoreFile(output, _schema(score.mode, metadata))
+        progress = progress_factory(total) if progress_factory else None
+        masked = score.mode == "pll" or score.method == "masked-marginal"
+        start = time.perf_counter()
+        try:
+            with setup.engine as engine:
+                for chunk in log_prob_chunks(engine, chunked(protein_stream), batch, score.window, masked, progress):
+                    summary.proteins += len(chunk.proteins)
+                    summary.positions += sum(len(p.positions) for p in chunk.proteins)
+                    summary.inputs += len(chunk.inputs.items)
+                    summary.residues += sum(len(seq) for seq, _ in chunk.inputs.items)
+                    summary.windowed += sum(len(p.record.sequence) > score.window for p in chunk.proteins)
+                    columns = scorer.columns(chunk)
+                    if columns is not None:
+                        out.write(columns)
+                summary.oom_splits = engine.oom_splits()
+            if rows is not None:
+                out.write(
+                    {"id": [r.id for r in rows], "mutant": [r.mutant for r in rows], "score": scorer.scores.tolist()}
+                )
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+    summary.rows = out.rows_written
+    summary.seconds = time.perf_counter() - start
+    summary.devices = [d.name for d in setup.devices]
+    return summary
