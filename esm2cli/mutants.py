@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
+import logging
 import os
 import re
+import sys
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from esm2cli.errors import MutantError, StorageError
 from esm2cli.fasta import RESIDUES
@@ -17,6 +23,9 @@ from esm2cli.storage import open_input
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # what --all-substitutions substitutes
 _MUTATION = re.compile(r"^([A-Z*])(\d+)([A-Z*])$")
 _GZIP_MAGIC = b"\x1f\x8b"
+_SHOWN = 20  # rows with problems named in a message; the rest are counted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,30 +71,32 @@ def parse_mutant(text: str) -> tuple[Mutation, ...]:
     """
     if not text.strip():
         raise ValueError("empty mutant")
-    mutations = []
-    for part in text.split(":"):
-        part = part.strip().upper()
-        if not part:
-            raise ValueError("an empty substitution between ':' separators")
-        match = _MUTATION.match(part)
-        if not match:
-            raise ValueError(
-                f"{part!r} is not a substitution such as A24G (wild type, 1-based position, mutant; "
-                "several joined by ':')"
-            )
-        wt, position, mt = match.group(1), int(match.group(2)), match.group(3)
-        if position < 1:
-            raise ValueError(f"{part!r}: positions are 1-based")
-        for letter in (wt, mt):
-            if letter not in RESIDUES:
-                what = "a stop (*)" if letter == "*" else repr(letter)
-                raise ValueError(f"{part!r}: {what} is not an ESM-2 residue ({''.join(sorted(RESIDUES))})")
-        mutations.append(Mutation(wt, position, mt))
-    positions = [m.position for m in mutations]
-    if len(set(positions)) != len(positions):
-        twice = sorted({p for p in positions if positions.count(p) > 1})
-        raise ValueError(f"position {twice[0]} appears more than once")
-    return tuple(mutations)
+    mutations = tuple(_parse_substitution(part.strip().upper()) for part in text.split(":"))
+    if len(mutations) > 1:
+        positions = [m.position for m in mutations]
+        if len(set(positions)) != len(positions):
+            twice = sorted({p for p in positions if positions.count(p) > 1})
+            raise ValueError(f"position {twice[0]} appears more than once")
+    return mutations
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a long mutant list repeats the same substitutions many times
+def _parse_substitution(part: str) -> Mutation:
+    if not part:
+        raise ValueError("an empty substitution between ':' separators")
+    match = _MUTATION.match(part)
+    if not match:
+        raise ValueError(
+            f"{part!r} is not a substitution such as A24G (wild type, 1-based position, mutant; several joined by ':')"
+        )
+    wt, position, mt = match.group(1), int(match.group(2)), match.group(3)
+    if position < 1:
+        raise ValueError(f"{part!r}: positions are 1-based")
+    for letter in (wt, mt):
+        if letter not in RESIDUES:
+            what = "a stop (*)" if letter == "*" else repr(letter)
+            raise ValueError(f"{part!r}: {what} is not an ESM-2 residue ({''.join(sorted(RESIDUES))})")
+    return Mutation(wt, position, mt)
 
 
 def check_mutations(mutations: tuple[Mutation, ...], sequence: str) -> str | None:
@@ -152,7 +163,8 @@ def read_mutants(source: str | os.PathLike, single_id: str | None = None) -> Ite
 
 def _row(fields: list[str], line: int, id_col: int | None, mutant_col: int, single_id: str | None) -> MutantRow:
     wanted = max(mutant_col, id_col or 0)
-    rec_id = fields[id_col].strip() if id_col is not None and id_col < len(fields) else (single_id or "")
+    # Interned: a long list names few proteins, and each row would otherwise hold its own copy of the id.
+    rec_id = sys.intern(fields[id_col].strip()) if id_col is not None and id_col < len(fields) else (single_id or "")
     mutant = fields[mutant_col].strip() if mutant_col < len(fields) else ""
     row = MutantRow(line, rec_id, mutant)
     if len(fields) <= wanted:
@@ -167,9 +179,118 @@ def _row(fields: list[str], line: int, id_col: int | None, mutant_col: int, sing
     return row
 
 
-def describe_rows(rows: list[MutantRow], limit: int = 20) -> str:
-    """Formats rows with problems as one line each (at most ``limit``) for the user."""
-    lines = [f"{row.label()}: {row.problem}" for row in rows[:limit]]
-    if len(rows) > limit:
-        lines.append(f"... and {len(rows) - limit} more")
+def describe_rows(rows: list[MutantRow], total: int) -> str:
+    """Formats rows with problems as one line each for the user, with how many more there are of ``total``."""
+    lines = [f"{row.label()}: {row.problem}" for row in rows]
+    if total > len(rows):
+        lines.append(f"... and {total - len(rows):,} more")
     return "\n".join(lines)
+
+
+@dataclass
+class MutantTable:
+    """The mutants to score, in file order, kept compact: a list of millions of rows stays small.
+
+    Attributes:
+        ids, mutants: The output's id and mutant columns, one entry per row (as written).
+        proteins: The ids named by the rows, in order of first appearance.
+        row, protein, position, wt, mt: One entry per substitution: its row, its protein (an index
+            into ``proteins``), its 0-based position and the ASCII codes of its two letters.
+        skipped: Rows skipped as invalid.
+    """
+
+    ids: list[str] = field(default_factory=list)
+    mutants: list[str] = field(default_factory=list)
+    proteins: list[str] = field(default_factory=list)
+    row: array = field(default_factory=lambda: array("q"))
+    protein: array = field(default_factory=lambda: array("q"))
+    position: array = field(default_factory=lambda: array("q"))
+    wt: array = field(default_factory=lambda: array("B"))
+    mt: array = field(default_factory=lambda: array("B"))
+    skipped: int = 0
+    _protein_index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: MutantRow) -> None:
+        """Appends a checked row."""
+        k = self._protein_index.get(row.id)
+        if k is None:
+            k = self._protein_index[row.id] = len(self.proteins)
+            self.proteins.append(row.id)
+        n = len(self.ids)
+        self.ids.append(row.id)
+        self.mutants.append(row.mutant)
+        for m in row.mutations:
+            self.row.append(n)
+            self.protein.append(k)
+            self.position.append(m.position - 1)
+            self.wt.append(ord(m.wt))
+            self.mt.append(ord(m.mt))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The substitutions as numpy arrays: row, protein, position (int64), wt, mt (uint8 ASCII codes)."""
+        return {
+            "row": np.frombuffer(self.row, dtype=np.int64),
+            "protein": np.frombuffer(self.protein, dtype=np.int64),
+            "position": np.frombuffer(self.position, dtype=np.int64),
+            "wt": np.frombuffer(self.wt, dtype=np.uint8),
+            "mt": np.frombuffer(self.mt, dtype=np.uint8),
+        }
+
+    def by_protein(self) -> list[np.ndarray]:
+        """For each protein, the indices of its substitutions."""
+        protein = self.columns()["protein"]
+        order = np.argsort(protein, kind="stable")
+        bounds = np.searchsorted(protein[order], np.arange(len(self.proteins) + 1))
+        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def read_mutant_table(
+    source: str | os.PathLike,
+    sequences: dict[str, str],
+    skip_invalid: bool,
+    skipped_ids: frozenset[str] = frozenset(),
+    single_id: str | None = None,
+) -> MutantTable:
+    """Reads a mutant list and checks every row against the wild types, before any compute.
+
+    Args:
+        source: The CSV (see read_mutants).
+        sequences: The wild-type sequence of each id.
+        skip_invalid: Skip (and report) the rows that cannot be scored instead of stopping.
+        skipped_ids: Ids of FASTA records skipped as invalid (their rows are named as such).
+        single_id: The id rows take when the file has no ``id`` column.
+
+    Raises:
+        MutantError: The file is unusable, holds no row, holds rows that cannot be scored (without
+            skip_invalid; the message names them, 20 at most), or none that can.
+    """
+    table = MutantTable()
+    bad: list[MutantRow] = []
+    rows = 0
+    for row in read_mutants(source, single_id):
+        rows += 1
+        if row.problem is None:
+            sequence = sequences.get(row.id)
+            if sequence is None:
+                why = "its FASTA record is invalid and was skipped" if row.id in skipped_ids else "not in the FASTA"
+                row.problem = f"unknown id {row.id!r} ({why})"
+            else:
+                row.problem = check_mutations(row.mutations, sequence)
+        if row.problem is None:
+            table.add(row)
+        else:
+            table.skipped += 1
+            if len(bad) < _SHOWN:
+                bad.append(row)
+    if rows == 0:
+        raise MutantError(f"{source}: no mutants (a header and no rows)")
+    if bad and not skip_invalid:
+        raise MutantError(
+            f"{source}: {table.skipped:,} of {rows:,} mutants cannot be scored "
+            f"(use --skip-invalid to score the others):\n{describe_rows(bad, table.skipped)}"
+        )
+    if bad:
+        log.warning("skipping %d mutant(s):\n%s", table.skipped, describe_rows(bad, table.skipped))
+    if not table.ids:
+        raise MutantError(f"{source}: no mutant can be scored")
+    return table

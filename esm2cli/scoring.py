@@ -29,9 +29,9 @@ from esm2cli import __version__, storage
 from esm2cli.batching import plan_batches
 from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ScoreConfig
 from esm2cli.engine import Engine, build_engine
-from esm2cli.errors import ConfigError, FastaError, MutantError, OutputError, OutputExistsError
+from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.fasta import Record, describe_invalid, read_records, scan_fasta, spool_stdin
-from esm2cli.mutants import AMINO_ACIDS, MutantRow, check_mutations, describe_rows, read_mutants
+from esm2cli.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Protein:
     record: Record
     positions: list[int]
     reads: list[tuple[int, int]] = field(default_factory=list)  # (input, row of that input's result)
-    rows: list[int] = field(default_factory=list)  # mutations mode: the CSV rows of this protein
+    key: int = -1  # mutations mode: the protein's index in the MutantTable
 
     def plan(self, inputs: _Inputs, window: int, masked: bool) -> None:
         seq = self.record.sequence
@@ -273,12 +273,11 @@ def _check_records(invalid: list[Record], records: int, valid: int, fasta: str, 
         raise FastaError(f"{fasta}: no records to score" + (" (every record is invalid)" if records else ""))
 
 
-def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_Protein], list[MutantRow], int]:
-    """Reads the wild types and the mutant list and checks every row.
+def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_Protein], MutantTable]:
+    """Reads the wild types and the mutant list and checks every row, before any compute.
 
     Returns:
-        The proteins that have mutants (in FASTA order), the rows to score (in CSV order), and how many
-        rows were skipped.
+        The proteins that have mutants, in FASTA order (``key``: their index in the table), and the table.
 
     Raises:
         FastaError, MutantError: Bad records, duplicate ids, or rows that cannot be scored (without skip_invalid).
@@ -292,44 +291,20 @@ def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_P
         if record.id in by_id:
             raise FastaError(f"{fasta}: id {record.id!r} occurs more than once; mutants name their protein by id")
         by_id[record.id] = record
-    skipped_ids = {r.id for r in invalid}
-    if invalid:
-        log.warning("mutants of the skipped records are skipped too")
-    single_id = valid[0].id if len(records) == 1 else None
-    rows = list(read_mutants(cfg.mutations, single_id))
-    if not rows:
-        raise MutantError(f"{cfg.mutations}: no mutants (a header and no rows)")
-    for row in rows:
-        if row.problem:
-            continue
-        record = by_id.get(row.id)
-        if record is None:
-            why = "its record is invalid and was skipped" if row.id in skipped_ids else f"not in {fasta}"
-            row.problem = f"unknown id {row.id!r} ({why})"
-        else:
-            row.problem = check_mutations(row.mutations, record.sequence)
-    bad = [row for row in rows if row.problem]
-    if bad and not cfg.skip_invalid:
-        raise MutantError(
-            f"{cfg.mutations}: {len(bad)} of {len(rows)} mutants cannot be scored "
-            f"(use --skip-invalid to score the others):\n{describe_rows(bad)}"
-        )
-    if bad:
-        log.warning("skipping %d mutant(s):\n%s", len(bad), describe_rows(bad))
-    good = [row for row in rows if not row.problem]
-    if not good:
-        raise MutantError(f"{cfg.mutations}: no mutant can be scored")
-    proteins: dict[str, _Protein] = {}
-    for k, row in enumerate(good):
-        protein = proteins.get(row.id)
-        if protein is None:
-            protein = proteins[row.id] = _Protein(by_id[row.id], [])
-        protein.rows.append(k)
+    table = read_mutant_table(
+        cfg.mutations,
+        {rec_id: r.sequence for rec_id, r in by_id.items()},
+        cfg.skip_invalid,
+        skipped_ids=frozenset(r.id for r in invalid),
+        single_id=valid[0].id if len(records) == 1 else None,
+    )
+    position = table.columns()["position"]
+    proteins = [
+        _Protein(by_id[rec_id], np.unique(position[subs]).tolist(), key=k)
+        for k, (rec_id, subs) in enumerate(zip(table.proteins, table.by_protein(), strict=True))
+    ]
     order = {r.id: n for n, r in enumerate(valid)}
-    for protein in proteins.values():
-        positions = {m.position - 1 for k in protein.rows for m in good[k].mutations}
-        protein.positions = sorted(positions)
-    return sorted(proteins.values(), key=lambda p: order[p.record.id]), good, len(bad)
+    return sorted(proteins, key=lambda p: order[p.record.id]), table
 
 
 def _tokens(lut: np.ndarray, letters: str) -> np.ndarray:
@@ -339,59 +314,60 @@ def _tokens(lut: np.ndarray, letters: str) -> np.ndarray:
 class _Scorer:
     """Turns a chunk's log-probabilities into output rows, for one mode."""
 
-    def __init__(self, cfg: ScoreConfig, lut: np.ndarray, rows: list[MutantRow] | None = None):
+    def __init__(self, cfg: ScoreConfig, lut: np.ndarray, table: MutantTable | None = None):
         self.cfg = cfg
         self.lut = lut
-        self.rows = rows
-        self.scores = np.full(len(rows), np.nan) if rows is not None else None
         self._aa = _tokens(lut, AMINO_ACIDS)
+        if table is not None:
+            self.scores = np.zeros(len(table.ids))
+            self.subs = table.columns()
+            self.by_protein = table.by_protein()
 
     def columns(self, chunk: _Chunk) -> dict | None:
+        """The chunk's output rows (pll, all-substitutions); mutant scores are kept for the end instead."""
         if self.cfg.mode == "pll":
             return self._pll(chunk)
         if self.cfg.mode == "all-substitutions":
             return self._all_substitutions(chunk)
-        self._mutants(chunk)
+        for protein in chunk.proteins:
+            self._mutants(protein, chunk.log_probs(protein).astype(np.float64))
         return None
 
     def _pll(self, chunk: _Chunk) -> dict:
-        ids, lengths, plls, windowed = [], [], [], []
+        ids, lengths, plls = [], [], []
         for protein in chunk.proteins:
             seq = protein.record.sequence
             lp = chunk.log_probs(protein)
-            pll = float(lp[np.arange(len(seq)), _tokens(self.lut, seq)].sum(dtype=np.float64))
             ids.append(protein.record.id)
             lengths.append(len(seq))
-            plls.append(pll)
-            windowed.append(len(seq) > self.cfg.window)
-        ppl = [math.exp(-p / n) for p, n in zip(plls, lengths, strict=True)]
-        return {"id": ids, "length": lengths, "pll": plls, "pseudo_perplexity": ppl, "windowed": windowed}
+            plls.append(float(lp[np.arange(len(seq)), _tokens(self.lut, seq)].sum(dtype=np.float64)))
+        return {
+            "id": ids,
+            "length": lengths,
+            "pll": plls,
+            "pseudo_perplexity": [math.exp(-p / n) for p, n in zip(plls, lengths, strict=True)],
+            "windowed": [n > self.cfg.window for n in lengths],
+        }
 
     def _all_substitutions(self, chunk: _Chunk) -> dict:
         ids, mutants, scores = [], [], []
         for protein in chunk.proteins:
             seq = protein.record.sequence
             lp = chunk.log_probs(protein).astype(np.float64)
-            wt = lp[np.arange(len(seq)), _tokens(self.lut, seq)]
-            table = lp[:, self._aa] - wt[:, None]  # (positions, 20)
-            for i, wt_letter in enumerate(seq):
+            table = lp[:, self._aa] - lp[np.arange(len(seq)), _tokens(self.lut, seq)][:, None]  # (positions, 20)
+            for i, wt in enumerate(seq):
                 for j, aa in enumerate(AMINO_ACIDS):
-                    if aa != wt_letter:
-                        mutants.append(f"{wt_letter}{i + 1}{aa}")
+                    if aa != wt:
+                        mutants.append(f"{wt}{i + 1}{aa}")
                         scores.append(table[i, j])
             ids.extend([protein.record.id] * (len(mutants) - len(ids)))
         return {"id": ids, "mutant": mutants, "score": scores}
 
-    def _mutants(self, chunk: _Chunk) -> None:
-        for protein in chunk.proteins:
-            lp = chunk.log_probs(protein).astype(np.float64)
-            at = {pos: k for k, pos in enumerate(protein.positions)}
-            for k in protein.rows:
-                total = 0.0
-                for m in self.rows[k].mutations:
-                    v = lp[at[m.position - 1]]
-                    total += v[self.lut[ord(m.mt)]] - v[self.lut[ord(m.wt)]]
-                self.scores[k] = total
+    def _mutants(self, protein: _Protein, lp: np.ndarray) -> None:
+        subs = self.by_protein[protein.key]
+        at = np.searchsorted(protein.positions, self.subs["position"][subs])  # row of lp for each substitution
+        delta = lp[at, self.lut[self.subs["mt"][subs]]] - lp[at, self.lut[self.subs["wt"][subs]]]
+        np.add.at(self.scores, self.subs["row"][subs], delta)
 
 
 def _fasta_proteins(source: str, positions_of: Callable[[Record], list[int]]) -> Iterator[_Protein]:
@@ -439,13 +415,16 @@ def score_fasta(
     if score.mode == "mutations" and not score.mutations:
         raise ConfigError("mode mutations needs a mutant list; this is a bug")
     output = str(output)
+    if not storage.is_url(output) and os.path.isdir(output):
+        raise ConfigError(f"{output} is a directory; -o names the Parquet file to write")
     if storage.exists(output) and not overwrite:
         raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
     summary = ScoreSummary(mode=score.mode)
     with _readable(str(fasta)) as source:
-        rows = None
+        table = None
         if score.mode == "mutations":
-            proteins, rows, summary.skipped_rows = _mutant_proteins(source, str(fasta), score)
+            proteins, table = _mutant_proteins(source, str(fasta), score)
+            summary.skipped_rows = table.skipped
             total = sum(len(p.positions) for p in proteins)
             protein_stream: Iterable[_Protein] = proteins
         else:
@@ -456,7 +435,7 @@ def score_fasta(
             protein_stream = _fasta_proteins(source, lambda record: list(range(len(record.sequence))))
         setup = build_engine(model, EmbedConfig(truncate=score.window), lm_head=True)
         batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
-        scorer = _Scorer(score, setup.model.token_lut, rows)
+        scorer = _Scorer(score, setup.model.token_lut, table)
         method = "masked-marginal" if score.mode == "pll" else score.method
         metadata = {
             "model": model.model, "model_source": setup.model.source, "random_weights": setup.model.dummy,
@@ -479,10 +458,8 @@ def score_fasta(
                     if columns is not None:
                         out.write(columns)
                 summary.oom_splits = engine.oom_splits()
-            if rows is not None:
-                out.write(
-                    {"id": [r.id for r in rows], "mutant": [r.mutant for r in rows], "score": scorer.scores.tolist()}
-                )
+            if table is not None:
+                out.write({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})
             out.commit()
         except BaseException:
             out.abort()
