@@ -11,19 +11,20 @@ from transformers import EsmForMaskedLM
 
 from benchmarks.fair_esm_reference import fair_esm_model, masked_log_probs, pseudo_log_likelihood, unmasked_log_probs
 from conftest import FakeDevice, write_fasta
+from esm2cli.cli import cli
 from esm2cli.config import BatchConfig
 from esm2cli.engine import Engine
 from esm2cli.mutants import AMINO_ACIDS
 from esm2cli.scoring import _Protein, chunked, log_prob_chunks, window_start
 from esm2cli.workload import synthetic_sequences
 
-PROTEINS = [(f"p{i}", seq) for i, (_, seq) in enumerate(synthetic_sequences(5, seed=3, max_length=60))] + [
-    ("short", "MKV"),
-    (
-        "long",
-        "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUESTPZOBX",
-    ),
-]
+LONG = (
+    "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRL"
+    "SPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDV"
+    "RAPDYDDWUESTPZOBX"  # ends with the non-standard residues ESM-2 has tokens for
+)
+PROTEINS = [(f"p{i}", seq) for i, (_, seq) in enumerate(synthetic_sequences(5, seed=3, max_length=60))]
+PROTEINS += [("short", "MKV"), ("long", LONG)]
 WINDOW = 40  # "long" is longer, so windows centred on each position are exercised
 
 
@@ -40,14 +41,7 @@ def fasta(tmp_path_factory):
 
 
 def score(*args):
-    result = CliRunner().invoke(cli_main(), ["score", *map(str, args)])
-    return result
-
-
-def cli_main():
-    from esm2cli.cli import cli
-
-    return cli
+    return CliRunner().invoke(cli, ["score", *map(str, args)])
 
 
 def score_ok(tmp_path, fasta, model_dir, *args, name="out.parquet"):
@@ -100,7 +94,9 @@ def test_pll_agrees_with_fair_esm_one_masked_copy_per_pass(tmp_path, fasta, tiny
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     lengths = [len(s) for _, s in PROTEINS]
     assert table["length"].to_pylist() == lengths
-    np.testing.assert_allclose(table["pseudo_perplexity"].to_pylist(), [math.exp(-p / n) for p, n in zip(got, lengths)])
+    np.testing.assert_allclose(
+        table["pseudo_perplexity"].to_pylist(), [math.exp(-p / n) for p, n in zip(got, lengths, strict=True)]
+    )
     assert table["windowed"].to_pylist() == [n > WINDOW for n in lengths]
     longer = sum(n > WINDOW for n in lengths)
     assert 0 < longer < len(PROTEINS)
@@ -163,7 +159,9 @@ def test_all_substitutions_is_the_full_table_of_single_mutants(tmp_path, fasta, 
     _, alphabet = fair
     lp = ref_masked(fair, "MKV", 1)
     want = {f"K2{aa}": (lp[alphabet.get_idx(aa)] - lp[alphabet.get_idx("K")]).item() for aa in AMINO_ACIDS if aa != "K"}
-    got = {m: s for m, s in zip(short["mutant"].to_pylist(), short["score"].to_pylist()) if m.startswith("K2")}
+    got = {
+        m: s for m, s in zip(short["mutant"].to_pylist(), short["score"].to_pylist(), strict=True) if m.startswith("K2")
+    }
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-4)
     # The same substitutions through --mutations give the same scores.
