@@ -137,6 +137,16 @@ def masked_log_probs(model: ESM2, alphabet: Alphabet, seq: str, position: int) -
         return torch.log_softmax(model(toks)["logits"][0, position + 1].float(), dim=-1)
 
 
+def masked_log_probs_batch(model: ESM2, alphabet: Alphabet, items: list[tuple[str, int]]) -> torch.Tensor:
+    """The same as masked_log_probs for many (sequence, position) pairs in one padded fair-esm batch: (items, vocab)."""
+    toks = _tokens(alphabet, [seq for seq, _ in items])
+    positions = torch.tensor([pos + 1 for _, pos in items])
+    rows = torch.arange(len(items))
+    toks[rows, positions] = alphabet.mask_idx
+    with torch.no_grad():
+        return torch.log_softmax(model(toks)["logits"][rows, positions].float(), dim=-1)
+
+
 def unmasked_log_probs(model: ESM2, alphabet: Alphabet, seq: str) -> torch.Tensor:
     """log p(. | seq) at every residue, (length, vocabulary): the wild-type marginal."""
     with torch.no_grad():
