@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from esm2cli import __version__, storage
 from esm2cli.batching import plan_batches
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ScoreConfig
+from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConfig, ScoreConfig
 from esm2cli.engine import Engine, build_engine
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.fasta import Record, describe_invalid, read_records, scan_fasta, spool_stdin
@@ -311,6 +311,37 @@ def _tokens(lut: np.ndarray, letters: str) -> np.ndarray:
     return lut[np.frombuffer(letters.encode("ascii"), dtype=np.uint8)]
 
 
+def _pll(chunk: _Chunk, protein: _Protein, lut: np.ndarray) -> float:
+    """The sum over residues of log p(residue | its position masked); every position is read, in order."""
+    seq = protein.record.sequence
+    return float(chunk.log_probs(protein)[np.arange(len(seq)), _tokens(lut, seq)].sum(dtype=np.float64))
+
+
+def pseudo_log_likelihoods(
+    engine: Engine,
+    sequences: Iterable[str],
+    lut: np.ndarray,
+    batch: BatchConfig,
+    window: int = DEFAULT_TRUNCATE,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """The pseudo-log-likelihood (natural log) of each sequence, computed as ``esm2cli score --pll`` does.
+
+    Args:
+        engine: A started engine whose replicas carry the LM head.
+        sequences: Validated residue strings.
+        lut: The model's token ids by ASCII code (``LoadedModel.token_lut``).
+        batch: Batch size and token budget (max_tokens decided).
+        window: Residues per forward pass; longer sequences are scored in windows centred on each position.
+        progress: Called with (positions, residues) as batches complete.
+    """
+    proteins = (_Protein(Record(str(i), "", s, i + 1), list(range(len(s)))) for i, s in enumerate(sequences))
+    out: list[float] = []
+    for chunk in log_prob_chunks(engine, chunked(proteins), batch, window, masked=True, progress=progress):
+        out.extend(_pll(chunk, p, lut) for p in chunk.proteins)
+    return out
+
+
 class _Scorer:
     """Turns a chunk's log-probabilities into output rows, for one mode."""
 
@@ -334,13 +365,9 @@ class _Scorer:
         return None
 
     def _pll(self, chunk: _Chunk) -> dict:
-        ids, lengths, plls = [], [], []
-        for protein in chunk.proteins:
-            seq = protein.record.sequence
-            lp = chunk.log_probs(protein)
-            ids.append(protein.record.id)
-            lengths.append(len(seq))
-            plls.append(float(lp[np.arange(len(seq)), _tokens(self.lut, seq)].sum(dtype=np.float64)))
+        ids = [p.record.id for p in chunk.proteins]
+        lengths = [len(p.record.sequence) for p in chunk.proteins]
+        plls = [_pll(chunk, p, self.lut) for p in chunk.proteins]
         return {
             "id": ids,
             "length": lengths,
