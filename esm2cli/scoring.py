@@ -31,6 +31,7 @@ from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConf
 from esm2cli.engine import Engine, build_engine
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.fasta import Record, describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.identity import same_file
 from esm2cli.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 
 log = logging.getLogger(__name__)
@@ -442,8 +443,11 @@ def score_fasta(
     if score.mode == "mutations" and not score.mutations:
         raise ConfigError("mode mutations needs a mutant list; this is a bug")
     output = str(output)
+    for what, source in (("the FASTA", str(fasta)), ("the mutant list", score.mutations)):
+        if source and source != "-" and same_file(source, output):
+            raise ConfigError(f"{output} is {what}: name another output")
     if not storage.is_url(output) and os.path.isdir(output):
-        raise ConfigError(f"{output} is a directory; -o names the Parquet file to write")
+        raise ConfigError(f"{output} is a directory: name a file")
     if storage.exists(output) and not overwrite:
         raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
     summary = ScoreSummary(mode=score.mode)

@@ -138,6 +138,12 @@ def test_an_existing_output_is_refused_then_replaced_only_when_complete(tmp_path
     directory.mkdir()
     result = score(tiny_model_dir, wt, "--pll", "-o", directory, "--overwrite")
     assert result.exit_code == 2 and "is a directory" in result.stderr
+    result = score(tiny_model_dir, wt, "--pll", "-o", wt, "--overwrite")
+    assert result.exit_code == 2 and "is the FASTA: name another output" in result.stderr
+    muts = csv(tmp_path, "id,mutant\np1,M1A\n")
+    result = score(tiny_model_dir, wt, "--mutations", muts, "-o", muts, "--overwrite")
+    assert result.exit_code == 2 and "is the mutant list" in result.stderr
+    os.remove(muts)
 
     from esm2cli.model import Replica
 
