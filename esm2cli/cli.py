@@ -268,6 +268,12 @@ def _summary_line(summary, output, shard=None) -> str:
     help="Also write per-residue embeddings (large: residues x hidden floats per sequence).",
 )
 @click.option(
+    "--contacts",
+    is_flag=True,
+    envvar="ESM2CLI_CONTACTS",
+    help="Also write contact probabilities from the contact head (large: residues x residues floats per sequence).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=DEFAULT_BATCH_SIZE,
@@ -335,6 +341,7 @@ def embed(
     long_sequences,
     window_overlap,
     per_token,
+    contacts,
     batch_size,
     max_tokens,
     skip_invalid,
@@ -386,6 +393,7 @@ def embed(
             truncate=truncate,
             long_sequences=long_sequences,
             window_overlap=window_overlap,
+            contacts=contacts,
         ),  # fmt: skip
         batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
         inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
