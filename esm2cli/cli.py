@@ -415,7 +415,7 @@ def embed(
 
 
 @contextmanager
-def _interruptible():
+def _interruptible(message: str = "interrupted: rerun the same command to resume"):
     """SIGINT and SIGTERM (a preempted pod) unwind the run: finished chunks stay, the exit is 130 or 143.
 
     A second signal during that unwinding exits at once: every committed chunk is already safe on disk.
@@ -431,7 +431,7 @@ def _interruptible():
     try:
         yield
     except Interrupted as exc:
-        click.echo("interrupted: rerun the same command to resume", err=True)
+        click.echo(message, err=True)
         sys.exit(128 + exc.signum)
     finally:
         for sig, handler in previous.items():
@@ -616,7 +616,7 @@ def _score_summary_line(summary, output) -> str:
     rate = summary.inputs / summary.seconds if summary.seconds > 0 else 0.0
     return (
         f"scored {what}{note} -> {output}: {summary.inputs:,} distinct inputs for {summary.positions:,} positions "
-        f"in {summary.seconds:.1f} s ({rate:,.1f} inputs/s) on {', '.join(summary.devices)}{oom}"
+        f"in {summary.seconds:.1f} s ({rate:,.1f} inputs/s) on {_device_list(summary.devices)}{oom}"
     )
 
 
@@ -718,22 +718,23 @@ def score(
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
     log.debug("score: %s; model: %s", cfg, model_cfg)
-    try:
-        summary = score_fasta(
-            fasta,
-            output,
-            model=model_cfg,
-            score=cfg,
-            batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens),
-            overwrite=overwrite,
-            progress_factory=_progress_factory(quiet, unit="pos"),
-        )
-    except MutantError as exc:
-        raise _to_click(exc, param_hint="--mutations") from exc
-    except ConfigError as exc:
-        raise _to_click(exc) from exc
-    except Esm2Error as exc:
-        raise _to_click(exc, param_hint="FASTA") from exc
+    with _interruptible("interrupted: the output was not written (an earlier one is left as it was)"):
+        try:
+            summary = score_fasta(
+                fasta,
+                output,
+                model=model_cfg,
+                score=cfg,
+                batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens),
+                overwrite=overwrite,
+                progress_factory=_progress_factory(quiet, unit="pos"),
+            )
+        except MutantError as exc:
+            raise _to_click(exc, param_hint="--mutations") from exc
+        except ConfigError as exc:
+            raise _to_click(exc) from exc
+        except Esm2Error as exc:
+            raise _to_click(exc, param_hint="FASTA") from exc
     if not quiet:
         click.echo(_score_summary_line(summary, output), err=True)
 

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -182,3 +186,26 @@ def test_a_long_mutant_list_costs_one_pass_per_position(tmp_path, wt, tiny_model
     assert result.exit_code == 0, result.output
     assert pq.read_table(out).num_rows == 2000
     assert "3 distinct inputs for 3 positions" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path):
+    from esm2cli.workload import synthetic_sequences
+
+    fasta = write_fasta(tmp_path / "in.fa", list(synthetic_sequences(20, seed=5, max_length=300)))
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"earlier")
+    cmd = [sys.executable, "-m", "esm2cli", "score", fasta, "--pll", "-o", str(out), "--overwrite", "-q",
+           "-m", "esm2_t6_8M", "--load-format", "dummy", "--dtype", "float32", "--devices", "cpu"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / ".o.parquet.tmp"
+    deadline = time.time() + 180
+    while not tmp.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert tmp.exists(), proc.poll()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the output was not written")
+    assert out.read_bytes() == b"earlier" and not tmp.exists()
