@@ -398,12 +398,6 @@ class _Scorer:
         np.add.at(self.scores, self.subs["row"][subs], delta)
 
 
-def _fasta_proteins(source: str, positions_of: Callable[[Record], list[int]]) -> Iterator[_Protein]:
-    for record in read_records(source):
-        if record.problem is None:
-            yield _Protein(record, positions_of(record))
-
-
 def score_fasta(
     fasta: str | os.PathLike,
     output: str | os.PathLike,
@@ -438,59 +432,18 @@ def score_fasta(
         ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
-    if score.mode not in MODES or score.method not in METHODS:
-        raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
-    if score.mode == "mutations" and not score.mutations:
-        raise ConfigError("mode mutations needs a mutant list; this is a bug")
     output = str(output)
-    for what, source in (("the FASTA", str(fasta)), ("the mutant list", score.mutations)):
-        if source and source != "-" and same_file(source, output):
-            raise ConfigError(f"{output} is {what}: name another output")
-    if not storage.is_url(output) and os.path.isdir(output):
-        raise ConfigError(f"{output} is a directory: name a file")
-    if storage.exists(output) and not overwrite:
-        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    _check_run(str(fasta), output, score, overwrite)
     summary = ScoreSummary(mode=score.mode)
     with _readable(str(fasta)) as source:
-        table = None
-        if score.mode == "mutations":
-            proteins, table = _mutant_proteins(source, str(fasta), score)
-            summary.skipped_rows = table.skipped
-            total = sum(len(p.positions) for p in proteins)
-            protein_stream: Iterable[_Protein] = proteins
-        else:
-            scan = scan_fasta(source)
-            _check_records(scan.invalid, scan.records, scan.valid, str(fasta), score.skip_invalid)
-            summary.skipped_records = [r.id or f"#{r.position}" for r in scan.invalid]
-            total = scan.residues
-            protein_stream = _fasta_proteins(source, lambda record: list(range(len(record.sequence))))
+        proteins, table, total = _plan(source, str(fasta), score, summary)
         setup = build_engine(model, EmbedConfig(truncate=score.window), lm_head=True)
         batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
-        scorer = _Scorer(score, setup.model.token_lut, table)
-        method = "masked-marginal" if score.mode == "pll" else score.method
-        metadata = {
-            "model": model.model, "model_source": setup.model.source, "random_weights": setup.model.dummy,
-            "dtype": setup.dtype, "mode": score.mode, "method": method, "window": score.window,
-            "mutations": score.mutations, "esm2cli_version": __version__,
-        }  # fmt: skip
-        out = ScoreFile(output, _schema(score.mode, metadata))
+        out = ScoreFile(output, _schema(score.mode, _metadata(model, score, setup)))
         progress = progress_factory(total) if progress_factory else None
-        masked = score.mode == "pll" or score.method == "masked-marginal"
         start = time.perf_counter()
         try:
-            with setup.engine as engine:
-                for chunk in log_prob_chunks(engine, chunked(protein_stream), batch, score.window, masked, progress):
-                    summary.proteins += len(chunk.proteins)
-                    summary.positions += sum(len(p.positions) for p in chunk.proteins)
-                    summary.inputs += len(chunk.inputs.items)
-                    summary.residues += sum(len(seq) for seq, _ in chunk.inputs.items)
-                    summary.windowed += sum(len(p.record.sequence) > score.window for p in chunk.proteins)
-                    columns = scorer.columns(chunk)
-                    if columns is not None:
-                        out.write(columns)
-                summary.oom_splits = engine.oom_splits()
-            if table is not None:
-                out.write({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})
+            _compute(setup.engine, setup.model.token_lut, proteins, table, batch, score, out, summary, progress)
             out.commit()
         except BaseException:
             out.abort()
@@ -499,3 +452,63 @@ def score_fasta(
     summary.seconds = time.perf_counter() - start
     summary.devices = [d.name for d in setup.devices]
     return summary
+
+
+def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:
+    """Refuses, before anything is read, options that cannot work and an output that must not be written."""
+    if score.mode not in MODES or score.method not in METHODS:
+        raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
+    if score.mode == "mutations" and not score.mutations:
+        raise ConfigError("mode mutations needs a mutant list; this is a bug")
+    for what, source in (("the FASTA", fasta), ("the mutant list", score.mutations)):
+        if source and source != "-" and same_file(source, output):
+            raise ConfigError(f"{output} is {what}: name another output")
+    if not storage.is_url(output) and os.path.isdir(output):
+        raise ConfigError(f"{output} is a directory: name a file")
+    if storage.exists(output) and not overwrite:
+        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+
+
+def _plan(
+    source: str, fasta: str, score: ScoreConfig, summary: ScoreSummary
+) -> tuple[Iterable[_Protein], MutantTable | None, int]:
+    """Checks the input before any compute; returns the proteins to score, the mutants, and the positions in all."""
+    if score.mode == "mutations":
+        proteins, table = _mutant_proteins(source, fasta, score)
+        summary.skipped_rows = table.skipped
+        return proteins, table, sum(len(p.positions) for p in proteins)
+    scan = scan_fasta(source)
+    _check_records(scan.invalid, scan.records, scan.valid, fasta, score.skip_invalid)
+    summary.skipped_records = [r.id or f"#{r.position}" for r in scan.invalid]
+    every_position = (
+        _Protein(record, list(range(len(record.sequence)))) for record in read_records(source) if not record.problem
+    )
+    return every_position, None, scan.residues
+
+
+def _metadata(model: ModelConfig, score: ScoreConfig, setup) -> dict:
+    """What the output file records about how it was made."""
+    return {
+        "model": model.model, "model_source": setup.model.source, "random_weights": setup.model.dummy,
+        "dtype": setup.dtype, "mode": score.mode, "method": "masked-marginal" if score.mode == "pll" else score.method,
+        "window": score.window, "mutations": score.mutations, "esm2cli_version": __version__,
+    }  # fmt: skip
+
+
+def _compute(engine, lut, proteins, table, batch, score, out, summary, progress) -> None:
+    """Runs every chunk of proteins on the engine and writes its rows (mutant scores once all are in)."""
+    scorer = _Scorer(score, lut, table)
+    masked = score.mode == "pll" or score.method == "masked-marginal"
+    with engine:
+        for chunk in log_prob_chunks(engine, chunked(proteins), batch, score.window, masked, progress):
+            summary.proteins += len(chunk.proteins)
+            summary.positions += sum(len(p.positions) for p in chunk.proteins)
+            summary.inputs += len(chunk.inputs.items)
+            summary.residues += sum(len(seq) for seq, _ in chunk.inputs.items)
+            summary.windowed += sum(len(p.record.sequence) > score.window for p in chunk.proteins)
+            columns = scorer.columns(chunk)
+            if columns is not None:
+                out.write(columns)
+        summary.oom_splits = engine.oom_splits()
+    if table is not None:
+        out.write({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})
