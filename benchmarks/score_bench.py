@@ -7,14 +7,16 @@ inputs a masked-marginal scan of every position needs. Timed on the compute only
   esm2cli             scoring.pseudo_log_likelihoods over an Engine on --devices (auto: one replica per GPU,
                       or one single-threaded replica per CPU core): the distinct masked copies sorted and
                       batched under the token budget, spread over the replicas
-  esm2cli-1rep        the same on one replica (--devices cpu: every core), to separate batching from replicas
-  loop                the same model and LM head (the same esm2cli replica), one masked copy per forward pass
+  loop                the same model and LM head (the same esm2cli replica), one masked copy per forward pass,
+                      with torch's default threads (every core)
   fair-esm            fair-esm's own ESM2 with the same weights, one masked copy per forward pass, as its
-                      variant-prediction example loops (float32 only; needs fair-esm installed)
+                      variant-prediction example loops, torch's default threads (float32 only; needs fair-esm)
+  esm2cli-1core       esm2cli on one replica with one thread (CPU only) ...
+  loop-1core          ... against the loop with one thread: what batching alone gains on the same core
 
 The methods run in turn, --rounds times over (each round runs every method once, so that a machine whose
 load drifts weighs on all of them alike); each method's best round counts. Ratios are each method's time
-over esm2cli's. Agreement: the largest PLL difference from the loop.
+over esm2cli's (a -1core method's over esm2cli-1core's). Agreement: the largest PLL difference from the loop.
 
     python -m benchmarks.score_bench --model esm2_t12_35M --proteins 3 --length 120
     python -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --methods esm2cli,loop   # a GPU
@@ -44,8 +46,10 @@ def proteins(count: int, length: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(AMINO_ACIDS) for _ in range(length)) for _ in range(count)]
 
 
-def batched(loaded, devices: str, seqs: list[str], batch: BatchConfig) -> tuple[list[float], float]:
+def batched(loaded, devices: str, seqs: list[str], batch: BatchConfig, threads: int | None = None):
     replicas = build_replicas(loaded, resolve_devices(devices), EmbedConfig())
+    for replica in replicas:
+        replica.cpu_threads = threads or replica.cpu_threads
     with Engine(replicas) as engine:
         pseudo_log_likelihoods(engine, [seqs[0][:20]], loaded.token_lut, batch)  # warm-up
         start = time.perf_counter()
@@ -55,8 +59,8 @@ def batched(loaded, devices: str, seqs: list[str], batch: BatchConfig) -> tuple[
         return plls, time.perf_counter() - start
 
 
-def one_per_pass(loaded, device: str, seqs: list[str]) -> tuple[list[float], float]:
-    torch.set_num_threads(_CPU_THREADS)  # the engine's CPU workers may have lowered it
+def one_per_pass(loaded, device: str, seqs: list[str], threads: int | None = None) -> tuple[list[float], float]:
+    torch.set_num_threads(threads or _CPU_THREADS)  # the engine's CPU workers may have lowered it
     replica = build_replicas(loaded, resolve_devices(device)[:1], EmbedConfig())[0]
     replica.cpu_threads = None
     lut = loaded.token_lut
@@ -87,7 +91,7 @@ def main() -> None:
     parser.add_argument("--devices", default="auto")
     parser.add_argument("--max-tokens", type=int, default=None, help="[default: as esm2cli score]")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--methods", default="esm2cli,esm2cli-1rep,loop,fair-esm")
+    parser.add_argument("--methods", default="esm2cli,loop,fair-esm,esm2cli-1core,loop-1core")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
@@ -97,8 +101,8 @@ def main() -> None:
     methods = args.methods.split(",")
     if dtype != "float32" and "fair-esm" in methods:
         methods.remove("fair-esm")  # fair-esm's ESM2 is compared in float32 only
-    if on_cuda and "esm2cli-1rep" in methods:
-        methods.remove("esm2cli-1rep")  # one replica per GPU already
+    if on_cuda:
+        methods = [m for m in methods if not m.endswith("-1core")]
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS["cuda" if on_cuda else "cpu"]
     batch = BatchConfig(batch_size=args.batch_size, max_tokens=max_tokens)
     seqs = proteins(args.proteins, args.length)
@@ -113,8 +117,9 @@ def main() -> None:
     first_device = "cuda:0" if on_cuda else "cpu"
     runs = {
         "esm2cli": lambda: batched(loaded, args.devices, seqs, batch),
-        "esm2cli-1rep": lambda: batched(loaded, "cpu", seqs, batch),
+        "esm2cli-1core": lambda: batched(loaded, "cpu", seqs, batch, threads=1),
         "loop": lambda: one_per_pass(loaded, first_device, seqs),
+        "loop-1core": lambda: one_per_pass(loaded, first_device, seqs, threads=1),
         "fair-esm": lambda: fair_esm(loaded, first_device, seqs),
     }
     results: dict[str, tuple[list[float], float]] = {}
@@ -125,10 +130,11 @@ def main() -> None:
                 results[name] = (plls, seconds)
             print(f"  round {round_} {name:<13} {seconds:8.2f} s  {inputs / seconds:9,.1f} masked copies/s", flush=True)
     print("best round of each:")
-    base = results.get("esm2cli")
     reference = results.get("loop") or results.get("fair-esm")
     for name, (plls, seconds) in results.items():
-        ratio = f"{seconds / base[1]:6.2f}x esm2cli's time" if base else ""
+        base_name = "esm2cli-1core" if name.endswith("-1core") else "esm2cli"
+        base = results.get(base_name)
+        ratio = f"{seconds / base[1]:6.2f}x {base_name}'s time" if base else ""
         agree = (
             f"max |PLL - loop| {max(abs(a - b) for a, b in zip(plls, reference[0], strict=True)):.2e}"
             if reference
