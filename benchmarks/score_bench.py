@@ -64,9 +64,9 @@ def one_per_pass(loaded, device: str, seqs: list[str], threads: int | None = Non
     replica = build_replicas(loaded, resolve_devices(device)[:1], EmbedConfig())[0]
     replica.cpu_threads = None
     lut = loaded.token_lut
-    replica.lm_log_probs([(seqs[0][:20], 0)])  # warm-up
+    replica.lm_log_probs([(seqs[0][:20], 0, [0])])  # warm-up
     start = time.perf_counter()
-    plls = [sum(float(replica.lm_log_probs([(s, i)])[0][0, lut[ord(aa)]]) for i, aa in enumerate(s)) for s in seqs]
+    plls = [sum(float(replica.lm_log_probs([(s, i, [i])])[0][0, lut[ord(aa)]]) for i, aa in enumerate(s)) for s in seqs]
     return plls, time.perf_counter() - start
 
 

@@ -381,16 +381,17 @@ class Replica:
         per_token = self.per_token if per_token is None else per_token
         return self._split_on_oom(lambda part: self._forward(part, per_token), seqs, BatchEmbeddings.concat)
 
-    def lm_log_probs(self, items: Sequence[tuple[str, int | None]]) -> list[np.ndarray]:
+    def lm_log_probs(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
         """The masked-LM head's log-probabilities for a batch of (optionally masked) sequences.
 
         Args:
-            items: (sequence, masked) pairs: the residue at 0-based position ``masked`` is replaced by
-                <mask> (None: nothing is masked). Sequences are validated and fit the model.
+            items: (sequence, masked, read) triples: the residue at 0-based position ``masked`` is replaced
+                by <mask> (None: nothing is masked), and the positions in ``read`` (0-based) are returned.
+                Sequences are validated and fit the model.
 
         Returns:
             Per item, a float32 array of log-softmax values over the whole vocabulary (columns are token
-            ids): one row, the masked position's, for a masked item; one row per residue for an unmasked one.
+            ids), one row per position read, in the order given.
 
         Raises:
             torch.cuda.OutOfMemoryError: A single sequence does not fit on the device.
@@ -446,23 +447,21 @@ class Replica:
                 result.contacts = collector.contacts([len(s) for s in seqs])
             return result
 
-    def _lm_forward(self, items: Sequence[tuple[str, int | None]]) -> list[np.ndarray]:
-        ids = self.tokenize([seq for seq, _ in items])
+    def _lm_forward(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
+        ids = self.tokenize([seq for seq, _, _ in items])
         rows, cols, counts = [], [], []
-        for row, (seq, masked) in enumerate(items):
-            if masked is None:  # every residue's row: positions 1..n (0 is <cls>)
-                cols.append(np.arange(1, len(seq) + 1))
-            else:
+        for row, (_, masked, read) in enumerate(items):
+            if masked is not None:
                 ids[row, masked + 1] = self.loaded.mask_id
-                cols.append(np.array([masked + 1]))
-            rows.append(np.full(len(cols[-1]), row))
-            counts.append(len(cols[-1]))
+            cols.append(np.asarray(read, dtype=np.int64) + 1)  # position 0 is <cls>
+            rows.append(np.full(len(read), row))
+            counts.append(len(read))
         ids = self._to_device(ids)
         rows_t = self._to_device(torch.from_numpy(np.concatenate(rows)))
         cols_t = self._to_device(torch.from_numpy(np.concatenate(cols)))
         with torch.inference_mode():
             hidden = self.model(input_ids=ids, attention_mask=(ids != self.loaded.pad_id).long()).last_hidden_state
-            # Only the rows asked for go through the head: one per masked copy, not one per token.
+            # Only the positions read go through the head: one per masked copy, not one per token.
             logits = self.lm_head(hidden[rows_t, cols_t]).float()
             log_probs = torch.log_softmax(logits, dim=-1).cpu().numpy()
         return np.split(log_probs, np.cumsum(counts)[:-1])

@@ -43,7 +43,6 @@ ROW_GROUP_ROWS = 1 << 16
 METADATA_KEY = b"esm2cli"
 
 ProgressFn = Callable[[int, int], None]  # (positions scored, residues computed) just finished
-Item = tuple[str, "int | None"]  # (window sequence, masked 0-based position or None): one LM input
 
 
 def window_start(position: int, length: int, window: int) -> int:
@@ -61,20 +60,34 @@ def window_start(position: int, length: int, window: int) -> int:
 
 @dataclass
 class _Inputs:
-    """The distinct LM inputs of a chunk; each is computed once, however many positions read it."""
+    """The distinct LM inputs of a chunk; each is computed once, however many positions read it.
 
-    index: dict[Item, int] = field(default_factory=dict)
-    items: list[Item] = field(default_factory=list)
-    readers: list[int] = field(default_factory=list)  # positions that read each input, for progress
+    An input is a window with one position masked (read there) or unmasked (read at every position
+    that uses it); only the positions read come back from the replica, and only they are kept.
+    """
 
-    def add(self, item: Item) -> int:
-        i = self.index.get(item)
+    index: dict[tuple[str, int | None], int] = field(default_factory=dict)
+    items: list[tuple[str, int | None]] = field(default_factory=list)
+    reads: list[dict[int, int]] = field(default_factory=list)  # per input: position read -> row of its result
+    uses: list[int] = field(default_factory=list)  # per input: the protein positions that read it, for progress
+
+    def add(self, window_seq: str, masked: int | None, position: int) -> tuple[int, int]:
+        """Registers a read of ``position`` (0-based, in the window); returns (input, row of its result)."""
+        key = (window_seq, masked)
+        i = self.index.get(key)
         if i is None:
-            i = self.index[item] = len(self.items)
-            self.items.append(item)
-            self.readers.append(0)
-        self.readers[i] += 1
-        return i
+            i = self.index[key] = len(self.items)
+            self.items.append(key)
+            self.reads.append({})
+            self.uses.append(0)
+        self.uses[i] += 1
+        rows = self.reads[i]
+        return i, rows.setdefault(position, len(rows))
+
+    def item(self, i: int) -> tuple[str, int | None, list[int]]:
+        """What a replica's lm_log_probs takes for input i: (sequence, masked, positions read)."""
+        seq, masked = self.items[i]
+        return seq, masked, list(self.reads[i])
 
 
 @dataclass
@@ -90,11 +103,8 @@ class _Protein:
         seq = self.record.sequence
         for pos in self.positions:
             start = window_start(pos, len(seq), window)
-            window_seq = seq[start : start + window]
-            if masked:
-                self.reads.append((inputs.add((window_seq, pos - start)), 0))
-            else:
-                self.reads.append((inputs.add((window_seq, None)), pos - start))
+            at = pos - start
+            self.reads.append(inputs.add(seq[start : start + window], at if masked else None, at))
 
 
 @dataclass
@@ -134,8 +144,8 @@ def log_prob_chunks(
                 chunk.results[i] = result
             chunk.missing -= len(indices)
             if progress:
-                items = chunk.inputs
-                progress(sum(items.readers[i] for i in indices), sum(len(items.items[i][0]) for i in indices))
+                inputs = chunk.inputs
+                progress(sum(inputs.uses[i] for i in indices), sum(len(inputs.items[i][0]) for i in indices))
             if chunk.missing == 0:  # batches settle in submission order, so chunks finish in order
                 yield chunk
 
@@ -146,7 +156,7 @@ def log_prob_chunks(
         chunk = _Chunk(proteins, inputs, [None] * len(inputs.items), len(inputs.items))
         lengths = [len(seq) for seq, _ in inputs.items]
         for indices in plan_batches(lengths, batch.max_tokens, batch.batch_size):
-            future = engine.submit([inputs.items[i] for i in indices], method="lm_log_probs")
+            future = engine.submit([inputs.item(i) for i in indices], method="lm_log_probs")
             pending.append((chunk, indices, future))
             yield from settle(block=False)
     yield from settle(block=True)

@@ -190,14 +190,15 @@ class FakeScorer:
     def __init__(self, name):
         self.device = FakeDevice(name)
         self.seen = []
+        self.read = []
 
     def lm_log_probs(self, items):
-        self.seen.append(list(items))
-        out = []
-        for seq, masked in items:
-            rows = [masked] if masked is not None else range(len(seq))
-            out.append(np.array([[hash((seq, masked, r, v)) % 997 for v in range(33)] for r in rows], np.float32))
-        return out
+        self.seen.append([(seq, masked) for seq, masked, _ in items])
+        self.read.extend(read for _, _, read in items)
+        return [
+            np.array([[hash((seq, masked, r, v)) % 997 for v in range(33)] for r in read], np.float32)
+            for seq, masked, read in items
+        ]
 
 
 def proteins_for(seqs, positions=None):
@@ -233,6 +234,10 @@ def test_chunks_come_back_in_order_and_carry_their_results():
             log_prob_chunks(engine, chunked(proteins, positions=5), BatchConfig(max_tokens=64), window=4, masked=False)
         )
     assert [[p.record.sequence for p in c.proteins] for c in chunks] == [["MKV", "GSHMKV"], ["ACDEFGHIK"], ["W"]]
+    # Unmasked windows return only the positions read: MKV and W whole; GSHMKV and ACDEFGHIK (longer than
+    # the window of 4) from their centred windows, 6 and 9 rows in all instead of 3 x 4 and 6 x 4.
+    want = [[0, 1, 2], [0, 1, 2], [2], [2, 3], [0, 1, 2], [2], [2], [2], [2], [2, 3], [0]]
+    assert sorted(map(list, replicas[0].read)) == sorted(want)
     for chunk in chunks:
         assert all(r is not None for r in chunk.results)
         for p in chunk.proteins:
