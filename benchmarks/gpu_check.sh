@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in under 8 minutes (the
-# timeouts below add up to 7.5 minutes).
+# The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in about 8 minutes (the
+# timeouts below add up to 8.2 minutes).
 # 1. the GPU-marked tests;
 # 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32;
 # 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
 #    batching on and off in one run, and the engine alone (the serve issue's 3x check);
 # 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one;
 # 5. `benchmarks/token_budget.py` on the 650M architecture: residues/s at 4k, 16k and 32k tokens a batch.
+# 6. `benchmarks/score_bench.py` on the 650M architecture: batched masked copies (PLL) against one per pass.
 # Results go under $OUT (default: gpu-results/): summary.txt first, then the JSON and logs.
 #
 # The machine is expected to have python3 with torch (CUDA), transformers, pyarrow, numpy, click, tqdm,
@@ -51,3 +52,7 @@ echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"
 timeout 40 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
     --budgets 4096,16384,32768 2>> "$LOG" | tee -a "$OUT/summary.txt"
 echo "token budget: exit $?" | tee -a "$OUT/summary.txt"
+
+timeout 40 python3 -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --proteins 2 --length 150 \
+    --methods esm2cli,loop --rounds 1 2>> "$LOG" | tee -a "$OUT/summary.txt"
+echo "score bench: exit $?" | tee -a "$OUT/summary.txt"

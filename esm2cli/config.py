@@ -50,12 +50,14 @@ class EmbedConfig:
         long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged), "window" (embedded
             whole in overlapping windows, see esm2cli.windows) or "error" (invalid records).
         window_overlap: Residues shared by consecutive windows.
+        contacts: Also return contact probabilities from the contact head (which is then loaded).
     """
 
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
     per_token: bool = False
     truncate: int = DEFAULT_TRUNCATE
+    contacts: bool = False
     long_sequences: str = "truncate"
     window_overlap: int = DEFAULT_WINDOW_OVERLAP
 
@@ -167,3 +169,25 @@ class ShardConfig:
 
     def part_name(self) -> str:
         return f"part-{self.index:05d}-of-{self.count:05d}{self.suffix}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """What ``esm2cli score`` computes.
+
+    Attributes:
+        mode: "pll" (pseudo-log-likelihood per protein), "mutations" (the mutants of a CSV) or
+            "all-substitutions" (every single substitution of every protein).
+        method: "masked-marginal" (the position masked) or "wt-marginal" (the wild type unmasked), for
+            mutations and all-substitutions; a pseudo-log-likelihood is masked by definition.
+        mutations: The id,mutant CSV, in mode "mutations".
+        window: Residues per forward pass; a position of a longer protein is scored in the window of
+            this many residues that centres it (clamped to the protein's ends).
+        skip_invalid: Score the valid records and rows and report the others instead of stopping.
+    """
+
+    mode: str = "pll"
+    method: str = "masked-marginal"
+    mutations: str | None = None
+    window: int = DEFAULT_TRUNCATE
+    skip_invalid: bool = False

@@ -31,7 +31,8 @@ class Embedder(Protocol):
 
 @dataclass
 class _Job:
-    seqs: Sequence[str]
+    seqs: Sequence[Any]
+    method: str = "embed_batch"  # the replica method that runs the batch
     future: Future = field(default_factory=Future)
     options: dict = field(default_factory=dict)  # keyword arguments for embed_batch (per_token)
 
@@ -57,8 +58,10 @@ class EngineSetup:
     dtype: str  # the resolved dtype ("auto" decided)
 
 
-def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2) -> EngineSetup:
+def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2, lm_head: bool = False) -> EngineSetup:
     """Resolves the devices and dtype, loads the model once and places one replica on each device.
+
+    The contact head is loaded when ``embed.contacts`` asks for it, the masked-LM head when ``lm_head`` does.
 
     Raises:
         DeviceError, ConfigError, ModelLoadError: The devices, options or model are unusable.
@@ -71,7 +74,7 @@ def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2) -
     dtype = resolve_dtype(model.dtype, devices)
     if dtype != model.dtype:
         log.info("--dtype auto: %s on %s", dtype, ", ".join(d.name for d in devices))
-    loaded = load_model(replace(model, dtype=dtype))
+    loaded = load_model(replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts)
     layers = resolve_layers(embed.layers, loaded.num_layers)
     replicas = build_replicas(loaded, devices, embed)
     return EngineSetup(Engine(replicas, queue_depth=queue_depth), loaded, layers, devices, dtype)
@@ -114,7 +117,7 @@ class Engine:
         return sum(getattr(w.replica, "oom_splits", 0) for w in self._workers)
 
     def busy_seconds(self) -> dict[str, float]:
-        """Seconds each device has spent inside embed_batch, by device name."""
+        """Seconds each device has spent running batches, by device name."""
         return {str(w.replica.device.name): w.busy_s for w in self._workers}
 
     def start(self) -> Engine:
@@ -131,13 +134,14 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.close(cancel=exc_info[0] is not None)
 
-    def submit(self, seqs: Sequence[str], block: bool = True, **options) -> Future:
+    def submit(self, seqs: Sequence[Any], block: bool = True, method: str = "embed_batch", **options) -> Future:
         """Queues one batch on the next replica in turn.
 
         Args:
-            seqs: The batch's sequences.
+            seqs: The batch's sequences (or the items that ``method`` takes).
             block: Wait for a free slot; when False, raise OverloadedError instead.
-            **options: Passed to the replica's embed_batch (per_token=True for windows of long proteins).
+            method: The replica method that runs the batch: embed_batch, or lm_log_probs for scoring.
+            **options: Passed to that method (per_token=True for windows of long proteins).
 
         Returns:
             A future resolved with the replica's result, or with the exception it raised.
@@ -150,7 +154,7 @@ class Engine:
             raise EngineError("the engine is not running")
         with self._lock:
             worker = self._workers[next(self._next)]
-        job = _Job(list(seqs), options=options)
+        job = _Job(list(seqs), method, options=options)
         self._put(worker, job, block)
         if not worker.alive:  # it died while we queued: fail what it left behind, ours included
             self._fail_queued(worker)
@@ -179,7 +183,7 @@ class Engine:
                     continue  # the caller gave up: don't spend the device on it
                 start = time.perf_counter()
                 try:
-                    result = worker.replica.embed_batch(job.seqs, **job.options)
+                    result = getattr(worker.replica, job.method)(job.seqs, **job.options)
                 except Exception as exc:  # fails this batch's waiters only
                     job.future.set_exception(BatchError(str(worker.replica.device.name), exc))
                 else:

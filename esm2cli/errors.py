@@ -38,6 +38,10 @@ class FastaError(InputError):
     """A FASTA file is unreadable or holds records that cannot be embedded."""
 
 
+class MutantError(InputError):
+    """A mutant list is unreadable or holds mutants that cannot be scored."""
+
+
 class ConfigError(Esm2Error):
     """An option value or a combination of options is not usable."""
 

@@ -1,21 +1,25 @@
-"""Model loading (hub id, local directory, alias or dummy weights) and one replica's embed_batch."""
+"""Model loading (hub id, local directory, alias or dummy weights) and one replica's embed_batch and lm_log_probs."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmModel, EsmTokenizer
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmForMaskedLM, EsmModel, EsmTokenizer
+from transformers.models.esm.modeling_esm import EsmLMHead
 from transformers.utils import logging as hf_logging
 
 from esm2cli import fair_esm
 from esm2cli.config import EmbedConfig, ModelConfig
+from esm2cli.contacts import ContactCollector, install_contact_hooks
 from esm2cli.devices import Device
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.fasta import RESIDUES
@@ -43,10 +47,12 @@ class LoadedModel:
     Attributes:
         name: The model as the user named it.
         source: The hub id or directory it was loaded from.
-        model: The encoder (no LM head), in eval mode, in its final dtype, on the CPU.
+        model: The encoder, in eval mode, in its final dtype, on the CPU. It carries its contact head
+            (``model.contact_head``) only when asked for; else that attribute is None.
         token_lut: Maps an ASCII code to its token id (only residue letters are used).
-        cls_id, eos_id, pad_id: Special token ids.
+        cls_id, eos_id, pad_id, mask_id: Special token ids.
         dummy: True when the weights are random.
+        lm_head: The masked-LM head (its decoder tied to the token embeddings), only when asked for.
     """
 
     name: str
@@ -57,6 +63,8 @@ class LoadedModel:
     eos_id: int
     pad_id: int
     dummy: bool
+    mask_id: int = 32
+    lm_head: EsmLMHead | None = None
 
     @property
     def num_layers(self) -> int:
@@ -74,17 +82,19 @@ class BatchEmbeddings:
     Attributes:
         pooled: Layer -> array of shape (batch, hidden).
         per_token: Layer -> one (residues, hidden) array per sequence; empty unless asked.
+        contacts: One (residues, residues) array of contact probabilities per sequence; empty unless asked.
     """
 
     pooled: dict[int, np.ndarray]
     per_token: dict[int, list[np.ndarray]]
+    contacts: list[np.ndarray] = field(default_factory=list)
 
     @staticmethod
     def concat(parts: Sequence[BatchEmbeddings]) -> BatchEmbeddings:
         """Joins the results of consecutive sub-batches, in order."""
         pooled = {layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in parts[0].pooled}
         per_token = {layer: [a for p in parts for a in p.per_token[layer]] for layer in parts[0].per_token}
-        return BatchEmbeddings(pooled, per_token)
+        return BatchEmbeddings(pooled, per_token, [a for p in parts for a in p.contacts])
 
 
 def resolve_source(model: str) -> str:
@@ -206,17 +216,65 @@ def random_model(config: EsmConfig, seed: int = 0) -> EsmModel:
         return EsmModel(config, add_pooling_layer=False)
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def random_lm_head(encoder: EsmModel, seed: int = 1) -> EsmLMHead:
+    """A masked-LM head with random (seeded) weights, its decoder tied to the encoder's token embeddings.
+
+    Its own seed keeps the encoder's random weights the same with or without the head.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = EsmLMHead(encoder.config)
+    head.decoder.weight = encoder.embeddings.word_embeddings.weight  # tied, as in every ESM-2 checkpoint
+    return head
+
+
+def _missing(info: dict, prefix: str) -> str:
+    # The LM head's decoder is tied to the token embeddings, so checkpoints rightly omit it.
+    return ", ".join(sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix) and "decoder" not in k))
+
+
+def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head: bool):
+    """Loads the encoder (and, when asked, the LM head) of a checkpoint; checks the heads asked for are in it."""
+    try:
+        if lm_head:
+            full, info = EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True)
+            if missing := _missing(info, "lm_head."):
+                raise ModelLoadError(
+                    f"{source} has no masked-LM head (missing {missing}): it was saved as an encoder only"
+                )
+            model, head = full.esm, full.lm_head
+            prefix = "esm.contact_head."
+        else:
+            model, info = EsmModel.from_pretrained(
+                source, config=config, add_pooling_layer=False, output_loading_info=True
+            )
+            head, prefix = None, "contact_head."
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+    if contact_head and (missing := _missing(info, prefix)):
+        raise ModelLoadError(f"{source} has no contact head (missing {missing})")
+    return model, head
+
+
+def load_model(cfg: ModelConfig, *, lm_head: bool = False, contact_head: bool = False) -> LoadedModel:
     """Loads the encoder once on the CPU, converts it to cfg.dtype, and prepares tokenisation.
+
+    The heads are loaded only when asked for: the masked-LM head for scoring, the contact head (and
+    attention that yields its weights, which the contact head reads) for contact maps. With
+    ``load_format="dummy"`` they get random weights too.
 
     Args:
         cfg: The model name, load format and dtype.
+        lm_head: Also load the masked-LM head.
+        contact_head: Keep the contact head and switch attention to the eager kernel.
 
     Returns:
         The loaded model, ready to be copied to each device.
 
     Raises:
-        ModelLoadError: The model is missing, unreachable, or not an ESM-2 encoder.
+        ModelLoadError: The model is missing, unreachable, not an ESM-2 encoder, or lacks a head asked for.
         ConfigError: The load format or dtype is unknown.
     """
     if cfg.dtype not in DTYPES:
@@ -234,22 +292,32 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             config = _load_config(source)
         log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
         model, tokenizer, dummy = random_model(config), bundled_tokenizer(), True
+        head = random_lm_head(model) if lm_head else None
     elif cfg.load_format == "auto":
         folder = _local_weights(source, cfg.model)
+        head = None
         if fair_esm.is_checkpoint(folder):
+            if lm_head or contact_head:
+                raise ConfigError("fair-esm .pt checkpoints give embeddings only here; score and --contacts need "
+                                  "a Hugging Face model (a hub id or a save_pretrained directory)")  # fmt: skip
             path = fair_esm.find_checkpoint(folder)
             model, tokenizer, source = fair_esm.load_checkpoint(path), bundled_tokenizer(), str(path)
         else:
             config = _load_config(folder)
-            try:
-                model = EsmModel.from_pretrained(folder, config=config, add_pooling_layer=False)
-            except Exception as exc:
-                raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+            model, head = _load_pretrained(folder, config, lm_head, contact_head)
             tokenizer = _load_tokenizer(folder)
         dummy = False
     else:
         raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
+    if contact_head:
+        # The contact head reads every layer's attention probabilities, which SDPA never materialises.
+        model.set_attn_implementation("eager")
+        install_contact_hooks(model)
+    else:
+        model.contact_head = None  # HF builds it into every encoder; it is unused unless asked for
     model = fuse_gelu(model).to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    if head is not None:
+        head = head.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
     return LoadedModel(
         name=cfg.model,
         source=source,
@@ -259,6 +327,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         dummy=dummy,
+        mask_id=tokenizer.mask_token_id,
+        lm_head=head,
     )
 
 
@@ -282,7 +352,7 @@ def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 
 
 class Replica:
-    """One copy of the model on one device; embed_batch is its only job.
+    """One copy of the model on one device: embed_batch, and lm_log_probs when the LM head is loaded.
 
     Attributes:
         oom_splits: How many times a batch was split in two after a CUDA out-of-memory error.
@@ -290,7 +360,13 @@ class Replica:
     """
 
     def __init__(
-        self, loaded: LoadedModel, device: Device, embed: EmbedConfig, model: EsmModel, cpu_threads: int | None = None
+        self,
+        loaded: LoadedModel,
+        device: Device,
+        embed: EmbedConfig,
+        model: EsmModel,
+        cpu_threads: int | None = None,
+        lm_head: nn.Module | None = None,
     ):
         self.device = device
         self.cpu_threads = cpu_threads
@@ -298,9 +374,13 @@ class Replica:
         self._threads_set = False
         self.loaded = loaded
         self.model = model
+        self.lm_head = lm_head
         self.layers = resolve_layers(embed.layers, loaded.num_layers)
         self.pooling = embed.pooling
         self.per_token = embed.per_token
+        self.contacts = embed.contacts
+        if self.contacts and model.contact_head is None:
+            raise RuntimeError("contacts asked of a model loaded without its contact head; this is a bug")
         self._torch_device = torch.device(device.torch_device)
         # The last layer is last_hidden_state (after the final LayerNorm, as in fair-esm);
         # any other layer needs every hidden state.
@@ -336,20 +416,42 @@ class Replica:
         """
         self._set_threads()
         per_token = self.per_token if per_token is None else per_token
+        return self._split_on_oom(lambda part: self._forward(part, per_token), seqs, BatchEmbeddings.concat)
+
+    def lm_log_probs(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
+        """The masked-LM head's log-probabilities for a batch of (optionally masked) sequences.
+
+        Args:
+            items: (sequence, masked, read) triples: the residue at 0-based position ``masked`` is replaced
+                by <mask> (None: nothing is masked), and the positions in ``read`` (0-based) are returned.
+                Sequences are validated and fit the model.
+
+        Returns:
+            Per item, a float32 array of log-softmax values over the whole vocabulary (columns are token
+            ids), one row per position read, in the order given.
+
+        Raises:
+            torch.cuda.OutOfMemoryError: A single sequence does not fit on the device.
+        """
+        if self.lm_head is None:
+            raise RuntimeError("lm_log_probs on a replica without its LM head; this is a bug")
+        self._set_threads()
+        return self._split_on_oom(self._lm_forward, items, lambda parts: [a for p in parts for a in p])
+
+    def _split_on_oom(self, forward, items, join):
+        """Runs forward(items); a CUDA out-of-memory error splits the batch in two and retries each half."""
         try:
-            return self._forward(seqs, per_token)
+            return forward(items)
         except torch.cuda.OutOfMemoryError:
-            if len(seqs) == 1:
+            if len(items) == 1:
                 raise
         # Outside the except block, so that the failed attempt's tensors can be freed first.
         self.oom_splits += 1
         if self.device.is_cuda:
             torch.cuda.empty_cache()
-        half = len(seqs) // 2
-        log.warning("out of memory on %s with %d sequences; splitting the batch", self.device.name, len(seqs))
-        return BatchEmbeddings.concat(
-            [self.embed_batch(seqs[:half], per_token), self.embed_batch(seqs[half:], per_token)]
-        )
+        half = len(items) // 2
+        log.warning("out of memory on %s with %d sequences; splitting the batch", self.device.name, len(items))
+        return join([self._split_on_oom(forward, items[:half], join), self._split_on_oom(forward, items[half:], join)])
 
     def _set_threads(self) -> None:
         # Set from the worker thread, whose OpenMP team it sizes (MKL's count is process-wide, but every
@@ -358,14 +460,16 @@ class Replica:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True
 
-    def _forward(self, seqs: Sequence[str], per_token: bool) -> BatchEmbeddings:
-        ids = self.tokenize(seqs)
-        lengths = torch.tensor([len(s) for s in seqs])
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.is_cuda:
-            ids = ids.pin_memory()
-        ids = ids.to(self._torch_device, non_blocking=True)
-        lengths = lengths.to(self._torch_device, non_blocking=True)
-        with torch.inference_mode():
+            tensor = tensor.pin_memory()
+        return tensor.to(self._torch_device, non_blocking=True)
+
+    def _forward(self, seqs: Sequence[str], per_token: bool) -> BatchEmbeddings:
+        ids = self._to_device(self.tokenize(seqs))
+        lengths = self._to_device(torch.tensor([len(s) for s in seqs]))
+        collector = ContactCollector(self.model.contact_head, ids, self.loaded) if self.contacts else None
+        with torch.inference_mode(), collector or contextlib.nullcontext():
             out = self.model(
                 input_ids=ids,
                 attention_mask=(ids != self.loaded.pad_id).long(),
@@ -375,7 +479,29 @@ class Replica:
                 layer: out.hidden_states[layer] if self._need_hidden_states else out.last_hidden_state
                 for layer in self.layers
             }
-            return self._pool(states, lengths, per_token)
+            result = self._pool(states, lengths, per_token)
+            if collector is not None:
+                result.contacts = collector.contacts([len(s) for s in seqs])
+            return result
+
+    def _lm_forward(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
+        ids = self.tokenize([seq for seq, _, _ in items])
+        rows, cols, counts = [], [], []
+        for row, (_, masked, read) in enumerate(items):
+            if masked is not None:
+                ids[row, masked + 1] = self.loaded.mask_id
+            cols.append(np.asarray(read, dtype=np.int64) + 1)  # position 0 is <cls>
+            rows.append(np.full(len(read), row))
+            counts.append(len(read))
+        ids = self._to_device(ids)
+        rows_t = self._to_device(torch.from_numpy(np.concatenate(rows)))
+        cols_t = self._to_device(torch.from_numpy(np.concatenate(cols)))
+        with torch.inference_mode():
+            hidden = self.model(input_ids=ids, attention_mask=(ids != self.loaded.pad_id).long()).last_hidden_state
+            # Only the positions read go through the head: one per masked copy, not one per token.
+            logits = self.lm_head(hidden[rows_t, cols_t]).float()
+            log_probs = torch.log_softmax(logits, dim=-1).cpu().numpy()
+        return np.split(log_probs, np.cumsum(counts)[:-1])
 
     def _pool(self, states: dict[int, torch.Tensor], lengths: torch.Tensor, want_tokens: bool) -> BatchEmbeddings:
         """Pools each layer over residue positions 1..L (mean) or takes position 0 (bos)."""
@@ -411,7 +537,11 @@ def build_replicas(loaded: LoadedModel, devices: Sequence[Device], embed: EmbedC
     threads = max(1, _CPU_THREADS // cpu_replicas) if cpu_replicas else None
     for device in devices:
         if device.is_cuda:
-            replicas.append(Replica(loaded, device, embed, copy.deepcopy(loaded.model).to(device.torch_device)))
+            # One deepcopy of both keeps the LM head's decoder tied to the copy's token embeddings.
+            model, head = copy.deepcopy((loaded.model, loaded.lm_head))
+            model = model.to(device.torch_device)
+            head = head.to(device.torch_device) if head is not None else None
+            replicas.append(Replica(loaded, device, embed, model, lm_head=head))
         else:
-            replicas.append(Replica(loaded, device, embed, loaded.model, cpu_threads=threads))
+            replicas.append(Replica(loaded, device, embed, loaded.model, cpu_threads=threads, lm_head=loaded.lm_head))
     return replicas

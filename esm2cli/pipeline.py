@@ -87,6 +87,7 @@ class _ChunkWork:
     windowed: set[int]
     pooled: dict[int, np.ndarray] = field(default_factory=dict)
     tokens: dict[int, list] = field(default_factory=dict)
+    contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
     missing: int = 0
     owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
     row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
@@ -140,6 +141,7 @@ class _ChunkWork:
             for i, array in zip(items, arrays, strict=True):
                 if self.embed.per_token or i in self.windowed:
                     slots[i] = array
+        self.contacts.update(zip(items, result.contacts, strict=False))
         self.missing -= len(items)
         done = residues = 0
         for i in items:
@@ -172,6 +174,7 @@ class _ChunkWork:
             pooled=pooled,
             per_token=per_token,
             windows=[len(ids) for ids in self.parts],
+            contacts=[self.contacts[ids[0]] for ids in self.parts] if embed.contacts else None,
         )
 
 
@@ -355,6 +358,7 @@ def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedC
         "truncate": embed.truncate, "skip_invalid": inputs.skip_invalid, "shard": [shard.index, shard.count],
         "long_sequences": embed.long_sequences,
         "window_overlap": embed.window_overlap if embed.long_sequences == "window" else None,
+        **({"contacts": True} if embed.contacts else {}),
     }  # fmt: skip
 
 
@@ -471,8 +475,10 @@ def embed_fasta(
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
     check_target(str(fasta), target, shard)
-    if embed.long_sequences == "window":  # the overlap means nothing to truncate or error (--truncate 40 is fine)
+    if embed.long_sequences == "window":  # the overlap means nothing to the other modes
         check_overlap(embed.truncate, embed.window_overlap)
+    if embed.contacts and embed.long_sequences == "window":
+        raise ConfigError("--contacts needs each protein in one window: use --long-sequences truncate or error")
     with OutputLock(target), readable_source(fasta) as source:
         scan = scan_fasta(source, embed.truncate, embed.max_length)
         check_scan(scan, str(fasta), inputs)
@@ -513,12 +519,14 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
                  scan.too_long, embed.truncate, embed.window_overlap)  # fmt: skip
     batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
     hidden, layers = setup.model.hidden_size, setup.layers
-    schema = build_schema(hidden, layers, embed.per_token, run_metadata(fasta, model, embed, setup, identity))
+    metadata = run_metadata(fasta, model, embed, setup, identity)
+    schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts)
     chunks = ChunkStore(target, schema, hidden, layers, chunk_options(identity))
     earlier = chunks.open(overwrite)
     if earlier:
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
-    limit = ChunkLimit(batch, 4 * hidden * len(layers) * embed.per_token, 4 * hidden * len(layers))
+    per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
+    limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
     writer = BackgroundWriter(chunks)
     progress = progress_factory(todo) if progress_factory else None
     start = time.perf_counter()

@@ -32,6 +32,7 @@ class Rows:
     pooled: dict[int, np.ndarray]
     per_token: dict[int, list[np.ndarray]]
     windows: list[int] | None = None  # windows each protein was embedded in (None: one each)
+    contacts: list[np.ndarray] | None = None  # (residues, residues) contact probabilities, with --contacts
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -44,8 +45,14 @@ def embedding_columns(layers: Sequence[int], prefix: str) -> dict[int, str]:
     return {layer: f"{prefix}_l{layer}" for layer in layers}
 
 
-def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: dict) -> pa.Schema:
-    """The output schema, with the run's metadata (model, layers, pooling, dtype, version) attached."""
+def build_schema(
+    hidden: int, layers: Sequence[int], per_token: bool, metadata: dict, contacts: bool = False
+) -> pa.Schema:
+    """The output schema, with the run's metadata (model, layers, pooling, dtype, version) attached.
+
+    With ``contacts``, a ``contacts`` column holds each protein's L x L contact probabilities as L lists
+    of L float32 values (row i: residue i against every residue); ``np.array(value.as_py())`` is the matrix.
+    """
     vector = pa.list_(pa.float32(), hidden)
     fields = [
         pa.field("id", pa.string(), nullable=False),
@@ -59,6 +66,8 @@ def build_schema(hidden: int, layers: Sequence[int], per_token: bool, metadata: 
         fields += [
             pa.field(name, pa.list_(vector), nullable=False) for name in embedding_columns(layers, "per_token").values()
         ]
+    if contacts:
+        fields.append(pa.field("contacts", pa.list_(pa.list_(pa.float32())), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
 
 
@@ -88,10 +97,20 @@ def _token_lists(arrays: list[np.ndarray], hidden: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), _vectors(stacked, hidden))
 
 
+def _contact_lists(maps: list[np.ndarray]) -> pa.Array:
+    """(L, L) matrices as list<list<float32>>: L rows of L values each."""
+    sizes = np.array([len(m) for m in maps], dtype=np.int64)
+    outer = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    inner = np.concatenate([[0], np.cumsum(np.repeat(sizes, sizes))]).astype(np.int32)
+    flat = np.concatenate([m.reshape(-1) for m in maps]) if maps else np.zeros(0, np.float32)
+    rows = pa.ListArray.from_arrays(pa.array(inner), pa.array(flat.astype(np.float32, copy=False)))
+    return pa.ListArray.from_arrays(pa.array(outer), rows)
+
+
 def _slices(rows: Rows, hidden: int, limit: int) -> list[tuple[int, int]]:
     """Cuts rows into runs of at most ``limit`` bytes of embeddings (at least one row each)."""
     per_row = [4 * hidden * len(rows.pooled)] * len(rows)
-    for arrays in rows.per_token.values():
+    for arrays in [*rows.per_token.values(), rows.contacts or []]:
         for i, array in enumerate(arrays):
             per_row[i] += array.nbytes
     cuts, start, size = [], 0, 0
@@ -124,6 +143,8 @@ def record_batch(
     if rows.per_token:
         for layer, name in embedding_columns(layers, "per_token").items():
             columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden)
+    if rows.contacts is not None:
+        columns["contacts"] = _contact_lists(rows.contacts[start:stop])
     return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
