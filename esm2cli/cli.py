@@ -848,11 +848,11 @@ def score(
                 progress_factory=_progress_factory(quiet, unit="pos"),
             )
         except MutantError as exc:
-            raise _to_click(exc, param_hint="--mutations") from exc
+            raise _to_click(exc) from exc
         except ConfigError as exc:
             raise _to_click(exc) from exc
         except Esm2Error as exc:
-            raise _to_click(exc, param_hint="FASTA") from exc
+            raise _to_click(exc) from exc
     if not quiet:
         click.echo(_score_summary_line(summary, output), err=True)
 
