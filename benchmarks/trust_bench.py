@@ -76,9 +76,12 @@ def interrupt(args) -> None:
         whole_s, _, _ = child_peak_rss(embed_cmd(fasta, Path(tmp) / "whole.parquet", args.model, *base))
         out = Path(tmp) / "out.parquet"
         proc = subprocess.Popen(embed_cmd(fasta, out, args.model, *base, "-q"), env=env)
-        time.sleep(args.kill_at * whole_s)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:
+            proc.wait(timeout=args.kill_at * whole_s)
+            raise SystemExit("the run ended before the kill (the machine sped up): use a larger --sequences")
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         work = Path(tmp) / "_out.parquet.parts"
         chunks = sorted(work.glob("chunk-*.parquet"))
         committed = sum(int(p.name.split("-")[2]) - int(p.name.split("-")[1]) for p in chunks)
