@@ -58,9 +58,10 @@ def main() -> None:
         long = sum(n > 1022 for n in lengths)
         tokens = {m: sum(computed_residues(n, e) for n in lengths) for m, e in modes.items()}
         times: dict[str, list[float]] = {m: [] for m in modes}
-        for _ in range(args.rounds):
-            for mode, embed in modes.items():
-                times[mode].append(run(fasta, Path(tmp) / f"{mode}.parquet", args.model, embed, args.devices))
+        for round_ in range(args.rounds):
+            for mode, embed in modes.items():  # a fresh output each time: a rerun would be "already complete"
+                out = Path(tmp) / f"{mode}-{round_}.parquet"
+                times[mode].append(run(fasta, out, args.model, embed, args.devices))
     print(f"{args.model}, {args.sequences} proteins ({long} longer than 1,022 residues, {sum(lengths):,} residues), "
           f"devices {args.devices}, {args.rounds} rounds alternating:")  # fmt: skip
     rate = {}
