@@ -18,7 +18,9 @@ from pathlib import Path
 
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.pipeline import embed_fasta
-from esm2cli.windows import computed_residues
+from esm2cli.bench import model_flops
+from esm2cli.model import ARCHITECTURES
+from esm2cli.windows import computed_residues, window_starts
 from esm2cli.workload import synthetic_sequences
 
 
@@ -57,6 +59,12 @@ def main() -> None:
         lengths = write_input(fasta, args.sequences, args.long_share, args.seed)
         long = sum(n > 1022 for n in lengths)
         tokens = {m: sum(computed_residues(n, e) for n in lengths) for m, e in modes.items()}
+        layers, hidden, _ = ARCHITECTURES[args.model]
+        items = {
+            "truncate": [min(n, 1022) for n in lengths],
+            "window": [min(n, 1022) for n in lengths for _ in window_starts(n, 1022, 256)],
+        }
+        flops = {m: model_flops(items[m], layers, hidden) for m in modes}
         times: dict[str, list[float]] = {m: [] for m in modes}
         for round_ in range(args.rounds):
             for mode, embed in modes.items():  # a fresh output each time: a rerun would be "already complete"
@@ -64,13 +72,18 @@ def main() -> None:
                 times[mode].append(run(fasta, out, args.model, embed, args.devices))
     print(f"{args.model}, {args.sequences} proteins ({long} longer than 1,022 residues, {sum(lengths):,} residues), "
           f"devices {args.devices}, {args.rounds} rounds alternating:")  # fmt: skip
-    rate = {}
+    rate, flop_rate = {}, {}
     for mode in modes:
         best = min(times[mode])
         rate[mode] = tokens[mode] / best
+        flop_rate[mode] = flops[mode] / best
         rounds = ", ".join(f"{t:.1f}" for t in times[mode])
         print(f"  {mode:8s}: {tokens[mode]:,} residues computed, best {best:.1f} s ({rounds}), "
               f"{rate[mode]:,.0f} residues/s")  # fmt: skip
+    print(
+        f"window/truncate model FLOP/s: {flop_rate['window'] / flop_rate['truncate']:.3f} (a 1,022-token window "
+        "costs more per token than a short protein: attention grows with the square of the length)"
+    )
     print(f"window/truncate speed (residues computed per second): {rate['window'] / rate['truncate']:.3f}; "
           f"windows compute {tokens['window'] / tokens['truncate'] - 1:.1%} more residues "
           f"and cover {sum(lengths) / tokens['truncate'] - 1:.1%} more of the input")  # fmt: skip
