@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.pipeline import embed_fasta
 from esm2cli.bench import model_flops
+from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.model import ARCHITECTURES
+from esm2cli.pipeline import embed_fasta
 from esm2cli.windows import computed_residues, window_starts
 from esm2cli.workload import synthetic_sequences
 
