@@ -26,7 +26,7 @@ from esm2cli.config import (
     ServeConfig,
     ShardConfig,
 )
-from esm2cli.errors import ConfigError, Esm2Error, Interrupted, MutantError, exit_code
+from esm2cli.errors import ConfigError, Esm2Error, Interrupted, exit_code
 
 log = logging.getLogger("esm2cli")
 
@@ -847,11 +847,7 @@ def score(
                 overwrite=overwrite,
                 progress_factory=_progress_factory(quiet, unit="pos"),
             )
-        except MutantError as exc:
-            raise _to_click(exc) from exc
-        except ConfigError as exc:
-            raise _to_click(exc) from exc
-        except Esm2Error as exc:
+        except Esm2Error as exc:  # the message names the file, row or record
             raise _to_click(exc) from exc
     if not quiet:
         click.echo(_score_summary_line(summary, output), err=True)
