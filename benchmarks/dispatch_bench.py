@@ -121,10 +121,11 @@ def main() -> None:
                 if name == "round-robin":
                     setup = replace(setup, engine=RoundRobinEngine(setup.replicas))
                 begin = time.perf_counter()
-                summary = embed_fasta(
-                    fasta, Path(work) / f"out-{r}-{name[:4]}.parquet", model=replace(model, dtype=setup.dtype),
-                    embed=embed, batch=setup.batch, inputs=InputConfig(), setup=setup,
-                )  # fmt: skip
+                with setup.engine:
+                    summary = embed_fasta(
+                        fasta, Path(work) / f"out-{r}-{name[:4]}.parquet", model=replace(model, dtype=setup.dtype),
+                        embed=embed, batch=setup.batch, inputs=InputConfig(), setup=setup,
+                    )  # fmt: skip
                 results[name].append(_modeled_row(args.gpus, setup, summary, begin, time.perf_counter()))
     print(f"{'dispatch':>15} {'device phase':>12} {'host eff.':>9}  busy share per device (each round)")
     for name, rows in results.items():

@@ -49,10 +49,11 @@ def main() -> None:
         fasta.write_text(fasta_text(draw_sequences(count, seed=args.seed)))
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         begin = time.perf_counter()
-        summary = embed_fasta(
-            fasta, Path(work) / "out.parquet", model=replace(model, dtype=setup.dtype), embed=embed,
-            batch=setup.batch, inputs=InputConfig(), setup=setup,
-        )  # fmt: skip
+        with setup.engine:
+            summary = embed_fasta(
+                fasta, Path(work) / "out.parquet", model=replace(model, dtype=setup.dtype), embed=embed,
+                batch=setup.batch, inputs=InputConfig(), setup=setup,
+            )  # fmt: skip
         end = time.perf_counter()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     row = _modeled_row(args.gpus, setup, summary, begin, end)

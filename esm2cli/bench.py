@@ -395,10 +395,11 @@ def run_modeled_bench(
             say(f"[{n}/{len(counts)}] {k} modeled {report.card.upper()}: embedding {Path(source).name}")
             setup = build_engine(replace(model, simulate=replace(gpu, count=k)), embed, batch)
             begin = time.perf_counter()
-            summary = embed_fasta(
-                source, Path(work) / f"out-{k}.parquet", model=replace(model, simulate=replace(gpu, count=k)),
-                embed=embed, batch=setup.batch, inputs=InputConfig(), overwrite=True, setup=setup,
-            )  # fmt: skip
+            with setup.engine:  # embed_fasta runs a setup it is given, and leaves it to its owner
+                summary = embed_fasta(
+                    source, Path(work) / f"out-{k}.parquet", model=replace(model, simulate=replace(gpu, count=k)),
+                    embed=embed, batch=setup.batch, inputs=InputConfig(), overwrite=True, setup=setup,
+                )  # fmt: skip
             end = time.perf_counter()
             row = _modeled_row(k, setup, summary, begin, end)
             host_rate = row.residues_per_s / k

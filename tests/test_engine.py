@@ -116,7 +116,7 @@ def test_a_failing_replica_fails_its_batch_not_the_others():
 
 
 def test_pipeline_surfaces_a_replica_error_without_hanging():
-    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="M" * 50)]
+    replicas = [FakeEmbedder("sim:0", fail_on="M" * 50), FakeEmbedder("sim:1", fail_on="M" * 50)]  # either pulls it
     records = _records(list(range(1, 80)))  # distinct sequences: every one is computed
     result = {}
 

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -114,7 +115,16 @@ def test_the_real_pipeline_writes_real_parquet_around_modeled_cards(tmp_path, ti
     setup = build_engine(model, embed, BatchConfig(max_tokens=2048, batch_size=8))
     fasta = write_fasta(tmp_path / "in.fa", proteins)
     out = tmp_path / "out.parquet"
-    summary = embed_fasta(fasta, out, model=model, embed=embed, batch=setup.batch, inputs=InputConfig(), setup=setup)
+    with setup.engine:
+        summary = embed_fasta(
+            fasta,
+            out,
+            model=replace(model, dtype=setup.dtype),
+            embed=embed,
+            batch=setup.batch,
+            inputs=InputConfig(),
+            setup=setup,
+        )
     table = pq.read_table(out)
     assert table["id"].to_pylist() == [rec_id for rec_id, _ in proteins]
     assert table["length"].to_pylist() == [len(seq) for _, seq in proteins]
