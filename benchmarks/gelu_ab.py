@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from esm2cli.batching import plan_batches
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig
-from esm2cli.devices import resolve_devices, resolve_dtype
-from esm2cli.model import DTYPES, build_replicas, esm2_config, load_model, random_model
+from esm2cli.config import EmbedConfig, ModelConfig
+from esm2cli.devices import cuda_device_count
+from esm2cli.engine import build_engine
+from esm2cli.model import DTYPES, build_replicas, esm2_config, random_model
 from esm2cli.workload import synthetic_sequences
 
 
@@ -29,19 +30,20 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--devices", default="auto", help="the first device is used")
+    parser.add_argument("--devices", default=None, help="one device [default: cuda:0, else cpu (every core)]")
     args = parser.parse_args()
     seqs = [seq[:1022] for _, seq in synthetic_sequences(args.sequences, seed=5)]
     residues = sum(map(len, seqs))
-    device = resolve_devices(args.devices)[:1]
-    dtype = resolve_dtype(args.dtype, device)
-    fused = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype))
+    devices = args.devices or ("cuda:0" if cuda_device_count() else "cpu")
+    setup = build_engine(ModelConfig(model=args.model, load_format="dummy", dtype=args.dtype, devices=devices),
+                         EmbedConfig())  # fmt: skip
+    device, dtype, fused = setup.devices[:1], setup.dtype, setup.model
     plain = replace(fused, model=random_model(esm2_config(args.model)).to(DTYPES[dtype]).eval())  # same seed
     replicas = {
         "transformers GELU": build_replicas(plain, device, EmbedConfig())[0],
-        "fused GELU": build_replicas(fused, device, EmbedConfig())[0],
+        "fused GELU": setup.replicas[0],
     }
-    budget = BatchConfig().for_devices(device[0].is_cuda).max_tokens
+    budget = setup.batch.max_tokens
     batches = [[seqs[i] for i in rows] for rows in plan_batches([len(s) for s in seqs], budget, 64)]
     print(f"{args.model}, {dtype}, {device[0].name}: {len(seqs)} proteins, {residues:,} residues, {args.rounds} rounds")
 

@@ -29,7 +29,7 @@ import aiohttp
 import httpx
 
 from esm2cli.batching import plan_batches
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.workload import synthetic_sequences
 
 
@@ -114,8 +114,7 @@ def _engine_ceiling(args, seqs: list[str]) -> dict:
 
     setup = build_engine(ModelConfig(model=args.model, load_format=args.load_format, devices=args.devices,
                                      dtype=args.dtype), EmbedConfig())  # fmt: skip
-    on_cuda = any(d.is_cuda for d in setup.devices)
-    max_tokens = BatchConfig().for_devices(on_cuda).max_tokens
+    max_tokens = setup.batch.max_tokens
     max_batch = ServeConfig().max_batch_size
 
     def batches(group: int) -> list[list[str]]:

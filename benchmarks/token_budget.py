@@ -10,8 +10,8 @@ import time
 
 from esm2cli.batching import plan_batches
 from esm2cli.config import EmbedConfig, ModelConfig
-from esm2cli.devices import resolve_devices
-from esm2cli.model import build_replicas, load_model
+from esm2cli.devices import cuda_device_count
+from esm2cli.engine import build_engine
 from esm2cli.workload import synthetic_sequences
 
 
@@ -21,15 +21,17 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=300)
     parser.add_argument("--budgets", default="512,1024,2048,4096,16384")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--devices", default="auto")
+    parser.add_argument("--devices", default=None, help="one device [default: cuda:0, else cpu (every core)]")
     args = parser.parse_args()
     seqs = [seq[:1022] for _, seq in synthetic_sequences(args.sequences, seed=0)]
     residues = sum(map(len, seqs))
-    device = resolve_devices(args.devices)[:1]
-    print(f"{args.model}, {args.sequences} proteins, {residues:,} residues, on {device[0].name}")
-    for dtype in args.dtypes.split(","):
-        loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype))
-        replica = build_replicas(loaded, device, EmbedConfig())[0]
+    devices = args.devices or ("cuda:0" if cuda_device_count() else "cpu")
+    for n, dtype in enumerate(args.dtypes.split(",")):
+        setup = build_engine(ModelConfig(model=args.model, load_format="dummy", dtype=dtype, devices=devices),
+                             EmbedConfig())  # fmt: skip
+        replica = setup.replicas[0]
+        if n == 0:
+            print(f"{args.model}, {args.sequences} proteins, {residues:,} residues, on {replica.device.name}")
         replica.embed_batch(seqs[:4])  # warm-up
         for budget in map(int, args.budgets.split(",")):
             batches = plan_batches([len(s) for s in seqs], budget, 64)

@@ -20,6 +20,46 @@ FIRST_CHUNK_RESIDUES = 4096
 CHUNK_BYTES = 128 << 20
 
 
+# Modeled GPUs (esm2cli bench --simulate): each card's published dense peak in FLOP/s by dtype (NVIDIA
+# datasheets: the tensor-core figure without sparsity for bf16/fp16, the non-tensor FP32 figure for
+# float32, as PyTorch runs fp32 matmuls without TF32 by default). A10G: AWS's variant of the A10, 70 TFLOP/s on
+# its tensor cores (the A10 has 125). A100 and H100 are the SXM parts; the H200 has the H100's compute.
+GPU_PEAKS: dict[str, dict[str, float]] = {
+    "a10g": {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12},
+    "l4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "h200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+}
+# The share of that peak a modeled card reaches on ESM-2 (model FLOPs of the padded batch), and the fixed
+# time each call adds. Calibration against the first real H100 run is in benchmarks/RESULTS.md.
+DEFAULT_MFU = 0.45
+DEFAULT_CALL_OVERHEAD_MS = 2.0
+# esm2cli bench: seconds each device count runs (1, 2, 4, 8 devices: about a minute in all), and its largest count.
+DEFAULT_BENCH_SECONDS = 8.0
+MAX_BENCH_DEVICES = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModeledGPU:
+    """GPUs that run no model: each batch takes the time the card would take, waiting without the GIL.
+
+    Attributes:
+        card: A key of GPU_PEAKS (a10g, l4, a100, h100, h200).
+        count: How many of them.
+        mfu: The share of the card's peak reached in the run's dtype.
+        overhead_ms: Fixed device time per call (copies, synchronisation, the first kernels' ramp).
+        launch_ms: Host time per call that holds the GIL (the Python side of launching an eager
+            forward's kernels); overlaps the device time, as asynchronous launches do.
+    """
+
+    card: str
+    count: int = 1
+    mfu: float = DEFAULT_MFU
+    overhead_ms: float = DEFAULT_CALL_OVERHEAD_MS
+    launch_ms: float = 0.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which model to load, how, and where.
@@ -30,12 +70,15 @@ class ModelConfig:
         dtype: "auto", "float32", "bfloat16" or "float16": the dtype the weights are converted to once
             (auto: bfloat16 where the devices compute it natively, else float32).
         devices: A device spec: "auto", "cpu", a count, "cuda:0,cuda:2", or "sim:N".
+        simulate: Modeled GPUs instead of devices (benchmarks): no weights are loaded and the
+            embeddings are placeholders.
     """
 
     model: str = DEFAULT_MODEL
     load_format: str = "auto"
     dtype: str = "auto"
     devices: str = "auto"
+    simulate: ModeledGPU | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

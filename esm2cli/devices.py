@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esm2cli.config import GPU_PEAKS, ModeledGPU
 from esm2cli.errors import DeviceError
 
 _SIM = re.compile(r"^sim:(\d+)$")
@@ -19,16 +20,23 @@ class Device:
     """One logical device that holds one model replica.
 
     Attributes:
-        name: What users see: "cpu", "cuda:1", or "sim:3" for a simulated device.
+        name: What users see: "cpu", "cuda:1", "sim:3" for a simulated device, "h100:2" for a modeled GPU.
         torch_device: Where the replica's tensors live: "cpu" or "cuda:N".
+        card: For a modeled GPU (esm2cli.modeled), the card it models; None for real devices.
     """
 
     name: str
     torch_device: str
+    card: str | None = None
 
     @property
     def is_cuda(self) -> bool:
         return self.torch_device.startswith("cuda")
+
+    @property
+    def is_gpu(self) -> bool:
+        """A CUDA device or a modeled GPU: what decides GPU defaults such as the token budget."""
+        return self.is_cuda or self.card is not None
 
     @property
     def simulated(self) -> bool:
@@ -47,6 +55,8 @@ def cpu_has_bf16() -> bool:
 
 def supports_bf16(device: Device) -> bool:
     """True when bfloat16 runs natively (and fast) on this device."""
+    if device.card is not None:
+        return True  # every modeled card (Ampere and later) has bf16 tensor cores
     if device.is_cuda:
         return torch.cuda.is_bf16_supported()
     return cpu_has_bf16()
@@ -87,6 +97,20 @@ def _cuda_devices(indices: list[int]) -> list[Device]:
         found = f"{available} CUDA device(s)" if available else "no CUDA device"
         raise DeviceError(f"asked for cuda:{missing[0]} but this machine has {found}")
     return [Device(f"cuda:{i}", f"cuda:{i}") for i in indices]
+
+
+def modeled_devices(gpus: ModeledGPU) -> list[Device]:
+    """``gpus.count`` modeled GPUs of one card, named like "a100:0".
+
+    Raises:
+        DeviceError: The card is unknown or the count is below 1.
+    """
+    card = gpus.card.lower()
+    if card not in GPU_PEAKS:
+        raise DeviceError(f"no model of the GPU {gpus.card!r}; use one of {', '.join(GPU_PEAKS)}")
+    if gpus.count < 1:
+        raise DeviceError("modeled GPUs need a count of at least 1")
+    return [Device(f"{card}:{i}", "cpu", card=card) for i in range(gpus.count)]
 
 
 def resolve_devices(spec: str) -> list[Device]:

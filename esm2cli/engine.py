@@ -1,24 +1,24 @@
-"""The Engine: one worker thread per replica, round-robin dispatch, futures, bounded queues."""
+"""The Engine: one worker thread per replica, pulling batches from one shared bounded queue; futures."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from esm2cli.config import EmbedConfig, ModelConfig
-from esm2cli.errors import BatchError, EngineError, OverloadedError
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig
+from esm2cli.errors import BatchError, ConfigError, EngineError
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-_PUT_POLL_S = 0.1  # how often a blocked submit re-checks that its worker is still alive
+_PUT_POLL_S = 0.1  # how often a blocked submit re-checks that the workers are still alive
+_WARM_UP_TIMEOUT_S = 600.0  # a replica's first batch may compile kernels or fill caches: minutes, not hours
 
 
 class Embedder(Protocol):
@@ -35,57 +35,97 @@ class _Job:
     method: str = "embed_batch"  # the replica method that runs the batch
     future: Future = field(default_factory=Future)
     options: dict = field(default_factory=dict)  # keyword arguments for embed_batch (per_token)
+    # Run by the worker after its batch and before it takes the next one (warm_up's barrier).
+    then: Callable[[], None] | None = None
 
 
 @dataclass
 class _Worker:
     replica: Embedder
-    jobs: queue.Queue
     alive: bool = True
     error: BaseException | None = None
-    batches: int = 0
     busy_s: float = 0.0
 
 
 @dataclass
 class EngineSetup:
-    """An engine ready to start, with what callers report about it."""
+    """The runtime of a command: an engine ready to start, and every value resolved on the way.
+
+    Attributes:
+        engine: One worker per replica, not started.
+        model: The loaded model (esm2cli.model.LoadedModel): source, hidden size, layers, tokens.
+        layers: The layer indices computed, resolved against the model.
+        devices: One esm2cli.devices.Device per replica.
+        dtype: The dtype the weights run in ("auto" decided).
+        batch: The batch settings, with max_tokens decided for these devices.
+        replicas: The replicas the engine runs, in device order.
+    """
 
     engine: Engine
-    model: Any  # esm2cli.model.LoadedModel
+    model: Any
     layers: tuple[int, ...]
-    devices: list[Any]  # esm2cli.devices.Device
-    dtype: str  # the resolved dtype ("auto" decided)
+    devices: list[Any]
+    dtype: str
+    batch: BatchConfig
+    replicas: list[Any]
 
 
-def build_engine(model: ModelConfig, embed: EmbedConfig, queue_depth: int = 2, lm_head: bool = False) -> EngineSetup:
-    """Resolves the devices and dtype, loads the model once and places one replica on each device.
+def build_engine(
+    model: ModelConfig,
+    embed: EmbedConfig,
+    batch: BatchConfig | None = None,
+    queue_depth: int = 2,
+    lm_head: bool = False,
+) -> EngineSetup:
+    """Assembles the runtime once: devices, dtype, model, replicas and token budget.
 
-    The contact head is loaded when ``embed.contacts`` asks for it, the masked-LM head when ``lm_head`` does.
+    embed, serve, score, bench and the benchmarks all start here, so that each value is resolved in
+    one place. With ``model.simulate`` set, the replicas are modeled GPUs (esm2cli.modeled): the model
+    is built without weights and each batch takes the time the card would take.
+
+    Args:
+        model: What to load and where.
+        embed: Layers, pooling and per-token output; the contact head is loaded when ``embed.contacts``
+            asks for it.
+        batch: Batch size and token budget (max_tokens None: the default of the device kind).
+        queue_depth: Batches waiting per replica at most (the shared queue holds depth x replicas).
+        lm_head: Also load the masked-LM head (esm2cli score).
 
     Raises:
         DeviceError, ConfigError, ModelLoadError: The devices, options or model are unusable.
     """
     # Imported here so that importing the engine does not import torch.
-    from esm2cli.devices import resolve_devices, resolve_dtype
+    from esm2cli.devices import modeled_devices, resolve_devices, resolve_dtype
     from esm2cli.model import build_replicas, load_model, resolve_layers
 
-    devices = resolve_devices(model.devices)
+    if model.simulate and (lm_head or embed.contacts):
+        raise ConfigError("modeled GPUs compute embeddings only: no contacts and no scores")
+    devices = modeled_devices(model.simulate) if model.simulate else resolve_devices(model.devices)
     dtype = resolve_dtype(model.dtype, devices)
     if dtype != model.dtype:
         log.info("--dtype auto: %s on %s", dtype, ", ".join(d.name for d in devices))
-    loaded = load_model(replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts)
+    loaded = load_model(
+        replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts, weights=model.simulate is None
+    )
     layers = resolve_layers(embed.layers, loaded.num_layers)
-    replicas = build_replicas(loaded, devices, embed)
-    return EngineSetup(Engine(replicas, queue_depth=queue_depth), loaded, layers, devices, dtype)
+    if model.simulate:
+        from esm2cli.modeled import build_modeled_replicas
+
+        replicas = build_modeled_replicas(loaded, devices, embed, model.simulate, dtype)
+    else:
+        replicas = build_replicas(loaded, devices, embed)
+    batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
+    engine = Engine(replicas, queue_depth=queue_depth)
+    return EngineSetup(engine, loaded, layers, devices, dtype, batch, list(replicas))
 
 
 class Engine:
     """Runs batches on every replica in parallel and hands back futures.
 
-    Batches go round-robin to the replicas. Each replica has a queue of at most ``queue_depth``
-    waiting batches, so work in flight is bounded and ``submit`` blocks (or raises
-    OverloadedError when ``block=False``) once every slot is taken.
+    Every replica's worker pulls the next batch from one shared queue as soon as it is free, so
+    no batch waits behind a busy replica while another idles; with equal replicas and equal
+    batches this is round-robin. The queue holds at most ``queue_depth`` batches per replica:
+    work in flight is bounded and ``submit`` blocks once it is full.
 
     Use it as a context manager, or call start() and close().
     """
@@ -93,9 +133,8 @@ class Engine:
     def __init__(self, replicas: Sequence[Embedder], queue_depth: int = 2):
         if not replicas:
             raise ValueError("an Engine needs at least one replica; this is a bug")
-        self._workers = [_Worker(r, queue.Queue(maxsize=queue_depth)) for r in replicas]
-        self._next = itertools.cycle(range(len(self._workers)))
-        self._lock = threading.Lock()
+        self._workers = [_Worker(r) for r in replicas]
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_depth * len(replicas))
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -107,10 +146,6 @@ class Engine:
     def healthy(self) -> bool:
         """True while started and every worker is alive."""
         return self._pool is not None and not self._closed and all(w.alive for w in self._workers)
-
-    def batches_done(self) -> dict[str, int]:
-        """Batches each device has finished, by device name."""
-        return {str(w.replica.device.name): w.batches for w in self._workers}
 
     def oom_splits(self) -> int:
         """Batches split in two after a CUDA out-of-memory error, over every replica."""
@@ -134,51 +169,70 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.close(cancel=exc_info[0] is not None)
 
-    def submit(self, seqs: Sequence[Any], block: bool = True, method: str = "embed_batch", **options) -> Future:
-        """Queues one batch on the next replica in turn.
+    def submit(self, seqs: Sequence[Any], method: str = "embed_batch", **options) -> Future:
+        """Queues one batch for the next free replica; blocks while the queue is full.
 
         Args:
             seqs: The batch's sequences (or the items that ``method`` takes).
-            block: Wait for a free slot; when False, raise OverloadedError instead.
             method: The replica method that runs the batch: embed_batch, or lm_log_probs for scoring.
             **options: Passed to that method (per_token=True for windows of long proteins).
 
         Returns:
-            A future resolved with the replica's result, or with the exception it raised.
+            A future resolved with the replica's result (CPU float32), or with the exception it raised.
 
         Raises:
-            EngineError: The engine is not running, or the chosen replica's worker has died.
-            OverloadedError: No free slot and block is False.
+            EngineError: The engine is not running, or a worker has died.
         """
+        return self._put(_Job(list(seqs), method, options=options))
+
+    def warm_up(self, seqs: Sequence[str]) -> None:
+        """Runs one batch on every replica (each exactly once) and waits for them.
+
+        A worker that has run its warm-up batch waits for the others before it takes more work,
+        so that every replica gets one of the batches even though replicas pull from one queue.
+
+        Raises:
+            EngineError: The engine is not running, or a replica failed its batch.
+        """
+        barrier = threading.Barrier(len(self._workers))
+
+        def wait_for_the_others() -> None:
+            try:
+                barrier.wait(_WARM_UP_TIMEOUT_S)
+            except threading.BrokenBarrierError:  # another replica failed: its waiter reports it
+                pass
+
+        futures = [self._put(_Job(list(seqs), then=wait_for_the_others)) for _ in self._workers]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            barrier.abort()  # releases the workers still waiting when a warm-up batch failed
+
+    def _put(self, job: _Job) -> Future:
         if self._pool is None or self._closed:
             raise EngineError("the engine is not running")
-        with self._lock:
-            worker = self._workers[next(self._next)]
-        job = _Job(list(seqs), method, options=options)
-        self._put(worker, job, block)
-        if not worker.alive:  # it died while we queued: fail what it left behind, ours included
-            self._fail_queued(worker)
+        while True:
+            self._raise_if_dead()
+            try:
+                self._jobs.put(job, timeout=_PUT_POLL_S)
+                break
+            except queue.Full:
+                continue
+        if not any(w.alive for w in self._workers):  # the last worker died while we queued
+            self._fail_queued()
         return job.future
 
-    def _put(self, worker: _Worker, job: _Job, block: bool) -> None:
-        while True:
-            self._raise_if_dead(worker)
-            try:
-                worker.jobs.put(job, block=block, timeout=_PUT_POLL_S if block else None)
-                return
-            except queue.Full:
-                if not block:
-                    raise OverloadedError("every replica is busy; retry later") from None
-
-    def _raise_if_dead(self, worker: _Worker) -> None:
-        if not worker.alive:
-            raise EngineError(f"the worker on {worker.replica.device.name} died: {worker.error!r}")
+    def _raise_if_dead(self) -> None:
+        for worker in self._workers:
+            if not worker.alive:
+                raise EngineError(f"the worker on {worker.replica.device.name} died: {worker.error!r}")
 
     def _run(self, worker: _Worker) -> None:
         """A worker's loop: take a job, embed, resolve its future; never leaves a waiter hanging."""
         job = None
         try:
-            while (job := worker.jobs.get()) is not _STOP:
+            while (job := self._jobs.get()) is not _STOP:
                 if not job.future.set_running_or_notify_cancel():
                     continue  # the caller gave up: don't spend the device on it
                 start = time.perf_counter()
@@ -187,10 +241,11 @@ class Engine:
                 except Exception as exc:  # fails this batch's waiters only
                     job.future.set_exception(BatchError(str(worker.replica.device.name), exc))
                 else:
-                    worker.batches += 1
                     job.future.set_result(result)
                 finally:
                     worker.busy_s += time.perf_counter() - start
+                if job.then:
+                    job.then()
         except BaseException as exc:  # anything else kills the worker: record why, fail its batch
             worker.error = exc
             log.error("worker on %s died: %r", worker.replica.device.name, exc)
@@ -198,26 +253,24 @@ class Engine:
                 job.future.set_exception(EngineError(f"the worker on {worker.replica.device.name} died: {exc!r}"))
         finally:
             worker.alive = False
-            self._fail_queued(worker)
+            if not any(w.alive for w in self._workers):  # nobody is left to run what is queued
+                self._fail_queued()
 
-    @staticmethod
-    def _drain(worker: _Worker) -> list[_Job]:
-        """Takes every job still queued for a worker (not the stop marker)."""
+    def _drain(self) -> list[_Job]:
+        """Takes every job still queued (not the stop markers)."""
         jobs = []
         while True:
             try:
-                job = worker.jobs.get_nowait()
+                job = self._jobs.get_nowait()
             except queue.Empty:
                 return jobs
             if job is not _STOP:
                 jobs.append(job)
 
-    def _fail_queued(self, worker: _Worker) -> None:
-        for job in self._drain(worker):
+    def _fail_queued(self) -> None:
+        for job in self._drain():
             if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(
-                    EngineError(f"the worker on {worker.replica.device.name} stopped before this batch ran")
-                )
+                job.future.set_exception(EngineError("every worker has stopped before this batch ran"))
 
     def close(self, cancel: bool = False) -> None:
         """Stops the workers after the queued batches (or cancels them first when cancel is True)."""
@@ -225,17 +278,14 @@ class Engine:
             self._closed = True
             return
         self._closed = True
-        for worker in self._workers:
-            if cancel:
-                self._cancel_queued(worker)
-            while worker.alive:
-                try:
-                    worker.jobs.put(_STOP, timeout=_PUT_POLL_S)
-                    break
-                except queue.Full:
-                    continue
+        if cancel:
+            for job in self._drain():
+                job.future.cancel()
+        stops = 0
+        while stops < len(self._workers) and any(w.alive for w in self._workers):
+            try:
+                self._jobs.put(_STOP, timeout=_PUT_POLL_S)  # FIFO: after every queued batch
+                stops += 1
+            except queue.Full:
+                continue
         self._pool.shutdown(wait=True)
-
-    def _cancel_queued(self, worker: _Worker) -> None:
-        for job in self._drain(worker):
-            job.future.cancel()

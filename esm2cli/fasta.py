@@ -29,6 +29,11 @@ _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
 # Only ASCII is upper-cased: str.upper() would turn 'ß' into 'SS', 'ﬁ' into 'FI' and 'ı' into 'I',
 # silently changing the protein. Other letters stay as they are and are refused by check_sequence.
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Fast paths for the common record (ASCII capitals, all of them residues): deleting the allowed bytes with
+# bytes.translate leaves nothing, in ~0.3 us for a 365-residue protein against ~12 us for set(seq). The
+# checks run twice per record (the scan, then the embed pass) on the thread that feeds every GPU.
+_CAPITALS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_RESIDUE_BYTES = "".join(sorted(RESIDUES)).encode()
 
 
 @dataclass(slots=True)
@@ -72,6 +77,8 @@ class FastaScan:
 
 def normalise(raw: str) -> str:
     """Upper-cases ASCII letters, removes white space and drops one trailing stop codon '*'."""
+    if raw.isascii() and not raw.encode().translate(None, _CAPITALS):
+        return raw  # already capitals only: nothing to change
     seq = raw.translate(_WHITESPACE).translate(_ASCII_UPPER)
     return seq[:-1] if seq.endswith("*") else seq
 
@@ -80,6 +87,8 @@ def check_sequence(seq: str) -> str | None:
     """Returns why a normalised sequence cannot be embedded, or None when it can."""
     if not seq:
         return "empty sequence"
+    if seq.isascii() and not seq.encode().translate(None, _RESIDUE_BYTES):
+        return None
     bad = sorted(set(seq) - RESIDUES)
     if not bad:
         return None
@@ -93,6 +102,8 @@ def check_sequence(seq: str) -> str | None:
 
 def check_text(text: str, what: str) -> str | None:
     """Returns why an id or header cannot be kept (a control character other than tab), or None."""
+    if text.isprintable():
+        return None  # no control character and no surrogate ('Other' categories are not printable)
     for index, ch in enumerate(text):
         if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cs"):
             name = "a surrogate" if unicodedata.category(ch) == "Cs" else "a control character"

@@ -369,6 +369,4 @@ def _plain_json(body: dict, status: int) -> Response:
 
 def _warm_up(setup: EngineSetup) -> None:
     """Runs one small batch on every replica, so that /health turns 200 only when each is warm."""
-    futures = [setup.engine.submit([WARMUP_SEQUENCE]) for _ in setup.engine.devices]
-    for future in futures:
-        future.result()
+    setup.engine.warm_up([WARMUP_SEQUENCE])

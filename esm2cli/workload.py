@@ -54,3 +54,28 @@ def write_fasta(path: str, n: int, seed: int = 0, max_length: int = MAX_LENGTH) 
         for rec_id, seq in synthetic_sequences(n, seed, max_length):
             out.write(f">{rec_id} synthetic protein, {len(seq)} aa\n")
             out.writelines(seq[i : i + 60] + "\n" for i in range(0, len(seq), 60))
+
+
+def draw_sequences(n: int, seed: int = 0, max_length: int = MAX_LENGTH) -> list[str]:
+    """``n`` proteins of the same length and composition distributions as synthetic_sequences, drawn
+    with numpy (about 50x faster, for benchmarks that need tens of thousands); not the same proteins.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(_LOG_MEDIAN, _LOG_SIGMA, n), MIN_LENGTH, max_length).astype(np.int64)
+    # A table of 10,000 letters in the composition's proportions: one integer draw per residue.
+    counts = [round(100 * pct) for pct in _COMPOSITION.values()]
+    table = np.frombuffer("".join(aa * c for aa, c in zip(_COMPOSITION, counts, strict=True)).encode(), np.uint8)
+    text = table[rng.integers(0, len(table), size=int(lengths.sum()))].tobytes().decode("ascii")
+    ends = np.cumsum(lengths)
+    return ["M" + text[end - length + 1 : end] for end, length in zip(ends.tolist(), lengths.tolist(), strict=True)]
+
+
+def fasta_text(seqs: list[str], prefix: str = "p", width: int = 60) -> str:
+    """The FASTA text of sequences named ``<prefix><index>``, ``width`` residues a line."""
+    lines = []
+    for i, seq in enumerate(seqs):
+        lines.append(f">{prefix}{i} synthetic protein, {len(seq)} aa")
+        lines += [seq[k : k + width] for k in range(0, len(seq), width)]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import pytest
 from conftest import FakeEmbedder
 from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.engine import Engine
-from esm2cli.errors import BatchError, EngineError, OverloadedError
+from esm2cli.errors import BatchError, EngineError
 from esm2cli.fasta import Record
 from esm2cli.pipeline import embed_records
 
@@ -32,14 +32,44 @@ def _records(lengths):
     return [Record(f"r{i}", "", "M" * n, i + 1) for i, n in enumerate(lengths)]
 
 
-def test_round_robin_split():
-    replicas = [FakeEmbedder(f"sim:{i}") for i in range(4)]
+def test_equal_replicas_and_batches_share_the_work_in_turn():
+    replicas = [FakeEmbedder(f"sim:{i}", delay=0.03) for i in range(4)]
     with Engine(replicas) as engine:
-        futures = [engine.submit([f"B{i}"]) for i in range(10)]
+        futures = [engine.submit([f"B{i}"]) for i in range(12)]
         [f.result(timeout=10) for f in futures]
-    assert [sum(len(b) for b in r.seen) for r in replicas] == [3, 3, 2, 2]
-    assert replicas[1].seen == [["B1"], ["B5"], ["B9"]]
-    assert engine.batches_done() == {"sim:0": 3, "sim:1": 3, "sim:2": 2, "sim:3": 2}
+    counts = [len(r.seen) for r in replicas]
+    assert sum(counts) == 12 and max(counts) - min(counts) <= 1, counts
+    assert sorted(b[0] for r in replicas for b in r.seen) == sorted(f"B{i}" for i in range(12))
+
+
+def test_pull_dispatch_keeps_the_idle_replica_busy_while_another_is_slow():
+    # Round-robin gives the slow replica every other batch: 10 x 0.3 s = 3 s. Pulled from one queue,
+    # the fast replica takes whatever the slow one is not holding.
+    slow, fast = FakeEmbedder("sim:0", delay=0.3), FakeEmbedder("sim:1", delay=0.01)
+    start = time.perf_counter()
+    with Engine([slow, fast]) as engine:
+        futures = [engine.submit([f"B{i}"]) for i in range(20)]
+        [f.result(timeout=10) for f in futures]
+    seconds = time.perf_counter() - start
+    assert len(fast.seen) >= 15, (len(slow.seen), len(fast.seen))
+    assert seconds < 1.5
+    busy = engine.busy_seconds()
+    assert busy["sim:1"] > 0.1 and busy["sim:0"] < 1.5
+
+
+def test_warm_up_runs_one_batch_on_every_replica():
+    replicas = [FakeEmbedder(f"sim:{i}", delay=0.002 * i) for i in range(5)]
+    with Engine(replicas) as engine:
+        engine.warm_up(["MKV"])
+    assert [r.seen for r in replicas] == [[["MKV"]]] * 5
+
+
+def test_warm_up_reports_a_failing_replica_without_hanging():
+    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="MKV")]
+    with Engine(replicas) as engine:
+        with pytest.raises(BatchError, match="sim:1"):
+            engine.warm_up(["MKV"])
+        assert engine.submit(["GG"]).result(timeout=5)  # the engine still runs
 
 
 @pytest.mark.parametrize("n_replicas", [1, 3, 8])
@@ -63,25 +93,30 @@ def test_order_is_restored(n_replicas):
     assert summary.sequences == 500 and summary.residues == sum(min(n, 90) for n in lengths)
     assert writer.chunks == [(i, min(i + 64, 500)) for i in range(0, 500, 64)]  # 500 records, chunks of 64
     assert summary.truncated == sum(n > 90 for n in lengths)
-    assert all(r.seen for r in replicas)
+    assert sum(len(b) for r in replicas for b in r.seen) == summary.sequences - summary.deduplicated
 
 
 def test_a_failing_replica_fails_its_batch_not_the_others():
-    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="BAD")]
+    replicas = [FakeEmbedder("sim:0", delay=0.02), FakeEmbedder("sim:1", delay=0.02, fail_on="BAD")]
     with Engine(replicas) as engine:
-        good = engine.submit(["BAD"])  # replica 0 does not fail on it
-        bad = engine.submit(["BAD"])
+        futures = [engine.submit(["BAD"]) for _ in range(8)]  # sim:0 embeds it, sim:1 raises on it
         ok = engine.submit(["MK"])
-        assert good.result(timeout=5).pooled[0][0, 0] == 3
-        with pytest.raises(BatchError, match="a batch failed on sim:1: RuntimeError: boom on sim:1") as info:
-            bad.result(timeout=5)
-        assert isinstance(info.value.__cause__, RuntimeError)
+        good = bad = 0
+        for future in futures:
+            try:
+                assert future.result(timeout=5).pooled[0][0, 0] == 3
+                good += 1
+            except BatchError as exc:
+                assert str(exc) == "a batch failed on sim:1: RuntimeError: boom on sim:1"
+                assert isinstance(exc.__cause__, RuntimeError)
+                bad += 1
+        assert good == len(replicas[0].seen) >= 1 and bad == 8 - good >= 1
         assert ok.result(timeout=5)
         assert engine.healthy
 
 
 def test_pipeline_surfaces_a_replica_error_without_hanging():
-    replicas = [FakeEmbedder("sim:0"), FakeEmbedder("sim:1", fail_on="M" * 50)]
+    replicas = [FakeEmbedder("sim:0", fail_on="M" * 50), FakeEmbedder("sim:1", fail_on="M" * 50)]  # either pulls it
     records = _records(list(range(1, 80)))  # distinct sequences: every one is computed
     result = {}
 
@@ -128,17 +163,40 @@ def test_in_flight_work_is_bounded():
             gate.wait(5)
             return super().embed_batch(seqs)
 
-    engine = Engine([Blocked("sim:0")], queue_depth=2).start()
+    engine = Engine([Blocked("sim:0"), Blocked("sim:1")], queue_depth=2).start()
     try:
-        futures = [engine.submit(["A"])]
-        time.sleep(0.05)  # the worker takes the first job and blocks
-        futures += [engine.submit(["A"], block=False) for _ in range(2)]
-        with pytest.raises(OverloadedError):
-            engine.submit(["A"], block=False)
+        futures = [engine.submit(["A"]) for _ in range(2 + 4)]  # two running, four queued (2 per replica)
+        blocked = threading.Thread(target=lambda: futures.append(engine.submit(["A"])))
+        blocked.start()
+        blocked.join(0.3)
+        assert blocked.is_alive(), "a seventh batch was accepted: nothing bounds the work in flight"
         gate.set()
-        assert all(f.result(timeout=5) for f in futures)
+        blocked.join(5)
+        assert len(futures) == 7 and all(f.result(timeout=5) for f in futures)
     finally:
         gate.set()
+        engine.close()
+
+
+def test_a_dead_worker_leaves_the_queue_to_the_others_but_stops_new_work():
+    class DiesOnX(FakeEmbedder):
+        def embed_batch(self, seqs):
+            if "X" in seqs:
+                raise SystemExit("worker killed")
+            return super().embed_batch(seqs)
+
+    replicas = [DiesOnX("sim:0", delay=0.02), DiesOnX("sim:1", delay=0.02)]
+    engine = Engine(replicas, queue_depth=4).start()
+    try:
+        doomed = engine.submit(["X"])
+        rest = [engine.submit(["MK"]) for _ in range(5)]
+        with pytest.raises(EngineError, match="died"):
+            doomed.result(timeout=5)
+        assert all(f.result(timeout=5) for f in rest)  # queued before the death: the survivor runs them
+        assert not engine.healthy
+        with pytest.raises(EngineError, match="died"):
+            engine.submit(["MK"])
+    finally:
         engine.close()
 
 

@@ -269,12 +269,17 @@ def _wait_for_chunks(work: Path, n: int, proc, timeout: float = 180) -> None:
     raise AssertionError(f"no {n} chunks before the run ended: {proc.poll()}")
 
 
+# Enough work that a run is still going when a second process has started (about 30 s here: the
+# dummy weights load in a second, so the compute must outlast another process's imports and scan).
+SLOW_RECORDS = 120
+
+
 @pytest.fixture(scope="module")
 def slow_fasta(tmp_path_factory):
     from esm2cli.workload import synthetic_sequences
 
     path = tmp_path_factory.mktemp("slow") / "in.fa"
-    return write_fasta(path, list(synthetic_sequences(40, seed=5, max_length=400)))
+    return write_fasta(path, list(synthetic_sequences(SLOW_RECORDS, seed=5, max_length=400)))
 
 
 @pytest.mark.slow
@@ -291,7 +296,7 @@ def test_signals_exit_130_or_143_with_one_line_and_the_rerun_resumes(tmp_path, s
     rerun = subprocess.run(_slow_run(slow_fasta, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from an earlier run" in rerun.stderr
-    assert pq.read_table(out).num_rows == 40
+    assert pq.read_table(out).num_rows == SLOW_RECORDS
 
 
 @pytest.mark.slow
@@ -307,7 +312,7 @@ def test_a_second_run_on_a_held_output_is_refused_at_once_and_a_dead_holder_does
     first.wait()
     third = subprocess.run(_slow_run(slow_fasta, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
-    assert pq.read_table(out).num_rows == 40
+    assert pq.read_table(out).num_rows == SLOW_RECORDS
 
 
 @pytest.fixture
