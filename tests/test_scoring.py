@@ -1,6 +1,7 @@
 """esm2cli score against fair-esm's own ESM-2 (and its LM head) on the same weights, and the batching of inputs."""
 
 import math
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -187,12 +188,14 @@ def test_scores_do_not_depend_on_batch_mates(tmp_path, fasta, tiny_model_dir):
 class FakeScorer:
     """A replica whose log-probabilities are a function of (input, row); records what it computed."""
 
-    def __init__(self, name):
+    def __init__(self, name, delay=0.0):
         self.device = FakeDevice(name)
+        self.delay = delay
         self.seen = []
         self.read = []
 
     def lm_log_probs(self, items):
+        time.sleep(self.delay)  # a busy replica: with pull dispatch the other takes the next batch
         self.seen.append([(seq, masked) for seq, masked, _ in items])
         self.read.extend(read for _, _, read in items)
         return [
@@ -208,7 +211,7 @@ def proteins_for(seqs, positions=None):
 
 
 def test_each_distinct_input_is_computed_once_and_batched_under_the_budget():
-    replicas = [FakeScorer("a"), FakeScorer("b")]
+    replicas = [FakeScorer("a", delay=0.05), FakeScorer("b", delay=0.05)]
     long = PROTEINS[-1][1][:32]
     seqs = [long, "GSHM", long]  # the third is the first again
     proteins = proteins_for(seqs)
