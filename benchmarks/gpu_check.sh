@@ -63,18 +63,26 @@ except (OSError, KeyError, ValueError):
 " "$OUT/bench-650M-modeled.json" "$OUT/bench-650M-bfloat16.json" "$card" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 fi
 
-part serve && timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests "${SERVE_REQUESTS:-200}" --engine-ceiling \
-    2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
-echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
+if part serve; then
+    timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests "${SERVE_REQUESTS:-200}" --engine-ceiling \
+        2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
+    echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
+fi
 
-part gelu && timeout 50 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
-    2>> "$LOG" | tee -a "$OUT/summary.txt"
-echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"
+if part gelu; then
+    timeout 50 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
+        2>> "$LOG" | tee -a "$OUT/summary.txt"
+    echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"
+fi
 
-part tokens && timeout 40 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
-    --budgets "${TOKEN_BUDGETS:-4096,16384,32768,65536}" 2>> "$LOG" | tee -a "$OUT/summary.txt"
-echo "token budget: exit $?" | tee -a "$OUT/summary.txt"
+if part tokens; then
+    timeout 40 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
+        --budgets "${TOKEN_BUDGETS:-4096,16384,32768,65536}" 2>> "$LOG" | tee -a "$OUT/summary.txt"
+    echo "token budget: exit $?" | tee -a "$OUT/summary.txt"
+fi
 
-part score && timeout 40 python3 -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --proteins 2 --length 150 \
-    --methods esm2cli,loop --rounds 1 2>> "$LOG" | tee -a "$OUT/summary.txt"
-echo "score bench: exit $?" | tee -a "$OUT/summary.txt"
+if part score; then
+    timeout 40 python3 -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --proteins 2 --length 150 \
+        --methods esm2cli,loop --rounds 1 2>> "$LOG" | tee -a "$OUT/summary.txt"
+    echo "score bench: exit $?" | tee -a "$OUT/summary.txt"
+fi
