@@ -6,6 +6,7 @@ and prints the host efficiency with the process's CPU time per protein. Profile 
     pip install py-spy
     py-spy record --threads --gil -r 250 -f raw -o gil.txt -- python -m benchmarks.host_profile --card h100 --gpus 8
     python -m benchmarks.host_profile --card h100 --gpus 8 --seconds 10
+    python -m benchmarks.host_profile --card h100 --gpus 8 --old-checks   # the FASTA checks before their fast paths
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ from esm2cli.pipeline import embed_fasta
 from esm2cli.workload import draw_sequences, fasta_text
 
 
+def _old_checks() -> None:
+    """Puts back the FASTA checks as they were before their fast paths (set(seq), per-character headers)."""
+    import unicodedata
+
+    from esm2cli import fasta
+
+    def normalise(raw: str) -> str:
+        seq = raw.translate(fasta._WHITESPACE).translate(fasta._ASCII_UPPER)
+        return seq[:-1] if seq.endswith("*") else seq
+
+    def check_sequence(seq: str) -> str | None:
+        if not seq:
+            return "empty sequence"
+        return "outside the alphabet" if set(seq) - fasta.RESIDUES else None
+
+    def check_text(text: str, what: str) -> str | None:
+        for ch in text:
+            if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cs"):
+                return f"{what} holds a control character"
+        return None
+
+    fasta.normalise, fasta.check_sequence, fasta.check_text = normalise, check_sequence, check_text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--card", default="h100")
@@ -35,7 +60,10 @@ def main() -> None:
     parser.add_argument("--per-token", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--queue-depth", type=int, default=2, help="batches waiting per replica")
+    parser.add_argument("--old-checks", action="store_true", help="the FASTA checks before their fast paths")
     args = parser.parse_args()
+    if args.old_checks:
+        _old_checks()
     gpu = ModeledGPU(card=args.card, count=args.gpus, mfu=args.mfu, launch_ms=args.launch_ms)
     model = ModelConfig(model=args.model, load_format="dummy", simulate=gpu)
     embed = EmbedConfig(per_token=args.per_token)
@@ -60,7 +88,7 @@ def main() -> None:
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     print(
         f"{args.gpus} modeled {args.card.upper()} (MFU {args.mfu:g}, launch {args.launch_ms:g} ms, queue depth "
-        f"{args.queue_depth}), {args.model}: "
+        f"{args.queue_depth}{', old FASTA checks' if args.old_checks else ''}), {args.model}: "
         f"{summary.sequences:,} proteins, {summary.residues:,} residues\n"
         f"device phase {row.seconds:.2f} s: {row.residues_per_s:,.0f} residues/s, {row.sequences_per_s:,.0f} "
         f"proteins/s; modeled ideal {row.modeled_residues_per_s:,.0f}: host efficiency {row.host_efficiency:.1%}\n"
