@@ -62,6 +62,9 @@ esm2cli.cli.cli()
 """
 
 
+_MARKS = ("python", "import esm2cli", "import torch, transformers", "before loading", "model loaded", "first batch")
+
+
 def _run(args: list[str], old_init: bool) -> dict:
     env = {**os.environ, "STARTUP_T0": repr(time.time())}
     if old_init:
@@ -96,8 +99,7 @@ def main() -> None:
     print(f"{'random weights':>30} " + " ".join(f"{c:>9}" for c in columns))
     for old, m in rows:
         name = "transformers init (before)" if old else "pooled fill (now)"
-        keys = ("python", "import esm2cli", "import torch, transformers", "before loading", "model loaded", "first batch")
-        print(f"{name:>30} " + " ".join(f"{m[k]:>9.2f}" for k in keys))
+        print(f"{name:>30} " + " ".join(f"{m[k]:>9.2f}" for k in _MARKS))
 
 
 if __name__ == "__main__":
