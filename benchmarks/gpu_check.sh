@@ -2,7 +2,8 @@
 # The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in about 8 minutes (the
 # timeouts below add up to 8.2 minutes).
 # 1. the GPU-marked tests;
-# 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32;
+# 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32, each line with what the
+#    modeled card (found by name, default MFU and overhead) predicts for the very same batches;
 # 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
 #    batching on and off in one run, and the engine alone (the serve issue's 3x check);
 # 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one;
@@ -43,7 +44,7 @@ part bench && for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do
     timeout 70 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
         > "$OUT/bench-650M-$dtype.json" 2>> "$LOG"
     echo "bench $dtype: exit $?" | tee -a "$OUT/summary.txt"
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\")" \
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; m=row.get('predicted_residues_per_s'); print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\" + (f\"; the modeled card on these same batches: {m:,.0f}, real/modeled {row['residues_per_s'] / m:.2f}\" if m else ''))" \
         "$OUT/bench-650M-$dtype.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
 done
 

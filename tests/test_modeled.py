@@ -131,3 +131,14 @@ def test_the_real_pipeline_writes_real_parquet_around_modeled_cards(tmp_path, ti
     assert np.array(table["embedding"].to_pylist()).shape == (len(proteins), 32)
     assert summary.sequences == len(proteins) and sum(r.calls for r in setup.replicas) >= 2
     assert sum(r.held_s for r in setup.replicas) > 0
+
+
+def test_the_prediction_printed_beside_a_real_card_sums_the_modeled_batches(shape_650m):
+    from esm2cli.bench import _predicted_rate
+
+    batches = [["M" * 300] * 16, ["M" * 100] * 40, ["M" * 1000] * 4]
+    gpu = ModeledGPU(card="h100")  # the defaults, as the real bench's comparison uses them
+    seconds = sum(_expected_seconds([len(s) for s in b], gpu) for b in batches)
+    residues = sum(len(s) for b in batches for s in b)
+    assert _predicted_rate(batches, 1, "h100", "bfloat16", shape_650m) == pytest.approx(residues / seconds)
+    assert _predicted_rate(batches, 4, "h100", "bfloat16", shape_650m) == pytest.approx(4 * residues / seconds)
