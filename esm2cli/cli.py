@@ -14,11 +14,9 @@ from esm2cli import __version__
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BENCH_SECONDS,
-    DEFAULT_CALL_OVERHEAD_MS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMMIT_SECONDS,
     DEFAULT_MAX_TOKENS,
-    DEFAULT_MFU,
     DEFAULT_MODEL,
     DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
@@ -28,6 +26,7 @@ from esm2cli.config import (
     EmbedConfig,
     InputConfig,
     ModelConfig,
+    ModeledGPU,
     ServeConfig,
     ShardConfig,
 )
@@ -102,7 +101,7 @@ def model_options(func):
         click.option(
             "--load-format",
             type=click.Choice(["auto", "dummy"]),
-            default="auto",
+            default=ModelConfig.load_format,
             show_default=True,
             envvar="ESM2CLI_LOAD_FORMAT",
             help="dummy: the named architecture with RANDOM weights, no download (demos, benchmarks).",
@@ -110,7 +109,7 @@ def model_options(func):
         click.option(
             "--dtype",
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-            default="auto",
+            default=ModelConfig.dtype,
             show_default=True,
             envvar="ESM2CLI_DTYPE",
             help="Weights are converted to this once. auto: bfloat16 where the hardware computes it natively "
@@ -118,7 +117,7 @@ def model_options(func):
         ),
         click.option(
             "--devices",
-            default="auto",
+            default=ModelConfig.devices,
             show_default=True,
             envvar="ESM2CLI_DEVICES",
             help="auto, cpu, a GPU count, a list such as cuda:0,cuda:2, or sim:N for N simulated devices on the CPU.",
@@ -135,7 +134,7 @@ def embedding_options(func):
         click.option(
             "--layers",
             type=LayerList(),
-            default="-1",
+            default=",".join(map(str, EmbedConfig.layers)),
             show_default=True,
             envvar="ESM2CLI_LAYERS",
             help="Layers to return, comma-separated; 0 is the embedding layer, -1 the last.",
@@ -143,7 +142,7 @@ def embedding_options(func):
         click.option(
             "--pooling",
             type=click.Choice(["mean", "bos"]),
-            default="mean",
+            default=EmbedConfig.pooling,
             show_default=True,
             envvar="ESM2CLI_POOLING",
             help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token.",
@@ -175,7 +174,7 @@ def long_sequence_options(func):
     return click.option(
         "--long-sequences",
         type=click.Choice(["truncate", "window", "error"]),
-        default="truncate",
+        default=EmbedConfig.long_sequences,
         show_default=True,
         envvar="ESM2CLI_LONG_SEQUENCES",
         help="Sequences over --truncate residues: truncate them (flagged), embed them whole in overlapping "
@@ -544,7 +543,7 @@ def serve_security_options(func):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="ESM2CLI_PORT")
 @click.option(
     "--batching/--no-batching",
-    default=True,
+    default=ServeConfig.batching,
     show_default=True,
     envvar="ESM2CLI_BATCHING",
     help="Coalesce concurrent requests into engine batches (dynamic batching).",
@@ -552,7 +551,7 @@ def serve_security_options(func):
 @click.option(
     "--max-batch-size",
     type=click.IntRange(min=1),
-    default=DEFAULT_BATCH_SIZE,
+    default=ServeConfig.max_batch_size,
     show_default=True,
     envvar="ESM2CLI_MAX_BATCH_SIZE",
     help="Sequences per engine batch at most.",
@@ -560,7 +559,7 @@ def serve_security_options(func):
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(min=0),
-    default=5.0,
+    default=ServeConfig.max_wait_ms,
     show_default=True,
     envvar="ESM2CLI_MAX_WAIT_MS",
     help="How long a request waits for others to share its batch.",
@@ -569,7 +568,7 @@ def serve_security_options(func):
 @click.option(
     "--max-client-batch",
     type=click.IntRange(min=1),
-    default=64,
+    default=ServeConfig.max_client_batch,
     show_default=True,
     envvar="ESM2CLI_MAX_CLIENT_BATCH",
     help="Sequences per /predict/batch request at most.",
@@ -577,7 +576,7 @@ def serve_security_options(func):
 @click.option(
     "--max-queue",
     type=click.IntRange(min=1),
-    default=2048,
+    default=ServeConfig.max_queue,
     show_default=True,
     envvar="ESM2CLI_MAX_QUEUE",
     help="Sequences waiting at most; past it, 429 with Retry-After.",
@@ -585,7 +584,7 @@ def serve_security_options(func):
 @click.option(
     "--request-timeout",
     type=click.FloatRange(min=0.001),
-    default=60.0,
+    default=ServeConfig.request_timeout_s,
     show_default=True,
     envvar="ESM2CLI_REQUEST_TIMEOUT",
     help="Seconds before an unanswered request gets 503.",
@@ -593,14 +592,14 @@ def serve_security_options(func):
 @click.option(
     "--max-body-bytes",
     type=click.IntRange(min=1024),
-    default=4 << 20,
+    default=ServeConfig.max_body_bytes,
     show_default=True,
     envvar="ESM2CLI_MAX_BODY_BYTES",
     help="Larger request bodies get 422.",
 )
 @click.option(
     "--truncation/--no-truncation",
-    default=True,
+    default=ServeConfig.truncation,
     show_default=True,
     envvar="ESM2CLI_TRUNCATION",
     help="Truncate sequences over --truncate residues (else answer 422).",
@@ -877,21 +876,21 @@ def score(
 @click.option(
     "--mfu",
     type=click.FloatRange(0, 1, min_open=True),
-    default=DEFAULT_MFU,
+    default=ModeledGPU.mfu,
     show_default=True,
     help="With --simulate: the share of the card's peak its batches reach.",
 )
 @click.option(
     "--overhead-ms",
     type=click.FloatRange(min=0),
-    default=DEFAULT_CALL_OVERHEAD_MS,
+    default=ModeledGPU.overhead_ms,
     show_default=True,
     help="With --simulate: fixed device time per batch.",
 )
 @click.option(
     "--launch-ms",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=ModeledGPU.launch_ms,
     show_default=True,
     help="With --simulate: host time per batch that holds the GIL (the Python side of an eager forward).",
 )
@@ -911,7 +910,10 @@ def score(
     help="dummy: random weights of the named size (the compute is the same as the real model's).",
 )
 @click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default=ModelConfig.dtype,
+    show_default=True,
 )
 @click.option(
     "--input",
@@ -1017,7 +1019,9 @@ def bench(
     except KeyboardInterrupt:
         click.echo("interrupted before the first device count finished: no result", err=True)
         sys.exit(130)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_bench(report))
+    from esm2cli.bench import format_report
+
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     if plot:
         from esm2cli.bench import plot_report
 
@@ -1028,16 +1032,9 @@ def bench(
         sys.exit(130)
 
 
-def format_bench(report) -> str:
-    from esm2cli.bench import format_report
-
-    return format_report(report)
-
-
 def _bench_modeled(gpus, card, mfu, overhead_ms, launch_ms, duration, model, load_format, dtype, input_fasta,
                    sequences, seed, max_length, batch, say):  # fmt: skip
     from esm2cli.bench import run_modeled_bench
-    from esm2cli.config import ModeledGPU
 
     gpus = gpus or 8
     modeled = ModeledGPU(card=card.lower(), count=gpus, mfu=mfu, overhead_ms=overhead_ms, launch_ms=launch_ms)
