@@ -33,6 +33,8 @@ Say = Callable[[str], None]  # progress and choices, one line each (the CLI prin
 _CPU_MFU_GUESS = 0.5
 _BATCHES_PER_BOX = 4  # a batch should take at most this fraction of the box on the slowest count
 _WARM_UP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
+# A benchmark times the records it can embed: invalid ones and repeated ids in --input are skipped, not refused.
+_BENCH_INPUTS = InputConfig(skip_invalid=True, allow_duplicate_ids=True)
 
 
 def measure_matmul_peak(torch_device: str, dtype: str, seconds: float = 1.0) -> float:
@@ -398,7 +400,7 @@ def run_modeled_bench(
             with setup.engine:  # embed_fasta runs a setup it is given, and leaves it to its owner
                 summary = embed_fasta(
                     source, Path(work) / f"out-{k}.parquet", model=replace(model, simulate=replace(gpu, count=k)),
-                    embed=embed, batch=setup.batch, inputs=InputConfig(), overwrite=True, setup=setup,
+                    embed=embed, batch=setup.batch, inputs=_BENCH_INPUTS, overwrite=True, setup=setup,
                 )  # fmt: skip
             end = time.perf_counter()
             row = _modeled_row(k, setup, summary, begin, end)
@@ -518,19 +520,25 @@ def _footnotes(report: BenchReport) -> list[str]:
 
 
 def check_plot_path(path: Path) -> str | None:
-    """Why a PNG cannot be written at ``path`` (no matplotlib, no such directory, not writable), or None."""
+    """Why a plot cannot be written at ``path`` (no matplotlib, a format it lacks, no such directory, not
+    writable), or None."""
     import importlib.util
     import os
 
     if importlib.util.find_spec("matplotlib") is None:
         return "needs matplotlib (pip install matplotlib)"
+    if path.is_dir():
+        return f"{path} is a directory"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        return f"name it .png (or one of {', '.join(sorted(formats))})"
     parent = path.expanduser().resolve().parent
     if not parent.is_dir():
         return f"the directory {parent} does not exist"
     if not os.access(parent, os.W_OK):
         return f"the directory {parent} is not writable"
-    if path.is_dir():
-        return f"{path} is a directory"
     return None
 
 

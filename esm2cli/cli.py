@@ -1015,7 +1015,7 @@ def bench(
                                 max_length, batch, say)
         )  # fmt: skip
     except Esm2Error as exc:
-        raise _to_click(exc, param_hint="--input") from exc
+        raise _to_click(exc) from exc
     except KeyboardInterrupt:
         click.echo("interrupted before the first device count finished: no result", err=True)
         sys.exit(130)

@@ -143,6 +143,7 @@ def test_bench_cli_simulate_json_rows_per_count(tiny_model_dir):
         (["--simulate", "a100", "--mfu", "1.5"], "is not in the range 0<x<=1"),
         (["--duration", "0"], "is not in the range x>=1"),
         (["--plot", "missing/dir/x.png"], "does not exist"),
+        (["--plot", "scaling.txt"], "name it .png"),
     ],
 )
 def test_bench_refuses_bad_options_before_running(args, message):
@@ -186,3 +187,13 @@ def test_a_bench_interrupted_after_a_count_keeps_its_rows():
     with pytest.raises(KeyboardInterrupt):
         with _keep_rows_on_interrupt(replace(report, rows=[], interrupted=False)):
             raise KeyboardInterrupt
+
+
+def test_bench_errors_are_one_line_on_the_modeled_path(tmp_path):
+    missing = CliRunner().invoke(cli, ["bench", "--simulate", "a100", "--gpus", "1", "-m", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "no such model directory" in missing.output
+    assert "Traceback" not in missing.output
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(">a\nJJJ\n")
+    bad = CliRunner().invoke(cli, ["bench", "--simulate", "a100", "--gpus", "1", "--input", str(fasta)])
+    assert bad.exit_code == 2 and "no records to embed" in bad.output, bad.output
