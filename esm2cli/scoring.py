@@ -186,7 +186,11 @@ class ScoreFile:
         self.url = url
         self.schema = schema
         self._file = storage.AtomicFile(url)
-        self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        except BaseException:  # a signal or an error here must not leave the temporary file behind
+            self._file.abort()
+            raise
         self._buffer: list[pa.RecordBatch] = []
         self._rows = 0
         self.rows_written = 0
@@ -449,14 +453,16 @@ def score_fasta(
         proteins, table, total = _plan(source, str(fasta), score, summary)
         setup = build_engine(model, EmbedConfig(truncate=score.window), lm_head=True)
         batch = batch.for_devices(on_cuda=any(d.is_cuda for d in setup.devices))
-        out = ScoreFile(output, _schema(score.mode, _metadata(model, score, setup)))
         progress = progress_factory(total) if progress_factory else None
         start = time.perf_counter()
+        out = None
         try:
+            out = ScoreFile(output, _schema(score.mode, _metadata(model, score, setup)))
             _compute(setup.engine, setup.model.token_lut, proteins, table, batch, score, out, summary, progress)
             out.commit()
         except BaseException:
-            out.abort()
+            if out is not None:
+                out.abort()
             raise
     summary.rows = out.rows_written
     summary.seconds = time.perf_counter() - start

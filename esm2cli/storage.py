@@ -147,7 +147,12 @@ class AtomicFile:
                 directory, name = os.path.split(os.path.abspath(self.url))
                 os.makedirs(directory, exist_ok=True)
                 self.tmp = os.path.join(directory, f".{name}.tmp")
-                self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+                try:
+                    self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+                except BaseException:  # a signal just after the file appeared: leave nothing behind
+                    if os.path.exists(self.tmp):
+                        os.remove(self.tmp)
+                    raise
         except StorageError:
             raise
         except Exception as exc:
