@@ -260,6 +260,15 @@ def _slow_run(fa, out, *extra):
     return cmd
 
 
+def _wait_for_lock(path: Path, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and f'"pid": {proc.pid}' in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never named pid {proc.pid}: {proc.poll()}")
+
+
 def _wait_for_chunks(work: Path, n: int, proc, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -302,14 +311,19 @@ def test_signals_exit_130_or_143_with_one_line_and_the_rerun_resumes(tmp_path, s
 @pytest.mark.slow
 def test_a_second_run_on_a_held_output_is_refused_at_once_and_a_dead_holder_does_not_keep_it(tmp_path, slow_fasta):
     out = tmp_path / "out.parquet"
-    first = subprocess.Popen(_slow_run(slow_fasta, out, "-q"), env=_env(), stderr=subprocess.PIPE, text=True)
-    _wait_for_chunks(tmp_path / "_out.parquet.parts", 1, first)
+    # The first run reads stdin from a pipe left open: it takes the lock, then waits for its input, so it
+    # holds the output however fast the machine computes.
+    first = subprocess.Popen(
+        _slow_run("-", out, "-q"), env=_env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_lock(tmp_path / ".out.parquet.lock", first)
     second = subprocess.run(_slow_run(slow_fasta, out), env=_env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr
     assert f"is being written by another esm2cli run (pid {first.pid} on" in second.stderr
     assert "RANDOM weights" not in second.stderr  # refused before any model is loaded
     first.send_signal(signal.SIGKILL)
     first.wait()
+    first.stdin.close()
     third = subprocess.run(_slow_run(slow_fasta, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
     assert pq.read_table(out).num_rows == SLOW_RECORDS
