@@ -28,7 +28,7 @@ import timeit
 import aiohttp
 import httpx
 
-from benchmarks.serve_bench import _free_port
+from benchmarks.serve_bench import _free_port, _launch
 from esm2cli.auth import KeyChecker
 from esm2cli.workload import synthetic_sequences
 
@@ -46,18 +46,7 @@ def _start(args, key: str | None) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
     if key:
         env["ESM2CLI_API_KEYS"] = key
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("a server did not become healthy")
+    return _launch(cmd, port, env)
 
 
 def _request(endpoint: str, model: str, seqs: list[str]) -> tuple[str, dict]:

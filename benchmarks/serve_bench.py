@@ -46,7 +46,12 @@ def _start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
         "--devices", args.devices, "--dtype", args.dtype, "--port", str(port), "-q",
         "--batching" if batching else "--no-batching", "--max-wait-ms", str(args.max_wait_ms),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _launch(cmd, port)
+
+
+def _launch(cmd: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts `esm2cli serve` (cmd) and waits up to 5 minutes for /health to answer 200."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -42,13 +42,22 @@ def live_server(app, port: int | None = None):
 
 
 def wait_healthy(client, timeout: float = 60) -> dict:
+    """Polls /health until 200; a refused connection (a server process still starting) is waited out too."""
+    import httpx
+
     deadline = time.time() + timeout
+    last = "no answer"
     while time.time() < deadline:
-        response = client.get("/health")
-        if response.status_code == 200:
-            return response.json()
+        try:
+            response = client.get("/health")
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        else:
+            if response.status_code == 200:
+                return response.json()
+            last = f"{response.status_code} {response.text}"
         time.sleep(0.05)
-    raise AssertionError(f"never healthy: {response.status_code} {response.text}")
+    raise AssertionError(f"never healthy: {last}")
 
 
 def make_app(model_dir, loader_wrap=None, embed=None, **serve):

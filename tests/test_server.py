@@ -231,14 +231,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_healthy(client, timeout=120)
             seq = "MKTAYIAKQRQISFVKSHFSRQ" * 40  # ~900 residues: each batch takes a while on the CPU
 
             def one(k):

@@ -220,13 +220,7 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
     flood = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_healthy(client, timeout=120)
             for _ in range(600):
                 try:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))

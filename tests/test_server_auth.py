@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -143,13 +142,7 @@ def test_cli_keys_from_options_env_and_file_never_logged_and_access_log_on_stder
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_healthy(client, timeout=120)
             for key in (key_env, KEY_A, KEY_B):
                 answer = client.post("/predict?token=QUERYSECRET", json={"sequence": "MKV"}, headers=bearer(key))
                 assert answer.status_code == 200, key
