@@ -29,8 +29,8 @@ import aiohttp
 import httpx
 
 from benchmarks.serve_bench import _free_port, _launch
-from esm2cli.auth import KeyChecker
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.serve.auth import KeyChecker
 
 KEY = "bench-key-0123456789abcdef"
 ENDPOINTS = ("predict_batch", "v1_float", "v1_base64")

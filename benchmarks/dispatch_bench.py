@@ -23,11 +23,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from esm2cli.bench import _modeled_row
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig, ModeledGPU
-from esm2cli.engine import build_engine
-from esm2cli.pipeline import embed_fasta
-from esm2cli.workload import draw_sequences, fasta_text
+from esm2cli.jobs.bench import _modeled_row
+from esm2cli.jobs.pipeline import embed_fasta
+from esm2cli.jobs.workload import draw_sequences, fasta_text
+from esm2cli.runtime.engine import build_engine
 
 _STOP = object()
 

@@ -16,12 +16,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from esm2cli.batching import plan_batches
 from esm2cli.config import EmbedConfig, ModelConfig
-from esm2cli.devices import cuda_device_count
-from esm2cli.engine import build_engine
-from esm2cli.model import DTYPES, build_replicas, esm2_config, random_model
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.model.architecture import DTYPES, esm2_config
+from esm2cli.model.load import random_model
+from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.devices import cuda_device_count
+from esm2cli.runtime.engine import build_engine
+from esm2cli.runtime.replica import build_replicas
 
 
 def main() -> None:

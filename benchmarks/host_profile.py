@@ -1,6 +1,6 @@
 """One modeled configuration of the real embed pipeline, for profiling the host (py-spy, cProfile).
 
-Runs esm2cli.pipeline.embed_fasta once on N modeled GPUs over a synthetic FASTA sized to --seconds,
+Runs esm2cli.jobs.pipeline.embed_fasta once on N modeled GPUs over a synthetic FASTA sized to --seconds,
 and prints the host efficiency with the process's CPU time per protein. Profile it with, for example:
 
     pip install py-spy
@@ -18,18 +18,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from esm2cli.bench import _modeled_row, _seconds_per_residue
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig, ModeledGPU
-from esm2cli.engine import build_engine
-from esm2cli.pipeline import embed_fasta
-from esm2cli.workload import draw_sequences, fasta_text
+from esm2cli.jobs.bench import _modeled_row, _seconds_per_residue
+from esm2cli.jobs.pipeline import embed_fasta
+from esm2cli.jobs.workload import draw_sequences, fasta_text
+from esm2cli.runtime.engine import build_engine
 
 
 def _old_checks() -> None:
     """Puts back the FASTA checks as they were before their fast paths (set(seq), per-character headers)."""
     import unicodedata
 
-    from esm2cli import fasta
+    from esm2cli.io import fasta
 
     def normalise(raw: str) -> str:
         seq = raw.translate(fasta._WHITESPACE).translate(fasta._ASCII_UPPER)

@@ -32,11 +32,12 @@ import time
 import torch
 
 from esm2cli.config import DEFAULT_MAX_TOKENS, BatchConfig, EmbedConfig, ModelConfig
-from esm2cli.devices import resolve_devices, resolve_dtype
-from esm2cli.engine import Engine
-from esm2cli.model import build_replicas, load_model
-from esm2cli.mutants import AMINO_ACIDS
-from esm2cli.scoring import pseudo_log_likelihoods
+from esm2cli.jobs.mutants import AMINO_ACIDS
+from esm2cli.jobs.scoring import pseudo_log_likelihoods
+from esm2cli.model.load import load_model
+from esm2cli.runtime.devices import resolve_devices, resolve_dtype
+from esm2cli.runtime.engine import Engine
+from esm2cli.runtime.replica import build_replicas
 
 _CPU_THREADS = torch.get_num_threads()
 

@@ -28,9 +28,9 @@ import time
 import aiohttp
 import httpx
 
-from esm2cli.batching import plan_batches
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.runtime.batching import plan_batches
 
 
 def _free_port() -> int:
@@ -115,7 +115,7 @@ def _measure(args, batching: bool, seqs: list[str]) -> dict:
 
 def _engine_ceiling(args, seqs: list[str]) -> dict:
     """Sequences/s of the engine alone, one sequence per batch and in groups of --clients."""
-    from esm2cli.engine import build_engine
+    from esm2cli.runtime.engine import build_engine
 
     setup = build_engine(ModelConfig(model=args.model, load_format=args.load_format, devices=args.devices,
                                      dtype=args.dtype), EmbedConfig())  # fmt: skip

@@ -29,16 +29,17 @@ from transformers import AutoTokenizer, EsmModel
 
 from benchmarks.fair_esm_reference import extract_mean, fair_esm_model
 from esm2cli import __version__
-from esm2cli.bench import measure_matmul_peak, model_flops
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.fasta import read_records
-from esm2cli.model import esm2_config
-from esm2cli.pipeline import embed_fasta
-from esm2cli.workload import write_fasta
+from esm2cli.io.fasta import read_records
+from esm2cli.jobs.bench import measure_matmul_peak, model_flops
+from esm2cli.jobs.pipeline import embed_fasta
+from esm2cli.jobs.workload import write_fasta
+from esm2cli.model.architecture import esm2_config
 
 
 def _saverandom_model(alias: str, directory: Path) -> str:
-    from esm2cli.model import bundled_tokenizer, random_model
+    from esm2cli.model.architecture import bundled_tokenizer
+    from esm2cli.model.load import random_model
 
     random_model(esm2_config(alias)).save_pretrained(directory)
     bundled_tokenizer().save_pretrained(directory)
@@ -68,7 +69,7 @@ def first_draft(model_dir: str, records: list[tuple[str, str]]) -> tuple[dict, f
 
 def sorted_bf16(model_dir: str, records: list[tuple[str, str]], max_tokens: int = 4096) -> tuple[dict, float]:
     """A plain but sensible loop: sorted by length, token-budget batches, SDPA, bf16 weights."""
-    from esm2cli.batching import plan_batches
+    from esm2cli.runtime.batching import plan_batches
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = EsmModel.from_pretrained(model_dir, add_pooling_layer=False, attn_implementation="sdpa")
@@ -86,7 +87,7 @@ def sorted_bf16(model_dir: str, records: list[tuple[str, str]], max_tokens: int 
 def run_esm2cli(fasta: str, model_dir: str, work: Path, dtype: str, devices: str = "auto") -> tuple[dict, float, str]:
     import pyarrow.parquet as pq
 
-    from esm2cli.writer import read_metadata
+    from esm2cli.io.parquet import read_metadata
 
     out = work / f"esm2cli-{dtype}-{devices}.parquet"
     summary = embed_fasta(

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
 
 _CHILD = r"""
 import json, os, sys, time

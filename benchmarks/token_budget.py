@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from esm2cli.batching import plan_batches
 from esm2cli.config import EmbedConfig, ModelConfig
-from esm2cli.devices import cuda_device_count
-from esm2cli.engine import build_engine
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.devices import cuda_device_count
+from esm2cli.runtime.engine import build_engine
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
 
 
 def write_input(path: Path, count: int, max_length: int, seed: int = 9) -> int:

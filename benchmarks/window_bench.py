@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from esm2cli.bench import model_flops
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.model import ARCHITECTURES
-from esm2cli.pipeline import embed_fasta
-from esm2cli.windows import computed_residues, window_starts
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.bench import model_flops
+from esm2cli.jobs.pipeline import embed_fasta
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.model.architecture import ARCHITECTURES
+from esm2cli.runtime.windows import computed_residues, window_starts
 
 
 def write_input(path: Path, count: int, long_share: float, seed: int) -> list[int]:

@@ -4,7 +4,8 @@
 the command line starts without loading torch.
 """
 
-__version__ = "0.1.0"
+from esm2cli.config import __version__
+
 __all__ = ["Embedder", "__version__"]
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from esm2cli import pipeline
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -32,13 +31,16 @@ from esm2cli.config import (
     ModelConfig,
     ShardConfig,
 )
-from esm2cli.engine import build_engine
 from esm2cli.errors import ConfigError, EngineError, InputError
-from esm2cli.fasta import FastaScan, Record, check_sequence, normalise, read_records, scan_fasta
-from esm2cli.identity import model_identity
-from esm2cli.model import resolve_source
-from esm2cli.windows import check_overlap
-from esm2cli.writer import Chunk, Rows, build_schema, record_batch
+from esm2cli.io.chunks import Chunk
+from esm2cli.io.fasta import FastaScan, check_sequence, normalise, read_records, scan_fasta
+from esm2cli.io.identity import model_identity
+from esm2cli.io.records import Record
+from esm2cli.io.schema import Rows, build_schema, record_batch
+from esm2cli.jobs import pipeline
+from esm2cli.model.architecture import resolve_source
+from esm2cli.runtime.engine import build_engine
+from esm2cli.runtime.windows import check_overlap
 
 LONG_SEQUENCES = ("truncate", "window", "error")
 _DONE = object()
@@ -109,12 +111,10 @@ class Embedder:
             layers=layer_tuple, pooling=pooling, per_token=per_token, truncate=truncate,
             long_sequences=long_sequences, window_overlap=window_overlap,
         )  # fmt: skip
-        self._setup = build_engine(self.model_config, self.embed_config)
+        batch = BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size)
+        self._setup = build_engine(self.model_config, self.embed_config, batch)
         self._setup.engine.start()
-        on_cuda = any(d.is_cuda for d in self._setup.devices)
-        self.batch_config = BatchConfig(
-            batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size
-        ).for_devices(on_cuda)
+        self.batch_config = self._setup.batch
         self._weights: str | None = None  # the weights' identity, hashed once when a table needs it
 
     # What was loaded, for the caller.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+__version__ = "0.1.0"  # the package version (pyproject.toml says the same; a test checks)
+
 DEFAULT_MODEL = "esm2_t33_650M"
 DEFAULT_BATCH_SIZE = 64
 # Padded tokens per batch, by device kind. On the CPU, small batches keep activations in cache and
@@ -93,7 +95,7 @@ class EmbedConfig:
         per_token: Also return the per-residue representations.
         truncate: Residues kept per sequence (W, the window width in window mode).
         long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged), "window" (embedded
-            whole in overlapping windows, see esm2cli.windows) or "error" (invalid records).
+            whole in overlapping windows, see esm2cli.runtime.windows) or "error" (invalid records).
         window_overlap: Residues shared by consecutive windows.
         contacts: Also return contact probabilities from the contact head (which is then loaded).
     """

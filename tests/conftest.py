@@ -41,7 +41,7 @@ def build_tiny_esm2(path, seed: int = 7) -> str:
     """
     from transformers import EsmForMaskedLM
 
-    from esm2cli.model import bundled_tokenizer, esm2_architecture
+    from esm2cli.model.architecture import bundled_tokenizer, esm2_architecture
 
     torch.manual_seed(seed)
     model = EsmForMaskedLM(esm2_architecture(**TINY, initializer_range=0.2))
@@ -104,7 +104,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def proteins() -> list[tuple[str, str]]:
     """Synthetic proteins of realistic lengths (a few over 1022 residues)."""
-    from esm2cli.workload import synthetic_sequences
+    from esm2cli.jobs.workload import synthetic_sequences
 
     return list(synthetic_sequences(40, seed=11, max_length=1200))
 
@@ -135,7 +135,7 @@ class FakeEmbedder:
     def embed_batch(self, seqs):
         import time
 
-        from esm2cli.model import BatchEmbeddings
+        from esm2cli.runtime.replica import BatchEmbeddings
 
         if self.delay:
             time.sleep(self.delay)

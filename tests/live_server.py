@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import uvicorn
 
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
-from esm2cli.engine import build_engine
-from esm2cli.server import create_app
+from esm2cli.runtime.engine import build_engine
+from esm2cli.serve.app import create_app
 
 
 def free_port() -> int:
@@ -23,7 +23,7 @@ def free_port() -> int:
 @contextmanager
 def live_server(app, port: int | None = None):
     """Serves ``app`` on 127.0.0.1 until the block ends, as esm2cli serve does; yields its base URL."""
-    from esm2cli.connections import uvicorn_config
+    from esm2cli.serve.connections import uvicorn_config
 
     port = port or free_port()
     server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port, lifespan="on"))

@@ -11,7 +11,7 @@ from conftest import write_fasta
 from esm2cli import Embedder
 from esm2cli.cli import cli
 from esm2cli.errors import ConfigError, EngineError, FastaError, InputError
-from esm2cli.workload import synthetic_sequences
+from esm2cli.jobs.workload import synthetic_sequences
 from reference import DirectReference
 
 OPTIONS = dict(devices="cpu", dtype="float32")
@@ -75,12 +75,12 @@ def test_embed_fasta_returns_the_cli_table(embedder, fasta, cli_table):
 
 
 def test_embed_fasta_writes_the_cli_file_with_the_loaded_model(embedder, fasta, cli_table, tmp_path, monkeypatch):
-    import esm2cli.pipeline
+    import esm2cli.jobs.pipeline
 
     def no_second_load(*args, **kwargs):
         raise AssertionError("the Embedder's model must be reused, not loaded again")
 
-    monkeypatch.setattr(esm2cli.pipeline, "build_engine", no_second_load)
+    monkeypatch.setattr(esm2cli.jobs.pipeline, "build_engine", no_second_load)
     out = tmp_path / "api.parquet"
     summary = embedder.embed_fasta(fasta, out)
     assert summary.sequences == 30

@@ -192,7 +192,7 @@ def test_network_policy_selects_the_server_and_opens_only_its_port():
 
 
 def test_autoscaler_uses_a_metric_the_server_exports_with_a_cpu_fallback():
-    from esm2cli.metrics import ServerMetrics
+    from esm2cli.serve.metrics import ServerMetrics
 
     hpa = _one("HorizontalPodAutoscaler")["spec"]
     deployment = _one("Deployment")

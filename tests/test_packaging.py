@@ -55,8 +55,8 @@ def test_wheel_builds_without_warnings_and_holds_every_module(tmp_path):
     assert "warning" not in output and "deprecat" not in output, output
     (wheel,) = dist.glob("esm2cli-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {f"esm2cli/{p.name}" for p in (ROOT / "esm2cli").glob("*.py")}
-    assert modules | {"esm2cli/esm_vocab.txt"} <= names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "esm2cli").rglob("*.py")}
+    assert modules | {"esm2cli/model/esm_vocab.txt"} <= names
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
     metadata = zipfile.ZipFile(wheel).read(f"esm2cli-{__version__}.dist-info/METADATA").decode()
     assert "License-Expression: MIT" in metadata and "Project-URL: Repository," in metadata

@@ -1,0 +1,100 @@
+"""What a command shows and how it ends: logging, progress bars, one-line errors, interruption."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+import click
+
+from esm2cli.errors import Esm2Error, Interrupted, exit_code
+
+log = logging.getLogger("esm2cli")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    # Other libraries (botocore, werkzeug, httpx, ...) speak only at WARNING and up unless -vv.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING, format="esm2cli: %(message)s", stream=sys.stderr,
+        force=True,
+    )  # fmt: skip
+    logging.getLogger("esm2cli").setLevel(level)
+    # huggingface_hub prints through a handler of its own; propagating too would print each message twice.
+    logging.getLogger("huggingface_hub").propagate = False
+
+
+def _use_s3_endpoint(url: str | None) -> None:
+    """Hands --s3-endpoint-url to esm2cli.io.storage, which reads it for s3:// URLs."""
+    if url:
+        import os
+
+        os.environ["ESM2CLI_S3_ENDPOINT_URL"] = url
+
+
+class _Refused(click.ClickException):
+    """A domain error the user must fix (bad input, an output in the way): one message, exit 2, no usage text."""
+
+    exit_code = 2
+
+
+def _to_click(exc: Esm2Error) -> click.ClickException:
+    """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise.
+
+    Option values Click itself rejects keep Click's usage text; our own findings (which name the file,
+    record or option) are the message alone.
+    """
+    return _Refused(str(exc)) if exit_code(exc) == 2 else click.ClickException(str(exc))
+
+
+def _progress_factory(quiet: bool, unit: str = "seq"):
+    def factory(total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total,
+            unit=unit,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=True if quiet else None,
+            smoothing=0.1,
+        )
+        state = {"residues": 0}
+
+        def update(sequences: int, residues: int) -> None:
+            state["residues"] += residues
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{state['residues'] / elapsed:,.0f} residues/s", refresh=False)
+            bar.update(sequences)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
+
+    return factory
+
+
+@contextmanager
+def _interruptible(message: str = "interrupted: rerun the same command to resume"):
+    """SIGINT and SIGTERM (a preempted pod) unwind the run: finished chunks stay, the exit is 130 or 143.
+
+    A second signal during that unwinding exits at once: every committed chunk is already safe on disk.
+    """
+    import signal
+
+    def first(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, f: os._exit(128 + s))
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Interrupted as exc:
+        click.echo(message, err=True)
+        sys.exit(128 + exc.signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

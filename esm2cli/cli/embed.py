@@ -1,0 +1,229 @@
+"""esm2cli embed: a FASTA to Parquet or HDF5, resumable, sharded, on every device."""
+
+from __future__ import annotations
+
+import click
+
+from esm2cli.cli.console import _interruptible, _progress_factory, _setup_logging, _to_click, _use_s3_endpoint, log
+from esm2cli.cli.options import embedding_options, log_options, long_sequence_options, max_tokens_option, model_options
+from esm2cli.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMMIT_SECONDS,
+    BatchConfig,
+    EmbedConfig,
+    InputConfig,
+    ModelConfig,
+    ShardConfig,
+)
+from esm2cli.errors import Esm2Error
+
+
+def _device_list(devices: list[str], most: int = 4) -> str:
+    """Names the devices, abbreviated past ``most``: 'cuda:0, cuda:1, ... cuda:7 (8 devices)'."""
+    if len(devices) <= most:
+        return ", ".join(devices)
+    return f"{devices[0]}, {devices[1]}, ... {devices[-1]} ({len(devices)} devices)"
+
+
+def _summary_line(summary, output, shard=None) -> str:
+    from esm2cli.jobs.pipeline import output_target
+
+    target = output_target(output, shard)
+    if summary.already_complete:
+        return f"{target} is already complete (same input content, weights and options): nothing to do"
+    devices = _device_list(summary.devices)
+    notes = [
+        f"{len(summary.skipped)} skipped" if summary.skipped else "",
+        f"{summary.truncated} truncated" if summary.truncated else "",
+        f"{summary.windowed} embedded whole in windows" if summary.windowed else "",
+        f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
+        f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
+        f"{summary.recomputed} changed chunk(s) recomputed" if summary.recomputed else "",
+    ]
+    note = "".join(f", {n}" for n in notes if n)
+    oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
+    return (
+        f"embedded {summary.sequences:,} sequences{note} -> {target} "
+        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}{oom}"
+    )
+
+
+@click.command()
+@click.argument("fasta", envvar="ESM2CLI_INPUT")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    envvar="ESM2CLI_OUTPUT",
+    help="Parquet file to write, or HDF5 for a name ending in .h5 (a path or an fsspec URL such as "
+    "s3://bucket/out.parquet); with --shard-count, the directory or prefix of the parts.",
+)
+@model_options
+@embedding_options
+@long_sequence_options
+@click.option(
+    "--per-token",
+    is_flag=True,
+    envvar="ESM2CLI_PER_TOKEN",
+    help="Also write per-residue embeddings (large: residues x hidden floats per sequence).",
+)
+@click.option(
+    "--contacts",
+    is_flag=True,
+    envvar="ESM2CLI_CONTACTS",
+    help="Also write contact probabilities from the contact head (large: residues x residues floats per sequence).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    envvar="ESM2CLI_BATCH_SIZE",
+    help="Sequences per batch at most.",
+)
+@max_tokens_option
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    envvar="ESM2CLI_SKIP_INVALID",
+    help="Embed the valid records and report the invalid ones instead of stopping.",
+)
+@click.option(
+    "--allow-duplicate-ids",
+    is_flag=True,
+    envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
+    help="Accept records that share an id (each still gets its own row).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an output made by another run; the old file stays until the new one is complete.",
+)
+@click.option(
+    "--shard-index",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar=["ESM2CLI_SHARD_INDEX", "JOB_COMPLETION_INDEX"],
+    help="This process's shard (0-based); read from $JOB_COMPLETION_INDEX in an Indexed Job.",
+)
+@click.option(
+    "--shard-count",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="ESM2CLI_SHARD_COUNT",
+    help="Split the input into this many contiguous shards; OUTPUT is then a directory or prefix.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["auto", "parquet", "h5"]),
+    default="auto",
+    show_default=True,
+    envvar="ESM2CLI_FORMAT",
+    help="auto: HDF5 when OUTPUT ends in .h5 or .hdf5 (needs esm2cli[h5]), else Parquet; the parts' format "
+    "with --shard-count (auto: Parquet).",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    envvar="ESM2CLI_CHUNK_SIZE",
+    help="Records sorted and committed together at most. A chunk is also committed after about "
+    f"{DEFAULT_COMMIT_SECONDS:.0f} s of compute (and 128 MB of embeddings): what an interruption loses.",
+)
+@click.option(
+    "--s3-endpoint-url",
+    envvar="ESM2CLI_S3_ENDPOINT_URL",
+    help="S3-compatible endpoint (MinIO, Ceph) for s3:// URLs; credentials from the AWS variables.",
+)
+@log_options
+def embed(
+    fasta,
+    output,
+    model,
+    load_format,
+    dtype,
+    devices,
+    layers,
+    pooling,
+    truncate,
+    long_sequences,
+    window_overlap,
+    per_token,
+    contacts,
+    batch_size,
+    max_tokens,
+    skip_invalid,
+    allow_duplicate_ids,
+    overwrite,
+    shard_index,
+    shard_count,
+    output_format,
+    chunk_size,
+    s3_endpoint_url,
+    verbose,
+    quiet,
+):
+    """Embed every protein of a FASTA file (plain, .gz, - for stdin, or s3://...) into Parquet.
+
+    One row per protein: id, description, length, truncated, and the pooled embedding of each
+    requested layer (float32). Batches run on one model replica per device.
+
+    Runs are resumable: finished chunks of --chunk-size records are kept, and rerunning the same
+    command after an interruption computes only what is missing. With --shard-count N, this
+    process embeds shard --shard-index (or $JOB_COMPLETION_INDEX) into OUTPUT/part-<i>-of-<N>.parquet.
+
+    \b
+    Examples:
+      esm2cli embed proteins.fasta -o out.parquet
+      esm2cli embed proteins.fa.gz -o out.parquet -m esm2_t12_35M --layers 6,-1
+      zcat big.fa.gz | esm2cli embed - -o out.parquet --devices cuda:0,cuda:1
+      esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
+      esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
+    """
+    # From the first statement: a signal while the heavy imports run exits as cleanly as one mid-run.
+    with _interruptible():
+        _setup_logging(verbose, quiet)
+        from esm2cli.io.hdf5 import is_hdf5
+        from esm2cli.jobs.pipeline import embed_fasta
+
+        _use_s3_endpoint(s3_endpoint_url)
+        shard = None
+        if shard_count is not None:
+            if shard_index is None:
+                raise click.BadParameter("needs --shard-index or $JOB_COMPLETION_INDEX", param_hint="--shard-count")
+            if shard_index >= shard_count:
+                raise click.BadParameter(
+                    f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
+                )
+            suffix = ".h5" if output_format == "h5" else ".parquet"
+            shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
+        elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
+            raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
+        configs = dict(
+            model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
+            embed=EmbedConfig(
+                layers=layers,
+                pooling=pooling,
+                per_token=per_token,
+                truncate=truncate,
+                long_sequences=long_sequences,
+                window_overlap=window_overlap,
+                contacts=contacts,
+            ),  # fmt: skip
+            batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
+            inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
+            shard=shard,
+        )
+        for name, value in configs.items():
+            log.debug("%s: %s", name, value)
+        try:
+            summary = embed_fasta(
+                fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs
+            )
+        except Esm2Error as exc:
+            raise _to_click(exc) from exc
+        if not quiet:
+            click.echo(_summary_line(summary, output, shard), err=True)

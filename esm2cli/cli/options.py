@@ -1,0 +1,215 @@
+"""Options shared by several commands (model, embedding, long sequences, logging, server security)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from esm2cli.config import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TRUNCATE,
+    DEFAULT_WINDOW_OVERLAP,
+    EmbedConfig,
+    ModelConfig,
+    ServeConfig,
+)
+
+
+class LayerList(click.ParamType):
+    """Comma-separated layer indices, such as ``-1`` or ``0,6,-1``."""
+
+    name = "LAYERS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            layers = tuple(int(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not layers:
+            self.fail("name at least one layer", param, ctx)
+        return layers
+
+
+def model_options(func):
+    """Options shared by every command that loads the model: model, load format, dtype, devices."""
+    options = [
+        click.option(
+            "-m",
+            "--model",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            envvar="ESM2CLI_MODEL",
+            help="ESM-2 alias (esm2_t6_8M ... esm2_t48_15B), Hugging Face hub id, or local directory.",
+        ),
+        click.option(
+            "--load-format",
+            type=click.Choice(["auto", "dummy"]),
+            default=ModelConfig.load_format,
+            show_default=True,
+            envvar="ESM2CLI_LOAD_FORMAT",
+            help="dummy: the named architecture with RANDOM weights, no download (demos, benchmarks).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default=ModelConfig.dtype,
+            show_default=True,
+            envvar="ESM2CLI_DTYPE",
+            help="Weights are converted to this once. auto: bfloat16 where the hardware computes it natively "
+            "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. Pooling and output stay float32.",
+        ),
+        click.option(
+            "--devices",
+            default=ModelConfig.devices,
+            show_default=True,
+            envvar="ESM2CLI_DEVICES",
+            help="auto, cpu, a GPU count, a list such as cuda:0,cuda:2, or sim:N for N simulated devices on the CPU.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def embedding_options(func):
+    """Options shared by every command that embeds: layers, pooling, truncation."""
+    options = [
+        click.option(
+            "--layers",
+            type=LayerList(),
+            default=",".join(map(str, EmbedConfig.layers)),
+            show_default=True,
+            envvar="ESM2CLI_LAYERS",
+            help="Layers to return, comma-separated; 0 is the embedding layer, -1 the last.",
+        ),
+        click.option(
+            "--pooling",
+            type=click.Choice(["mean", "bos"]),
+            default=EmbedConfig.pooling,
+            show_default=True,
+            envvar="ESM2CLI_POOLING",
+            help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token.",
+        ),
+        click.option(
+            "--truncate",
+            type=click.IntRange(min=1),
+            default=DEFAULT_TRUNCATE,
+            show_default=True,
+            envvar="ESM2CLI_TRUNCATE",
+            help="Residues kept per sequence; longer ones are truncated and flagged.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def long_sequence_options(func):
+    """--long-sequences and --window-overlap."""
+    func = click.option(
+        "--window-overlap",
+        type=click.IntRange(min=0),
+        default=DEFAULT_WINDOW_OVERLAP,
+        show_default=True,
+        envvar="ESM2CLI_WINDOW_OVERLAP",
+        help="Residues shared by consecutive windows (--long-sequences window).",
+    )(func)
+    return click.option(
+        "--long-sequences",
+        type=click.Choice(["truncate", "window", "error"]),
+        default=EmbedConfig.long_sequences,
+        show_default=True,
+        envvar="ESM2CLI_LONG_SEQUENCES",
+        help="Sequences over --truncate residues: truncate them (flagged), embed them whole in overlapping "
+        "windows of --truncate residues (column 'windows'), or refuse them as invalid records.",
+    )(func)
+
+
+max_tokens_option = click.option(
+    "--max-tokens",
+    type=click.IntRange(min=64),
+    default=None,
+    envvar="ESM2CLI_MAX_TOKENS",
+    help="Padded tokens per batch at most, <cls> and <eos> included. "
+    f"[default: {DEFAULT_MAX_TOKENS['cpu']} on the CPU, {DEFAULT_MAX_TOKENS['cuda']} on GPUs]",
+)
+
+
+def log_options(func):
+    """-v and -q."""
+    func = click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")(func)
+    return click.option("-v", "--verbose", count=True, help="More detail on stderr.")(func)
+
+
+class _ApiKey(click.ParamType):
+    """An API key; ESM2CLI_API_KEYS holds several, comma-separated."""
+
+    name = "KEY"
+    envvar_list_splitter = ","
+
+    def convert(self, value, param, ctx):
+        return value.strip()
+
+
+def serve_security_options(func):
+    """The server's access control and connection bounds."""
+    options = [
+        click.option(
+            "--api-key",
+            "api_keys",
+            type=_ApiKey(),
+            multiple=True,
+            envvar="ESM2CLI_API_KEYS",
+            help="A key clients send as 'Authorization: Bearer KEY' (repeatable; ESM2CLI_API_KEYS: comma-separated). "
+            "Without any key the server answers anyone.",
+        ),
+        click.option(
+            "--api-key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="ESM2CLI_API_KEY_FILE",
+            help="A file of API keys, one a line (# comments); for a Kubernetes Secret.",
+        ),
+        click.option(
+            "--public-metrics",
+            is_flag=True,
+            envvar="ESM2CLI_PUBLIC_METRICS",
+            help="Serve /metrics without a key.",
+        ),
+        click.option(
+            "--public-docs",
+            is_flag=True,
+            envvar="ESM2CLI_PUBLIC_DOCS",
+            help="Serve /docs, /redoc and /openapi.json without a key.",
+        ),
+        click.option(
+            "--header-timeout",
+            type=click.FloatRange(min=0.1),
+            default=ServeConfig.header_timeout_s,
+            show_default=True,
+            envvar="ESM2CLI_HEADER_TIMEOUT",
+            help="Seconds a connection may take to send a request's headers (else 408 and closed).",
+        ),
+        click.option(
+            "--body-timeout",
+            type=click.FloatRange(min=0.1),
+            default=ServeConfig.body_timeout_s,
+            show_default=True,
+            envvar="ESM2CLI_BODY_TIMEOUT",
+            help="Seconds a request body may take to arrive (else 408 and closed).",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(min=1),
+            default=ServeConfig.max_connections,
+            show_default=True,
+            envvar="ESM2CLI_MAX_CONNECTIONS",
+            help="Open connections at most; past it, new ones get 503.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

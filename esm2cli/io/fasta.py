@@ -1,0 +1,221 @@
+"""FASTA input: opening (plain, gzip, stdin), parsing with Biopython, and record checks."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+from esm2cli.errors import FastaError, StorageError
+from esm2cli.io.records import Record, RecordHasher
+from esm2cli.io.storage import open_input
+
+# The residues ESM-2 was trained on: the 20 standard ones plus X (unknown), B, U, Z and O.
+# The ESM vocabulary also has '.' and '-', but those are alignment gaps, not residues.
+RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+_GZIP_MAGIC = b"\x1f\x8b"
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+# Only ASCII is upper-cased: str.upper() would turn 'ß' into 'SS', 'ﬁ' into 'FI' and 'ı' into 'I',
+# silently changing the protein. Other letters stay as they are and are refused by check_sequence.
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Fast paths for the common record (ASCII capitals, all of them residues): deleting the allowed bytes with
+# bytes.translate leaves nothing, in ~0.3 us for a 365-residue protein against ~12 us for set(seq). The
+# checks run twice per record (the scan, then the embed pass) on the thread that feeds every GPU.
+_CAPITALS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_RESIDUE_BYTES = "".join(sorted(RESIDUES)).encode()
+
+
+@dataclass
+class FastaScan:
+    """What a first pass over a FASTA file found."""
+
+    records: int = 0
+    sha256: str = ""
+    valid: int = 0
+    residues: int = 0
+    too_long: int = 0
+    invalid: list[Record] = field(default_factory=list)
+    duplicate_ids: dict[str, int] = field(default_factory=dict)
+
+
+def normalise(raw: str) -> str:
+    """Upper-cases ASCII letters, removes white space and drops one trailing stop codon '*'."""
+    if raw.isascii() and not raw.encode().translate(None, _CAPITALS):
+        return raw  # already capitals only: nothing to change
+    seq = raw.translate(_WHITESPACE).translate(_ASCII_UPPER)
+    return seq[:-1] if seq.endswith("*") else seq
+
+
+def check_sequence(seq: str) -> str | None:
+    """Returns why a normalised sequence cannot be embedded, or None when it can."""
+    if not seq:
+        return "empty sequence"
+    if seq.isascii() and not seq.encode().translate(None, _RESIDUE_BYTES):
+        return None
+    bad = sorted(set(seq) - RESIDUES)
+    if not bad:
+        return None
+    first = min(seq.index(ch) for ch in bad) + 1
+    shown = ", ".join(repr(ch) for ch in bad[:10])
+    return (
+        f"character(s) outside the ESM-2 alphabet: {shown} (first at residue {first}); "
+        f"allowed: {''.join(sorted(RESIDUES))}"
+    )
+
+
+def check_text(text: str, what: str) -> str | None:
+    """Returns why an id or header cannot be kept (a control character other than tab), or None."""
+    if text.isprintable():
+        return None  # no control character and no surrogate ('Other' categories are not printable)
+    for index, ch in enumerate(text):
+        if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cs"):
+            name = "a surrogate" if unicodedata.category(ch) == "Cs" else "a control character"
+            return f"{what} holds {name} (U+{ord(ch):04X} at character {index + 1})"
+    return None
+
+
+def parse_record(title: str, raw_sequence: str, position: int) -> Record:
+    """Builds a checked Record from a FASTA title line (without '>') and its raw sequence."""
+    parts = title.strip().split(None, 1)
+    rec_id = parts[0] if parts else ""
+    description = parts[1] if len(parts) > 1 else ""
+    sequence = normalise(raw_sequence)
+    if not rec_id:
+        problem = "no id (empty header line)"
+    else:
+        problem = check_text(title, "the header") or check_sequence(sequence)
+    return Record(rec_id, description, sequence, position, problem)
+
+
+def _text_stream(raw: BinaryIO) -> TextIO:
+    """Wraps a binary stream as UTF-8 text, gunzipping it when it starts with the gzip magic."""
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    if buffered.peek(2)[:2] == _GZIP_MAGIC:
+        buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
+    # utf-8-sig drops a byte-order mark before the first header (Windows editors write one).
+    return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline=None)
+
+
+def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str]:
+    """Refuses text that does not open with a '>' header: Biopython would skip it silently."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not line.startswith(">"):
+            shown = line.strip()[:40]
+            raise FastaError(f"{source}: line {number} is not a FASTA header (expected '>', found {shown!r})")
+        return itertools.chain([line], lines)
+    return iter(())
+
+
+@contextmanager
+def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
+    """Opens a FASTA file (plain or gzip; a path, an fsspec URL such as s3://..., or '-' for stdin) as text.
+
+    Raises:
+        FastaError: The file does not exist or cannot be read.
+    """
+    if str(source) == "-":
+        yield _text_stream(sys.stdin.buffer)
+        return
+    try:
+        with open_input(source) as raw, _text_stream(raw) as text:
+            yield text
+    except StorageError as exc:
+        raise FastaError(str(exc)) from exc
+
+
+def read_records(source: str | os.PathLike, max_length: int | None = None) -> Iterator[Record]:
+    """Yields every record of a FASTA file in file order, each with its problem (or None).
+
+    Args:
+        source: A path, or '-' for stdin (which can be read once only: see spool_stdin).
+        max_length: Sequences longer than this are invalid (--long-sequences error); None: no limit.
+
+    Raises:
+        FastaError: The file is missing, not UTF-8 text, a broken gzip, or not FASTA.
+    """
+    with open_fasta(source) as text:
+        try:
+            lines = _check_starts_with_header(iter(text), str(source))
+            for position, (title, raw) in enumerate(SimpleFastaParser(lines), start=1):
+                record = parse_record(title, raw, position)
+                if max_length is not None and record.problem is None and len(record.sequence) > max_length:
+                    record.problem = (
+                        f"{len(record.sequence)} residues, longer than {max_length} "
+                        "(--long-sequences error; use truncate or window to embed it)"
+                    )
+                yield record
+        except UnicodeDecodeError as exc:
+            raise FastaError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except (gzip.BadGzipFile, EOFError, OSError) as exc:
+            raise FastaError(f"{source}: cannot read ({exc})") from exc
+
+
+def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_length: int | None = None) -> FastaScan:
+    """Reads a whole FASTA file once to count, check and find duplicate ids before any compute.
+
+    Args:
+        source: A path (not stdin: spool it first).
+        truncate: Residues counted per sequence at most, for progress estimates.
+        max_length: Sequences longer than this are invalid (see read_records).
+
+    Returns:
+        The counts, the content hash of every record, the invalid records and the ids seen more
+        than once (with their counts).
+    """
+
+    scan = FastaScan()
+    hasher = RecordHasher()
+    seen: set[str] = set()
+    for record in read_records(source, max_length):
+        scan.records += 1
+        hasher.update(record)
+        if record.problem:
+            scan.invalid.append(record)
+            continue
+        scan.valid += 1
+        scan.residues += min(len(record.sequence), truncate or len(record.sequence))
+        scan.too_long += truncate is not None and len(record.sequence) > truncate
+        if record.id in seen:
+            scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
+        seen.add(record.id)
+    scan.sha256 = hasher.hexdigest()
+    return scan
+
+
+def spool_stdin(directory: str | None = None) -> Path:
+    """Copies stdin to a temporary file so that it can be read twice; the caller deletes it."""
+    fd, name = tempfile.mkstemp(prefix="esm2cli-stdin-", suffix=".fasta", dir=directory)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out, length=1 << 20)
+    return Path(name)
+
+
+def describe_invalid(records: list[Record], limit: int = 20) -> str:
+    """Formats invalid records as one line each (at most ``limit``) for the user."""
+    lines = [f"{rec.label()}: {rec.problem}" for rec in records[:limit]]
+    if len(records) > limit:
+        lines.append(f"... and {len(records) - limit} more invalid records")
+    return "\n".join(lines)
+
+
+def describe_duplicates(duplicate_ids: dict[str, int], limit: int = 20) -> str:
+    """Formats duplicate ids as one line each (at most ``limit``) for the user."""
+    items = list(duplicate_ids.items())
+    lines = [f"duplicate id '{rec_id}' ({count} records)" for rec_id, count in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"... and {len(items) - limit} more duplicate ids")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The columns of an output: the Arrow schema, its metadata and the record batches of rows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"esm2cli"
+ROW_GROUP_BYTES = 32 << 20  # embeddings per row group at most: bounds what a reader or the merge holds
+
+
+@dataclass
+class Rows:
+    """Embedded sequences ready to be written, in output order."""
+
+    ids: list[str]
+    descriptions: list[str]
+    lengths: list[int]
+    truncated: list[bool]
+    pooled: dict[int, np.ndarray]
+    per_token: dict[int, list[np.ndarray]]
+    windows: list[int] | None = None  # windows each protein was embedded in (None: one each)
+    contacts: list[np.ndarray] | None = None  # (residues, residues) contact probabilities, with --contacts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def embedding_columns(layers: Sequence[int], prefix: str) -> dict[int, str]:
+    """Column name per layer: ``prefix`` alone for one layer, ``prefix_l<layer>`` for several."""
+    if len(layers) == 1:
+        return {layers[0]: prefix}
+    return {layer: f"{prefix}_l{layer}" for layer in layers}
+
+
+def build_schema(
+    hidden: int, layers: Sequence[int], per_token: bool, metadata: dict, contacts: bool = False
+) -> pa.Schema:
+    """The output schema, with the run's metadata (model, layers, pooling, dtype, version) attached.
+
+    With ``contacts``, a ``contacts`` column holds each protein's L x L contact probabilities as L lists
+    of L float32 values (row i: residue i against every residue); ``np.array(value.as_py())`` is the matrix.
+    """
+    vector = pa.list_(pa.float32(), hidden)
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("description", pa.string(), nullable=False),
+        pa.field("length", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("windows", pa.int32(), nullable=False),
+    ]
+    fields += [pa.field(name, vector, nullable=False) for name in embedding_columns(layers, "embedding").values()]
+    if per_token:
+        fields += [
+            pa.field(name, pa.list_(vector), nullable=False) for name in embedding_columns(layers, "per_token").values()
+        ]
+    if contacts:
+        fields.append(pa.field("contacts", pa.list_(pa.list_(pa.float32())), nullable=False))
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def _vectors(matrix: np.ndarray, hidden: int) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, hidden)
+
+
+def _token_lists(arrays: list[np.ndarray], hidden: int) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    stacked = np.concatenate(arrays) if arrays else np.zeros((0, hidden), np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), _vectors(stacked, hidden))
+
+
+def _contact_lists(maps: list[np.ndarray]) -> pa.Array:
+    """(L, L) matrices as list<list<float32>>: L rows of L values each."""
+    sizes = np.array([len(m) for m in maps], dtype=np.int64)
+    outer = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    inner = np.concatenate([[0], np.cumsum(np.repeat(sizes, sizes))]).astype(np.int32)
+    flat = np.concatenate([m.reshape(-1) for m in maps]) if maps else np.zeros(0, np.float32)
+    rows = pa.ListArray.from_arrays(pa.array(inner), pa.array(flat.astype(np.float32, copy=False)))
+    return pa.ListArray.from_arrays(pa.array(outer), rows)
+
+
+def _slices(rows: Rows, hidden: int, limit: int) -> list[tuple[int, int]]:
+    """Cuts rows into runs of at most ``limit`` bytes of embeddings (at least one row each)."""
+    per_row = [4 * hidden * len(rows.pooled)] * len(rows)
+    for arrays in [*rows.per_token.values(), rows.contacts or []]:
+        for i, array in enumerate(arrays):
+            per_row[i] += array.nbytes
+    cuts, start, size = [], 0, 0
+    for i, nbytes in enumerate(per_row):
+        if i > start and size + nbytes > limit:
+            cuts.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    return cuts + [(start, len(rows))] if len(rows) else cuts
+
+
+def record_batch(
+    rows: Rows, schema: pa.Schema, hidden: int, layers: Sequence[int], start: int = 0, stop: int | None = None
+) -> pa.RecordBatch:
+    """Rows ``start:stop`` as an Arrow record batch of ``schema`` (build_schema's for these layers)."""
+    stop = len(rows) if stop is None else stop
+    columns = {
+        "id": pa.array(rows.ids[start:stop], pa.string()),
+        "description": pa.array(rows.descriptions[start:stop], pa.string()),
+        "length": pa.array(rows.lengths[start:stop], pa.int32()),
+        "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
+        "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
+    }
+    for layer, name in embedding_columns(layers, "embedding").items():
+        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden)
+    if rows.per_token:
+        for layer, name in embedding_columns(layers, "per_token").items():
+            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden)
+    if rows.contacts is not None:
+        columns["contacts"] = _contact_lists(rows.contacts[start:stop])
+    return pa.RecordBatch.from_pydict(columns, schema=schema)

@@ -1,0 +1,574 @@
+"""The embed job as a library: FASTA -> checks -> sorted batches -> Engine -> Parquet, in input order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from esm2cli.config import (
+    FIRST_CHUNK_RESIDUES,
+    BatchConfig,
+    EmbedConfig,
+    InputConfig,
+    ModelConfig,
+    ShardConfig,
+    __version__,
+)
+from esm2cli.errors import ConfigError, FastaError, Interrupted, OutputExistsError
+from esm2cli.io import hdf5, storage
+from esm2cli.io.chunks import Chunk, ChunkStore
+from esm2cli.io.fasta import FastaScan, describe_duplicates, describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.io.identity import describe_changes, model_identity, same_file, stdin_is
+from esm2cli.io.lock import OutputLock
+from esm2cli.io.parquet import BackgroundWriter, read_metadata
+from esm2cli.io.records import Record, hash_records
+from esm2cli.io.schema import Rows, build_schema
+from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
+from esm2cli.runtime.replica import BatchEmbeddings
+from esm2cli.runtime.windows import (
+    WINDOW_RULE,
+    check_overlap,
+    computed_residues,
+    stitch_pooled,
+    stitch_tokens,
+    window_starts,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (sequences, residues) just finished
+
+
+class ChunkSink(Protocol):
+    def write(self, chunk: Chunk, rows: Rows) -> None: ...
+
+    def discard(self, chunk: Chunk) -> None: ...
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did, for the closing line."""
+
+    sequences: int = 0
+    residues: int = 0
+    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0
+    windowed: int = 0
+    deduplicated: int = 0
+    resumed: int = 0
+    recomputed: int = 0
+    already_complete: bool = False
+    oom_splits: int = 0
+    seconds: float = 0.0
+    devices: list[str] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def residues_per_s(self) -> float:
+        return self.residues / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _ChunkWork:
+    """The valid records of one chunk, embedded together; written once every item is back.
+
+    Each record becomes one item (its sequence, truncated) or, for a long protein in window mode,
+    one item per window. Identical items are embedded once: ``items`` holds each distinct sequence,
+    ``parts[row]`` the items a row is made of, and ``starts[row]`` where its windows start (None
+    for a record that is one item).
+    """
+
+    chunk: Chunk
+    records: list[Record]
+    embed: EmbedConfig
+    items: list[str]
+    parts: list[list[int]]
+    starts: list[list[int] | None]
+    windowed: set[int]
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)
+    tokens: dict[int, list] = field(default_factory=dict)
+    contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
+    missing: int = 0
+    owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
+    row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
+
+    @classmethod
+    def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> _ChunkWork:
+        index: dict[str, int] = {}
+        parts: list[list[int]] = []
+        starts: list[list[int] | None] = []
+        windowed: set[int] = set()
+
+        def item(seq: str) -> int:
+            return index.setdefault(seq, len(index))
+
+        for record in records:
+            seq, width = record.sequence, embed.truncate
+            if embed.long_sequences == "window" and len(seq) > width:
+                begins = window_starts(len(seq), width, embed.window_overlap)
+                ids = [item(seq[b : b + width]) for b in begins]
+                windowed.update(ids)
+                parts.append(ids)
+                starts.append(begins)
+            else:
+                parts.append([item(seq[:width])])
+                starts.append(None)
+        work = cls(chunk, records, embed, list(index), parts, starts, windowed, missing=len(index))
+        work.owners = [[] for _ in index]
+        for row, ids in enumerate(parts):
+            for i in ids:
+                work.owners[i].append(row)
+        work.row_missing = [len(set(ids)) for ids in parts]
+        return work
+
+    def truncated_flags(self) -> list[bool]:
+        """Per row: truncated (longer than the window, and not embedded in windows)."""
+        width = self.embed.truncate
+        return [s is None and len(r.sequence) > width for r, s in zip(self.records, self.starts, strict=True)]
+
+    @property
+    def windowed_records(self) -> int:
+        return sum(s is not None for s in self.starts)
+
+    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
+        """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
+        for layer, matrix in result.pooled.items():
+            if layer not in self.pooled:
+                self.pooled[layer] = np.empty((len(self.items), matrix.shape[1]), dtype=np.float32)
+            self.pooled[layer][items] = matrix
+        for layer, arrays in result.per_token.items():
+            slots = self.tokens.setdefault(layer, [None] * len(self.items))
+            for i, array in zip(items, arrays, strict=True):
+                if self.embed.per_token or i in self.windowed:
+                    slots[i] = array
+        self.contacts.update(zip(items, result.contacts, strict=False))
+        self.missing -= len(items)
+        done = residues = 0
+        for i in items:
+            residues += len(self.items[i]) * len(self.owners[i])
+            for row in set(self.owners[i]):
+                self.row_missing[row] -= 1
+                done += self.row_missing[row] == 0
+        return done, residues
+
+    def rows(self) -> Rows:
+        recs, embed = self.records, self.embed
+        pooled = {layer: np.empty((len(recs), m.shape[1]), np.float32) for layer, m in self.pooled.items()}
+        per_token: dict[int, list] = {layer: [] for layer in self.pooled} if embed.per_token else {}
+        for row, (ids, begins) in enumerate(zip(self.parts, self.starts, strict=True)):
+            for layer, matrix in self.pooled.items():
+                if begins is None:
+                    pooled[layer][row] = matrix[ids[0]]
+                    if embed.per_token:
+                        per_token[layer].append(self.tokens[layer][ids[0]])
+                    continue
+                stitched = stitch_tokens(len(recs[row].sequence), begins, [self.tokens[layer][i] for i in ids])
+                pooled[layer][row] = stitch_pooled(embed.pooling, stitched, [matrix[i] for i in ids])
+                if embed.per_token:
+                    per_token[layer].append(stitched)
+        return Rows(
+            ids=[r.id for r in recs],
+            descriptions=[r.description for r in recs],
+            lengths=[len(r.sequence) for r in recs],
+            truncated=self.truncated_flags(),
+            pooled=pooled,
+            per_token=per_token,
+            windows=[len(ids) for ids in self.parts],
+            contacts=[self.contacts[ids[0]] for ids in self.parts] if embed.contacts else None,
+        )
+
+
+class ChunkLimit:
+    """When to close a chunk: at ``chunk_size`` records, about ``commit_seconds`` of compute, or ``chunk_bytes``.
+
+    The compute bound is kept in residues and follows the speed measured so far, so that an
+    interruption loses about ``commit_seconds`` of work on any device.
+    """
+
+    def __init__(self, batch: BatchConfig, bytes_per_residue: int = 0, bytes_per_record: int = 0):
+        self.batch = batch
+        self.bytes_per_residue = bytes_per_residue
+        self.bytes_per_record = bytes_per_record
+        self.residues = FIRST_CHUNK_RESIDUES
+
+    def full(self, records: int, residues: int) -> bool:
+        nbytes = records * self.bytes_per_record + residues * self.bytes_per_residue
+        return records >= self.batch.chunk_size or residues >= self.residues or nbytes >= self.batch.chunk_bytes
+
+    def observe(self, residues: int, seconds: float) -> None:
+        """Resizes the next chunks from the residues computed in ``seconds`` of this run."""
+        if residues and seconds > 0:
+            self.residues = max(FIRST_CHUNK_RESIDUES, int(residues / seconds * self.batch.commit_seconds))
+
+
+def split_chunks(
+    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, embed: EmbedConfig
+) -> Iterator[tuple[int, int, list[Record], Chunk | None]]:
+    """Cuts records (in file order) into chunks: (start, stop, records, the earlier chunk at that place or None).
+
+    Where an earlier run committed a chunk, the records it covered are gathered again so that the
+    caller can compare their hash; new chunks never reach into an earlier chunk's start.
+    """
+    buf: list[Record] = []
+    start = residues = 0
+    reuse: Chunk | None = None
+    for record in records:
+        index = record.position - 1
+        if reuse is None and index in earlier:
+            if buf:
+                yield start, index, buf, None
+            buf, start, residues, reuse = [], index, 0, earlier[index]
+        if not buf:
+            start = index
+        buf.append(record)
+        residues += computed_residues(len(record.sequence), embed)
+        if reuse is not None:
+            if index + 1 == reuse.stop:
+                yield start, index + 1, buf, reuse
+                buf, residues, reuse = [], 0, None
+        elif limit.full(len(buf), residues):
+            yield start, index + 1, buf, None
+            buf, residues = [], 0
+    if buf:  # an earlier chunk that now runs past the input's end is not reused
+        yield start, buf[-1].position, buf, None
+
+
+def embed_records(
+    records: Iterable[Record],
+    engine: Engine,
+    sink: ChunkSink,
+    batch: BatchConfig,
+    embed: EmbedConfig,
+    progress: ProgressFn | None = None,
+    earlier: dict[int, Chunk] | None = None,
+    limit: ChunkLimit | None = None,
+) -> EmbedSummary:
+    """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
+
+    Records are cut into chunks (see ChunkLimit); identical sequences in a chunk are embedded
+    once; the distinct ones are sorted by length inside the chunk, cut into batches by token
+    budget and submitted; results are put back in input order by row index. Invalid records
+    (``problem`` set) belong to their chunk but get no row.
+
+    Args:
+        records: Records in file order (invalid ones are skipped).
+        engine: A started engine.
+        sink: Where each chunk's rows go (a ChunkStore, or a BackgroundWriter in front of one).
+        batch: Batch size, token budget and chunk bounds.
+        embed: Truncation, window rule and whether per-token vectors are kept.
+        progress: Called with (sequences, residues) as each batch completes.
+        earlier: Chunks committed by an earlier run, by start: reused when their records hash the same.
+        limit: When to close a chunk (default: from ``batch``).
+
+    Returns:
+        Counts for the summary line, and the chunks that make the output, in order (seconds and
+        devices are filled by the caller).
+
+    Raises:
+        Exception: The first error a batch raised; later batches are not waited for.
+    """
+    summary = EmbedSummary()
+    limit = limit or ChunkLimit(batch)
+    pending: deque[tuple[_ChunkWork, list[int], Future]] = deque()
+    clock = {"start": None}
+
+    def settle(block: bool) -> None:
+        while pending and (block or pending[0][2].done()):
+            work, items, future = pending.popleft()
+            rows, residues = work.fill(items, future.result())
+            summary.sequences += rows
+            summary.residues += residues
+            limit.observe(summary.residues, time.perf_counter() - clock["start"])
+            if work.missing == 0:  # batches settle in submission order, so chunks finish in order
+                sink.write(work.chunk, work.rows())
+            if progress:
+                progress(rows, residues)
+
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed):
+        chunk = Chunk(start, stop, hash_records(chunk_records))
+        valid = [r for r in chunk_records if r.problem is None]
+        summary.chunks.append(chunk)
+        if old is not None:
+            if old == chunk:
+                summary.resumed += len(valid)
+                if progress:
+                    progress(len(valid), 0)
+                continue
+            summary.recomputed += 1
+            sink.discard(old)
+        work = _ChunkWork.of(chunk, valid, embed)
+        summary.truncated += sum(work.truncated_flags())
+        summary.windowed += work.windowed_records
+        summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
+        if not work.items:
+            sink.write(chunk, work.rows())
+            continue
+        for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
+            clock["start"] = clock["start"] or time.perf_counter()
+            options = {"per_token": True} if not embed.per_token and work.windowed.intersection(items) else {}
+            pending.append((work, items, engine.submit([work.items[i] for i in items], **options)))
+            settle(block=False)
+    settle(block=True)
+    return summary
+
+
+@contextmanager
+def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
+    """Yields a path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
+    if str(fasta) != "-":
+        yield str(fasta)
+        return
+    spooled = spool_stdin()
+    try:
+        yield str(spooled)
+    finally:
+        spooled.unlink(missing_ok=True)
+
+
+def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
+    """Stops the run before any compute when the input holds records it cannot embed.
+
+    Raises:
+        FastaError: Invalid records (without skip_invalid), duplicate ids (without
+            allow_duplicate_ids), or nothing left to embed. The message names the records.
+    """
+    if scan.invalid and not inputs.skip_invalid:
+        raise FastaError(
+            f"{fasta}: {len(scan.invalid)} of {scan.records} records cannot be embedded "
+            f"(use --skip-invalid to embed the others):\n{describe_invalid(scan.invalid)}"
+        )
+    if scan.duplicate_ids and not inputs.allow_duplicate_ids:
+        raise FastaError(
+            f"{fasta}: {len(scan.duplicate_ids)} id(s) occur more than once "
+            f"(use --allow-duplicate-ids to keep them all):\n{describe_duplicates(scan.duplicate_ids)}"
+        )
+    if scan.valid == 0:
+        raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
+
+
+def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
+                 shard: ShardConfig) -> dict:  # fmt: skip
+    """What decides a run's numbers: the input's content, the weights, and every option that changes them.
+
+    Devices, batch sizes and token budgets are left out: they change the numbers only by rounding.
+    """
+    return {
+        "input_sha256": scan.sha256, "input_records": scan.records, "model_identity": model_identity,
+        "dtype": dtype, "layers": list(embed.layers), "pooling": embed.pooling, "per_token": embed.per_token,
+        "truncate": embed.truncate, "skip_invalid": inputs.skip_invalid, "shard": [shard.index, shard.count],
+        "long_sequences": embed.long_sequences,
+        "window_overlap": embed.window_overlap if embed.long_sequences == "window" else None,
+        **({"contacts": True} if embed.contacts else {}),
+    }  # fmt: skip
+
+
+def chunk_options(identity: dict) -> dict:
+    """The identity without the input: committed chunks of other options are never reused."""
+    return {k: v for k, v in identity.items() if not k.startswith("input_")}
+
+
+def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: EngineSetup, identity: dict) -> dict:
+    """What the output file records about how it was made."""
+    return {
+        "model": model.model,
+        "model_source": setup.model.source,
+        "random_weights": setup.model.dummy,
+        "layers": list(setup.layers),
+        "pooling": embed.pooling,
+        "dtype": setup.dtype,
+        "truncate": embed.truncate,
+        "long_sequences": embed.long_sequences,
+        **(
+            {"window": {"width": embed.truncate, "overlap": embed.window_overlap, "rule": WINDOW_RULE}}
+            if embed.long_sequences == "window"
+            else {}
+        ),  # fmt: skip
+        "input": fasta,
+        "esm2cli_version": __version__,
+        "identity": identity,
+    }
+
+
+def output_target(output: str | os.PathLike, shard: ShardConfig | None) -> str:
+    """The file this run writes: ``output`` itself, or ``<output>/part-<i>-of-<n>.parquet`` for a shard."""
+    return storage.join(output, shard.part_name()) if shard else str(output)
+
+
+def check_target(fasta: str, target: str, shard: ShardConfig | None) -> None:
+    """Refuses, before anything is touched, an output that is the input or an existing directory.
+
+    Raises:
+        ConfigError: The output names the input file, or a directory where a file is expected.
+    """
+    if same_file(fasta, target) or (fasta == "-" and stdin_is(target)):
+        raise ConfigError(f"{target} is the input file: name another output")
+    if not storage.is_url(target) and os.path.isdir(target):
+        hint = "" if shard else " (or add --shard-count to write parts into it)"
+        raise ConfigError(f"{target} is a directory: name a file{hint}")
+
+
+def is_complete(target: str, identity: dict, overwrite: bool) -> bool:
+    """True when the target already holds this very run's output.
+
+    Raises:
+        OutputExistsError: Another output is there and overwrite is False; the message names what differs.
+    """
+    if not storage.exists(target):
+        return False
+    metadata = read_metadata(target)
+    if metadata.get("identity") == identity:
+        return True
+    if overwrite:
+        return False  # replaced, atomically, once the new output is complete
+    if not metadata:
+        raise OutputExistsError(f"{target} already exists and is not esm2cli output (add --overwrite to replace it)")
+    changes = describe_changes(metadata.get("identity") or {}, identity)
+    raise OutputExistsError(
+        f"{target} already exists, made by another run ({'; '.join(changes)}): add --overwrite to replace it"
+    )
+
+
+def embed_fasta(
+    fasta: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: ModelConfig,
+    embed: EmbedConfig,
+    batch: BatchConfig,
+    inputs: InputConfig,
+    shard: ShardConfig | None = None,
+    overwrite: bool = False,
+    progress_factory: Callable[[int], ProgressFn] | None = None,
+    setup: EngineSetup | None = None,
+) -> EmbedSummary:
+    """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
+
+    The work is resumable: chunks of records are committed as files of their own (every
+    ``batch.chunk_size`` records, or about ``batch.commit_seconds`` of compute), and a rerun reuses
+    a chunk only when the records it covers hash the same and the options are the same; the chunks
+    are merged into the output at the end, which replaces any earlier output atomically. An output
+    that this same run (same input content, weights and options) already completed is left as it is.
+
+    Args:
+        fasta: A path, an fsspec URL (s3://...), or '-' for stdin.
+        output: The Parquet file; or, with ``shard``, the directory or prefix of the parts.
+        model, embed, batch, inputs: The run's configuration.
+        shard: Embed only this shard's contiguous slice of the records, into its part file.
+        overwrite: Replace an existing output of another run (and discard unfinished work of other options).
+        progress_factory: Given the number of sequences to embed, returns the per-batch callback.
+        setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        FastaError: The input is unreadable or holds records that cannot be embedded.
+        ModelLoadError, DeviceError, ConfigError: The model, devices or output are unusable.
+        OutputExistsError: The output exists (from another run) and overwrite is False.
+        OutputLockedError: Another live run writes the same output.
+        OutputError, StorageError: The output cannot be written.
+        EngineError: A replica failed.
+    """
+    from esm2cli.model.architecture import resolve_source
+
+    shard_cfg = shard or ShardConfig()
+    target = output_target(output, shard)
+    check_target(str(fasta), target, shard)
+    if embed.long_sequences == "window":  # the overlap means nothing to the other modes
+        check_overlap(embed.truncate, embed.window_overlap)
+    if embed.contacts and embed.long_sequences == "window":
+        raise ConfigError("--contacts needs each protein in one window: use --long-sequences truncate or error")
+    with OutputLock(target), readable_source(fasta) as source:
+        scan = scan_fasta(source, embed.truncate, embed.max_length)
+        check_scan(scan, str(fasta), inputs)
+        if hdf5.is_hdf5(target):
+            hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
+        placement = setup_placement(setup) if setup is not None else resolve_placement(model)
+        dtype = placement.dtype
+        model = replace(model, dtype=dtype)
+        weights = model_identity(resolve_source(model.model), model.load_format)
+        if weights is not None and is_complete(target, run_identity(scan, weights, dtype, embed, inputs, shard_cfg),
+                                               overwrite):  # fmt: skip
+            return EmbedSummary(already_complete=True)
+        owned = setup is None
+        setup = build_engine(model, embed, batch, placement=placement) if owned else setup
+        if weights is None:  # a hub model that was not cached before loading
+            weights = model_identity(setup.model.source, model.load_format) or f"unresolved:{setup.model.source}"
+        identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg)
+        if is_complete(target, identity, overwrite):
+            return EmbedSummary(already_complete=True)
+        return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,
+                           overwrite, progress_factory, owned)  # fmt: skip
+
+
+def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batch, inputs, shard, overwrite,
+                progress_factory, owned=True) -> EmbedSummary:  # fmt: skip
+    """The compute of embed_fasta, once the output is known to need it."""
+    start_pos, stop_pos = (shard or ShardConfig()).range(scan.records)
+    invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
+    todo = (stop_pos - start_pos) - len(invalid)
+    if shard:
+        log.info("shard %d of %d: records %d..%d (%d to embed)", shard.index, shard.count, start_pos + 1, stop_pos,
+                 todo)  # fmt: skip
+    if invalid:
+        log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
+    if scan.too_long and embed.long_sequences == "truncate":
+        log.warning("sequences longer than %d residues are truncated (column 'truncated')", embed.truncate)
+    elif scan.too_long and embed.long_sequences == "window":
+        log.info("%d sequence(s) longer than %d residues are embedded whole, in windows overlapping by %d",
+                 scan.too_long, embed.truncate, embed.window_overlap)  # fmt: skip
+    batch = setup.batch  # the budget build_engine decided for these devices (the caller's batch went into it)
+    hidden, layers = setup.model.hidden_size, setup.layers
+    metadata = run_metadata(fasta, model, embed, setup, identity)
+    schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts)
+    chunks = ChunkStore(target, schema, hidden, layers, chunk_options(identity))
+    earlier = chunks.open(overwrite)
+    if earlier:
+        log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
+    per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
+    limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
+    writer = BackgroundWriter(chunks)
+    progress = progress_factory(todo) if progress_factory else None
+    start = time.perf_counter()
+    try:
+        with setup.engine if owned else nullcontext(setup.engine) as engine:
+            mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
+            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit)
+            summary.oom_splits = engine.oom_splits()
+        writer.finish()
+    except Interrupted:
+        _keep_finished(writer)
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    if summary.recomputed:
+        log.warning("%d chunk(s) of an earlier run no longer match the input: recomputed", summary.recomputed)
+    chunks.commit(summary.chunks, todo)
+    summary.seconds = time.perf_counter() - start
+    summary.skipped = [rec.id or f"#{rec.position}" for rec in invalid]
+    summary.devices = [d.name for d in setup.devices]
+    return summary
+
+
+def _keep_finished(writer: BackgroundWriter) -> None:
+    """On an interruption, lets the chunks already complete reach the disk (they are the rerun's head start)."""
+    try:
+        writer.finish()
+    except Exception:  # the chunk being written when the signal came is dropped; the rest are safe
+        writer.abort()
+
+
+def setup_placement(setup: EngineSetup) -> Placement:
+    """The devices and dtype an engine built earlier (the Python API's) runs with."""
+    return Placement(setup.devices, setup.dtype)

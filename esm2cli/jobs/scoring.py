@@ -1,0 +1,531 @@
+"""The score job: pseudo-log-likelihoods and mutant scores from ESM-2's masked-LM head, over the Engine.
+
+Every score reads a log-probability vector at one position of one protein, from an input that is
+either the protein's window with that position masked (pseudo-log-likelihood, masked marginal) or the
+window unmasked (wild-type marginal). Those inputs are the unit of work: the distinct ones are collected,
+sorted by length and cut into batches under the token budget like any embedding batch, and run on
+every replica; an input asked for by many mutants (every mutant at one position, identical proteins)
+is computed once. A position of a protein longer than the window is read from the window of ``window``
+residues that centres it, clamped to the protein's ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConfig, ScoreConfig, __version__
+from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
+from esm2cli.io import storage
+from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.io.identity import same_file
+from esm2cli.io.records import Record
+from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
+from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.engine import Engine, build_engine
+
+log = logging.getLogger(__name__)
+
+MODES = ("pll", "mutations", "all-substitutions")
+METHODS = ("masked-marginal", "wt-marginal")
+CHUNK_POSITIONS = 1 << 15  # positions planned, computed and released together: bounds memory on any input
+ROW_GROUP_ROWS = 1 << 16
+METADATA_KEY = b"esm2cli"
+
+ProgressFn = Callable[[int, int], None]  # (positions scored, residues computed) just finished
+
+
+def window_start(position: int, length: int, window: int) -> int:
+    """The 0-based start of the window of ``window`` residues that centres ``position``, clamped to the protein.
+
+    Args:
+        position: 0-based residue position.
+        length: Residues in the protein.
+        window: Residues a window holds.
+    """
+    if length <= window:
+        return 0
+    return min(max(position - window // 2, 0), length - window)
+
+
+@dataclass
+class _Inputs:
+    """The distinct LM inputs of a chunk; each is computed once, however many positions read it.
+
+    An input is a window with one position masked (read there) or unmasked (read at every position
+    that uses it); only the positions read come back from the replica, and only they are kept.
+    """
+
+    index: dict[tuple[str, int | None], int] = field(default_factory=dict)
+    items: list[tuple[str, int | None]] = field(default_factory=list)
+    reads: list[dict[int, int]] = field(default_factory=list)  # per input: position read -> row of its result
+    uses: list[int] = field(default_factory=list)  # per input: the protein positions that read it, for progress
+
+    def add(self, window_seq: str, masked: int | None, position: int) -> tuple[int, int]:
+        """Registers a read of ``position`` (0-based, in the window); returns (input, row of its result)."""
+        key = (window_seq, masked)
+        i = self.index.get(key)
+        if i is None:
+            i = self.index[key] = len(self.items)
+            self.items.append(key)
+            self.reads.append({})
+            self.uses.append(0)
+        self.uses[i] += 1
+        rows = self.reads[i]
+        return i, rows.setdefault(position, len(rows))
+
+    def item(self, i: int) -> tuple[str, int | None, list[int]]:
+        """What a replica's lm_log_probs takes for input i: (sequence, masked, positions read)."""
+        seq, masked = self.items[i]
+        return seq, masked, list(self.reads[i])
+
+
+@dataclass
+class _Protein:
+    """One protein of a chunk: the positions it needs (0-based) and where each is read from."""
+
+    record: Record
+    positions: list[int]
+    reads: list[tuple[int, int]] = field(default_factory=list)  # (input, row of that input's result)
+    key: int = -1  # mutations mode: the protein's index in the MutantTable
+
+    def plan(self, inputs: _Inputs, window: int, masked: bool) -> None:
+        seq = self.record.sequence
+        for pos in self.positions:
+            start = window_start(pos, len(seq), window)
+            at = pos - start
+            self.reads.append(inputs.add(seq[start : start + window], at if masked else None, at))
+
+
+@dataclass
+class _Chunk:
+    proteins: list[_Protein]
+    inputs: _Inputs
+    results: list = field(default_factory=list)
+    missing: int = 0
+
+    def log_probs(self, protein: _Protein) -> np.ndarray:
+        """(positions, vocabulary) log-probabilities at the protein's positions, in its order."""
+        return np.stack([self.results[i][row] for i, row in protein.reads])
+
+
+def log_prob_chunks(
+    engine: Engine,
+    chunks: Iterable[list[_Protein]],
+    batch: BatchConfig,
+    window: int,
+    masked: bool,
+    progress: ProgressFn | None = None,
+) -> Iterator[_Chunk]:
+    """Computes the log-probabilities every protein of every chunk needs; yields chunks in order as they finish.
+
+    Batches of one chunk are submitted while the earlier chunks' batches are still running, so the
+    replicas do not wait at chunk boundaries; the engine's bounded queues hold the submission back.
+
+    Raises:
+        Exception: The first error a batch raised.
+    """
+    pending: deque[tuple[_Chunk, list[int], object]] = deque()
+
+    def settle(block: bool) -> Iterator[_Chunk]:
+        while pending and (block or pending[0][2].done()):
+            chunk, indices, future = pending.popleft()
+            for i, result in zip(indices, future.result(), strict=True):
+                chunk.results[i] = result
+            chunk.missing -= len(indices)
+            if progress:
+                inputs = chunk.inputs
+                progress(sum(inputs.uses[i] for i in indices), sum(len(inputs.items[i][0]) for i in indices))
+            if chunk.missing == 0:  # batches settle in submission order, so chunks finish in order
+                yield chunk
+
+    for proteins in chunks:
+        inputs = _Inputs()
+        for protein in proteins:
+            protein.plan(inputs, window, masked)
+        chunk = _Chunk(proteins, inputs, [None] * len(inputs.items), len(inputs.items))
+        lengths = [len(seq) for seq, _ in inputs.items]
+        for indices in plan_batches(lengths, batch.max_tokens, batch.batch_size):
+            future = engine.submit([inputs.item(i) for i in indices], method="lm_log_probs")
+            pending.append((chunk, indices, future))
+            yield from settle(block=False)
+    yield from settle(block=True)
+
+
+def chunked(proteins: Iterable[_Protein], positions: int = CHUNK_POSITIONS) -> Iterator[list[_Protein]]:
+    """Groups proteins into chunks of about ``positions`` positions (a protein is never split)."""
+    chunk: list[_Protein] = []
+    size = 0
+    for protein in proteins:
+        chunk.append(protein)
+        size += len(protein.positions)
+        if size >= positions:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class ScoreFile:
+    """A Parquet file written in row groups beside its final path and renamed over it on commit.
+
+    An existing file at the path stays as it is until the new one is complete.
+    """
+
+    def __init__(self, url: str, schema: pa.Schema):
+        self.url = url
+        self.schema = schema
+        self._file = storage.AtomicFile(url)
+        try:
+            self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+        except BaseException:  # a signal or an error here must not leave the temporary file behind
+            self._file.abort()
+            raise
+        self._buffer: list[pa.RecordBatch] = []
+        self._rows = 0
+        self.rows_written = 0
+
+    def write(self, columns: dict) -> None:
+        """Adds rows (a dict of equal-length columns); a row group is written every ROW_GROUP_ROWS rows."""
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self._buffer.append(batch)
+        self._rows += batch.num_rows
+        if self._rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self.rows_written += self._rows
+            self._buffer, self._rows = [], 0
+
+    def commit(self) -> None:
+        """Writes what is buffered and makes the file appear at its path."""
+        try:
+            self._flush()
+            self._writer.close()
+        except OSError as exc:
+            self._file.abort()
+            raise OutputError(f"cannot write {self.url}: {exc.strerror or exc}") from exc
+        self._file.commit()
+
+    def abort(self) -> None:
+        """Drops the file; whatever was at the path before is left as it was."""
+        try:
+            self._writer.close()
+        finally:
+            self._file.abort()
+
+
+def _schema(mode: str, metadata: dict) -> pa.Schema:
+    if mode == "pll":
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("length", pa.int32(), nullable=False),
+            pa.field("pll", pa.float64(), nullable=False),
+            pa.field("pseudo_perplexity", pa.float64(), nullable=False),
+            pa.field("windowed", pa.bool_(), nullable=False),
+        ]
+    else:
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("mutant", pa.string(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+        ]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
+
+
+@dataclass
+class ScoreSummary:
+    """What a score run did, for the closing line."""
+
+    mode: str = "pll"
+    proteins: int = 0
+    positions: int = 0
+    inputs: int = 0
+    residues: int = 0
+    rows: int = 0
+    windowed: int = 0
+    skipped_records: list[str] = field(default_factory=list)
+    skipped_rows: int = 0
+    oom_splits: int = 0
+    seconds: float = 0.0
+    devices: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _readable(fasta: str) -> Iterator[str]:
+    """A path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
+    if fasta != "-":
+        yield fasta
+        return
+    spooled = spool_stdin()
+    try:
+        yield str(spooled)
+    finally:
+        spooled.unlink(missing_ok=True)
+
+
+def _check_records(invalid: list[Record], records: int, valid: int, fasta: str, skip_invalid: bool) -> None:
+    if invalid and not skip_invalid:
+        raise FastaError(
+            f"{fasta}: {len(invalid)} of {records} records cannot be scored "
+            f"(use --skip-invalid to score the others):\n{describe_invalid(invalid)}"
+        )
+    if invalid:
+        log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
+    if valid == 0:
+        raise FastaError(f"{fasta}: no records to score" + (" (every record is invalid)" if records else ""))
+
+
+def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_Protein], MutantTable]:
+    """Reads the wild types and the mutant list and checks every row, before any compute.
+
+    Returns:
+        The proteins that have mutants, in FASTA order (``key``: their index in the table), and the table.
+
+    Raises:
+        FastaError, MutantError: Bad records, duplicate ids, or rows that cannot be scored (without skip_invalid).
+    """
+    records = list(read_records(source))
+    invalid = [r for r in records if r.problem]
+    valid = [r for r in records if not r.problem]
+    _check_records(invalid, len(records), len(valid), fasta, cfg.skip_invalid)
+    by_id: dict[str, Record] = {}
+    for record in valid:
+        if record.id in by_id:
+            raise FastaError(f"{fasta}: id {record.id!r} occurs more than once; mutants name their protein by id")
+        by_id[record.id] = record
+    table = read_mutant_table(
+        cfg.mutations,
+        {rec_id: r.sequence for rec_id, r in by_id.items()},
+        cfg.skip_invalid,
+        skipped_ids=frozenset(r.id for r in invalid),
+        single_id=valid[0].id if len(records) == 1 else None,
+    )
+    position = table.columns()["position"]
+    proteins = [
+        _Protein(by_id[rec_id], np.unique(position[subs]).tolist(), key=k)
+        for k, (rec_id, subs) in enumerate(zip(table.proteins, table.by_protein(), strict=True))
+    ]
+    order = {r.id: n for n, r in enumerate(valid)}
+    return sorted(proteins, key=lambda p: order[p.record.id]), table
+
+
+def _tokens(lut: np.ndarray, letters: str) -> np.ndarray:
+    return lut[np.frombuffer(letters.encode("ascii"), dtype=np.uint8)]
+
+
+def _pll(chunk: _Chunk, protein: _Protein, lut: np.ndarray) -> float:
+    """The sum over residues of log p(residue | its position masked); every position is read, in order."""
+    seq = protein.record.sequence
+    return float(chunk.log_probs(protein)[np.arange(len(seq)), _tokens(lut, seq)].sum(dtype=np.float64))
+
+
+def pseudo_log_likelihoods(
+    engine: Engine,
+    sequences: Iterable[str],
+    lut: np.ndarray,
+    batch: BatchConfig,
+    window: int = DEFAULT_TRUNCATE,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """The pseudo-log-likelihood (natural log) of each sequence, computed as ``esm2cli score --pll`` does.
+
+    Args:
+        engine: A started engine whose replicas carry the LM head.
+        sequences: Validated residue strings.
+        lut: The model's token ids by ASCII code (``LoadedModel.token_lut``).
+        batch: Batch size and token budget (max_tokens decided).
+        window: Residues per forward pass; longer sequences are scored in windows centred on each position.
+        progress: Called with (positions, residues) as batches complete.
+    """
+    proteins = (_Protein(Record(str(i), "", s, i + 1), list(range(len(s)))) for i, s in enumerate(sequences))
+    out: list[float] = []
+    for chunk in log_prob_chunks(engine, chunked(proteins), batch, window, masked=True, progress=progress):
+        out.extend(_pll(chunk, p, lut) for p in chunk.proteins)
+    return out
+
+
+class _Scorer:
+    """Turns a chunk's log-probabilities into output rows, for one mode."""
+
+    def __init__(self, cfg: ScoreConfig, lut: np.ndarray, table: MutantTable | None = None):
+        self.cfg = cfg
+        self.lut = lut
+        self._aa = _tokens(lut, AMINO_ACIDS)
+        if table is not None:
+            self.scores = np.zeros(len(table.ids))
+            self.subs = table.columns()
+            self.by_protein = table.by_protein()
+
+    def columns(self, chunk: _Chunk) -> dict | None:
+        """The chunk's output rows (pll, all-substitutions); mutant scores are kept for the end instead."""
+        if self.cfg.mode == "pll":
+            return self._pll(chunk)
+        if self.cfg.mode == "all-substitutions":
+            return self._all_substitutions(chunk)
+        for protein in chunk.proteins:
+            self._mutants(protein, chunk.log_probs(protein).astype(np.float64))
+        return None
+
+    def _pll(self, chunk: _Chunk) -> dict:
+        ids = [p.record.id for p in chunk.proteins]
+        lengths = [len(p.record.sequence) for p in chunk.proteins]
+        plls = [_pll(chunk, p, self.lut) for p in chunk.proteins]
+        return {
+            "id": ids,
+            "length": lengths,
+            "pll": plls,
+            "pseudo_perplexity": [math.exp(-p / n) for p, n in zip(plls, lengths, strict=True)],
+            "windowed": [n > self.cfg.window for n in lengths],
+        }
+
+    def _all_substitutions(self, chunk: _Chunk) -> dict:
+        ids, mutants, scores = [], [], []
+        for protein in chunk.proteins:
+            seq = protein.record.sequence
+            lp = chunk.log_probs(protein).astype(np.float64)
+            table = lp[:, self._aa] - lp[np.arange(len(seq)), _tokens(self.lut, seq)][:, None]  # (positions, 20)
+            for i, wt in enumerate(seq):
+                for j, aa in enumerate(AMINO_ACIDS):
+                    if aa != wt:
+                        mutants.append(f"{wt}{i + 1}{aa}")
+                        scores.append(table[i, j])
+            ids.extend([protein.record.id] * (len(mutants) - len(ids)))
+        return {"id": ids, "mutant": mutants, "score": scores}
+
+    def _mutants(self, protein: _Protein, lp: np.ndarray) -> None:
+        subs = self.by_protein[protein.key]
+        at = np.searchsorted(protein.positions, self.subs["position"][subs])  # row of lp for each substitution
+        delta = lp[at, self.lut[self.subs["mt"][subs]]] - lp[at, self.lut[self.subs["wt"][subs]]]
+        np.add.at(self.scores, self.subs["row"][subs], delta)
+
+
+def score_fasta(
+    fasta: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: ModelConfig,
+    score: ScoreConfig,
+    batch: BatchConfig,
+    overwrite: bool = False,
+    progress_factory: Callable[[int], ProgressFn] | None = None,
+) -> ScoreSummary:
+    """Scores the proteins of a FASTA file (or the mutants of a CSV against them) into one Parquet file.
+
+    Output columns: ``id, length, pll, pseudo_perplexity, windowed`` for mode "pll"; ``id, mutant,
+    score`` for "mutations" (in the CSV's row order) and "all-substitutions" (per protein, position by
+    position, then in the order ACDEFGHIKLMNPQRSTVWY). Scores are natural logarithms.
+
+    Args:
+        fasta: A path, an fsspec URL (s3://...), or '-' for stdin.
+        output: The Parquet file (a path or URL); written beside and renamed over on success.
+        model: The model; its masked-LM head is loaded.
+        score: The mode, method, mutant list, window and checks.
+        batch: Batch size and token budget.
+        overwrite: Replace an existing output (only once the new one is complete).
+        progress_factory: Given the number of positions to score, returns the per-batch callback.
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        FastaError, MutantError: The input is unreadable or holds records or mutants that cannot be scored.
+        ConfigError: Mode or method unknown; OutputExistsError: the output exists and overwrite is False.
+        ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
+        OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
+    """
+    output = str(output)
+    _check_run(str(fasta), output, score, overwrite)
+    summary = ScoreSummary(mode=score.mode)
+    with _readable(str(fasta)) as source:
+        proteins, table, total = _plan(source, str(fasta), score, summary)
+        setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True)
+        batch = setup.batch
+        progress = progress_factory(total) if progress_factory else None
+        start = time.perf_counter()
+        out = None
+        try:
+            out = ScoreFile(output, _schema(score.mode, _metadata(model, score, setup)))
+            _compute(setup.engine, setup.model.token_lut, proteins, table, batch, score, out, summary, progress)
+            out.commit()
+        except BaseException:
+            if out is not None:
+                out.abort()
+            raise
+    summary.rows = out.rows_written
+    summary.seconds = time.perf_counter() - start
+    summary.devices = [d.name for d in setup.devices]
+    return summary
+
+
+def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:
+    """Refuses, before anything is read, options that cannot work and an output that must not be written."""
+    if score.mode not in MODES or score.method not in METHODS:
+        raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
+    if score.mode == "mutations" and not score.mutations:
+        raise ConfigError("mode mutations needs a mutant list; this is a bug")
+    for what, source in (("the FASTA", fasta), ("the mutant list", score.mutations)):
+        if source and source != "-" and same_file(source, output):
+            raise ConfigError(f"{output} is {what}: name another output")
+    if not storage.is_url(output) and os.path.isdir(output):
+        raise ConfigError(f"{output} is a directory: name a file")
+    if storage.exists(output) and not overwrite:
+        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+
+
+def _plan(
+    source: str, fasta: str, score: ScoreConfig, summary: ScoreSummary
+) -> tuple[Iterable[_Protein], MutantTable | None, int]:
+    """Checks the input before any compute; returns the proteins to score, the mutants, and the positions in all."""
+    if score.mode == "mutations":
+        proteins, table = _mutant_proteins(source, fasta, score)
+        summary.skipped_rows = table.skipped
+        return proteins, table, sum(len(p.positions) for p in proteins)
+    scan = scan_fasta(source)
+    _check_records(scan.invalid, scan.records, scan.valid, fasta, score.skip_invalid)
+    summary.skipped_records = [r.id or f"#{r.position}" for r in scan.invalid]
+    every_position = (
+        _Protein(record, list(range(len(record.sequence)))) for record in read_records(source) if not record.problem
+    )
+    return every_position, None, scan.residues
+
+
+def _metadata(model: ModelConfig, score: ScoreConfig, setup) -> dict:
+    """What the output file records about how it was made."""
+    return {
+        "model": model.model, "model_source": setup.model.source, "random_weights": setup.model.dummy,
+        "dtype": setup.dtype, "mode": score.mode, "method": "masked-marginal" if score.mode == "pll" else score.method,
+        "window": score.window, "mutations": score.mutations, "esm2cli_version": __version__,
+    }  # fmt: skip
+
+
+def _compute(engine, lut, proteins, table, batch, score, out, summary, progress) -> None:
+    """Runs every chunk of proteins on the engine and writes its rows (mutant scores once all are in)."""
+    scorer = _Scorer(score, lut, table)
+    masked = score.mode == "pll" or score.method == "masked-marginal"
+    with engine:
+        for chunk in log_prob_chunks(engine, chunked(proteins), batch, score.window, masked, progress):
+            summary.proteins += len(chunk.proteins)
+            summary.positions += sum(len(p.positions) for p in chunk.proteins)
+            summary.inputs += len(chunk.inputs.items)
+            summary.residues += sum(len(seq) for seq, _ in chunk.inputs.items)
+            summary.windowed += sum(len(p.record.sequence) > score.window for p in chunk.proteins)
+            columns = scorer.columns(chunk)
+            if columns is not None:
+                out.write(columns)
+        summary.oom_splits = engine.oom_splits()
+    if table is not None:
+        out.write({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})

@@ -1,0 +1,326 @@
+"""Model loading: hub id, local directory, fair-esm checkpoint or dummy weights, once, on the CPU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, EsmConfig, EsmForMaskedLM, EsmModel, EsmTokenizer
+from transformers.models.esm.modeling_esm import EsmLMHead
+from transformers.utils import logging as hf_logging
+
+from esm2cli.config import ModelConfig
+from esm2cli.errors import ConfigError, ModelLoadError
+from esm2cli.io.fasta import RESIDUES
+from esm2cli.model import fair_esm
+from esm2cli.model.architecture import ARCHITECTURES, DTYPES, bundled_tokenizer, esm2_config, resolve_source
+from esm2cli.model.contacts import install_contact_hooks
+from esm2cli.model.fused import fuse_gelu
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """An ESM-2 encoder loaded once on the CPU, with what replicas need to tokenise.
+
+    Attributes:
+        name: The model as the user named it.
+        source: The hub id or directory it was loaded from.
+        model: The encoder, in eval mode, in its final dtype, on the CPU. It carries its contact head
+            (``model.contact_head``) only when asked for; else that attribute is None.
+        token_lut: Maps an ASCII code to its token id (only residue letters are used).
+        cls_id, eos_id, pad_id, mask_id: Special token ids.
+        dummy: True when the weights are random.
+        lm_head: The masked-LM head (its decoder tied to the token embeddings), only when asked for.
+    """
+
+    name: str
+    source: str
+    model: EsmModel
+    token_lut: np.ndarray
+    cls_id: int
+    eos_id: int
+    pad_id: int
+    dummy: bool
+    mask_id: int = 32
+    lm_head: EsmLMHead | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+def architecture_of(model: str) -> str | None:
+    """Returns the alias of a named ESM-2 size (alias, hub id or a path ending in it), else None."""
+    stem = Path(model.rstrip("/")).name.removesuffix(fair_esm.SUFFIX).removesuffix("_UR50D")
+    return stem if stem in ARCHITECTURES else None
+
+
+def _is_local(source: str) -> bool:
+    from esm2cli.model.hub import is_repo_id
+
+    return not is_repo_id(source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _load_config(source: str) -> EsmConfig:
+    if _is_local(source) and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"{source}: no such model directory")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # hub, network, JSON and file errors all end the same way
+        where = "the directory" if _is_local(source) else "the Hugging Face hub (or its local cache)"
+        raise ModelLoadError(f"cannot load {source} from {where}: {_first_line(exc)}") from exc
+    if config.model_type != "esm" or getattr(config, "is_folding_model", False):
+        raise ModelLoadError(f"{source} is not an ESM-2 encoder (model_type={config.model_type!r})")
+    return config
+
+
+def _load_tokenizer(source: str) -> EsmTokenizer:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # a directory saved without its tokenizer still holds a usable model
+        log.warning("no tokenizer in %s (%s); using the bundled ESM-2 vocabulary", source, _first_line(exc))
+        return bundled_tokenizer()
+
+
+def _token_lut(tokenizer) -> np.ndarray:
+    vocab = tokenizer.get_vocab()
+    missing = sorted(ch for ch in RESIDUES if ch not in vocab)
+    if missing:
+        raise ModelLoadError(f"the tokenizer has no token for residue(s) {', '.join(missing)}: not ESM-2")
+    lut = np.full(256, tokenizer.unk_token_id, dtype=np.int64)
+    for ch in RESIDUES:
+        lut[ord(ch)] = vocab[ch]
+    return lut
+
+
+def _local_weights(source: str, name: str) -> str:
+    """Where the weights of ``source`` are on this machine: a local path as it is; a hub id from the
+    Hugging Face cache (no request to the hub), else fair-esm's own download of the same size in the
+    torch hub cache, else downloaded once into the Hugging Face cache.
+
+    Raises:
+        ModelLoadError: Not on this machine, and offline or the hub cannot be reached (at once).
+    """
+    if _is_local(source) or fair_esm.is_checkpoint(source):
+        return source
+    from esm2cli.model import hub
+
+    if (folder := hub.cached(source)) is not None:
+        return str(folder)
+    alias = architecture_of(source)
+    if alias and (checkpoint := fair_esm.cached_checkpoint(alias)) is not None:
+        log.info("%s: using fair-esm's download %s", source, checkpoint)
+        return str(checkpoint)
+    return str(hub.model_folder(source, alias=name))
+
+
+def random_lm_head(encoder: EsmModel, seed: int = 1) -> EsmLMHead:
+    """A masked-LM head with random (seeded) weights, its decoder tied to the encoder's token embeddings.
+
+    Its own seed keeps the encoder's random weights the same with or without the head.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = EsmLMHead(encoder.config)
+    head.decoder.weight = encoder.embeddings.word_embeddings.weight  # tied, as in every ESM-2 checkpoint
+    return head
+
+
+def _missing(info: dict, prefix: str) -> str:
+    # The LM head's decoder is tied to the token embeddings, so checkpoints rightly omit it.
+    return ", ".join(sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix) and "decoder" not in k))
+
+
+def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head: bool):
+    """Loads the encoder (and, when asked, the LM head) of a checkpoint; checks the heads asked for are in it."""
+    try:
+        if lm_head:
+            full, info = EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True)
+            if missing := _missing(info, "lm_head."):
+                raise ModelLoadError(
+                    f"{source} has no masked-LM head (missing {missing}): it was saved as an encoder only"
+                )
+            model, head = full.esm, full.lm_head
+            prefix = "esm.contact_head."
+        else:
+            model, info = EsmModel.from_pretrained(
+                source, config=config, add_pooling_layer=False, output_loading_info=True
+            )
+            head, prefix = None, "contact_head."
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+    if contact_head and (missing := _missing(info, prefix)):
+        raise ModelLoadError(f"{source} has no contact head (missing {missing})")
+    return model, head
+
+
+_POOL = 1_000_003  # random values drawn per dummy model: a prime, so that no weight row repeats another
+
+
+def token_ids(loaded: LoadedModel, seqs: Sequence[str]) -> np.ndarray:
+    """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated)."""
+    width = max(len(s) for s in seqs) + 2
+    ids = np.full((len(seqs), width), loaded.pad_id, dtype=np.int64)
+    ids[:, 0] = loaded.cls_id
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        ids[row, 1 : n + 1] = loaded.token_lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
+        ids[row, n + 1] = loaded.eos_id
+    return ids
+
+
+def random_model(config: EsmConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> EsmModel:
+    """An encoder with random weights: the same seed gives the same weights in every run and process.
+
+    Weights are N(0, 0.02) as transformers initialises them, LayerNorm scales 1 and biases 0. Drawing
+    one normal value per weight cost 9-30 s for the 650M model on two cores; instead each weight
+    matrix is filled from one pool of a million draws, starting at a random offset, in ``dtype``
+    directly (1.5-1.9 s). The compute is the same as with trained weights.
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(_POOL, generator=generator).mul_(0.02).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():  # parameters start uninitialised; buffers are computed as usual
+            model = EsmModel(config, add_pooling_layer=False)
+    finally:
+        torch.set_default_dtype(previous)
+    # One thread: the fill is bound by memory, and on a busy machine two threads waiting on each other
+    # made it 5-9x slower (1.5-1.9 s against 8.7-17 s for the 650M model, measured side by side).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.zero_()
+                elif "layer_norm" in name.lower() or "layernorm" in name.lower():
+                    param.fill_(1.0)
+                else:
+                    _fill_from(param.view(-1), pool, int(torch.randint(_POOL, (1,), generator=generator)))
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def _fill_from(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
+    """Copies ``pool`` into ``flat`` from ``offset`` on, wrapping around."""
+    done = 0
+    while done < flat.numel():
+        take = min(flat.numel() - done, pool.numel() - offset)
+        flat[done : done + take].copy_(pool[offset : offset + take])
+        done, offset = done + take, 0
+
+
+def _shape_only(config: EsmConfig) -> EsmModel:
+    """The architecture on the meta device: its shape and config, no memory and no weights."""
+    with torch.device("meta"):
+        return EsmModel(config, add_pooling_layer=False)
+
+
+def load_model(
+    cfg: ModelConfig, *, lm_head: bool = False, contact_head: bool = False, weights: bool = True
+) -> LoadedModel:
+    """Loads the encoder once on the CPU, converts it to cfg.dtype, and prepares tokenisation.
+
+    The heads are loaded only when asked for: the masked-LM head for scoring, the contact head (and
+    attention that yields its weights, which the contact head reads) for contact maps. With
+    ``load_format="dummy"`` they get random weights too.
+
+    Args:
+        cfg: The model name, load format and dtype.
+        lm_head: Also load the masked-LM head.
+        contact_head: Keep the contact head and switch attention to the eager kernel.
+        weights: False builds the architecture on the meta device, without any weights (for modeled
+            GPUs, which need only its shape and the tokenizer).
+
+    Returns:
+        The loaded model, ready to be copied to each device.
+
+    Raises:
+        ModelLoadError: The model is missing, unreachable, not an ESM-2 encoder, or lacks a head asked for.
+        ConfigError: The load format or dtype is unknown.
+    """
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
+    source = resolve_source(cfg.model)
+    hf_logging.set_verbosity_error()  # the unused LM-head weights warning is expected
+    hf_logging.disable_progress_bar()
+    dtype = DTYPES[cfg.dtype]
+    if cfg.load_format == "dummy":
+        alias = architecture_of(source)
+        if alias:
+            config = esm2_config(alias)
+        elif fair_esm.is_checkpoint(source):
+            config = fair_esm.read_config(fair_esm.find_checkpoint(source))
+        else:
+            config = _load_config(source)
+        if weights:
+            log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
+        model = random_model(config, dtype=dtype) if weights else _shape_only(config)
+        tokenizer, dummy = bundled_tokenizer(), True
+        head = random_lm_head(model) if lm_head and weights else None
+    elif cfg.load_format == "auto" and not weights:  # modeled GPUs: the shape, never the weights
+        alias = architecture_of(source)
+        model = _shape_only(esm2_config(alias) if alias else _load_config(source))
+        tokenizer, dummy, head = bundled_tokenizer(), True, None
+    elif cfg.load_format == "auto":
+        folder = _local_weights(source, cfg.model)
+        head = None
+        if fair_esm.is_checkpoint(folder):
+            if lm_head or contact_head:
+                raise ConfigError("fair-esm .pt checkpoints give embeddings only here; score and --contacts need "
+                                  "a Hugging Face model (a hub id or a save_pretrained directory)")  # fmt: skip
+            path = fair_esm.find_checkpoint(folder)
+            model, tokenizer, source = fair_esm.load_checkpoint(path), bundled_tokenizer(), str(path)
+        else:
+            config = _load_config(folder)
+            model, head = _load_pretrained(folder, config, lm_head, contact_head)
+            tokenizer = _load_tokenizer(folder)
+        dummy = False
+    else:
+        raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
+    if contact_head:
+        # The contact head reads every layer's attention probabilities, which SDPA never materialises.
+        model.set_attn_implementation("eager")
+        install_contact_hooks(model)
+    else:
+        model.contact_head = None  # HF builds it into every encoder; it is unused unless asked for
+    model = fuse_gelu(model).to(dtype).eval().requires_grad_(False)
+    if head is not None:
+        head = head.to(dtype).eval().requires_grad_(False)
+    return LoadedModel(
+        name=cfg.model,
+        source=source,
+        model=model,
+        token_lut=_token_lut(tokenizer),
+        cls_id=tokenizer.cls_token_id,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        dummy=dummy,
+        mask_id=tokenizer.mask_token_id,
+        lm_head=head,
+    )

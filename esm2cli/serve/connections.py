@@ -1,0 +1,262 @@
+"""Connection-level bounds of the server, below the app: header timeout, open-connection cap, accept errors.
+
+uvicorn closes idle keep-alive connections, but not one that sends half of its headers and stops, and
+it accepts connections until the process runs out of file descriptors, then logs every failed
+accept() with a traceback. Here:
+- a connection that has not sent a request's complete headers within ``header_timeout_s`` gets 408 and
+  is closed (measured from when it opened, or from the first bytes of a later request);
+- past ``max_connections`` open connections, a new one is answered 503 (with Retry-After) and closed;
+- a client that stops reading its answers for ``body_timeout_s`` is disconnected;
+- accept() errors (EMFILE and the like) are logged at most once per ``ACCEPT_LOG_INTERVAL_S``, one line
+  with the count of those not shown;
+- the process's open-file limit is raised, where allowed, to hold ``max_connections`` with room to spare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from esm2cli.config import ServeConfig
+from esm2cli.serve.http_errors import RETRY_AFTER_S, encode
+
+log = logging.getLogger(__name__)
+
+ACCEPT_LOG_INTERVAL_S = 30.0
+FILES_RESERVED = 128  # descriptors kept for the model files, the listening socket, logs, libraries
+REFUSE_WAIT_S = 1.0  # how long a connection over the cap may take to send its request before the 503
+_ACCEPT_ERROR = "socket.accept() out of system resource"
+
+
+def _raw_answer(status: int, reason: str, message: str, error_type: str) -> bytes:
+    """A complete HTTP/1.1 error answer that closes the connection, for use outside any request cycle."""
+    body = encode({"error": message, "error_type": error_type})
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close"]  # fmt: skip
+    if status == 503:
+        head.append(f"retry-after: {RETRY_AFTER_S}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def guarded_protocol(
+    header_timeout_s: float,
+    max_connections: int,
+    send_timeout_s: float,
+    on_close: Callable[[str], None] = lambda reason: None,
+) -> type[H11Protocol]:
+    """An h11 protocol class for uvicorn with the header timeout, the connection cap and the send timeout;
+    ``on_close`` is told why each connection it closes was closed (for metrics)."""
+    timeout_answer = _raw_answer(
+        408, "Request Timeout", f"the request headers were not received within {header_timeout_s:g} s", "InputError"
+    )
+    bad_answer = _raw_answer(400, "Bad Request", "invalid HTTP request", "InputError")
+    busy_answer = _raw_answer(
+        503, "Service Unavailable", f"too many open connections (over {max_connections}); retry later",
+        "OverloadedError",
+    )  # fmt: skip
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
+        _refusing = False
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                # Wait briefly for the request, so that the client reads the 503 rather than a reset.
+                self._refusing = True
+                self._header_timer = self.loop.call_later(REFUSE_WAIT_S, self._refuse)
+                return
+            self._watch_headers()
+
+        def data_received(self, data: bytes) -> None:
+            if self._refusing:
+                return self._refuse()
+            super().data_received(data)
+            self._watch_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.trailing_data[0]:  # part of a pipelined request already came with the last one
+                self._watch_headers()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_timer()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+            super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            # The client stopped reading its answers: it may resume within send_timeout_s, else the
+            # connection is dropped, and the answer with it (uvicorn would wait for it forever).
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(send_timeout_s, self._reader_gone)
+
+        def _reader_gone(self) -> None:
+            on_close("send_timeout")
+            self.transport.abort()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _watch_headers(self) -> None:
+            """Arms the timer while a request's headers are awaited; disarms it once they are in.
+
+            Called when the connection opens and when bytes arrive (or wait, pipelined): between requests,
+            uvicorn's keep-alive timeout closes an idle connection, and the timer starts with the next
+            request's first bytes.
+            """
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+            elif not waiting:
+                self._stop_timer()
+
+        def _stop_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                on_close("header_timeout")
+                self._close_with(timeout_answer)
+
+        def _refuse(self) -> None:
+            self._stop_timer()
+            if not self.transport.is_closing():
+                on_close("over_capacity")
+                self._close_with(busy_answer)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own answer is plain text; ours is the documented JSON (h11 has refused the bytes).
+            self._stop_timer()
+            on_close("bad_request")
+            self._close_with(bad_answer)
+
+        def _close_with(self, answer: bytes) -> None:
+            self._unset_keepalive_if_required()
+            self.transport.write(answer)
+            self.transport.close()  # after the buffered answer is written
+
+    return GuardedH11Protocol
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a log message through at most once per interval (clients can make uvicorn repeat some at will)."""
+
+    def __init__(self, messages: tuple[str, ...], interval_s: float = ACCEPT_LOG_INTERVAL_S):
+        super().__init__()
+        self._messages = messages
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in self._messages:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(message, -float("inf")) < self._interval_s:
+            return False
+        self._last[message] = now
+        return True
+
+
+def _limit_uvicorn_repeats() -> None:
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatFilter) for f in errors.filters):
+        errors.addFilter(
+            RepeatFilter(("Invalid HTTP request received.", "ASGI callable returned without completing response."))
+        )
+
+
+class AcceptErrorLimiter:
+    """An event-loop exception handler that logs accept() failures at most once per interval.
+
+    Everything else goes to the handler that was there before (asyncio's default: log with traceback).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = ACCEPT_LOG_INTERVAL_S):
+        self._previous = loop.get_exception_handler()
+        self._interval_s = interval_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    @classmethod
+    def install(cls, loop: asyncio.AbstractEventLoop, interval_s: float = ACCEPT_LOG_INTERVAL_S) -> AcceptErrorLimiter:
+        limiter = cls(loop, interval_s)
+        loop.set_exception_handler(limiter)
+        return limiter
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if not str(context.get("message", "")).startswith(_ACCEPT_ERROR):
+            if self._previous is not None:
+                return self._previous(loop, context)
+            return loop.default_exception_handler(context)
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more in the last {now - self._last:.0f} s)" if self._suppressed else ""
+        log.error(
+            "cannot accept connections: %s%s; lower --max-connections or raise the open-file limit (ulimit -n)",
+            context.get("exception", "out of resources"),
+            more,
+        )
+        self._last, self._suppressed = now, 0
+
+
+def fit_open_files(max_connections: int) -> int:
+    """Raises the soft open-file limit toward the hard one so that max_connections fit; returns the cap to use.
+
+    Where even the hard limit is too low, the cap is lowered to fit, with a warning.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FILES_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new_soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", new_soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fitted = max(1, soft - FILES_RESERVED)
+        log.warning(
+            "--max-connections %d does not fit the open-file limit (%d): using %d", max_connections, soft, fitted
+        )
+        return fitted
+    return max_connections
+
+
+def uvicorn_config(app, serve: ServeConfig, *, host: str, port: int, **options) -> uvicorn.Config:  # app: create_app()
+    """The uvicorn configuration of esm2cli serve: the guarded protocol, no access log of uvicorn's own
+    (esm2cli.serve.guard writes one on stderr), no Server header. ``options`` go to uvicorn.Config as they are."""
+    _limit_uvicorn_repeats()
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=guarded_protocol(
+            serve.header_timeout_s,
+            serve.max_connections,
+            serve.body_timeout_s,
+            on_close=app.state.metrics.connection_closed,
+        ),
+        access_log=False,
+        server_header=False,
+        log_config=None,  # esm2cli's logging (stderr) carries uvicorn's messages too
+        **options,
+    )

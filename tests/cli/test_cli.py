@@ -1,0 +1,254 @@
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_fasta
+from esm2cli.cli import cli
+from esm2cli.io.parquet import read_metadata
+from reference import DirectReference, cosine
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model_dir):
+    return DirectReference(tiny_model_dir)
+
+
+@pytest.fixture
+def fasta(tmp_path, proteins):
+    return write_fasta(tmp_path / "in.fa", proteins)
+
+
+def run(*args, input=None):
+    args = [*map(str, args)]
+    if "--dtype" not in args:
+        args += ["--dtype", "float32"]  # compared with float32 references at tight tolerances
+    return CliRunner().invoke(cli, ["embed", *args], input=input)
+
+
+def embed_ok(*args, input=None):
+    result = run(*args, input=input)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def vectors(table, column="embedding"):
+    return np.array(table[column].to_pylist(), dtype=np.float32)
+
+
+def test_embed_matches_each_sequence_computed_alone(tmp_path, fasta, proteins, tiny_model_dir, direct):
+    out = tmp_path / "out.parquet"
+    result = embed_ok(fasta, "-o", out, "-m", tiny_model_dir, "--max-tokens", "2048")
+    table = pq.read_table(out)
+    assert table["id"].to_pylist() == [rec_id for rec_id, _ in proteins]
+    assert table["length"].to_pylist() == [len(s) for _, s in proteins]
+    assert table["truncated"].to_pylist() == [len(s) > 1022 for _, s in proteins]
+    assert any(table["truncated"].to_pylist())
+    want = np.stack([direct.mean(seq[:1022]) for _, seq in proteins])
+    got = vectors(table)
+    assert cosine(got, want).min() >= 0.9999
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert "embedded 40 sequences" in result.stderr and "truncated" in result.stderr
+
+
+def test_four_simulated_devices_give_the_same_rows(tmp_path, fasta, tiny_model_dir):
+    one, four = tmp_path / "one.parquet", tmp_path / "four.parquet"
+    embed_ok(fasta, "-o", one, "-m", tiny_model_dir, "--devices", "cpu", "--batch-size", "4")
+    result = embed_ok(fasta, "-o", four, "-m", tiny_model_dir, "--devices", "sim:4", "--batch-size", "4")
+    a, b = pq.read_table(one), pq.read_table(four)
+    assert a["id"].to_pylist() == b["id"].to_pylist()
+    np.testing.assert_allclose(vectors(a), vectors(b), rtol=1e-5, atol=1e-6)
+    assert "sim:0, sim:1, sim:2, sim:3" in result.stderr
+
+
+def test_several_layers_bos_and_per_token(tmp_path, tiny_model_dir, direct):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKVLAW"), ("b", "GG"), ("c", "ACDEFGHIKLMNPQRSTVWY")])
+    out = tmp_path / "out.parquet"
+    embed_ok(fa, "-o", out, "-m", tiny_model_dir, "--layers", "0,-2", "--pooling", "bos", "--per-token")
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "id",
+        "description",
+        "length",
+        "truncated",
+        "windows",
+        "embedding_l0",
+        "embedding_l2",
+        "per_token_l0",
+        "per_token_l2",
+    ]
+    seqs = ["MKVLAW", "GG", "ACDEFGHIKLMNPQRSTVWY"]
+    for layer in (0, 2):
+        np.testing.assert_allclose(
+            vectors(table, f"embedding_l{layer}"), np.stack([direct.bos(s, layer) for s in seqs]), rtol=1e-4, atol=1e-5
+        )
+        for seq, tokens in zip(seqs, table[f"per_token_l{layer}"].to_pylist(), strict=True):
+            np.testing.assert_allclose(np.array(tokens), direct.per_token(seq, layer), rtol=1e-4, atol=1e-5)
+    meta = read_metadata(out)
+    assert meta["layers"] == [0, 2] and meta["pooling"] == "bos" and meta["dtype"] == "float32"
+    assert meta["model"] == tiny_model_dir and meta["random_weights"] is False and meta["esm2cli_version"]
+
+
+def test_gzip_and_stdin(tmp_path, tiny_model_dir):
+    text = ">x desc one\nMKV\n>y\nLLAW\n"
+    gz = tmp_path / "in.fa.gz"
+    gz.write_bytes(gzip.compress(text.encode()))
+    embed_ok(gz, "-o", tmp_path / "gz.parquet", "-m", tiny_model_dir)
+    embed_ok("-", "-o", tmp_path / "stdin.parquet", "-m", tiny_model_dir, input=text)
+    a, b = pq.read_table(tmp_path / "gz.parquet"), pq.read_table(tmp_path / "stdin.parquet")
+    assert a["id"].to_pylist() == b["id"].to_pylist() == ["x", "y"]
+    assert a["description"].to_pylist() == ["desc one", ""]
+    np.testing.assert_array_equal(vectors(a), vectors(b))
+
+
+HOSTILE = {
+    "invalid residues": (">ok\nMKV\n>bad1\nMKJV\n>bad2\nMK1\n", ["bad1", "'J'", "bad2", "'1'", "2 of 3 records"]),
+    "empty sequence": (">ok\nMKV\n>empty\n\n", ["'empty': empty sequence"]),
+    "no id": (">ok\nMKV\n>\nMKV\n", ["record #2 (no id)"]),
+    "gap characters": (">ok\nMKV\n>aligned\nMK--V\n", ["aligned", "'-'"]),
+    "duplicates": (">a\nMKV\n>b\nMK\n>a\nLL\n", ["duplicate id 'a' (2 records)", "--allow-duplicate-ids"]),
+    "not fasta": ("id,seq\na,MKV\n", ["line 1 is not a FASTA header"]),
+    "empty file": ("", ["no records to embed"]),
+    "every record invalid": (">a\n123\n", ["1 of 1 records cannot be embedded"]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_fasta_stops_before_compute_with_a_clear_message(tmp_path, tiny_model_dir, case):
+    text, expected = HOSTILE[case]
+    fa = tmp_path / "in.fa"
+    fa.write_text(text)
+    out = tmp_path / "out.parquet"
+    result = run(fa, "-o", out, "-m", str(tmp_path / "no-model-needed"))
+    assert result.exit_code == 2, result.output
+    for part in expected:
+        assert part in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / ".out.parquet.tmp").exists()
+
+
+def test_binary_file(tmp_path, tiny_model_dir):
+    fa = tmp_path / "in.fa"
+    fa.write_bytes(b">a\nMK\x00\xff\xfe\n")
+    result = run(fa, "-o", tmp_path / "o.parquet", "-m", tiny_model_dir)
+    assert result.exit_code == 2 and "not UTF-8" in result.output
+
+
+def test_skip_invalid_embeds_the_rest_and_reports(tmp_path, tiny_model_dir):
+    fa = tmp_path / "in.fa"
+    fa.write_text(">a\nMKV\n>bad\nMKJV\n>b\nLLW\n>\nMK\n")
+    out = tmp_path / "out.parquet"
+    result = embed_ok(fa, "-o", out, "-m", tiny_model_dir, "--skip-invalid")
+    assert pq.read_table(out)["id"].to_pylist() == ["a", "b"]
+    assert "skipping 2 invalid record(s)" in result.stderr and "'bad'" in result.stderr
+    assert "2 skipped" in result.stderr
+
+
+def test_allow_duplicate_ids_keeps_every_row(tmp_path, tiny_model_dir):
+    fa = tmp_path / "in.fa"
+    fa.write_text(">a\nMKV\n>a\nLLW\n")
+    out = tmp_path / "out.parquet"
+    embed_ok(fa, "-o", out, "-m", tiny_model_dir, "--allow-duplicate-ids")
+    table = pq.read_table(out)
+    assert table["id"].to_pylist() == ["a", "a"]
+    assert not np.allclose(*vectors(table))
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    out = tmp_path / "out.parquet"
+    out.write_text("precious")
+    result = run(fa, "-o", out, "-m", tiny_model_dir)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert out.read_text() == "precious"
+    embed_ok(fa, "-o", out, "-m", tiny_model_dir, "--overwrite")
+    assert pq.read_table(out).num_rows == 1
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["-m", "/nonexistent/model"], 1, "no such model directory"),
+        (["-m", "esm2_t6_8M"], 1, "facebook/esm2_t6_8M_UR50D is not in the Hugging Face cache"),
+        (["--devices", "cuda:3"], 2, "asked for cuda:3"),
+        (["--layers", "x"], 2, "not a comma-separated list"),
+        (["--layers", "9"], 2, "layer 9 is out of range"),
+    ],
+)
+def test_bad_options_and_models_end_in_one_clear_line(tmp_path, tiny_model_dir, args, code, message):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    full = ["-m", tiny_model_dir, *args]
+    result = run(fa, "-o", tmp_path / "out.parquet", *full)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_failing_batch_fails_the_run_and_leaves_no_file(tmp_path, tiny_model_dir, monkeypatch, proteins):
+    from esm2cli.runtime.replica import Replica
+
+    original, calls = Replica.embed_batch, []
+
+    def flaky(self, seqs):
+        calls.append(len(seqs))
+        if len(calls) == 3:
+            raise RuntimeError("device fell over")
+        return original(self, seqs)
+
+    monkeypatch.setattr(Replica, "embed_batch", flaky)
+    fa = write_fasta(tmp_path / "in.fa", proteins)
+    out = tmp_path / "out.parquet"
+    result = run(fa, "-o", out, "-m", tiny_model_dir, "--batch-size", "2", "--devices", "sim:2")
+    assert result.exit_code == 1
+    assert "a batch failed on sim:" in result.output and "device fell over" in result.output
+    assert not out.exists() and not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_pandas_duckdb_and_polars_read_the_output(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("b", "LLAW")])
+    out = tmp_path / "out.parquet"
+    embed_ok(fa, "-o", out, "-m", tiny_model_dir)
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    want = vectors(pq.read_table(out))
+    frame = pd.read_parquet(out)
+    assert frame["id"].tolist() == ["a", "b"]
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), want)
+    rows = duckdb.sql(f"SELECT id, embedding FROM '{out}' ORDER BY id").fetchall()
+    np.testing.assert_allclose(np.array([r[1] for r in rows], dtype=np.float32), want)
+    polars_frame = pl.read_parquet(out)
+    np.testing.assert_array_equal(polars_frame["embedding"].to_numpy(), want)
+
+
+def test_real_subprocess_with_stdin(tmp_path, tiny_model_dir):
+    out = tmp_path / "out.parquet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "esm2cli", "embed", "-", "-o", str(out), "-m", tiny_model_dir, "--devices", "sim:2"]
+        + ["--dtype", "float32"],
+        input=">p1 first\nMKVLA\n>p2\nmkv*\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # stdout is for data; logs and the summary go to stderr
+    assert "embedded 2 sequences" in proc.stderr
+    table = pq.read_table(out)
+    assert table["id"].to_pylist() == ["p1", "p2"] and table["length"].to_pylist() == [5, 3]
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from esm2cli.cli import cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False"

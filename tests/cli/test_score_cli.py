@@ -1,0 +1,211 @@
+"""esm2cli score as a new user meets it: bad CSVs and FASTAs, options, existing outputs, large lists."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_fasta
+from esm2cli.cli import cli
+
+WT = [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIVGL")]
+
+
+@pytest.fixture
+def wt(tmp_path):
+    return write_fasta(tmp_path / "wt.fa", WT)
+
+
+def csv(tmp_path, text, name="m.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def score(tiny_model_dir, *args, input=None):
+    args = ["score", *map(str, args), "-m", tiny_model_dir, "--dtype", "float32"]
+    return CliRunner().invoke(cli, args, input=input)
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("id,mutant\np1,M1A\np9,G1W\n", "line 3 ('p9', 'G1W'): unknown id 'p9' (not in the FASTA)"),
+        ("id,mutant\np1,A40G\n", "line 2 ('p1', 'A40G'): A40G: position 40 is past the end of the sequence (22"),
+        ("id,mutant\np1,X3A\n", "the wild type has 'T' at position 3, not 'X'"),
+        ("id,mutant\np1,M1*\n", "a stop (*) is not an ESM-2 residue"),
+        ("id,mutant\np1,M1A;K2G\n", "is not a substitution such as A24G"),
+        ("id,mutant\np1,\n", "line 2 ('p1', ''): empty mutant"),
+        ("id,mutant\np1\n", "1 field(s), expected at least 2"),
+        ("id,mutant\n,M1A\n", "empty id"),
+        ("id,mutant\np1,M0A\n", "positions are 1-based"),
+        ("id,mutant\np1,M1A:M1C\n", "position 1 appears more than once"),
+    ],
+)
+def test_a_bad_row_stops_the_run_before_compute_and_is_named(tmp_path, wt, tiny_model_dir, text, named):
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, wt, "--mutations", csv(tmp_path, text), "-o", out)
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and "--skip-invalid" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty file"),
+        ("id,mutant\n", "no mutants (a header and no rows)"),
+        ("p1,M1A\n", "the first line must be a header with columns id,mutant"),
+        (">p1\nMKV\n", "the first line must be a header"),
+    ],
+)
+def test_unusable_mutant_files_exit_2(tmp_path, wt, tiny_model_dir, text, why):
+    result = score(tiny_model_dir, wt, "--mutations", csv(tmp_path, text), "-o", tmp_path / "o.parquet")
+    assert result.exit_code == 2 and why in result.stderr, result.output
+
+
+def test_skip_invalid_scores_the_rest_and_says_how_many(tmp_path, wt, tiny_model_dir):
+    text = "id,mutant\np1,M1A\np9,G1W\np1,A40G\np2,G1W\n"
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, wt, "--mutations", csv(tmp_path, text), "-o", out, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table["mutant"].to_pylist() == ["M1A", "G1W"] and table["id"].to_pylist() == ["p1", "p2"]
+    assert "skipping 2 mutant(s)" in result.stderr and "2 mutants skipped" in result.stderr
+
+
+def test_every_row_bad_is_an_error_even_when_skipping(tmp_path, wt, tiny_model_dir):
+    text = "id,mutant\np9,M1A\n"
+    result = score(tiny_model_dir, wt, "--mutations", csv(tmp_path, text), "-o", tmp_path / "o", "--skip-invalid")
+    assert result.exit_code == 2 and "no mutant can be scored" in result.stderr
+
+
+def test_rows_of_an_invalid_record_are_named_as_such(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "wt.fa", [("good", "MKV"), ("bad", "MKJV")])
+    text = "id,mutant\ngood,M1A\nbad,M1A\n"
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, fa, "--mutations", csv(tmp_path, text), "-o", out)
+    assert result.exit_code == 2 and "record #2 'bad'" in result.stderr
+    result = score(tiny_model_dir, fa, "--mutations", csv(tmp_path, text), "-o", out, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "its FASTA record is invalid and was skipped" in result.stderr
+    assert pq.read_table(out)["id"].to_pylist() == ["good"]
+
+
+def test_one_protein_needs_no_id_column(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "wt.fa", WT[:1])
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, fa, "--mutations", csv(tmp_path, "mutant\nM1A\nK2G:T3A\n"), "-o", out)
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out)["id"].to_pylist() == ["p1", "p1"]
+
+
+@pytest.mark.parametrize(
+    "args, why",
+    [
+        ([], "give exactly one of --pll, --mutations CSV, --all-substitutions"),
+        (["--pll", "--all-substitutions"], "give exactly one of"),
+        (["--pll", "--method", "wt-marginal"], "a pseudo-log-likelihood always masks"),
+        (["--all-substitutions", "--method", "nope"], "'nope' is not one of"),
+        (["--pll", "--truncate", "0"], "0 is not in the range x>=1"),
+    ],
+)
+def test_option_mistakes_exit_2(tmp_path, wt, tiny_model_dir, args, why):
+    result = score(tiny_model_dir, wt, *args, "-o", tmp_path / "o.parquet")
+    assert result.exit_code == 2 and why in result.stderr, result.output
+
+
+def test_fasta_problems_exit_2(tmp_path, tiny_model_dir):
+    out = tmp_path / "o.parquet"
+    (tmp_path / "empty.fa").write_text("")
+    for fasta, why in [
+        (tmp_path / "nope.fa", "no such file"),
+        (tmp_path / "empty.fa", "no records to score"),
+        (write_fasta(tmp_path / "dup.fa", [("a", "MKV"), ("a", "MKA")]), "id 'a' occurs more than once"),
+    ]:
+        result = score(tiny_model_dir, fasta, "--mutations", csv(tmp_path, "id,mutant\na,M1A\n"), "-o", out)
+        assert result.exit_code == 2 and why in result.stderr, result.output
+
+
+def test_an_existing_output_is_refused_then_replaced_only_when_complete(tmp_path, wt, tiny_model_dir, monkeypatch):
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"precious")
+    result = score(tiny_model_dir, wt, "--pll", "-o", out)
+    assert result.exit_code == 2 and "already exists (use --overwrite" in result.stderr
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    result = score(tiny_model_dir, wt, "--pll", "-o", directory, "--overwrite")
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    result = score(tiny_model_dir, wt, "--pll", "-o", wt, "--overwrite")
+    assert result.exit_code == 2 and "is the FASTA: name another output" in result.stderr
+    muts = csv(tmp_path, "id,mutant\np1,M1A\n")
+    result = score(tiny_model_dir, wt, "--mutations", muts, "-o", muts, "--overwrite")
+    assert result.exit_code == 2 and "is the mutant list" in result.stderr
+    os.remove(muts)
+
+    from esm2cli.runtime.replica import Replica
+
+    def fail(self, items):
+        raise RuntimeError("the device fell over")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Replica, "lm_log_probs", fail)
+        result = score(tiny_model_dir, wt, "--pll", "-o", out, "--overwrite")
+    assert result.exit_code == 1 and "the device fell over" in result.stderr
+    assert out.read_bytes() == b"precious"  # never deleted before a complete replacement
+    assert sorted(os.listdir(tmp_path)) == ["adir", "o.parquet", "wt.fa"]  # no temporary left behind
+
+    result = score(tiny_model_dir, wt, "--pll", "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.num_rows == 2
+    meta = json.loads(table.schema.metadata[b"esm2cli"])
+    assert meta["mode"] == "pll" and meta["window"] == 1022 and meta["random_weights"] is False
+
+
+def test_fasta_from_stdin(tmp_path, tiny_model_dir):
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, "-", "--pll", "-o", out, input=">a\nMKV\n>b\nGSHM\n")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out)["length"].to_pylist() == [3, 4]
+
+
+def test_a_long_mutant_list_costs_one_pass_per_position(tmp_path, wt, tiny_model_dir):
+    seq = dict(WT)["p1"]
+    aa = "ACDEFGHIKLMNPQRSTVWY"
+    rows = [f"p1,{seq[i]}{i + 1}{aa[(i + k) % 20]}:{seq[0]}1{aa[k % 20]}" for k in range(1000) for i in (4, 9)]
+    path = csv(tmp_path, "id,mutant\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "o.parquet"
+    result = score(tiny_model_dir, wt, "--mutations", path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).num_rows == 2000
+    assert "3 distinct inputs for 3 positions" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path):
+    from esm2cli.jobs.workload import synthetic_sequences
+
+    fasta = write_fasta(tmp_path / "in.fa", list(synthetic_sequences(20, seed=5, max_length=300)))
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"earlier")
+    cmd = [sys.executable, "-m", "esm2cli", "score", fasta, "--pll", "-o", str(out), "--overwrite", "-q",
+           "-m", "esm2_t6_8M", "--load-format", "dummy", "--dtype", "float32", "--devices", "cpu"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / ".o.parquet.tmp"
+    deadline = time.time() + 180
+    while not tmp.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert tmp.exists(), proc.poll()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the output was not written")
+    assert out.read_bytes() == b"earlier" and not tmp.exists()

@@ -1,0 +1,110 @@
+import gzip
+import io
+import sys
+
+import pytest
+
+from esm2cli.errors import FastaError
+from esm2cli.io.fasta import check_sequence, normalise, read_records, scan_fasta
+
+
+def _records(tmp_path, text: str | bytes, name="in.fa"):
+    path = tmp_path / name
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    return list(read_records(path))
+
+
+def test_normalise_upper_case_whitespace_and_stop():
+    assert normalise("mk v\tl a*\r") == "MKVLA"
+    assert normalise("MK*V*") == "MK*V"  # only a trailing stop is dropped
+    assert normalise("**") == "*"
+
+
+def test_id_is_first_word_verbatim_and_rest_is_description(tmp_path):
+    recs = _records(tmp_path, ">sp|P1/2 ü-nicode   Some protein  OS=X\nMKV\n>plain\nAA\n")
+    assert [(r.id, r.description, r.sequence) for r in recs] == [
+        ("sp|P1/2", "ü-nicode   Some protein  OS=X", "MKV"),
+        ("plain", "", "AA"),
+    ]
+    assert [r.position for r in recs] == [1, 2]
+    assert all(r.problem is None for r in recs)
+
+
+def test_multiline_lowercase_crlf_and_blank_lines(tmp_path):
+    recs = _records(tmp_path, b"\r\n>a desc\r\nmkv\r\n\r\nla*\r\n>b\r\nW\r\n")
+    assert [(r.id, r.description, r.sequence) for r in recs] == [("a", "desc", "MKVLA"), ("b", "", "W")]
+
+
+def test_gzip_detected_by_content_not_name(tmp_path):
+    path = tmp_path / "no-gz-suffix.fa"
+    path.write_bytes(gzip.compress(b">a\nMKV\n>b\nLLA\n"))
+    assert [r.sequence for r in read_records(path)] == ["MKV", "LLA"]
+
+
+def test_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b">s1\nMKV\n")))
+    assert [(r.id, r.sequence) for r in read_records("-")] == [("s1", "MKV")]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (">a\n\n>b\nMK\n", "empty sequence"),
+        (">a\n*\n>b\nMK\n", "empty sequence"),
+        (">\nMKV\n>b\nMK\n", "no id"),
+        (">a\nMKJV\n>b\nMK\n", "'J' (first at residue 3)"),
+        (">a\nMK-V\n>b\nMK\n", "'-'"),
+        (">a\nMK1V\n>b\nMK\n", "'1'"),
+        (">a\nMK*V\n>b\nMK\n", "'*'"),
+        (">a\nMKVé\n>b\nMK\n", "'é'"),
+    ],
+)
+def test_invalid_record_is_named_with_reason(tmp_path, text, problem):
+    first, second = _records(tmp_path, text)
+    assert first.problem is not None and problem in first.problem
+    assert second.problem is None
+    assert "record #1" in first.label()
+
+
+def test_check_sequence_lists_allowed_alphabet():
+    assert check_sequence("MKV") is None
+    assert check_sequence("XBUZO") is None
+    msg = check_sequence("MK.V")
+    assert "'.'" in msg and "allowed: ABCDEFGHIKLMNOPQRSTUVWXYZ" in msg.replace("J", "")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("id,sequence\na,MKV\n", "line 1 is not a FASTA header"),
+        ("\n\nhello\n>a\nMKV\n", "line 3 is not a FASTA header"),
+        (b">a\nMK\xff\xfeV\n", "not UTF-8"),
+        (b"\x1f\x8b\x08\x00garbage", "cannot read"),
+    ],
+)
+def test_unreadable_files_raise_clear_errors(tmp_path, content, message):
+    with pytest.raises(FastaError, match=message):
+        _records(tmp_path, content)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FastaError, match="no such file"):
+        list(read_records(tmp_path / "nope.fa"))
+
+
+def test_empty_file_has_no_records(tmp_path):
+    assert _records(tmp_path, "") == []
+    assert _records(tmp_path, "\n\n") == []
+
+
+def test_scan_counts_invalid_duplicates_and_long(tmp_path):
+    path = tmp_path / "in.fa"
+    path.write_text(">a\nMKV\n>b\nMK1\n>a\nMMMMM\n>c\n\n>a\nL\n")
+    scan = scan_fasta(path, truncate=4)
+    assert (scan.records, scan.valid, scan.too_long) == (5, 3, 1)
+    assert [r.id for r in scan.invalid] == ["b", "c"]
+    assert scan.duplicate_ids == {"a": 3}
+    assert scan.residues == 3 + 4 + 1
