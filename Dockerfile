@@ -26,15 +26,16 @@ RUN apt-get update \
 # Dependencies first, in their own layers: they are rebuilt only when the torch pin, pyproject.toml or
 # constraints.txt change, not on every code change. torch comes from the CUDA index at the version that
 # constraints.txt pins (its +cu128 local version satisfies the pin); the second install then brings
-# every other package, torch's own dependencies included, to the versions constraints.txt pins.
+# every other package, torch's own dependencies included, to the versions constraints.txt pins, with the
+# [h5] extra (h5py) so that `-o out.h5` and `--format h5` work in the image as they do elsewhere.
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 RUN mkdir esm2cli && touch esm2cli/__init__.py \
-    && pip install -c constraints.txt . && pip uninstall -y esm2cli && rm -rf esm2cli
+    && pip install -c constraints.txt ".[h5]" && pip uninstall -y esm2cli && rm -rf esm2cli
 
 COPY esm2cli ./esm2cli
-RUN pip install --no-deps . && esm2cli --version
+RUN pip install --no-deps . && esm2cli --version && python -c "import h5py"
 
 # Non-root; the Hugging Face cache is a volume, so that weights are downloaded once per node or PVC.
 # The image also runs with a read-only root filesystem given writable /tmp and /cache volumes.

@@ -1,37 +1,61 @@
 # Every target sets up .venv on first use: `make demo` or `make test` on a fresh clone is enough.
+# torch: the version constraints.txt pins. From PyPI that is, on Linux x86_64, the CUDA build (several GB of
+# nvidia-* wheels); `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` installs PyTorch's CPU-only
+# build instead (about 200 MB). macOS and Windows get a CPU build from PyPI either way.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
+DOCS_STAMP := $(VENV)/.docs-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+TORCH_INDEX_URL ?=
 
 IMAGE ?= esm2cli:0.1.0
 BASE_IMAGE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 BASE_DIGEST ?=
 
-.PHONY: install test demo lint format image gpu-wheels clean
+.PHONY: install test demo docs docs-serve lint format image gpu-wheels clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The runtime: what esm2cli needs to run (make demo). The tests and the docs add their extras on top.
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(PIP_INSTALL) --index-url $(TORCH_INDEX_URL) "$$(grep '^torch==' constraints.txt)")
+	$(PIP_INSTALL) -c constraints.txt -e .
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
 	$(PIP_INSTALL) -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+$(DOCS_STAMP): $(RUNTIME_STAMP)
+	$(PIP_INSTALL) -c constraints.txt -e ".[docs]"
+	touch $@
 
-test: $(STAMP)
+install: $(RUNTIME_STAMP)
+
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/esm2cli embed examples/demo.fasta -o demo-out/demo.parquet \
 		-m esm2_t6_8M --load-format dummy --devices sim:2 --overwrite
 	$(PY) -c "import pyarrow.parquet as pq; t = pq.read_table('demo-out/demo.parquet'); \
 	print(t.schema); print(t.select(['id', 'length', 'truncated']).slice(0, 5).to_pylist())"
+	@echo "Random weights: these embeddings are meaningless. Next: .venv/bin/esm2cli --help (or: source .venv/bin/activate)"
 
-lint: $(STAMP)
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page left out.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check esm2cli tests benchmarks
 	$(VENV)/bin/ruff format --check esm2cli tests benchmarks
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format esm2cli tests benchmarks
 	$(VENV)/bin/ruff check --fix esm2cli tests benchmarks
 
@@ -55,4 +79,4 @@ gpu-wheels:
 		$$(for p in $(GPU_WHEELS); do grep -i -E "^$$p==" constraints.txt; done)
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out site .pytest_cache

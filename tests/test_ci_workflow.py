@@ -18,9 +18,11 @@ def test_matrix_runs_the_readme_test_command_and_the_lint():
     job = load_workflow()["jobs"]["test"]
     assert job["strategy"]["matrix"]["python-version"] == ["3.11", "3.12"]
     runs = [step.get("run", "").strip() for step in job["steps"]]
-    assert "make test" in runs and "make lint" in runs
+    assert "make test" in runs and "make lint" in runs and "make docs" in runs
     assert "make test" in (ROOT / "README.md").read_text()  # the README's command
-    assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")  # .ci/run runs the same
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    assert ci_run.strip().endswith("make test") and "make docs" in ci_run  # .ci/run runs the same
+    assert re.search(r"^docs:.*\n\t.*mkdocs build --strict", (ROOT / "Makefile").read_text(), re.M)
 
 
 def test_pip_cache_keyed_on_the_pins_and_torch_from_the_cpu_index():

@@ -121,7 +121,7 @@ def _summary_line(summary, output, shard=None) -> str:
     default="auto",
     show_default=True,
     envvar="ESM2CLI_FORMAT",
-    help="auto: HDF5 when OUTPUT ends in .h5 or .hdf5 (needs esm2cli[h5]), else Parquet; the parts' format "
+    help="auto: HDF5 when OUTPUT ends in .h5 or .hdf5 (needs h5py), else Parquet; the parts' format "
     "with --shard-count (auto: Parquet).",
 )
 @click.option(

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 SUFFIXES = (".h5", ".hdf5")
 PER_TOKEN_GROUP = "per_token"
-INSTALL = 'pip install "esm2cli[h5]"'
+INSTALL = "pip install h5py"  # the [h5] extra's one package; esm2cli is installed from a clone, not PyPI
 _RESERVED = {".", PER_TOKEN_GROUP}
 
 
