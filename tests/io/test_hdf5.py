@@ -184,7 +184,7 @@ def test_missing_h5py_is_one_line(tmp_path, fasta, tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py raises ImportError
     result = embed(fasta, "-o", tmp_path / "out.h5", "-m", tiny_model_dir)
     assert result.exit_code == 2
-    assert 'HDF5 output needs h5py, which is not installed: pip install h5py' in result.output
+    assert "HDF5 output needs h5py, which is not installed: pip install h5py" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.h5").exists()
     assert embed(fasta, "-o", tmp_path / "out.parquet", "-m", tiny_model_dir).exit_code == 0  # Parquet needs none
 
