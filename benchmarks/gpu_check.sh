@@ -37,7 +37,7 @@ part() { [[ "$PARTS" == *" $1 "* ]]; }
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
 
-part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_gpu.py 2>&1 \
+part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_model.py tests/runtime/test_gpu.py 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 
 part bench && for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do
