@@ -201,17 +201,18 @@ def test_a_dead_worker_leaves_the_queue_to_the_others_but_stops_new_work():
 
 
 def test_close_with_cancel_skips_queued_work():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
     class Slow(FakeEmbedder):
         def embed_batch(self, seqs):
+            started.set()
             gate.wait(5)
             return super().embed_batch(seqs)
 
     replica = Slow("sim:0")
     engine = Engine([replica], queue_depth=3).start()
     running = engine.submit(["A"])
-    time.sleep(0.05)
+    assert started.wait(5)  # the replica holds A: the three B's are what is queued
     queued = [engine.submit(["B"]) for _ in range(3)]
     threading.Timer(0.1, gate.set).start()
     engine.close(cancel=True)
