@@ -51,10 +51,10 @@ def test_pull_dispatch_keeps_the_idle_replica_busy_while_another_is_slow():
         futures = [engine.submit([f"B{i}"]) for i in range(20)]
         [f.result(timeout=10) for f in futures]
     seconds = time.perf_counter() - start
-    assert len(fast.seen) >= 15, (len(slow.seen), len(fast.seen))
-    assert seconds < 1.5
+    assert len(fast.seen) >= 15, (len(slow.seen), len(fast.seen))  # the contract; the times below are margins
+    assert seconds < 10 * 0.3  # round-robin's time; pulling takes about half, so a loaded machine keeps 2x
     busy = engine.busy_seconds()
-    assert busy["sim:1"] > 0.1 and busy["sim:0"] < 1.5
+    assert busy["sim:1"] > 0.1 and busy["sim:0"] < 0.3 * len(slow.seen) + 1.0
 
 
 def test_warm_up_runs_one_batch_on_every_replica():

@@ -5,6 +5,7 @@ and several. The expected schema is written out here from the README's table, no
 from __future__ import annotations
 
 import json
+
 import h5py
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY, write_fasta
+from conftest import TINY
 from esm2cli.cli import cli
 from esm2cli.hdf5 import PER_TOKEN_GROUP
 
@@ -91,7 +92,8 @@ def test_parquet_schema_is_the_documented_one(tmp_path, fasta, tiny_model_dir, c
     meta = json.loads(schema.metadata[b"esm2cli"])
     assert set(meta) == METADATA_KEYS
     assert set(meta["identity"]) == IDENTITY_KEYS
-    assert meta["layers"] == ([1, 3] if "--layers" in extra else [3]) and meta["identity"]["per_token"] == bool(per_token)
+    assert meta["layers"] == ([1, 3] if "--layers" in extra else [3])
+    assert meta["identity"]["per_token"] == bool(per_token)
     table = pq.read_table(out)
     assert table["id"].to_pylist() == ["p1", "p2"]
     assert table["description"].to_pylist() == ["first protein", ""]

@@ -25,9 +25,10 @@ def body_of(size: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def small_body_server(tiny_model_dir):
-    with live_server(make_app(tiny_model_dir, max_body_bytes=LIMIT)) as url, httpx.Client(base_url=url, timeout=30) as c:
-        wait_healthy(c)
-        yield c
+    app = make_app(tiny_model_dir, max_body_bytes=LIMIT)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_healthy(client)
+        yield client
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
