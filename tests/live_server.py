@@ -25,8 +25,8 @@ def live_server(app, port: int | None = None):
     """Serves ``app`` on 127.0.0.1 until the block ends, as esm2cli serve does; yields its base URL."""
     from esm2cli.serve.connections import uvicorn_config
 
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port, lifespan="on"))
+    # Port 0: the kernel picks a free port at bind time, read back below (no free-then-bind race).
+    server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port or 0, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -34,6 +34,7 @@ def live_server(app, port: int | None = None):
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

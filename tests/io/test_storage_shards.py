@@ -138,7 +138,7 @@ def test_denied_maps_to_one_line():
     assert isinstance(describe(FileNotFoundError("x"), "s3://b/k"), StorageError)
 
 
-def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records, tiny_model_dir, reference):
+def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records, tiny_model_dir, reference, reap):
     client, bucket = s3
     text = "".join(f">{rec_id}\n{seq}\n" for rec_id, seq in records)
     client.put_object(Bucket=bucket, Key="in.fa", Body=text.encode())
@@ -149,6 +149,8 @@ def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records,
         )  # fmt: skip
         for i in range(3)
     ]
+    for proc in procs:
+        reap(proc)
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
@@ -220,7 +222,7 @@ def _summary(stderr: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True])
-def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, sharded):
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, sharded, reap):
     """The 8M architecture with random weights: slow enough on the CPU to be killed half-way."""
     proteins = list(synthetic_sequences(48, seed=4, max_length=500))
     fa = write_fasta(tmp_path / "in.fa", proteins)
@@ -240,6 +242,7 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, shard
     fresh_table = pq.read_table(fresh_target)
 
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reap(proc)
     kept = _kill_when_chunks(proc, work, chunks=3)
     assert not target.exists()
     rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)

@@ -293,9 +293,10 @@ def slow_fasta(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_exit_130_or_143_with_one_line_and_the_rerun_resumes(tmp_path, slow_fasta, sig, code):
+def test_signals_exit_130_or_143_with_one_line_and_the_rerun_resumes(tmp_path, slow_fasta, sig, code, reap):
     out = tmp_path / "out.parquet"
     proc = subprocess.Popen(_slow_run(slow_fasta, out, "-q"), env=_env(), stderr=subprocess.PIPE, text=True)
+    reap(proc)
     _wait_for_chunks(tmp_path / "_out.parquet.parts", 2, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
@@ -309,13 +310,15 @@ def test_signals_exit_130_or_143_with_one_line_and_the_rerun_resumes(tmp_path, s
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_held_output_is_refused_at_once_and_a_dead_holder_does_not_keep_it(tmp_path, slow_fasta):
+def test_a_second_run_on_a_held_output_is_refused_at_once_and_a_dead_holder_does_not_keep_it(tmp_path, slow_fasta,
+                                                                                            reap):  # fmt: skip
     out = tmp_path / "out.parquet"
     # The first run reads stdin from a pipe left open: it takes the lock, then waits for its input, so it
     # holds the output however fast the machine computes.
     first = subprocess.Popen(
         _slow_run("-", out, "-q"), env=_env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    reap(first)
     _wait_for_lock(tmp_path / ".out.parquet.lock", first)
     second = subprocess.run(_slow_run(slow_fasta, out), env=_env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr

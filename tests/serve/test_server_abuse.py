@@ -32,6 +32,7 @@ def guarded(tiny_model_dir):
         yield url, client
 
 
+@pytest.mark.slow  # the exact max_queue boundary has a fast twin: test_server_limits.py
 def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_model_dir, proteins):
     # The case: 60 requests of 64 x 1,022 residues whose sockets close at once. Without
     # cancellation the queue stays full (others get 429) while the replicas compute answers for nobody.
