@@ -5,13 +5,11 @@ import json
 import os
 import resource
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from live_server import free_port, live_server, make_app, metric, raw_exchange, slow_replicas, wait_healthy
+from live_server import live_server, make_app, metric, raw_exchange, serve_process, slow_replicas, wait_healthy
 
 from esm2cli.runtime.replica import BatchEmbeddings
 
@@ -207,17 +205,15 @@ def test_a_server_error_is_a_json_500_and_counted(tiny_model_dir):
 def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
     # A server with few file descriptors and a flood of idle connections: accept() fails with EMFILE
     # about once a second; the log gets one line, not one traceback each time.
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
-    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-           "--port", str(port), "--max-connections", "4000", "--header-timeout", "30"]  # fmt: skip
+    args = ["-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32", "--max-connections", "4000",
+            "--header-timeout", "30"]  # fmt: skip
 
     def few_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     log_path = tmp_path / "stderr.log"
-    log_file = log_path.open("w")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen(cmd, env=env, stderr=log_file, preexec_fn=few_files)
+    proc, port = serve_process(args, log_path, env=env, preexec_fn=few_files)
     flood = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -240,7 +236,6 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
             sock.close()
         if proc.poll() is None:
             proc.kill()
-        log_file.close()
     err = log_path.read_text()
     assert "does not fit the open-file limit (256)" in err  # the cap was lowered to fit
     assert err.count("cannot accept connections") == 1, err[-3000:]
