@@ -43,6 +43,13 @@ def window_starts(length: int, width: int, overlap: int) -> list[int]:
     return starts + [length - width]
 
 
+def window_count(length: int, width: int, overlap: int) -> int:
+    """How many windows window_starts gives, without listing them (a huge protein must be refused cheaply)."""
+    if length <= width:
+        return 1
+    return -(-(length - width) // (width - overlap)) + 1
+
+
 def split_windows(sequence: str, width: int, overlap: int) -> list[str]:
     """The windows of a sequence, in order."""
     return [sequence[s : s + width] for s in window_starts(len(sequence), width, overlap)]

@@ -177,3 +177,11 @@ def test_serve_gives_what_embed_gives_in_window_mode(tmp_path, tiny_model_dir, p
     assert usage.status_code == 200, usage.text
     assert usage.json()["usage"]["prompt_tokens"] == 7 * (W + 2)  # tokens as the model saw them: 7 windows
     np.testing.assert_allclose(usage.json()["data"][0]["embedding"], items[-1]["embedding"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("width, overlap", [(50, 0), (50, 10), (50, 49), (1022, 1021)])
+def test_window_count_matches_the_listed_windows(width, overlap):
+    from esm2cli.runtime.windows import window_count
+
+    for length in (1, width - 1, width, width + 1, 3 * width + 7, 5000):
+        assert window_count(length, width, overlap) == len(window_starts(length, width, overlap)), length
