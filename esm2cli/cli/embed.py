@@ -56,8 +56,9 @@ def _summary_line(summary, output, shard=None) -> str:
     "--output",
     required=True,
     envvar="ESM2CLI_OUTPUT",
-    help="Parquet file to write, or HDF5 for a name ending in .h5 (a path or an fsspec URL such as "
-    "s3://bucket/out.parquet); with --shard-count, the directory or prefix of the parts.",
+    help="Parquet file to write (.parquet, .pq or no extension), or HDF5 for a name ending in .h5 or .hdf5 "
+    "(a path or an fsspec URL such as s3://bucket/out.parquet); with --shard-count, the directory or prefix "
+    "of the parts. Other extensions, and - (stdout), are refused.",
 )
 @model_options
 @embedding_options

@@ -482,6 +482,7 @@ def embed_fasta(
     from esm2cli.model.architecture import resolve_source
 
     shard_cfg = shard or ShardConfig()
+    storage.check_output_name(output, sharded=shard is not None)
     target = output_target(output, shard)
     check_target(str(fasta), target, shard)
     if embed.long_sequences == "window":  # the overlap means nothing to the other modes

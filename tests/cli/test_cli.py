@@ -173,6 +173,31 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize(
+    "name, message",
+    [
+        ("out.csv", "embed writes Parquet (.parquet, .pq) or HDF5 (.h5, .hdf5), not .csv"),
+        ("out.NPY", "not .npy"),
+        ("-", "-o -: embed writes a file (Parquet or HDF5), not a stream to stdout"),
+    ],
+)
+def test_an_output_name_of_another_format_or_stdout_is_refused(tmp_path, tiny_model_dir, name, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    result = run(fa, "-o", name, "-m", tiny_model_dir)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]  # nothing written, no file named '-'
+
+
+def test_output_names_of_the_written_formats_and_without_extension_are_parquet(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    for name in ("out.pq", "run.d/out"):
+        (tmp_path / "run.d").mkdir(exist_ok=True)
+        embed_ok(fa, "-o", tmp_path / name, "-m", tiny_model_dir, "-q")
+        assert pq.read_table(tmp_path / name).num_rows == 1
+
+
+@pytest.mark.parametrize(
     "args, code, message",
     [
         (["-m", "/nonexistent/model"], 1, "no such model directory"),
