@@ -45,7 +45,8 @@ def _summary_line(summary, output, shard=None) -> str:
     oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
     return (
         f"embedded {summary.sequences:,} sequences{note} -> {target} "
-        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}{oom}"
+        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) "
+        f"with {summary.model} in {summary.dtype} on {devices}{oom}"
     )
 
 

@@ -71,6 +71,8 @@ class EmbedSummary:
     oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
+    model: str = ""
+    dtype: str = ""  # as resolved (never "auto")
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -559,6 +561,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     summary.seconds = time.perf_counter() - start
     summary.skipped = [rec.id or f"#{rec.position}" for rec in invalid]
     summary.devices = [d.name for d in setup.devices]
+    summary.model, summary.dtype = model.model, setup.dtype
     return summary
 
 

@@ -277,3 +277,16 @@ def test_help_is_fast_and_does_not_import_torch():
     code = "import sys; from esm2cli.cli import cli; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False"
+
+
+def test_the_summary_line_and_the_metadata_name_the_model_and_the_resolved_dtype(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("b", "GSHM")])
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(cli, ["embed", fa, "-o", str(out), "-m", tiny_model_dir, "--dtype", "auto"])
+    assert result.exit_code == 0, result.output
+    dtype = read_metadata(out)["dtype"]
+    assert dtype in ("float32", "bfloat16", "float16")  # resolved, never "auto"
+    assert f"with {tiny_model_dir} in {dtype} on " in result.stderr.splitlines()[-1]
+    forced = embed_ok(fa, "-o", tmp_path / "f32.parquet", "-m", tiny_model_dir, "--dtype", "float32")
+    assert f"with {tiny_model_dir} in float32 on " in forced.stderr.splitlines()[-1]
+    assert read_metadata(tmp_path / "f32.parquet")["dtype"] == "float32"
