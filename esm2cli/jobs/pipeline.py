@@ -340,20 +340,28 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
     """Stops the run before any compute when the input holds records it cannot embed.
 
+    Every kind of problem is reported in one message (each list bounded), so that fixing the input
+    takes one pass, not one run per kind.
+
     Raises:
         FastaError: Invalid records (without skip_invalid), duplicate ids (without
             allow_duplicate_ids), or nothing left to embed. The message names the records.
     """
+    problems = []
     if scan.invalid and not inputs.skip_invalid:
-        raise FastaError(
-            f"{fasta}: {len(scan.invalid)} of {scan.records} records cannot be embedded "
+        problems.append(
+            f"{len(scan.invalid)} of {scan.records} records cannot be embedded "
             f"(use --skip-invalid to embed the others):\n{describe_invalid(scan.invalid)}"
         )
     if scan.duplicate_ids and not inputs.allow_duplicate_ids:
-        raise FastaError(
-            f"{fasta}: {len(scan.duplicate_ids)} id(s) occur more than once "
+        problems.append(
+            f"{len(scan.duplicate_ids)} id(s) occur more than once "
             f"(use --allow-duplicate-ids to keep them all):\n{describe_duplicates(scan.duplicate_ids)}"
         )
+    if len(problems) == 1:
+        raise FastaError(f"{fasta}: {problems[0]}")
+    if problems:
+        raise FastaError(f"{fasta}: {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
     if scan.valid == 0:
         raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
 

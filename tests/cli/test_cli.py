@@ -134,6 +134,21 @@ def test_hostile_fasta_stops_before_compute_with_a_clear_message(tmp_path, tiny_
     assert not out.exists() and not (tmp_path / ".out.parquet.tmp").exists()
 
 
+def test_every_problem_of_the_input_is_reported_in_one_pass_and_bounded(tmp_path, tiny_model_dir):
+    fa = tmp_path / "in.fa"
+    fa.write_text(">a\nMKV\n>bad\nMKJV\n>a\nLLW\n")
+    result = run(fa, "-o", tmp_path / "out.parquet", "-m", str(tmp_path / "no-model-needed"))
+    assert result.exit_code == 2, result.output
+    for part in ("2 problems", "1 of 3 records cannot be embedded", "'bad'", "duplicate id 'a' (2 records)"):
+        assert part in result.output, part
+    many = "".join(f">bad{i}\nMK1V\n>dup{i}\nMKV\n>dup{i}\nMKV\n" for i in range(30))
+    fa.write_text(many)
+    result = run(fa, "-o", tmp_path / "out.parquet", "-m", str(tmp_path / "no-model-needed"))
+    assert result.exit_code == 2, result.output
+    assert "... and 10 more invalid records" in result.output and "... and 10 more duplicate ids" in result.output
+    assert len(result.output.splitlines()) < 50
+
+
 def test_binary_file(tmp_path, tiny_model_dir):
     fa = tmp_path / "in.fa"
     fa.write_bytes(b">a\nMK\x00\xff\xfe\n")
