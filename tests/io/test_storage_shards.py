@@ -193,6 +193,18 @@ def test_merge_names_missing_shards(tmp_path, records, tiny_model_dir):
     assert result.exit_code == 2 and "2 of 3 shards are not finished: 0, 2" in result.output
 
 
+def test_merge_calls_an_unreadable_part_unreadable_not_another_run(tmp_path, records, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", records[:6])
+    for i in range(2):
+        cli_ok(*embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 2, "--shard-index", i))
+    part = tmp_path / "emb" / "part-00001-of-00002.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # cut short (a copy that failed, a full disk)
+    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 2, result.output
+    assert "part-00001-of-00002.parquet cannot be read as a part of an esm2cli run (truncated" in result.output
+    assert "another run" not in result.output and not (tmp_path / "all.parquet").exists()
+
+
 def test_shard_options_are_checked(tmp_path, tiny_model_dir):
     fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
     result = CliRunner().invoke(cli, embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 2))
