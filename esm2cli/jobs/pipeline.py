@@ -483,9 +483,9 @@ def embed_fasta(
     from esm2cli.model.architecture import resolve_source
 
     shard_cfg = shard or ShardConfig()
-    storage.check_output_name(output, sharded=shard is not None)
     target = output_target(output, shard)
-    check_target(str(fasta), target, shard)
+    check_target(str(fasta), target, shard)  # first: "is the input file" says more than a wrong extension
+    storage.check_output_name(output, sharded=shard is not None)
     if embed.long_sequences == "window":  # the overlap means nothing to the other modes
         check_overlap(embed.truncate, embed.window_overlap)
     if embed.contacts and embed.long_sequences == "window":

@@ -113,8 +113,8 @@ def test_embed_from_s3_to_s3(s3, s3_endpoint, tmp_path, records, tiny_model_dir,
 def test_storage_errors_are_one_clear_line(s3, tmp_path, tiny_model_dir, source, output, code, message):
     _, bucket = s3
     local = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
-    args = embed_args(source.format(bucket=bucket, local=local), output.replace("out.parquet", str(tmp_path / "o.p")),
-                      tiny_model_dir)  # fmt: skip
+    out = output.replace("out.parquet", str(tmp_path / "o.parquet"))
+    args = embed_args(source.format(bucket=bucket, local=local), out, tiny_model_dir)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, result.output
     assert message in result.output and "Traceback" not in result.output
