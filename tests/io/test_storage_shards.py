@@ -112,8 +112,8 @@ def test_embed_from_s3_to_s3(s3, s3_endpoint, tmp_path, records, tiny_model_dir,
 def test_storage_errors_are_one_clear_line(s3, tmp_path, tiny_model_dir, source, output, code, message):
     _, bucket = s3
     local = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
-    args = embed_args(source.format(bucket=bucket, local=local), output.replace("out.parquet", str(tmp_path / "o.p")),
-                      tiny_model_dir)  # fmt: skip
+    out = output.replace("out.parquet", str(tmp_path / "o.parquet"))
+    args = embed_args(source.format(bucket=bucket, local=local), out, tiny_model_dir)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -192,6 +192,18 @@ def test_merge_names_missing_shards(tmp_path, records, tiny_model_dir):
     cli_ok(*embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1))
     result = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
     assert result.exit_code == 2 and "2 of 3 shards are not finished: 0, 2" in result.output
+
+
+def test_merge_calls_an_unreadable_part_unreadable_not_another_run(tmp_path, records, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", records[:6])
+    for i in range(2):
+        cli_ok(*embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 2, "--shard-index", i))
+    part = tmp_path / "emb" / "part-00001-of-00002.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # cut short (a copy that failed, a full disk)
+    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 2, result.output
+    assert "part-00001-of-00002.parquet cannot be read as a part of an esm2cli run (truncated" in result.output
+    assert "another run" not in result.output and not (tmp_path / "all.parquet").exists()
 
 
 def test_shard_options_are_checked(tmp_path, tiny_model_dir):

@@ -214,6 +214,28 @@ def test_full_queue_answers_429_at_once_with_retry_after(tiny_model_dir):
     assert {r[0] for r in results} == {200, 429}
 
 
+def test_a_request_that_can_never_fit_the_queue_is_413_naming_the_limit(tiny_model_dir):
+    import openai
+
+    embed = EmbedConfig(truncate=50, long_sequences="window", window_overlap=10)
+    app = make_app(tiny_model_dir, embed=embed, max_queue=6, max_client_batch=16)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_healthy(client)
+        assert client.post("/predict", json={"sequence": "MKVLA" * 40}).status_code == 200  # 5 windows: fits
+        answer = client.post("/predict", json={"sequence": "MKVLA" * 60})  # 300 residues: 8 windows of 50 (stride 40)
+        assert answer.status_code == 413, answer.text
+        assert "needs 8 queue places" in answer.json()["error"] and "--max-queue 6" in answer.json()["error"]
+        assert "retry-after" not in answer.headers
+        answer = client.post("/predict/batch", json={"sequences": [{"sequence": "MKV"}] * 7})
+        assert answer.status_code == 413 and "needs 7 queue places" in answer.json()["error"]
+        # The openai client retries 429 (by default, a queue that never drains: forever); 413 it does not.
+        model_id = client.get("/v1/models").json()["data"][0]["id"]
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=2)
+        with pytest.raises(openai.APIStatusError, match="--max-queue 6") as info:
+            api.embeddings.create(model=model_id, input="MKVLA" * 60)
+        assert info.value.status_code == 413
+
+
 def test_request_timeout_is_503(tiny_model_dir):
     app = make_app(tiny_model_dir, loader_wrap=slow_replicas(1.0), request_timeout_s=0.2)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:

@@ -118,7 +118,7 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(8)]
         time.sleep(0.2)
-        raw = raw_exchange(url, b"GET /live HTTP/1.1\r\nhost: t\r\n\r\n")
+        raw = raw_exchange(url, b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
         assert _status(raw) == 503 and b"retry-after: 1" in raw.lower()
         assert "too many open connections" in _json_body(raw)["error"]
         for sock in idle:
@@ -127,6 +127,30 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.get("/live").status_code == 200
             assert metric(client, 'esm2cli_connections_closed_total{reason="over_capacity"}') == 1
+
+
+def test_probes_are_answered_while_idle_connections_fill_the_cap(tiny_model_dir):
+    app = make_app(tiny_model_dir, max_connections=4, header_timeout_s=30)
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            wait_healthy(client)
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            # raw_exchange reads until the server closes: a probe over the cap gets one answer, then the close.
+            for request in (b"GET /live HTTP/1.1\r\nhost: t\r\n\r\n", b"GET /health?x=1 HTTP/1.1\r\nhost: t\r\n\r\n"):
+                raw = raw_exchange(url, request)
+                assert _status(raw) == 200, raw
+            raw = raw_exchange(url, b"HEAD /live HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert _status(raw) == 200, raw
+            # Not a probe: still refused while the cap holds, also a path that merely starts like one.
+            for request in (b"POST /predict HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}",
+                            b"GET /lively HTTP/1.1\r\nhost: t\r\n\r\n"):  # fmt: skip
+                assert _status(raw_exchange(url, request)) == 503
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 @pytest.mark.parametrize(

@@ -158,3 +158,22 @@ def test_cli_keys_from_options_env_and_file_never_logged_and_access_log_on_stder
     for secret in (key_env, KEY_A, KEY_B, "k-wrong", "QUERYSECRET", "token="):
         assert secret not in err, secret
     assert "no API key is set" not in err
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# the key goes here\n  \n#another\n"])
+def test_cli_refuses_an_api_key_file_without_a_key(tmp_path, text):
+    key_file = tmp_path / "keys"
+    key_file.write_text(text)
+    result = CliRunner().invoke(cli, ["serve", "--api-key-file", str(key_file)])
+    assert result.exit_code == 2, result.output
+    assert "holds no key" in result.output and str(key_file) in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_read_key_file_refuses_a_file_of_comments_only(tmp_path):
+    from esm2cli.errors import ConfigError
+    from esm2cli.serve.auth import read_key_file
+
+    (tmp_path / "keys").write_text("# none yet\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        read_key_file(tmp_path / "keys")
