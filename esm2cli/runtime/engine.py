@@ -139,16 +139,28 @@ def build_engine(
         replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts, weights=model.simulate is None
     )
     layers = resolve_layers(embed.layers, loaded.num_layers)
+    # The one place the token budget is decided: every command reads setup.batch.
+    batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
     if model.simulate:
         from esm2cli.runtime.modeled import build_modeled_replicas
 
         replicas = build_modeled_replicas(loaded, devices, embed, model.simulate, dtype)
     else:
-        replicas = build_replicas(loaded, devices, embed)
-    # The one place the token budget is decided: every command reads setup.batch.
-    batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
+        replicas = build_replicas(loaded, devices, embed, batch)
+        _capture_graphs(replicas)
     engine = Engine(replicas, queue_depth=queue_depth)
     return EngineSetup(engine, loaded, layers, devices, dtype, batch, list(replicas))
+
+
+def _capture_graphs(replicas: Sequence[Any]) -> None:
+    """Captures every CUDA replica's graphs before the first batch, the replicas side by side."""
+    cuda = [r for r in replicas if getattr(r, "graphs", None) is not None]
+    if not cuda:
+        return
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(cuda)) as pool:
+        list(pool.map(lambda r: r.warm_up(), cuda))
+    log.info("CUDA graphs ready on %d device(s) in %.1f s", len(cuda), time.perf_counter() - start)
 
 
 class Engine:

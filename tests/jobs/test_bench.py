@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 from esm2cli.cli import cli
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ModeledGPU
+from esm2cli.config import BatchConfig, ModelConfig, ModeledGPU
 from esm2cli.jobs.bench import (
     BenchReport,
     BenchRow,
@@ -23,18 +23,15 @@ from esm2cli.jobs.bench import (
 )
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.load import load_model
-from esm2cli.runtime.devices import Device
-from esm2cli.runtime.replica import build_replicas
 
 
 def test_model_flops_match_torchs_flop_counter(tiny_model_dir):
-    loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"))
-    rep = build_replicas(loaded, [Device("cpu", "cpu")], EmbedConfig())[0]
-    loaded.model.set_attn_implementation("eager")  # torch's counter skips the CPU flash kernel, not matmuls
+    loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"), keep_reference=True)
+    loaded.reference.set_attn_implementation("eager")  # torch's counter skips the CPU flash kernel, not matmuls
     for length in (10, 200):
-        ids = rep.tokenize(["M" * length])
+        ids = torch.tensor([[loaded.cls_id] + [int(loaded.token_lut[ord("M")])] * length + [loaded.eos_id]])
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            loaded.reference(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert model_flops([length], loaded.num_layers, loaded.hidden_size) == pytest.approx(
             counter.get_total_flops(), rel=0.01
         )
