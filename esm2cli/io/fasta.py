@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import unicodedata
+from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class FastaScan:
 
     records: int = 0
     sha256: str = ""
+    record_digests: array[int] = field(default_factory=lambda: array("Q"))  # one a record, in file order
     valid: int = 0
     residues: int = 0
     too_long: int = 0
@@ -179,7 +181,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_lengt
     """
 
     scan = FastaScan()
-    hasher = RecordHasher()
+    hasher = RecordHasher(keep_digests=True)
     seen: set[str] = set()
     for record in read_records(source, max_length):
         scan.records += 1
@@ -194,6 +196,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_lengt
             scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
         seen.add(record.id)
     scan.sha256 = hasher.hexdigest()
+    scan.record_digests = hasher.digests
     return scan
 
 

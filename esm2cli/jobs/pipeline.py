@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -30,7 +30,7 @@ from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, read_recor
 from esm2cli.io.identity import describe_changes, model_identity, same_file, stdin_is
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
-from esm2cli.io.records import Record, hash_records
+from esm2cli.io.records import Record, chunk_digest, hash_records
 from esm2cli.io.schema import Rows, build_schema
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
@@ -274,6 +274,7 @@ def embed_records(
     progress: ProgressFn | None = None,
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
+    digests: Sequence[int] | None = None,
 ) -> EmbedSummary:
     """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
 
@@ -291,6 +292,8 @@ def embed_records(
         progress: Called with (sequences, residues) as each batch completes.
         earlier: Chunks committed by an earlier run, by start: reused when their records hash the same.
         limit: When to close a chunk (default: from ``batch``).
+        digests: The records' digests from the check pass (FastaScan.record_digests), which identify the
+            chunks; None hashes each chunk's records here (callers without a check pass).
 
     Returns:
         Counts for the summary line, and the chunks that make the output, in order (seconds and
@@ -317,7 +320,8 @@ def embed_records(
                 progress(rows, residues)
 
     for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed):
-        chunk = Chunk(start, stop, hash_records(chunk_records))
+        sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)
+        chunk = Chunk(start, stop, sha)
         valid = [r for r in chunk_records if r.problem is None]
         summary.chunks.append(chunk)
         if old is not None:
@@ -547,7 +551,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     try:
         with setup.engine if owned else nullcontext(setup.engine) as engine:
             mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
-            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit)
+            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit, scan.record_digests)
             summary.oom_splits = engine.oom_splits()
         writer.finish()
     except Interrupted:
