@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -32,6 +32,7 @@ from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
 from esm2cli.io.records import Record, hash_records
 from esm2cli.io.schema import Rows, build_schema
+from esm2cli.jobs.reuse import ChunkReuse, ReusedRows, done_future, open_reuse, reuse_stamps, row_hashes
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
 from esm2cli.runtime.replica import BatchEmbeddings
@@ -67,6 +68,8 @@ class EmbedSummary:
     deduplicated: int = 0
     resumed: int = 0
     recomputed: int = 0
+    reused: int = 0  # rows copied from earlier outputs (--reuse)
+    reused_from: dict[str, int] = field(default_factory=dict)
     already_complete: bool = False
     oom_splits: int = 0
     seconds: float = 0.0
@@ -101,6 +104,7 @@ class _ChunkWork:
     missing: int = 0
     owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
     row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
+    reused: ReusedRows | None = None  # the chunk's rows copied from earlier outputs (--reuse); records are the rest
 
     @classmethod
     def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> _ChunkWork:
@@ -176,7 +180,7 @@ class _ChunkWork:
                 pooled[layer][row] = stitch_pooled(embed.pooling, stitched, [matrix[i] for i in ids])
                 if embed.per_token:
                     per_token[layer].append(stitched)
-        return Rows(
+        rows = Rows(
             ids=[r.id for r in recs],
             descriptions=[r.description for r in recs],
             lengths=[len(r.sequence) for r in recs],
@@ -185,7 +189,9 @@ class _ChunkWork:
             per_token=per_token,
             windows=[len(ids) for ids in self.parts],
             contacts=[self.contacts[ids[0]] for ids in self.parts] if embed.contacts else None,
+            sequence_sha256=row_hashes(recs, embed),
         )
+        return self.reused.merge(rows) if self.reused is not None else rows
 
 
 class ChunkLimit:
@@ -252,6 +258,7 @@ def embed_records(
     progress: ProgressFn | None = None,
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
+    reuse: ChunkReuse | None = None,
 ) -> EmbedSummary:
     """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
 
@@ -269,6 +276,7 @@ def embed_records(
         progress: Called with (sequences, residues) as each batch completes.
         earlier: Chunks committed by an earlier run, by start: reused when their records hash the same.
         limit: When to close a chunk (default: from ``batch``).
+        reuse: Earlier outputs whose rows are copied for the records they hold (--reuse).
 
     Returns:
         Counts for the summary line, and the chunks that make the output, in order (seconds and
@@ -306,12 +314,19 @@ def embed_records(
                 continue
             summary.recomputed += 1
             sink.discard(old)
-        work = _ChunkWork.of(chunk, valid, embed)
+        rest, reused = reuse.split(valid) if reuse is not None else (valid, None)
+        work = _ChunkWork.of(chunk, rest, embed)
+        if reused is not None:
+            work.reused = reused
+            reused.count_into(summary, progress)
         summary.truncated += sum(work.truncated_flags())
         summary.windowed += work.windowed_records
         summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
         if not work.items:
-            sink.write(chunk, work.rows())
+            if pending:  # behind the chunks still computing, so that every sink sees chunks in order
+                pending.append((work, [], done_future(BatchEmbeddings({}, {}))))
+            else:
+                sink.write(chunk, work.rows())
             continue
         for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
@@ -450,6 +465,7 @@ def embed_fasta(
     overwrite: bool = False,
     progress_factory: Callable[[int], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
+    reuse: Sequence[str] = (),
 ) -> EmbedSummary:
     """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
 
@@ -467,6 +483,8 @@ def embed_fasta(
         overwrite: Replace an existing output of another run (and discard unfinished work of other options).
         progress_factory: Given the number of sequences to embed, returns the per-batch callback.
         setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
+        reuse: Earlier outputs (files, directories or prefixes of parts): rows of theirs made with these
+            weights and options are copied for the records whose sequence they hold, not computed.
 
     Returns:
         The run's summary.
@@ -493,6 +511,7 @@ def embed_fasta(
         check_scan(scan, str(fasta), inputs)
         if hdf5.is_hdf5(target):
             hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
+        sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads
         placement = setup_placement(setup) if setup is not None else resolve_placement(model)
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
@@ -508,11 +527,11 @@ def embed_fasta(
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
         return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,
-                           overwrite, progress_factory, owned)  # fmt: skip
+                           overwrite, progress_factory, owned, sources)  # fmt: skip
 
 
 def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batch, inputs, shard, overwrite,
-                progress_factory, owned=True) -> EmbedSummary:  # fmt: skip
+                progress_factory, owned=True, reuse=None) -> EmbedSummary:  # fmt: skip
     """The compute of embed_fasta, once the output is known to need it."""
     start_pos, stop_pos = (shard or ShardConfig()).range(scan.records)
     invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
@@ -531,8 +550,10 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     hidden, layers = setup.model.hidden_size, setup.layers
     metadata = run_metadata(fasta, model, embed, setup, identity)
     schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts)
-    chunks = ChunkStore(target, schema, hidden, layers, chunk_options(identity))
+    options = chunk_options(identity) | ({"reuse": reuse[1]} if reuse else {})  # a changed file is detected
+    chunks = ChunkStore(target, schema, hidden, layers, options)
     earlier = chunks.open(overwrite)
+    reuser = open_reuse(reuse[0], identity, embed, layers, hidden) if reuse else None
     if earlier:
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
@@ -543,15 +564,19 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     try:
         with setup.engine if owned else nullcontext(setup.engine) as engine:
             mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
-            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit)
+            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit, reuser)
             summary.oom_splits = engine.oom_splits()
         writer.finish()
+        summary.reused_from = reuser.counts if reuser else {}
     except Interrupted:
         _keep_finished(writer)
         raise
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if reuser:
+            reuser.close()
     if summary.recomputed:
         log.warning("%d chunk(s) of an earlier run no longer match the input: recomputed", summary.recomputed)
     chunks.commit(summary.chunks, todo)
