@@ -309,6 +309,17 @@ class ReuseIndex:
                 out[i] = self._loc[j]
         return out
 
+    def holds(self, digest: str) -> bool:
+        """True when some earlier output holds a row of this hex digest (one record; lookup() for many)."""
+        raw = bytes.fromhex(digest[:32])
+        hi, lo = np.uint64(int.from_bytes(raw[:8], "big")), np.uint64(int.from_bytes(raw[8:], "big"))
+        i = int(np.searchsorted(self._hi, hi))
+        while i < len(self._hi) and self._hi[i] == hi:
+            if self._lo[i] == lo:
+                return True
+            i += 1
+        return False
+
     def read(self, locs: np.ndarray, hashes: Sequence[str]) -> Vectors:
         """The vectors of rows at ``locs`` (lookup's), in that order; each row's hash is checked.
 

@@ -218,12 +218,13 @@ class ChunkLimit:
 
 
 def split_chunks(
-    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, embed: EmbedConfig
-) -> Iterator[tuple[int, int, list[Record], Chunk | None]]:
+    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, embed: EmbedConfig,
+    copied: Callable[[Record], bool] | None = None,
+) -> Iterator[tuple[int, int, list[Record], Chunk | None]]:  # fmt: skip
     """Cuts records (in file order) into chunks: (start, stop, records, the earlier chunk at that place or None).
 
     Where an earlier run committed a chunk, the records it covered are gathered again so that the
-    caller can compare their hash; new chunks never reach into an earlier chunk's start.
+    caller can compare their hash; new chunks never reach into an earlier chunk's start. Copied records cost nothing.
     """
     buf: list[Record] = []
     start = residues = 0
@@ -237,7 +238,7 @@ def split_chunks(
         if not buf:
             start = index
         buf.append(record)
-        residues += computed_residues(len(record.sequence), embed)
+        residues += 0 if copied and copied(record) else computed_residues(len(record.sequence), embed)
         if reuse is not None:
             if index + 1 == reuse.stop:
                 yield start, index + 1, buf, reuse
@@ -302,7 +303,7 @@ def embed_records(
             if progress:
                 progress(rows, residues)
 
-    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed):
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, reuse and reuse.holds):
         chunk = Chunk(start, stop, hash_records(chunk_records))
         valid = [r for r in chunk_records if r.problem is None]
         summary.chunks.append(chunk)

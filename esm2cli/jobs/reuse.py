@@ -108,6 +108,10 @@ class ChunkReuse:
         self.index = index
         self.embed = embed
 
+    def holds(self, record: Record) -> bool:
+        """True when an earlier output holds this record's row."""
+        return self.index.holds(_sha256(embedded_sequence(record.sequence, self.embed)))
+
     def split(self, records: list[Record]) -> tuple[list[Record], ReusedRows | None]:
         """(the records to compute, the rows copied for the others), for one chunk's valid records."""
         hashes = row_hashes(records, self.embed)
