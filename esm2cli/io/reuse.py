@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 HASH_COLUMN = "sequence_sha256"
 OUTPUT_SUFFIXES = (".parquet", ".h5", ".hdf5")
-CACHE_BYTES = 256 << 20  # row groups kept decoded for the chunks that follow (bounds memory, saves re-reads)
+CACHE_BYTES = 96 << 20  # decoded row groups kept for the chunks that follow: two of 32 MB and slack
 _ROW_BITS = 40  # a row's place: file index above these bits, row below (a trillion rows a file)
 _HEX = np.full(256, 255, dtype=np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
