@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in about 8 minutes (the
-# timeouts below add up to 8.2 minutes).
-# 1. the GPU-marked tests;
-# 2. `esm2cli bench` on the 650M architecture (random weights) in bf16 and fp32, each line with what the
-#    modeled card (found by name, default MFU and overhead) predicts for the very same batches;
-# 3. `benchmarks/serve_bench.py` on the 650M architecture: 16 single-sequence clients, dynamic
-#    batching on and off in one run, and the engine alone (the serve issue's 3x check);
-# 4. `benchmarks/gelu_ab.py` on the 650M architecture: transformers' GELU against the fused one;
-# 5. `benchmarks/token_budget.py` on the 650M architecture: residues/s at 4k, 16k and 32k tokens a batch.
-# 6. `benchmarks/score_bench.py` on the 650M architecture: batched masked copies (PLL) against one per pass.
-# 7. `esm2cli bench --simulate h100|h200` (the modeled card, no model run) beside the real bench of step 2,
-#    on the same workload, so that the model of the card is checked against the card.
-# GPU_CHECK_PARTS picks steps (default: all): tests bench modeled serve gelu tokens score; BENCH_DTYPES the
-# bench's dtypes (default: bfloat16 float32); TOKEN_BUDGETS the budgets of step 5.
+# The GPU check: on a fresh machine with one NVIDIA GPU and no internet, in at most 8 minutes (the
+# timeouts below add up to 8 minutes; the steps that matter most run first).
+# 0. `benchmarks/forward_ab.py` on the 650M architecture, bf16: esm2cli's packed forward (CUDA graphs)
+#    against the transformers forward it replaced, side by side on the same batches, at 16k/32k/64k tokens:
+#    residues/s, MFU over the published and the measured matmul peak, host ms a forward;
+#    then `serve_bench.py`: p50 of one 300-residue protein, one client; and `esm2cli bench --simulate
+#    --gpus 8 --launch-ms <the host ms measured>`: whether one process feeds 8 cards;
+# 1. the GPU-marked tests (the packed forward, CUDA graphs against eager, varlen against the CPU);
+# 2. `esm2cli bench` on the 650M architecture (random weights), each line with what the modeled card (found by
+#    name, default MFU and overhead) predicts for the very same batches; 3. `esm2cli bench --simulate h100|h200`
+#    beside it, so that the model of the card is checked against the card.
+# Optional steps: serve (16 clients, dynamic batching on and off, the engine alone), tokens (residues/s across
+# token budgets), score (batched masked copies against one per pass).
+# GPU_CHECK_PARTS picks steps (default: forward latency gil tests bench modeled, 7.3 min at most; serve, tokens
+# and score add 2 minutes); BENCH_DTYPES the bench's dtypes (default: bfloat16); TOKEN_BUDGETS those of tokens.
 # Results go under $OUT (default: gpu-results/): summary.txt first, then the JSON and logs.
 #
 # The machine is expected to have python3 with torch (CUDA), transformers, pyarrow, numpy, click, tqdm,
@@ -29,7 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/run.log"
-PARTS=" ${GPU_CHECK_PARTS:-tests bench modeled serve gelu tokens score} "
+PARTS=" ${GPU_CHECK_PARTS:-forward latency gil tests bench modeled} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 
 {
@@ -37,11 +38,42 @@ part() { [[ "$PARTS" == *" $1 "* ]]; }
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
 
-part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_gpu.py 2>&1 \
-    | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
+if part forward; then
+    timeout 150 python3 benchmarks/forward_ab.py --model esm2_t33_650M --dtype bfloat16 --sequences 1500 --rounds 2 \
+        --budgets "${FORWARD_BUDGETS:-16384,32768,65536}" --json > "$OUT/forward-650M.json" 2>> "$LOG"
+    echo "forward a/b: exit $?" | tee -a "$OUT/summary.txt"
+    python3 -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f\"{r['card']}: matmul peak {r['matmul_peak_flops'] / 1e12:.0f} TFLOP/s measured, {(r['published_peak_flops'] or 0) / 1e12:.0f} published\")
+for x in r['rows']:
+    print(f\"  {x['budget']:>6} tokens: new {x['new_residues_per_s']:,.0f} residues/s, old {x['old_residues_per_s']:,.0f}, \"
+          f\"new/old {x['new_over_old']:.2f}x; new MFU {x.get('new_mfu_published', 0):.1%} published, \"
+          f\"{x['new_mfu_measured']:.1%} measured; host ms a forward new {x['new_host_ms']:.2f} old {x['old_host_ms']:.2f}; \"
+          f\"graph batches {x['graph_batches']}; lowest cos {x['lowest_cosine']:.5f}\")
+" "$OUT/forward-650M.json" 2>> "$LOG" | tee -a "$OUT/summary.txt"
+fi
 
-part bench && for dtype in ${BENCH_DTYPES:-bfloat16 float32}; do
-    timeout 70 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
+if part latency; then
+    timeout 80 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 1 --requests 100 --length 300 \
+        --modes on 2>> "$LOG" | tee "$OUT/serve-latency-300.txt" | tee -a "$OUT/summary.txt"
+    echo "serve latency (one 300-residue protein, one client): exit $?" | tee -a "$OUT/summary.txt"
+fi
+
+if part gil; then
+    host_ms=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; print(f\"{min(x['new_host_ms'] for x in r):.2f}\")" \
+        "$OUT/forward-650M.json" 2>> "$LOG" || echo 2)
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+    timeout 40 python3 -m esm2cli bench --simulate "$card" --gpus 8 -m esm2_t33_650M --dtype bfloat16 \
+        --launch-ms "$host_ms" --sequences 1500 -q 2>> "$LOG" | tee "$OUT/gil-8.txt" | tail -n 12 | tee -a "$OUT/summary.txt"
+    echo "8 modeled cards at the measured host cost ($host_ms ms a forward): exit $?" | tee -a "$OUT/summary.txt"
+fi
+
+part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_model.py tests/model/test_forward.py \
+    tests/runtime/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
+
+part bench && for dtype in ${BENCH_DTYPES:-bfloat16}; do
+    timeout 50 python3 -m esm2cli bench --gpus 1 -m esm2_t33_650M --dtype "$dtype" --sequences 1500 --json -q \
         > "$OUT/bench-650M-$dtype.json" 2>> "$LOG"
     echo "bench $dtype: exit $?" | tee -a "$OUT/summary.txt"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); row=r['rows'][0]; m=row.get('predicted_residues_per_s'); print(f\"{r['dtype']}: {row['residues_per_s']:,.0f} residues/s, MFU {row['mfu']:.1%} of {r['peak_gflops']:,.0f} GFLOP/s, padding {r['padding_fraction']:.1%}\" + (f\"; the modeled card on these same batches: {m:,.0f}, real/modeled {row['residues_per_s'] / m:.2f}\" if m else ''))" \
@@ -50,7 +82,7 @@ done
 
 if part modeled; then
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
-    timeout 40 python3 -m esm2cli bench --gpus 1 --simulate "$card" -m esm2_t33_650M --dtype bfloat16 --sequences 1500 \
+    timeout 25 python3 -m esm2cli bench --gpus 1 --simulate "$card" -m esm2_t33_650M --dtype bfloat16 --sequences 1500 \
         --json -q > "$OUT/bench-650M-modeled.json" 2>> "$LOG"
     echo "modeled $card bench: exit $?" | tee -a "$OUT/summary.txt"
     python3 -c "
@@ -65,25 +97,19 @@ except (OSError, KeyError, ValueError):
 fi
 
 if part serve; then
-    timeout 130 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests "${SERVE_REQUESTS:-200}" --engine-ceiling \
+    timeout 70 python3 benchmarks/serve_bench.py --model esm2_t33_650M --clients 16 --requests "${SERVE_REQUESTS:-100}" --engine-ceiling \
         2>> "$LOG" | tee "$OUT/serve-650M.txt" | tee -a "$OUT/summary.txt"
     echo "serve bench: exit $?" | tee -a "$OUT/summary.txt"
 fi
 
-if part gelu; then
-    timeout 50 python3 -m benchmarks.gelu_ab --model esm2_t33_650M --sequences 200 --rounds 4 \
-        2>> "$LOG" | tee -a "$OUT/summary.txt"
-    echo "gelu a/b: exit $?" | tee -a "$OUT/summary.txt"
-fi
-
 if part tokens; then
-    timeout 40 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
+    timeout 25 python3 benchmarks/token_budget.py --model esm2_t33_650M --sequences 300 --dtypes bfloat16 \
         --budgets "${TOKEN_BUDGETS:-4096,16384,32768,65536}" 2>> "$LOG" | tee -a "$OUT/summary.txt"
     echo "token budget: exit $?" | tee -a "$OUT/summary.txt"
 fi
 
 if part score; then
-    timeout 40 python3 -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --proteins 2 --length 150 \
+    timeout 25 python3 -m benchmarks.score_bench --model esm2_t33_650M --dtype bfloat16 --proteins 2 --length 150 \
         --methods esm2cli,loop --rounds 1 2>> "$LOG" | tee -a "$OUT/summary.txt"
     echo "score bench: exit $?" | tee -a "$OUT/summary.txt"
 fi

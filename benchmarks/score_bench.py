@@ -75,7 +75,7 @@ def fair_esm(loaded, device: str, seqs: list[str]) -> tuple[list[float], float]:
     from benchmarks.fair_esm_reference import fair_esm_model, masked_log_probs, pseudo_log_likelihood
 
     torch.set_num_threads(_CPU_THREADS)
-    model, alphabet = fair_esm_model(loaded.model, loaded.lm_head)
+    model, alphabet = fair_esm_model(loaded.reference, loaded.reference_lm_head)
     model = model.to(resolve_devices(device)[0].torch_device)
     masked_log_probs(model, alphabet, seqs[0][:20], 0)  # warm-up
     start = time.perf_counter()
@@ -108,7 +108,9 @@ def main() -> None:
     batch = BatchConfig(batch_size=args.batch_size, max_tokens=max_tokens)
     seqs = proteins(args.proteins, args.length)
     inputs = sum(map(len, seqs))
-    loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype), lm_head=True)
+    loaded = load_model(
+        ModelConfig(model=args.model, load_format="dummy", dtype=dtype), lm_head=True, keep_reference=True
+    )
     where = torch.cuda.get_device_name(0) if on_cuda else f"{platform.processor() or 'CPU'}, {_CPU_THREADS} threads"
     print(
         f"score bench: {args.model} (random weights), {dtype}, {args.proteins} proteins x {args.length} residues "

@@ -151,13 +151,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-length", type=int, default=400, help="longest synthetic sequence")
+    parser.add_argument("--length", type=int, help="every sequence exactly this long (a latency probe)")
+    parser.add_argument("--modes", default="on,off", help="dynamic batching on, off or both (on,off)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--engine-ceiling", action="store_true", help="also time the engine alone (no HTTP)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.pop("ESM2CLI_MODEL", None)
-    seqs = [seq for _, seq in synthetic_sequences(args.requests, seed=1, max_length=args.max_length)]
-    rows = [_measure(args, True, seqs), _measure(args, False, seqs)]
+    longest = args.length or args.max_length
+    seqs = [seq for _, seq in synthetic_sequences(args.requests, seed=1, max_length=longest)]
+    if args.length:  # the synthetic composition, cut or repeated to the one length
+        seqs = [(seq * (args.length // len(seq) + 1))[: args.length] for seq in seqs]
+    rows = [_measure(args, mode == "on", seqs) for mode in args.modes.split(",")]
     ceiling = _engine_ceiling(args, seqs) if args.engine_ceiling else None
     if args.json:
         print(json.dumps({"server": rows, "engine_ceiling": ceiling}, indent=2))
@@ -172,7 +177,8 @@ def main() -> None:
             f"{'on' if r['batching'] else 'off':>9} {r['requests_per_s']:8.1f} {r['residues_per_s']:11,.0f} "
             f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_batch']:11.1f}"
         )
-    print(f"throughput ratio on/off: {rows[0]['requests_per_s'] / rows[1]['requests_per_s']:.2f}x")
+    if len(rows) == 2:
+        print(f"throughput ratio on/off: {rows[0]['requests_per_s'] / rows[1]['requests_per_s']:.2f}x")
     if ceiling:
         print(
             f"engine alone, no HTTP: {ceiling['single_per_s']:.1f} sequences/s one at a time, "

@@ -28,9 +28,10 @@ start = float(os.environ["STARTUP_T0"])
 marks = {"python": time.time() - start}
 import esm2cli.cli
 marks["import esm2cli"] = time.time() - start
-import esm2cli.model  # torch and transformers
+import esm2cli.model.load  # torch and transformers
 marks["import torch, transformers"] = time.time() - start
-from esm2cli import model
+from esm2cli.model import load as model
+from esm2cli.runtime import replica
 if os.environ.get("OLD_DUMMY_INIT"):
     import torch
     from transformers import EsmModel
@@ -56,7 +57,7 @@ def first_batch(self, seqs, *args, **kwargs):
     print("MARKS " + json.dumps(marks), flush=True)
     os._exit(0)
 
-model.Replica.embed_batch = first_batch
+replica.Replica.embed_batch = first_batch
 sys.argv = ["esm2cli", "embed", *sys.argv[1:]]
 esm2cli.cli.cli()
 """

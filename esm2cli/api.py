@@ -13,7 +13,8 @@ import numbers
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,7 +53,8 @@ class Embedder:
     """Loads ESM-2 once on every device asked for and embeds sequences or FASTA files.
 
     Use it as a context manager, or call close() when done: it holds the model on its devices and
-    one worker thread per device.
+    one worker thread per device. One left open is closed when it is garbage-collected or when the
+    interpreter exits, so a script that never closes it still ends normally.
 
     Args:
         model: ESM-2 alias (esm2_t33_650M), hub id, local directory, or fair-esm .pt checkpoint.
@@ -119,6 +121,9 @@ class Embedder:
         batch = BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size)
         self._setup = build_engine(self.model_config, self.embed_config, batch)
         self._setup.engine.start()
+        # Without `with` or close() (a notebook, a short script), the engine is closed when the Embedder
+        # is collected or, at the latest, when the interpreter exits.
+        self._finalizer = weakref.finalize(self, self._setup.engine.close)
         self.batch_config = self._setup.batch
         self._weights: str | None = None  # the weights' identity, hashed once when a table needs it
         self.reuse = [str(path) for path in reuse]
@@ -144,7 +149,7 @@ class Embedder:
 
     def close(self) -> None:
         """Stops the device workers; the Embedder cannot be used afterwards."""
-        self._setup.engine.close()
+        self._finalizer()
 
     def __enter__(self) -> Embedder:
         return self
@@ -164,10 +169,11 @@ class Embedder:
             {layer: array} when several layers were asked.
 
         Raises:
-            InputError: A sequence is empty or holds characters outside the ESM-2 alphabet (named by index).
+            InputError: A sequence is empty or holds characters outside the ESM-2 alphabet (named by index);
+                or ``sequences`` is neither a string nor an iterable of strings (a dict, bytes, None).
         """
         single = isinstance(sequences, str)
-        records = _records([sequences] if single else sequences, self.embed_config.max_length)
+        records = _records([sequences] if single else _checked_iterable(sequences), self.embed_config.max_length)
         chunks = [rows.pooled for rows in self._stream(records)]
         result = {
             layer: np.concatenate([c[layer] for c in chunks]) if chunks else np.zeros((0, self.hidden_size), np.float32)
@@ -187,7 +193,7 @@ class Embedder:
         Raises:
             InputError: A sequence cannot be embedded (named by its index in the input).
         """
-        for rows in self._stream(_records(sequences, self.embed_config.max_length)):
+        for rows in self._stream(_records(_checked_iterable(sequences), self.embed_config.max_length)):
             yield rows.pooled if self._several else rows.pooled[self.layers[0]]
 
     def iter_fasta(
@@ -335,11 +341,27 @@ def _put_until(chunks: queue.Queue, item: Any, stop: threading.Event) -> None:
             continue
 
 
+def _checked_iterable(sequences: Any) -> Iterable[str]:
+    """Refuses inputs that would otherwise be read wrongly: a mapping (iterating it gives its keys, which may
+    well be valid residue letters), bytes (iterating them gives ints), or anything that is not iterable."""
+    if isinstance(sequences, Mapping):
+        raise InputError(
+            f"sequences: got a {type(sequences).__name__} (a mapping): iterating it would embed its keys; "
+            "pass its values, e.g. embed(list(d.values())), and zip the results with list(d)"
+        )
+    if isinstance(sequences, (bytes, bytearray, memoryview)):
+        raise InputError(f"sequences: got {type(sequences).__name__}; decode it to a str first (e.g. seq.decode())")
+    if not isinstance(sequences, Iterable):
+        raise InputError(f"sequences: expected a string or an iterable of strings, got {type(sequences).__name__}")
+    return sequences
+
+
 def _records(sequences: Iterable[str], max_length: int | None) -> Iterator[Record]:
     """In-memory sequences as checked records, read lazily; each id is the index in the input."""
     for index, raw in enumerate(sequences):
         if not isinstance(raw, str):
-            raise InputError(f"sequences[{index}]: expected a string, got {type(raw).__name__}")
+            hint = "; decode it to a str first" if isinstance(raw, (bytes, bytearray)) else ""
+            raise InputError(f"sequences[{index}]: expected a string, got {type(raw).__name__}{hint}")
         seq = normalise(raw)
         if problem := check_sequence(seq):
             raise InputError(f"sequences[{index}]: {problem}")

@@ -22,6 +22,10 @@ class InputError(Esm2Error):
         self.param = param
 
 
+class TooLargeError(InputError):
+    """A request that can never be served as it is, whatever the load (more work than the server's queue holds)."""
+
+
 class NotFoundError(InputError):
     """The request names something the server does not have (a model, a route)."""
 
@@ -115,6 +119,7 @@ _EXIT_CODES: dict[type[Esm2Error], int] = {
 _HTTP_STATUSES: dict[type[Esm2Error], int] = {
     InputError: 422,
     NotFoundError: 404,
+    TooLargeError: 413,
     AuthenticationError: 401,
     ClientDisconnectedError: 499,  # nginx's "client closed request": counted, never seen by the client
     OverloadedError: 429,
@@ -136,5 +141,5 @@ def exit_code(exc: Esm2Error) -> int:
 
 
 def http_status(exc: Esm2Error) -> int:
-    """Returns the HTTP status for an error (401, 404, 422, 429, 499, 503, else 500)."""
+    """Returns the HTTP status for an error (401, 404, 413, 422, 429, 499, 503, else 500)."""
     return _lookup(exc, _HTTP_STATUSES, 500)

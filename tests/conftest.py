@@ -96,6 +96,17 @@ def write_fair_esm_checkpoint(
     return path
 
 
+@pytest.fixture
+def reap():
+    """Call with each process a test starts: whatever still runs when the test ends (failed or not) is killed."""
+    procs = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_esm2(tmp_path_factory.mktemp("tiny-esm2"))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 
@@ -14,10 +18,23 @@ from esm2cli.runtime.engine import build_engine
 from esm2cli.serve.app import create_app
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve_process(args: list[str], log_path, timeout: float = 120, **popen) -> tuple[subprocess.Popen, int]:
+    """Starts ``python -m esm2cli serve ARGS --port 0``, its stderr into ``log_path`` (a file: a full pipe would
+    block the server); returns the process and the port it bound, read from its startup line (no free-then-bind
+    race). The caller kills the process in ``finally``."""
+    log = open(log_path, "w")  # noqa: SIM115 - the process writes it until it exits
+    proc = subprocess.Popen([sys.executable, "-m", "esm2cli", "serve", *args, "--port", "0"], stderr=log, **popen)
+    log.close()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = re.search(r"Uvicorn running on http://[^:]+:(\d+)", Path(log_path).read_text())
+        if found:
+            return proc, int(found.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"esm2cli serve exited {proc.returncode}: {Path(log_path).read_text()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("esm2cli serve did not report its port")
 
 
 @contextmanager
@@ -25,8 +42,8 @@ def live_server(app, port: int | None = None):
     """Serves ``app`` on 127.0.0.1 until the block ends, as esm2cli serve does; yields its base URL."""
     from esm2cli.serve.connections import uvicorn_config
 
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port, lifespan="on"))
+    # Port 0: the kernel picks a free port at bind time, read back below (no free-then-bind race).
+    server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port or 0, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -34,6 +51,7 @@ def live_server(app, port: int | None = None):
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

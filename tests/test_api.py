@@ -140,6 +140,24 @@ def test_bad_sequences_are_named_by_index(embedder):
     assert embedder.embed([" mkv* "]).shape == (1, 32)  # normalised as FASTA records are
 
 
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"KRAS": "MTEYKLVVVG", "MYC": "MPLNVSF"}, r"got a dict \(a mapping\): iterating it would embed its keys"),
+        (b"MKTA", r"got bytes; decode it"),
+        (bytearray(b"MKTA"), r"got bytearray; decode it"),
+        (None, r"expected a string or an iterable of strings, got NoneType"),
+        (7, r"expected a string or an iterable of strings, got int"),
+        ([b"MKTA"], r"sequences\[0\]: expected a string, got bytes; decode it"),
+    ],
+)
+def test_inputs_that_are_not_sequences_are_input_errors_naming_what_was_given(embedder, given, message):
+    with pytest.raises(InputError, match=message):
+        embedder.embed(given)
+    with pytest.raises(InputError, match=message):
+        list(embedder.embed_iter(given))
+
+
 def test_fasta_checks_are_the_clis(embedder, tmp_path):
     bad = write_fasta(tmp_path / "bad.fa", [("a", "MKV"), ("a", "GSH"), ("b", "MK1")])
     with pytest.raises(FastaError, match="cannot be embedded"):
@@ -186,3 +204,21 @@ def test_layers_as_the_cli_writes_them(tiny_model_dir):
         assert emb.embed(["MKV"]).shape == (1, 32)  # one layer asked: an array
     with pytest.raises(ConfigError, match="not a comma-separated list of integers"):
         Embedder(tiny_model_dir, layers="x", **OPTIONS)
+
+
+@pytest.mark.parametrize("devices", ["sim:2"])  # two worker threads
+def test_a_script_that_never_closes_its_embedder_exits(tiny_model_dir, devices):
+    import subprocess
+    import sys
+
+    script = (
+        "from esm2cli import Embedder\n"
+        f"emb = Embedder({tiny_model_dir!r}, devices={devices!r}, dtype='float32')\n"
+        "print(emb.embed(['MKV', 'GSHM']).shape)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter hung at exit with an Embedder left open")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("(2, ")

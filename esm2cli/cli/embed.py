@@ -46,7 +46,8 @@ def _summary_line(summary, output, shard=None) -> str:
     oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
     return (
         f"embedded {summary.sequences:,} sequences{note} -> {target} "
-        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) on {devices}{oom}"
+        f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) "
+        f"with {summary.model} in {summary.dtype} on {devices}{oom}"
     )
 
 
@@ -65,8 +66,9 @@ def _reused_note(summary) -> str:
     "--output",
     required=True,
     envvar="ESM2CLI_OUTPUT",
-    help="Parquet file to write, or HDF5 for a name ending in .h5 (a path or an fsspec URL such as "
-    "s3://bucket/out.parquet); with --shard-count, the directory or prefix of the parts.",
+    help="Parquet file to write (.parquet, .pq or no extension), or HDF5 for a name ending in .h5 or .hdf5 "
+    "(a path or an fsspec URL such as s3://bucket/out.parquet); with --shard-count, the directory or prefix "
+    "of the parts. Other extensions, and - (stdout), are refused.",
 )
 @model_options
 @embedding_options

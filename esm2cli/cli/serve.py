@@ -194,12 +194,14 @@ def serve(
         layers=layers, pooling=pooling, truncate=truncate, long_sequences=long_sequences, window_overlap=window_overlap
     )
     if long_sequences == "window":
-        from esm2cli.runtime.windows import check_overlap
+        from esm2cli.runtime.windows import check_overlap, overlap_warning
 
         try:
             check_overlap(truncate, window_overlap)
         except ConfigError as exc:
             raise _to_click(exc) from exc
+        if warning := overlap_warning(truncate, window_overlap):
+            log.warning("%s", warning)
     log.info("serve: %s", serve_cfg)
     log.info("model: %s", model_cfg)
     failure: list[Exception] = []

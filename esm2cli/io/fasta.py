@@ -18,6 +18,7 @@ from typing import BinaryIO, TextIO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from esm2cli.config import InputConfig
 from esm2cli.errors import FastaError, StorageError
 from esm2cli.io.records import Record, RecordHasher
 from esm2cli.io.storage import open_input
@@ -219,3 +220,32 @@ def describe_duplicates(duplicate_ids: dict[str, int], limit: int = 20) -> str:
     if len(items) > limit:
         lines.append(f"... and {len(items) - limit} more duplicate ids")
     return "\n".join(lines)
+
+
+def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
+    """Stops the run before any compute when the input holds records it cannot embed.
+
+    Every kind of problem is reported in one message (each list bounded), so that fixing the input
+    takes one pass, not one run per kind.
+
+    Raises:
+        FastaError: Invalid records (without skip_invalid), duplicate ids (without
+            allow_duplicate_ids), or nothing left to embed. The message names the records.
+    """
+    problems = []
+    if scan.invalid and not inputs.skip_invalid:
+        problems.append(
+            f"{len(scan.invalid)} of {scan.records} records cannot be embedded "
+            f"(use --skip-invalid to embed the others):\n{describe_invalid(scan.invalid)}"
+        )
+    if scan.duplicate_ids and not inputs.allow_duplicate_ids:
+        problems.append(
+            f"{len(scan.duplicate_ids)} id(s) occur more than once "
+            f"(use --allow-duplicate-ids to keep them all):\n{describe_duplicates(scan.duplicate_ids)}"
+        )
+    if len(problems) == 1:
+        raise FastaError(f"{fasta}: {problems[0]}")
+    if problems:
+        raise FastaError(f"{fasta}: {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+    if scan.valid == 0:
+        raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))

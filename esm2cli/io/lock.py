@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -22,7 +23,9 @@ RENEW_S = 30.0
 
 
 def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    # The token tells two runs of one process apart (the Python API from two threads, started in one second).
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": secrets.token_hex(8)}  # fmt: skip
 
 
 def _describe(target: str, holder: dict) -> str:

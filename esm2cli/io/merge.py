@@ -65,10 +65,10 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
     _check_merge_output(prefix, output)
     from esm2cli.io import hdf5
 
-    first = read_metadata(parts[0])
+    first = _part_metadata(parts[0])
     identity = {**first.get("identity", {}), "shard": "merged"}
     for part in parts[1:]:
-        meta = read_metadata(part)
+        meta = _part_metadata(part)
         other = {**meta.get("identity", {}), "shard": "merged"}
         if other != identity:
             changes = "; ".join(describe_changes(identity, other))
@@ -89,6 +89,17 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
         schema = pq.read_schema(handle)
     metadata = {**first, "identity": identity, "parts": len(parts)}
     return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
+
+
+def _part_metadata(part: str) -> dict:
+    """A part's metadata; a part without any (unreadable, cut short, not written by esm2cli) is named as such."""
+    meta = read_metadata(part)
+    if not meta.get("identity"):
+        raise PartsError(
+            f"{part} cannot be read as a part of an esm2cli run (truncated, corrupt or written by something else): "
+            "rerun that shard"
+        )
+    return meta
 
 
 def _check_merge_output(prefix: str, output: str) -> None:

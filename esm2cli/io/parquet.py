@@ -49,9 +49,11 @@ class EmbeddingWriter:
         self._file = AtomicFile(self.path)
         try:
             self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
-        except OSError as exc:
+        except BaseException as exc:  # a signal here too must not leave the temporary file behind
             self._file.abort()
-            raise _os_error(self.path, exc) from exc
+            if isinstance(exc, OSError):
+                raise _os_error(self.path, exc) from exc
+            raise
 
     def write(self, rows: Rows) -> None:
         """Writes rows as one or more row groups.
@@ -159,9 +161,11 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
     out = AtomicFile(target)
     try:
         writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
-    except OSError as exc:
+    except BaseException as exc:  # a signal here too must not leave the temporary file behind
         out.abort()
-        raise _os_error(target, exc) from exc
+        if isinstance(exc, OSError):
+            raise _os_error(target, exc) from exc
+        raise
     rows = 0
     pending: list[pa.Table] = []  # small row groups (one a chunk) are joined up to ROW_GROUP_BYTES
 

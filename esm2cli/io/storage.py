@@ -7,12 +7,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from esm2cli.errors import StorageError
+from esm2cli.errors import ConfigError, StorageError
 
 
 def is_url(path: str | os.PathLike) -> bool:
     """True for fsspec URLs such as s3://bucket/key (a plain path is local)."""
     return "://" in str(path)
+
+
+OUTPUT_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")  # what embed writes: Parquet, or HDF5 (by the name)
+
+
+def check_output_name(output: str | os.PathLike, sharded: bool) -> None:
+    """Refuses an output name that promises a format embed does not write (out.csv would hold Parquet),
+    and '-' (embed writes a file, never a stream to stdout). A name without an extension is Parquet.
+
+    Raises:
+        ConfigError: The name is '-' or ends in another extension.
+    """
+    name = str(output)
+    if name == "-":
+        raise ConfigError(
+            "-o -: embed writes a file (Parquet or HDF5), not a stream to stdout; name a file such as out.parquet"
+        )
+    if sharded:
+        return  # a directory or prefix: the parts get their own names
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    suffix = "." + base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
+    if suffix and suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(
+            f"{name}: embed writes Parquet (.parquet, .pq) or HDF5 (.h5, .hdf5), not {suffix}; "
+            "name the output with one of those extensions"
+        )
 
 
 def storage_options(url: str) -> dict:

@@ -499,14 +499,32 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def _efficiency_note(report: BenchReport) -> str:
+    """What the efficiency column is measured against (a bare percentage over 100% reads as an error)."""
+    one = report.rows[0]
+    if report.device_kind == "simulated":
+        return (
+            f"efficiency: residues/s over that of {one.devices} simulated device(s) ({one.residues_per_s:,.0f}): "
+            "simulated devices share the CPU, so the ideal is flat and above 100% means the cores were used better"
+        )
+    return (
+        f"efficiency: residues/s over linear scaling of {one.devices} device(s)' "
+        f"{one.residues_per_s / one.devices:,.0f} per device (100% = every device as fast as alone)"
+    )
+
+
 def _footnotes(report: BenchReport) -> list[str]:
+    return [_efficiency_note(report), *_kind_notes(report)] if report.rows else _kind_notes(report)
+
+
+def _kind_notes(report: BenchReport) -> list[str]:
     if report.device_kind == "modeled":
         return [
             "This is a MODEL of the GPUs: batches take the time the cards would take; reading, checks, sorting,",
             "tokenising, outputs and Parquet writing are real. residues/s is measured from the first batch on a",
             "device to the last; host efficiency = residues/s over the modeled ideal (devices never kept waiting).",
             "startup: from the call to the first batch (reading the input once to check it); finish: from the last",
-            "batch to the output file. Efficiency: speedup over the ideal speedup (the device count).",
+            "batch to the output file.",
         ]
     if report.device_kind == "simulated" and len(report.rows) > 1:
         return [

@@ -21,7 +21,17 @@ from esm2cli.io.fasta import RESIDUES
 from esm2cli.io.storage import open_input
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # what --all-substitutions substitutes
-_MUTATION = re.compile(r"^([A-Z*])(\d+)([A-Z*])$")
+# ASCII digits only: \d would take '١' (Arabic-Indic one) and int() would read it as 1.
+_MUTATION = re.compile(r"^([A-Z*])([0-9]+)([A-Z*])$")
+_MAX_POSITION_DIGITS = 9  # no protein is near a billion residues; longer numbers are refused, not echoed
+_QUOTED = 40  # characters of a rejected substitution quoted in a message
+
+
+def _shown(part: str) -> str:
+    """A substitution as quoted in an error: cut to a readable length (a 5,000-digit position is not echoed)."""
+    return repr(part) if len(part) <= _QUOTED else f"{part[:_QUOTED]!r}... ({len(part):,} characters)"
+
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _SHOWN = 20  # rows with problems named in a message; the rest are counted
 
@@ -60,7 +70,7 @@ class MutantRow:
 
     def label(self) -> str:
         """Names the row for messages: its line, id and mutant."""
-        return f"line {self.line} ({self.id!r}, {self.mutant!r})"
+        return f"line {self.line} ({self.id!r}, {_shown(self.mutant)})"
 
 
 def parse_mutant(text: str) -> tuple[Mutation, ...]:
@@ -87,15 +97,18 @@ def _parse_substitution(part: str) -> Mutation:
     match = _MUTATION.match(part)
     if not match:
         raise ValueError(
-            f"{part!r} is not a substitution such as A24G (wild type, 1-based position, mutant; several joined by ':')"
+            f"{_shown(part)} is not a substitution such as A24G (wild type, 1-based position in ASCII digits, "
+            "mutant; several joined by ':')"
         )
+    if len(match.group(2)) > _MAX_POSITION_DIGITS:
+        raise ValueError(f"{_shown(part)}: the position has {len(match.group(2)):,} digits; no protein is that long")
     wt, position, mt = match.group(1), int(match.group(2)), match.group(3)
     if position < 1:
-        raise ValueError(f"{part!r}: positions are 1-based")
+        raise ValueError(f"{_shown(part)}: positions are 1-based")
     for letter in (wt, mt):
         if letter not in RESIDUES:
             what = "a stop (*)" if letter == "*" else repr(letter)
-            raise ValueError(f"{part!r}: {what} is not an ESM-2 residue ({''.join(sorted(RESIDUES))})")
+            raise ValueError(f"{_shown(part)}: {what} is not an ESM-2 residue ({''.join(sorted(RESIDUES))})")
     return Mutation(wt, position, mt)
 
 

@@ -23,10 +23,10 @@ from esm2cli.config import (
     ShardConfig,
     __version__,
 )
-from esm2cli.errors import ConfigError, FastaError, Interrupted, OutputExistsError
+from esm2cli.errors import ConfigError, Interrupted, OutputExistsError
 from esm2cli.io import hdf5, storage
 from esm2cli.io.chunks import Chunk, ChunkStore
-from esm2cli.io.fasta import FastaScan, describe_duplicates, describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, read_records, scan_fasta, spool_stdin
 from esm2cli.io.identity import describe_changes, model_identity, same_file, stdin_is
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
@@ -38,10 +38,11 @@ from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine,
 from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
+    WindowSums,
     check_overlap,
     computed_residues,
+    overlap_warning,
     stitch_pooled,
-    stitch_tokens,
     window_starts,
 )
 
@@ -74,6 +75,8 @@ class EmbedSummary:
     oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
+    model: str = ""
+    dtype: str = ""  # as resolved (never "auto")
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -98,8 +101,11 @@ class _ChunkWork:
     parts: list[list[int]]
     starts: list[list[int] | None]
     windowed: set[int]
+    uses: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # window item -> (row, start) per use
     pooled: dict[int, np.ndarray] = field(default_factory=dict)
-    tokens: dict[int, list] = field(default_factory=dict)
+    tokens: dict[int, list] = field(default_factory=dict)  # per-token vectors of items that are a whole row
+    sums: dict[int, WindowSums] = field(default_factory=dict)  # windowed row -> its sums, until complete
+    stitched: dict[int, dict] = field(default_factory=dict)  # windowed row -> {layer: (pooled, tokens or None)}
     contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
     missing: int = 0
     owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
@@ -111,7 +117,7 @@ class _ChunkWork:
         index: dict[str, int] = {}
         parts: list[list[int]] = []
         starts: list[list[int] | None] = []
-        windowed: set[int] = set()
+        uses: dict[int, list[tuple[int, int]]] = {}
 
         def item(seq: str) -> int:
             return index.setdefault(seq, len(index))
@@ -121,13 +127,14 @@ class _ChunkWork:
             if embed.long_sequences == "window" and len(seq) > width:
                 begins = window_starts(len(seq), width, embed.window_overlap)
                 ids = [item(seq[b : b + width]) for b in begins]
-                windowed.update(ids)
+                for i, begin in zip(ids, begins, strict=True):
+                    uses.setdefault(i, []).append((len(parts), begin))
                 parts.append(ids)
                 starts.append(begins)
             else:
                 parts.append([item(seq[:width])])
                 starts.append(None)
-        work = cls(chunk, records, embed, list(index), parts, starts, windowed, missing=len(index))
+        work = cls(chunk, records, embed, list(index), parts, starts, set(uses), uses=uses, missing=len(index))
         work.owners = [[] for _ in index]
         for row, ids in enumerate(parts):
             for i in ids:
@@ -153,8 +160,11 @@ class _ChunkWork:
         for layer, arrays in result.per_token.items():
             slots = self.tokens.setdefault(layer, [None] * len(self.items))
             for i, array in zip(items, arrays, strict=True):
-                if self.embed.per_token or i in self.windowed:
+                windows = self.uses.get(i, ())
+                if self.embed.per_token and len(windows) < len(self.owners[i]):  # also a whole row of its own
                     slots[i] = array
+                for row, begin in windows:  # windows go into their protein's sums at once, never kept
+                    self.sums.setdefault(row, WindowSums(len(self.records[row].sequence))).add(layer, begin, array)
         self.contacts.update(zip(items, result.contacts, strict=False))
         self.missing -= len(items)
         done = residues = 0
@@ -163,7 +173,20 @@ class _ChunkWork:
             for row in set(self.owners[i]):
                 self.row_missing[row] -= 1
                 done += self.row_missing[row] == 0
+                if self.row_missing[row] == 0 and row in self.sums:
+                    self._stitch(row)
         return done, residues
+
+    def _stitch(self, row: int) -> None:
+        """A windowed row is complete: its pooled vector (and per-token vectors, if kept) from its sums."""
+        sums, ids = self.sums.pop(row), self.parts[row]
+        self.stitched[row] = {
+            layer: (
+                stitch_pooled(self.embed.pooling, tokens := sums.tokens(layer), [matrix[i] for i in ids]),
+                tokens if self.embed.per_token else None,
+            )
+            for layer, matrix in self.pooled.items()
+        }  # fmt: skip
 
     def rows(self) -> Rows:
         recs, embed = self.records, self.embed
@@ -176,8 +199,7 @@ class _ChunkWork:
                     if embed.per_token:
                         per_token[layer].append(self.tokens[layer][ids[0]])
                     continue
-                stitched = stitch_tokens(len(recs[row].sequence), begins, [self.tokens[layer][i] for i in ids])
-                pooled[layer][row] = stitch_pooled(embed.pooling, stitched, [matrix[i] for i in ids])
+                pooled[layer][row], stitched = self.stitched[row][layer]
                 if embed.per_token:
                     per_token[layer].append(stitched)
         rows = Rows(
@@ -315,11 +337,7 @@ def embed_records(
                 continue
             summary.recomputed += 1
             sink.discard(old)
-        rest, reused = reuse.split(valid) if reuse is not None else (valid, None)
-        work = _ChunkWork.of(chunk, rest, embed)
-        if reused is not None:
-            work.reused = reused
-            reused.count_into(summary, progress)
+        work = reuse.work(_ChunkWork, chunk, valid, summary, progress) if reuse else _ChunkWork.of(chunk, valid, embed)
         summary.truncated += sum(work.truncated_flags())
         summary.windowed += work.windowed_records
         summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
@@ -349,27 +367,6 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
         yield str(spooled)
     finally:
         spooled.unlink(missing_ok=True)
-
-
-def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
-    """Stops the run before any compute when the input holds records it cannot embed.
-
-    Raises:
-        FastaError: Invalid records (without skip_invalid), duplicate ids (without
-            allow_duplicate_ids), or nothing left to embed. The message names the records.
-    """
-    if scan.invalid and not inputs.skip_invalid:
-        raise FastaError(
-            f"{fasta}: {len(scan.invalid)} of {scan.records} records cannot be embedded "
-            f"(use --skip-invalid to embed the others):\n{describe_invalid(scan.invalid)}"
-        )
-    if scan.duplicate_ids and not inputs.allow_duplicate_ids:
-        raise FastaError(
-            f"{fasta}: {len(scan.duplicate_ids)} id(s) occur more than once "
-            f"(use --allow-duplicate-ids to keep them all):\n{describe_duplicates(scan.duplicate_ids)}"
-        )
-    if scan.valid == 0:
-        raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
@@ -502,7 +499,8 @@ def embed_fasta(
 
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
-    check_target(str(fasta), target, shard)
+    check_target(str(fasta), target, shard)  # first: "is the input file" says more than a wrong extension
+    storage.check_output_name(output, sharded=shard is not None)
     if embed.long_sequences == "window":  # the overlap means nothing to the other modes
         check_overlap(embed.truncate, embed.window_overlap)
     if embed.contacts and embed.long_sequences == "window":
@@ -547,6 +545,8 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     elif scan.too_long and embed.long_sequences == "window":
         log.info("%d sequence(s) longer than %d residues are embedded whole, in windows overlapping by %d",
                  scan.too_long, embed.truncate, embed.window_overlap)  # fmt: skip
+        if warning := overlap_warning(embed.truncate, embed.window_overlap):
+            log.warning("%s", warning)
     batch = setup.batch  # the budget build_engine decided for these devices (the caller's batch went into it)
     hidden, layers = setup.model.hidden_size, setup.layers
     metadata = run_metadata(fasta, model, embed, setup, identity)
@@ -568,7 +568,6 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
             summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit, reuser)
             summary.oom_splits = engine.oom_splits()
         writer.finish()
-        summary.reused_from = reuser.counts if reuser else {}
     except Interrupted:
         _keep_finished(writer)
         raise
@@ -584,6 +583,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     summary.seconds = time.perf_counter() - start
     summary.skipped = [rec.id or f"#{rec.position}" for rec in invalid]
     summary.devices = [d.name for d in setup.devices]
+    summary.model, summary.dtype = model.model, setup.dtype
     return summary
 
 

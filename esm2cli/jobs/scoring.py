@@ -189,8 +189,10 @@ class ScoreFile:
         self._file = storage.AtomicFile(url)
         try:
             self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
-        except BaseException:  # a signal or an error here must not leave the temporary file behind
+        except BaseException as exc:  # a signal or an error here must not leave the temporary file behind
             self._file.abort()
+            if isinstance(exc, OSError):
+                raise self._error(exc) from exc
             raise
         self._buffer: list[pa.RecordBatch] = []
         self._rows = 0
@@ -202,7 +204,10 @@ class ScoreFile:
         self._buffer.append(batch)
         self._rows += batch.num_rows
         if self._rows >= ROW_GROUP_ROWS:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as exc:  # a full disk: one line, and the caller's abort drops the file
+                raise self._error(exc) from exc
 
     def _flush(self) -> None:
         if self._buffer:
@@ -217,13 +222,18 @@ class ScoreFile:
             self._writer.close()
         except OSError as exc:
             self._file.abort()
-            raise OutputError(f"cannot write {self.url}: {exc.strerror or exc}") from exc
+            raise self._error(exc) from exc
         self._file.commit()
+
+    def _error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write {self.url}: {exc.strerror or exc}")
 
     def abort(self) -> None:
         """Drops the file; whatever was at the path before is left as it was."""
         try:
             self._writer.close()
+        except OSError:  # a full disk fails the close too; the file is dropped all the same
+            pass
         finally:
             self._file.abort()
 

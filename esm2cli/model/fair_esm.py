@@ -13,6 +13,8 @@ import argparse
 import logging
 import os
 import re
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -87,6 +89,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _exists(name: str) -> bool:
+    """False when a dotted name cannot be a Python global: empty parts, or a module already loaded that lacks
+    it (a truncated pickle names half of one, 'argparse.Names'). Nothing is imported: the name is untrusted."""
+    module, _, attr = name.rpartition(".")
+    if not module or not attr or not all(module.split(".")):
+        return False
+    loaded = sys.modules.get(module)
+    return loaded is None or hasattr(loaded, attr)
+
+
 def safe_load(path: Path) -> object:
     """Unpickles a checkpoint with ``weights_only=True``, allowing only ALLOWED_GLOBALS beyond tensors.
 
@@ -99,19 +111,27 @@ def safe_load(path: Path) -> object:
     except OSError as exc:  # denied, a directory, ...; torch's own OSErrors below mean a damaged file
         raise ModelLoadError(f"{path}: cannot read: {exc.strerror or _first_line(exc)}") from exc
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        # torch may warn on its way to an error; the one line below says what matters.
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         text = str(exc)
-        if found := _UNSUPPORTED_GLOBAL.search(text):
+        found = _UNSUPPORTED_GLOBAL.search(text)
+        if found and not _exists(found.group(1)):  # a name cut short: the file ends inside its pickle
+            raise ModelLoadError(
+                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: it names {found.group(1)!r}, "
+                "which is no Python global); download it again"
+            ) from None
+        if found:
             allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS)
             raise ModelLoadError(
                 f"{path}: refused: it needs the Python global {found.group(1)}, which a fair-esm checkpoint "
                 f"does not (only {allowed} is allowed); none of its code was run"
             ) from None
-        if "Weights only load failed" in text:
-            detail = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), "")
-            raise ModelLoadError(f"{path}: refused: not a plain weights file ({detail.strip()})") from None
+        detail = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), "").strip()
+        if "Weights only load failed" in text and detail.removeprefix("WeightsUnpickler error:").strip():
+            raise ModelLoadError(f"{path}: refused: not a plain weights file ({detail})") from None
         raise ModelLoadError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
         ) from exc

@@ -18,45 +18,49 @@ from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.io.fasta import RESIDUES
 from esm2cli.model import fair_esm
 from esm2cli.model.architecture import ARCHITECTURES, DTYPES, bundled_tokenizer, esm2_config, resolve_source
-from esm2cli.model.contacts import install_contact_hooks
-from esm2cli.model.fused import fuse_gelu
+from esm2cli.model.forward import PackedEsm2
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
-    """An ESM-2 encoder loaded once on the CPU, with what replicas need to tokenise.
+    """An ESM-2 model loaded once on the CPU: esm2cli's own forward, and what replicas need to tokenise.
 
     Attributes:
         name: The model as the user named it.
         source: The hub id or directory it was loaded from.
-        model: The encoder, in eval mode, in its final dtype, on the CPU. It carries its contact head
-            (``model.contact_head``) only when asked for; else that attribute is None.
+        config: The transformers config (architecture, special tokens).
+        forward: esm2cli's packed forward (esm2cli.model.forward.PackedEsm2), in eval mode, in its final
+            dtype, on the CPU, with the LM head and the contact head when asked for; None when built without
+            weights (modeled GPUs need only the shape).
         token_lut: Maps an ASCII code to its token id (only residue letters are used).
         cls_id, eos_id, pad_id, mask_id: Special token ids.
         dummy: True when the weights are random.
-        lm_head: The masked-LM head (its decoder tied to the token embeddings), only when asked for.
+        reference: The transformers encoder the weights were read from (and ``reference_lm_head``), kept only
+            when asked (tests and benchmarks compare against it); else dropped, so the weights are held once.
     """
 
     name: str
     source: str
-    model: EsmModel
+    config: EsmConfig
+    forward: PackedEsm2 | None
     token_lut: np.ndarray
     cls_id: int
     eos_id: int
     pad_id: int
     dummy: bool
     mask_id: int = 32
-    lm_head: EsmLMHead | None = None
+    reference: EsmModel | None = None
+    reference_lm_head: EsmLMHead | None = None
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return self.config.num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return self.config.hidden_size
 
 
 def architecture_of(model: str) -> str | None:
@@ -242,7 +246,12 @@ def _shape_only(config: EsmConfig) -> EsmModel:
 
 
 def load_model(
-    cfg: ModelConfig, *, lm_head: bool = False, contact_head: bool = False, weights: bool = True
+    cfg: ModelConfig,
+    *,
+    lm_head: bool = False,
+    contact_head: bool = False,
+    weights: bool = True,
+    keep_reference: bool = False,
 ) -> LoadedModel:
     """Loads the encoder once on the CPU, converts it to cfg.dtype, and prepares tokenisation.
 
@@ -253,9 +262,9 @@ def load_model(
     Args:
         cfg: The model name, load format and dtype.
         lm_head: Also load the masked-LM head.
-        contact_head: Keep the contact head and switch attention to the eager kernel.
-        weights: False builds the architecture on the meta device, without any weights (for modeled
-            GPUs, which need only its shape and the tokenizer).
+        contact_head: Also load the contact head.
+        weights: False builds no weights at all (for modeled GPUs, which need only the shape and the tokenizer).
+        keep_reference: Keep the transformers encoder the weights were read from (tests, benchmarks).
 
     Returns:
         The loaded model, ready to be copied to each device.
@@ -303,24 +312,24 @@ def load_model(
         dummy = False
     else:
         raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
-    if contact_head:
-        # The contact head reads every layer's attention probabilities, which SDPA never materialises.
-        model.set_attn_implementation("eager")
-        install_contact_hooks(model)
-    else:
+    if not contact_head:
         model.contact_head = None  # HF builds it into every encoder; it is unused unless asked for
-    model = fuse_gelu(model).to(dtype).eval().requires_grad_(False)
+    model = model.to(dtype).eval().requires_grad_(False)
     if head is not None:
         head = head.to(dtype).eval().requires_grad_(False)
+    # esm2cli's forward copies (and fuses) the weights; the transformers modules are only read here.
+    forward = PackedEsm2.from_hf(model, head, model.contact_head) if weights else None
     return LoadedModel(
         name=cfg.model,
         source=source,
-        model=model,
+        config=model.config,
+        forward=forward,
         token_lut=_token_lut(tokenizer),
         cls_id=tokenizer.cls_token_id,
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         dummy=dummy,
         mask_id=tokenizer.mask_token_id,
-        lm_head=head,
+        reference=model if keep_reference else None,
+        reference_lm_head=head if keep_reference else None,
     )

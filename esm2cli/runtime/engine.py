@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -128,21 +128,39 @@ def build_engine(
     placement = placement or resolve_placement(model)
     devices, dtype = placement.devices, placement.dtype
     if dtype != model.dtype:
-        log.info("--dtype auto: %s on %s", dtype, ", ".join(d.name for d in devices))
+        # Said, not only done: in half precision a vector moves slightly with its batch mates.
+        stable = (
+            ""
+            if dtype == "float32"
+            else " (vectors vary by up to ~5e-3 with their batch mates; --dtype float32 for bit-stable reruns)"
+        )
+        log.info("--dtype auto: %s on %s%s", dtype, ", ".join(d.name for d in devices), stable)
     loaded = load_model(
         replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts, weights=model.simulate is None
     )
     layers = resolve_layers(embed.layers, loaded.num_layers)
+    # The one place the token budget is decided: every command reads setup.batch.
+    batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
     if model.simulate:
         from esm2cli.runtime.modeled import build_modeled_replicas
 
         replicas = build_modeled_replicas(loaded, devices, embed, model.simulate, dtype)
     else:
-        replicas = build_replicas(loaded, devices, embed)
-    # The one place the token budget is decided: every command reads setup.batch.
-    batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
+        replicas = build_replicas(loaded, devices, embed, batch)
+        _capture_graphs(replicas)
     engine = Engine(replicas, queue_depth=queue_depth)
     return EngineSetup(engine, loaded, layers, devices, dtype, batch, list(replicas))
+
+
+def _capture_graphs(replicas: Sequence[Any]) -> None:
+    """Captures every CUDA replica's graphs before the first batch, the replicas side by side."""
+    cuda = [r for r in replicas if getattr(r, "graphs", None) is not None]
+    if not cuda:
+        return
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(cuda)) as pool:
+        list(pool.map(lambda r: r.warm_up(), cuda))
+    log.info("CUDA graphs ready on %d device(s) in %.1f s", len(cuda), time.perf_counter() - start)
 
 
 class Engine:
@@ -161,7 +179,7 @@ class Engine:
             raise ValueError("an Engine needs at least one replica; this is a bug")
         self._workers = [_Worker(r) for r in replicas]
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_depth * len(replicas))
-        self._pool: ThreadPoolExecutor | None = None
+        self._threads: list[threading.Thread] | None = None
         self._closed = False
 
     @property
@@ -171,7 +189,7 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """True while started and every worker is alive."""
-        return self._pool is not None and not self._closed and all(w.alive for w in self._workers)
+        return self._threads is not None and not self._closed and all(w.alive for w in self._workers)
 
     def oom_splits(self) -> int:
         """Batches split in two after a CUDA out-of-memory error, over every replica."""
@@ -182,11 +200,19 @@ class Engine:
         return {str(w.replica.device.name): w.busy_s for w in self._workers}
 
     def start(self) -> Engine:
-        """Starts one worker thread per replica."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(len(self._workers), thread_name_prefix="esm2cli-replica")
-            for worker in self._workers:
-                self._pool.submit(self._run, worker)
+        """Starts one worker thread per replica.
+
+        The threads are daemons: a script that never calls close() still exits (a ThreadPoolExecutor's
+        threads are joined at interpreter exit, and ours wait on the queue forever). Owners that want
+        the queued batches finished call close(), as the Python API does from a finalizer at exit.
+        """
+        if self._threads is None:
+            self._threads = [
+                threading.Thread(target=self._run, args=(worker,), name=f"esm2cli-replica-{n}", daemon=True)
+                for n, worker in enumerate(self._workers)
+            ]
+            for thread in self._threads:
+                thread.start()
         return self
 
     def __enter__(self) -> Engine:
@@ -236,7 +262,7 @@ class Engine:
             barrier.abort()  # releases the workers still waiting when a warm-up batch failed
 
     def _put(self, job: _Job) -> Future:
-        if self._pool is None or self._closed:
+        if self._threads is None or self._closed:
             raise EngineError("the engine is not running")
         while True:
             self._raise_if_dead()
@@ -300,7 +326,7 @@ class Engine:
 
     def close(self, cancel: bool = False) -> None:
         """Stops the workers after the queued batches (or cancels them first when cancel is True)."""
-        if self._pool is None or self._closed:
+        if self._threads is None or self._closed:
             self._closed = True
             return
         self._closed = True
@@ -314,4 +340,6 @@ class Engine:
                 stops += 1
             except queue.Full:
                 continue
-        self._pool.shutdown(wait=True)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()

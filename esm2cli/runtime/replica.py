@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
-from transformers import EsmModel
 
-from esm2cli.config import EmbedConfig
+from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.errors import ConfigError
-from esm2cli.model.contacts import ContactCollector
-from esm2cli.model.load import LoadedModel, log, token_ids
+from esm2cli.model.forward import PackedEsm2
+from esm2cli.model.graphs import GraphRunner, token_buckets
+from esm2cli.model.load import LoadedModel
+from esm2cli.model.packed import PackedBatch
 from esm2cli.runtime.devices import Device
+
+log = logging.getLogger(__name__)
 
 _CPU_THREADS = torch.get_num_threads()  # torch's default (the cores), before any replica changes it
 
@@ -65,9 +67,14 @@ def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 class Replica:
     """One copy of the model on one device: embed_batch, and lm_log_probs when the LM head is loaded.
 
+    The forward is esm2cli's own packed one (esm2cli.model.forward): no pad token is computed. On a CUDA
+    device in bf16/fp16, embeddings replay CUDA graphs captured per token bucket by ``warm_up``
+    (esm2cli.model.graphs); contacts and scores run eagerly.
+
     Attributes:
         oom_splits: How many times a batch was split in two after a CUDA out-of-memory error.
         cpu_threads: Intra-op threads this replica's worker uses (CPU replicas only; None: torch's default).
+        graphs: The CUDA-graph runner (None where graphs do not apply).
     """
 
     def __init__(
@@ -75,31 +82,51 @@ class Replica:
         loaded: LoadedModel,
         device: Device,
         embed: EmbedConfig,
-        model: EsmModel,
+        forward: PackedEsm2,
         cpu_threads: int | None = None,
-        lm_head: nn.Module | None = None,
+        batch: BatchConfig | None = None,
     ):
         self.device = device
         self.cpu_threads = cpu_threads
         self.oom_splits = 0
         self._threads_set = False
         self.loaded = loaded
-        self.model = model
-        self.lm_head = lm_head
+        self.forward = forward
         self.layers = resolve_layers(embed.layers, loaded.num_layers)
         self.pooling = embed.pooling
         self.per_token = embed.per_token
         self.contacts = embed.contacts
-        if self.contacts and model.contact_head is None:
+        if self.contacts and not forward.has_contact_head:
             raise RuntimeError("contacts asked of a model loaded without its contact head; this is a bug")
-        self._torch_device = torch.device(device.torch_device)
-        # The last layer is last_hidden_state (after the final LayerNorm, as in fair-esm);
-        # any other layer needs every hidden state.
-        self._need_hidden_states = any(layer != loaded.num_layers for layer in self.layers)
+        self.graphs = self._graph_runner(embed, batch) if device.is_cuda else None
 
-    def tokenize(self, seqs: Sequence[str]) -> torch.Tensor:
-        """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated)."""
-        return torch.from_numpy(token_ids(self.loaded, seqs))
+    def _graph_runner(self, embed: EmbedConfig, batch: BatchConfig | None) -> GraphRunner | None:
+        """Graphs for the embeddings of this replica's batches (varlen attention on CUDA, no contacts)."""
+        if batch is None or batch.max_tokens is None or self.contacts or not self.forward.uses_varlen():
+            return None
+        if embed.per_token:
+            modes: tuple[bool, ...] = (True,)
+        elif embed.long_sequences == "window":  # window batches bring per-token rows back to be stitched
+            modes = (False, True)
+        else:
+            modes = (False,)
+        return GraphRunner(
+            self.forward, self.layers, self.pooling, buckets=token_buckets(batch.max_tokens),
+            max_seqs=batch.batch_size, per_token_modes=modes,
+        )  # fmt: skip
+
+    def warm_up(self) -> None:
+        """Captures this replica's CUDA graphs (once; nothing to do elsewhere)."""
+        if self.graphs is not None and not self.graphs.warmed:
+            self.graphs.warmup()
+
+    def pack(self, seqs: Sequence[str], masked: Sequence[int | None] | None = None) -> PackedBatch:
+        """A batch of validated residue strings, packed (``masked``: one residue per sequence replaced by <mask>)."""
+        loaded = self.loaded
+        return PackedBatch.from_sequences(
+            seqs, loaded.token_lut, cls_id=loaded.cls_id, eos_id=loaded.eos_id, mask_id=loaded.mask_id,
+            token_dropout=self.forward.token_dropout, masked=masked,
+        )  # fmt: skip
 
     def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None) -> BatchEmbeddings:
         """Embeds a batch of validated, already truncated sequences.
@@ -137,7 +164,7 @@ class Replica:
         Raises:
             torch.cuda.OutOfMemoryError: A single sequence does not fit on the device.
         """
-        if self.lm_head is None:
+        if not self.forward.has_lm_head:
             raise RuntimeError("lm_log_probs on a replica without its LM head; this is a bug")
         self._set_threads()
         return self._split_on_oom(self._lm_forward, items, lambda parts: [a for p in parts for a in p])
@@ -164,88 +191,48 @@ class Replica:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.is_cuda:
-            tensor = tensor.pin_memory()
-        return tensor.to(self._torch_device, non_blocking=True)
-
     def _forward(self, seqs: Sequence[str], per_token: bool) -> BatchEmbeddings:
-        ids = self._to_device(self.tokenize(seqs))
-        lengths = self._to_device(torch.tensor([len(s) for s in seqs]))
-        collector = ContactCollector(self.model.contact_head, ids, self.loaded) if self.contacts else None
-        with torch.inference_mode(), collector or contextlib.nullcontext():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=(ids != self.loaded.pad_id).long(),
-                output_hidden_states=self._need_hidden_states,
-            )
-            states = {
-                layer: out.hidden_states[layer] if self._need_hidden_states else out.last_hidden_state
-                for layer in self.layers
-            }
-            result = self._pool(states, lengths, per_token)
-            if collector is not None:
-                result.contacts = collector.contacts([len(s) for s in seqs])
-            return result
+        batch = self.pack(seqs)
+        if self.graphs is not None:
+            out = self.graphs.embed(batch, per_token)
+        else:
+            out = self.forward.embed(batch, self.layers, self.pooling, per_token, self.contacts)
+        return BatchEmbeddings(out.pooled, out.per_token, out.contacts)
 
     def _lm_forward(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
-        ids = self.tokenize([seq for seq, _, _ in items])
-        rows, cols, counts = [], [], []
-        for row, (_, masked, read) in enumerate(items):
-            if masked is not None:
-                ids[row, masked + 1] = self.loaded.mask_id
-            cols.append(np.asarray(read, dtype=np.int64) + 1)  # position 0 is <cls>
-            rows.append(np.full(len(read), row))
-            counts.append(len(read))
-        ids = self._to_device(ids)
-        rows_t = self._to_device(torch.from_numpy(np.concatenate(rows)))
-        cols_t = self._to_device(torch.from_numpy(np.concatenate(cols)))
-        with torch.inference_mode():
-            hidden = self.model(input_ids=ids, attention_mask=(ids != self.loaded.pad_id).long()).last_hidden_state
-            # Only the positions read go through the head: one per masked copy, not one per token.
-            logits = self.lm_head(hidden[rows_t, cols_t]).float()
-            log_probs = torch.log_softmax(logits, dim=-1).cpu().numpy()
-        return np.split(log_probs, np.cumsum(counts)[:-1])
-
-    def _pool(self, states: dict[int, torch.Tensor], lengths: torch.Tensor, want_tokens: bool) -> BatchEmbeddings:
-        """Pools each layer over residue positions 1..L (mean) or takes position 0 (bos)."""
-        width = next(iter(states.values())).shape[1]
-        pos = torch.arange(width, device=lengths.device)
-        residues = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
-        pooled: dict[int, np.ndarray] = {}
-        per_token: dict[int, list[np.ndarray]] = {}
-        for layer, hidden in states.items():
-            h = hidden.float()
-            if self.pooling == "mean":
-                vec = (h * residues[..., None]).sum(dim=1) / lengths[:, None]
-            else:
-                vec = h[:, 0]
-            pooled[layer] = vec.cpu().numpy().copy()
-            if want_tokens:
-                host = h.cpu()
-                per_token[layer] = [host[i, 1 : n + 1].numpy().copy() for i, n in enumerate(lengths.tolist())]
-        return BatchEmbeddings(pooled, per_token)
+        batch = self.pack([seq for seq, _, _ in items], masked=[masked for _, masked, _ in items])
+        rows = np.concatenate([batch.rows(i, read) for i, (_, _, read) in enumerate(items)])
+        # Only the positions read go through the head: one per masked copy, not one per token.
+        log_probs = self.forward.lm_log_probs(batch, rows).cpu().numpy()
+        return np.split(log_probs, np.cumsum([len(read) for _, _, read in items])[:-1])
 
 
-def build_replicas(loaded: LoadedModel, devices: Sequence[Device], embed: EmbedConfig) -> list[Replica]:
+def build_replicas(
+    loaded: LoadedModel, devices: Sequence[Device], embed: EmbedConfig, batch: BatchConfig | None = None
+) -> list[Replica]:
     """Places one replica on each device, copying the weights loaded once.
 
     Replicas on the CPU (the CPU itself or simulated devices) share one set of weights:
     inference only reads them, and N copies would cost N times the memory for nothing.
 
+    Args:
+        loaded: The model, loaded once on the CPU.
+        devices: One replica each.
+        embed: Layers, pooling, per-token output and contacts.
+        batch: The batch settings (the token budget sizes the CUDA graphs' buckets).
+
     Raises:
         ConfigError: A layer index is out of range.
     """
+    if loaded.forward is None:
+        raise RuntimeError("replicas of a model loaded without weights; this is a bug")
     replicas = []
     cpu_replicas = sum(not d.is_cuda for d in devices)
     threads = max(1, _CPU_THREADS // cpu_replicas) if cpu_replicas else None
     for device in devices:
         if device.is_cuda:
-            # One deepcopy of both keeps the LM head's decoder tied to the copy's token embeddings.
-            model, head = copy.deepcopy((loaded.model, loaded.lm_head))
-            model = model.to(device.torch_device)
-            head = head.to(device.torch_device) if head is not None else None
-            replicas.append(Replica(loaded, device, embed, model, lm_head=head))
+            forward = copy.deepcopy(loaded.forward).to(device.torch_device)
+            replicas.append(Replica(loaded, device, embed, forward, batch=batch))
         else:
-            replicas.append(Replica(loaded, device, embed, loaded.model, cpu_threads=threads, lm_head=loaded.lm_head))
+            replicas.append(Replica(loaded, device, embed, loaded.forward, cpu_threads=threads))
     return replicas

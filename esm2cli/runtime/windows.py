@@ -43,9 +43,41 @@ def window_starts(length: int, width: int, overlap: int) -> list[int]:
     return starts + [length - width]
 
 
+def window_count(length: int, width: int, overlap: int) -> int:
+    """How many windows window_starts gives, without listing them (a huge protein must be refused cheaply)."""
+    if length <= width:
+        return 1
+    return -(-(length - width) // (width - overlap)) + 1
+
+
 def split_windows(sequence: str, width: int, overlap: int) -> list[str]:
     """The windows of a sequence, in order."""
     return [sequence[s : s + width] for s in window_starts(len(sequence), width, overlap)]
+
+
+class WindowSums:
+    """A long protein's per-residue sums and counts, filled window by window as results arrive.
+
+    Memory is L x hidden per layer whatever the number of windows: a large overlap multiplies the
+    windows (and the compute), never what is held for one protein.
+    """
+
+    def __init__(self, length: int):
+        self.length = length
+        self._total: dict = {}
+        self._count: dict = {}
+
+    def add(self, layer, start: int, window: np.ndarray) -> None:
+        """Adds one window's per-residue vectors (window residues, hidden), starting at residue ``start``."""
+        if layer not in self._total:
+            self._total[layer] = np.zeros((self.length, window.shape[1]), dtype=np.float64)
+            self._count[layer] = np.zeros(self.length, dtype=np.float64)
+        self._total[layer][start : start + len(window)] += window
+        self._count[layer][start : start + len(window)] += 1
+
+    def tokens(self, layer) -> np.ndarray:
+        """Float32 (L, hidden): each residue's mean over the windows added that hold it."""
+        return (self._total[layer] / self._count[layer][:, None]).astype(np.float32)
 
 
 def stitch_tokens(length: int, starts: Sequence[int], tokens: Sequence[np.ndarray]) -> np.ndarray:
@@ -59,13 +91,30 @@ def stitch_tokens(length: int, starts: Sequence[int], tokens: Sequence[np.ndarra
     Returns:
         Float32 array of shape (L, hidden).
     """
-    hidden = tokens[0].shape[1]
-    total = np.zeros((length, hidden), dtype=np.float64)
-    count = np.zeros(length, dtype=np.float64)
+    sums = WindowSums(length)
     for start, window in zip(starts, tokens, strict=True):
-        total[start : start + len(window)] += window
-        count[start : start + len(window)] += 1
-    return (total / count[:, None]).astype(np.float32)
+        sums.add(0, start, window)
+    return sums.tokens(0)
+
+
+OVERLAP_COST_WARNING = 2.0  # past this many computations per residue, an overlap is worth a word
+
+
+def overlap_cost(width: int, overlap: int) -> float:
+    """How many times a long protein's residues are computed in windows: W / (W - overlap)."""
+    return width / (width - overlap)
+
+
+def overlap_warning(width: int, overlap: int) -> str | None:
+    """What to tell the user when an overlap multiplies the compute of long proteins (None when it does not)."""
+    cost = overlap_cost(width, overlap)
+    if cost <= OVERLAP_COST_WARNING:
+        return None
+    return (
+        f"--window-overlap {overlap} with windows of {width} residues computes each residue of a long protein "
+        f"{cost:.1f} times (W / (W - overlap)): that much more time; an overlap of at most {width // 2} "
+        "keeps it under 2"
+    )
 
 
 def stitch_pooled(pooling: str, stitched: np.ndarray | None, window_pooled: Sequence[np.ndarray]) -> np.ndarray:

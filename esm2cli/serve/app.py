@@ -24,11 +24,12 @@ from esm2cli.errors import (
     InputError,
     NotReadyError,
     RequestTimeoutError,
+    TooLargeError,
     http_status,
 )
 from esm2cli.io.fasta import check_sequence, check_text, normalise
 from esm2cli.runtime.engine import EngineSetup, build_engine
-from esm2cli.runtime.windows import WindowPlan, model_tokens, window_starts
+from esm2cli.runtime.windows import WindowPlan, model_tokens, window_count, window_starts
 from esm2cli.serve.auth import KeyChecker
 from esm2cli.serve.batcher import BatcherStats, DynamicBatcher
 from esm2cli.serve.cache import EmbeddingCache
@@ -99,6 +100,23 @@ def _checked(sequence: str, rec_id: str | None, where: str, serve: ServeConfig, 
     if len(seq) > truncate and (not serve.truncation or embed.long_sequences == "error"):
         raise InputError(f"{where}: {len(seq)} residues is over the maximum of {truncate} (truncation is off)")
     return (seq if embed.long_sequences == "window" else seq[:truncate]), len(seq)
+
+
+def _check_fits(seqs: list[str], serve: ServeConfig, embed: EmbedConfig) -> None:
+    """Refuses (413) a request that needs more queue places than --max-queue: it could never be served,
+    and a 429 would have clients retry it forever. In window mode each window takes a place."""
+    if embed.long_sequences == "window":
+        needed = sum(window_count(len(s), embed.truncate, embed.window_overlap) for s in seqs)
+    else:
+        needed = len(seqs)
+    if needed > serve.max_queue:
+        windows = (
+            f" (windows of {embed.truncate} residues, overlap {embed.window_overlap})" if needed > len(seqs) else ""
+        )
+        raise TooLargeError(
+            f"the request needs {needed:,} queue places{windows}, more than the server ever holds "
+            f"(--max-queue {serve.max_queue:,}); send fewer or shorter sequences"
+        )
 
 
 def _label(where: str, item: SequenceIn) -> str:
@@ -259,6 +277,7 @@ def create_app(
         checked = [
             _checked(seq, rec_id, where, serve, embed) for (seq, rec_id), where in zip(items, labels, strict=True)
         ]
+        _check_fits([s for s, _ in checked], serve, embed)
         cached = [cache.get(s) for s, _ in checked]
         todo = [i for i, row in enumerate(cached) if row is None]
         if not todo:
@@ -294,7 +313,7 @@ def create_app(
         layers = state.setup.layers
         return [_answer(item, length, row, layers) for item, (length, row) in zip(items, rows, strict=True)]
 
-    errors = {status: {"model": ErrorOut} for status in (401, 422, 429, 503)}  # what the OpenAPI page documents
+    errors = {status: {"model": ErrorOut} for status in (401, 413, 422, 429, 503)}  # what the OpenAPI page documents
 
     @app.get("/health", responses={503: {"description": "Loading, failed, or a worker died"}})
     async def health() -> Response:

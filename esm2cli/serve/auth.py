@@ -19,14 +19,22 @@ DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.js
 def read_key_file(path: str | Path) -> list[str]:
     """Reads API keys from a file: one a line; blank lines and lines starting with '#' are skipped.
 
+    A file that holds no key (an empty Secret, a template that rendered nothing) is refused: the user
+    asked for keys, and starting without them would open the server to anyone.
+
     Raises:
-        ConfigError: The file cannot be read.
+        ConfigError: The file cannot be read, or holds no key.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the API key file {path}: {exc}") from exc
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(
+            f"the API key file {path} holds no key (only blank lines or # comments); refusing to serve without one"
+        )
+    return keys
 
 
 def checked_keys(keys: Iterable[str]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esm2cli.errors import OverloadedError
+from esm2cli.errors import OverloadedError, TooLargeError
 from esm2cli.runtime.batching import plan_batches
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,13 @@ class DynamicBatcher:
         """Embeds one request's validated sequences; returns one {layer: vector} per sequence, in order.
 
         Raises:
+            TooLargeError: The request alone holds more than max_queue sequences: no retry can help.
             OverloadedError: The queue is full.
             EngineError: The engine failed on one of the batches.
         """
+        if len(seqs) > self.max_queue:
+            raise TooLargeError(f"the request holds {len(seqs)} sequences, more than the server queues at once "
+                                f"({self.max_queue}, --max-queue); send fewer")  # fmt: skip
         if self.pending + len(seqs) > self.max_queue:
             raise OverloadedError(f"the server queue is full ({self.pending} sequences waiting); retry later")
         request = _Request(list(seqs), asyncio.get_running_loop().create_future())

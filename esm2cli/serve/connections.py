@@ -5,7 +5,9 @@ it accepts connections until the process runs out of file descriptors, then logs
 accept() with a traceback. Here:
 - a connection that has not sent a request's complete headers within ``header_timeout_s`` gets 408 and
   is closed (measured from when it opened, or from the first bytes of a later request);
-- past ``max_connections`` open connections, a new one is answered 503 (with Retry-After) and closed;
+- past ``max_connections`` open connections, a new one is answered 503 (with Retry-After) and closed,
+  unless its request is a probe (GET or HEAD of /live or /health): probes are answered, then the
+  connection closes, so that clients holding idle connections cannot get a healthy pod restarted;
 - a client that stops reading its answers for ``body_timeout_s`` is disconnected;
 - accept() errors (EMFILE and the like) are logged at most once per ``ACCEPT_LOG_INTERVAL_S``, one line
   with the count of those not shown;
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 ACCEPT_LOG_INTERVAL_S = 30.0
 FILES_RESERVED = 128  # descriptors kept for the model files, the listening socket, logs, libraries
 REFUSE_WAIT_S = 1.0  # how long a connection over the cap may take to send its request before the 503
+PROBE_LINE_MAX = 256  # bytes of a request line looked at, over the cap, to tell a probe from other requests
+_PROBE_METHODS = (b"GET", b"HEAD")
+_PROBE_PATHS = (b"/live", b"/health")
 _ACCEPT_ERROR = "socket.accept() out of system resource"
 
 
@@ -43,6 +48,13 @@ def _raw_answer(status: int, reason: str, message: str, error_type: str) -> byte
     if status == 503:
         head.append(f"retry-after: {RETRY_AFTER_S}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def is_probe_line(line: bytes) -> bool:
+    """True when an HTTP request line asks for a probe: GET or HEAD of /live or /health (a query allowed)."""
+    method, _, rest = line.partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    return method in _PROBE_METHODS and target in _PROBE_PATHS
 
 
 def guarded_protocol(
@@ -66,6 +78,8 @@ def guarded_protocol(
         _header_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
         _refusing = False
+        _held = b""  # the first bytes of a connection over the cap, until its request line is complete
+        _probe_only = False
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -78,11 +92,26 @@ def guarded_protocol(
 
         def data_received(self, data: bytes) -> None:
             if self._refusing:
-                return self._refuse()
+                return self._over_cap(data)
             super().data_received(data)
             self._watch_headers()
 
+        def _over_cap(self, data: bytes) -> None:
+            """Over the cap: a probe is served (one request, then the connection closes); all else gets 503."""
+            self._held += data
+            line, found, _ = self._held.partition(b"\r\n")
+            if not found and len(self._held) < PROBE_LINE_MAX:
+                return  # the request line is not complete yet (the refuse timer still runs)
+            if not (found and is_probe_line(line)):
+                return self._refuse()
+            self._stop_timer()
+            self._refusing, self._probe_only = False, True
+            held, self._held = self._held, b""
+            self.data_received(held)
+
         def on_response_complete(self) -> None:
+            if self._probe_only:
+                self.transport.close()  # a probe over the cap gets one answer, never a kept-alive connection
             super().on_response_complete()
             if self.conn.trailing_data[0]:  # part of a pipelined request already came with the last one
                 self._watch_headers()

@@ -135,6 +135,21 @@ def test_hostile_fasta_stops_before_compute_with_a_clear_message(tmp_path, tiny_
     assert not out.exists() and not (tmp_path / ".out.parquet.tmp").exists()
 
 
+def test_every_problem_of_the_input_is_reported_in_one_pass_and_bounded(tmp_path, tiny_model_dir):
+    fa = tmp_path / "in.fa"
+    fa.write_text(">a\nMKV\n>bad\nMKJV\n>a\nLLW\n")
+    result = run(fa, "-o", tmp_path / "out.parquet", "-m", str(tmp_path / "no-model-needed"))
+    assert result.exit_code == 2, result.output
+    for part in ("2 problems", "1 of 3 records cannot be embedded", "'bad'", "duplicate id 'a' (2 records)"):
+        assert part in result.output, part
+    many = "".join(f">bad{i}\nMK1V\n>dup{i}\nMKV\n>dup{i}\nMKV\n" for i in range(30))
+    fa.write_text(many)
+    result = run(fa, "-o", tmp_path / "out.parquet", "-m", str(tmp_path / "no-model-needed"))
+    assert result.exit_code == 2, result.output
+    assert "... and 10 more invalid records" in result.output and "... and 10 more duplicate ids" in result.output
+    assert len(result.output.splitlines()) < 50
+
+
 def test_binary_file(tmp_path, tiny_model_dir):
     fa = tmp_path / "in.fa"
     fa.write_bytes(b">a\nMK\x00\xff\xfe\n")
@@ -171,6 +186,31 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir):
     assert out.read_text() == "precious"
     embed_ok(fa, "-o", out, "-m", tiny_model_dir, "--overwrite")
     assert pq.read_table(out).num_rows == 1
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("out.csv", "embed writes Parquet (.parquet, .pq) or HDF5 (.h5, .hdf5), not .csv"),
+        ("out.NPY", "not .npy"),
+        ("-", "-o -: embed writes a file (Parquet or HDF5), not a stream to stdout"),
+    ],
+)
+def test_an_output_name_of_another_format_or_stdout_is_refused(tmp_path, tiny_model_dir, name, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    result = run(fa, "-o", name, "-m", tiny_model_dir)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]  # nothing written, no file named '-'
+
+
+def test_output_names_of_the_written_formats_and_without_extension_are_parquet(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    for name in ("out.pq", "run.d/out"):
+        (tmp_path / "run.d").mkdir(exist_ok=True)
+        embed_ok(fa, "-o", tmp_path / name, "-m", tiny_model_dir, "-q")
+        assert pq.read_table(tmp_path / name).num_rows == 1
 
 
 @pytest.mark.parametrize(
@@ -253,3 +293,16 @@ def test_help_is_fast_and_does_not_import_torch():
     code = "import sys; from esm2cli.cli import cli; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False"
+
+
+def test_the_summary_line_and_the_metadata_name_the_model_and_the_resolved_dtype(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("b", "GSHM")])
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(cli, ["embed", fa, "-o", str(out), "-m", tiny_model_dir, "--dtype", "auto"])
+    assert result.exit_code == 0, result.output
+    dtype = read_metadata(out)["dtype"]
+    assert dtype in ("float32", "bfloat16", "float16")  # resolved, never "auto"
+    assert f"with {tiny_model_dir} in {dtype} on " in result.stderr.splitlines()[-1]
+    forced = embed_ok(fa, "-o", tmp_path / "f32.parquet", "-m", tiny_model_dir, "--dtype", "float32")
+    assert f"with {tiny_model_dir} in float32 on " in forced.stderr.splitlines()[-1]
+    assert read_metadata(tmp_path / "f32.parquet")["dtype"] == "float32"

@@ -189,7 +189,7 @@ def test_a_long_mutant_list_costs_one_pass_per_position(tmp_path, wt, tiny_model
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path):
+def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path, reap):
     from esm2cli.jobs.workload import synthetic_sequences
 
     fasta = write_fasta(tmp_path / "in.fa", list(synthetic_sequences(20, seed=5, max_length=300)))
@@ -199,6 +199,7 @@ def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path):
            "-m", "esm2_t6_8M", "--load-format", "dummy", "--dtype", "float32", "--devices", "cpu"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    reap(proc)
     tmp = tmp_path / ".o.parquet.tmp"
     deadline = time.time() + 180
     while not tmp.exists() and proc.poll() is None and time.time() < deadline:

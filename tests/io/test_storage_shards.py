@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from click.testing import CliRunner
-from live_server import free_port
 
 from conftest import write_fasta
 from esm2cli.cli import cli
@@ -30,10 +29,10 @@ CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AW
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the kernel picks the port
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
     server.stop()
 
 
@@ -113,8 +112,8 @@ def test_embed_from_s3_to_s3(s3, s3_endpoint, tmp_path, records, tiny_model_dir,
 def test_storage_errors_are_one_clear_line(s3, tmp_path, tiny_model_dir, source, output, code, message):
     _, bucket = s3
     local = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
-    args = embed_args(source.format(bucket=bucket, local=local), output.replace("out.parquet", str(tmp_path / "o.p")),
-                      tiny_model_dir)  # fmt: skip
+    out = output.replace("out.parquet", str(tmp_path / "o.parquet"))
+    args = embed_args(source.format(bucket=bucket, local=local), out, tiny_model_dir)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -138,7 +137,7 @@ def test_denied_maps_to_one_line():
     assert isinstance(describe(FileNotFoundError("x"), "s3://b/k"), StorageError)
 
 
-def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records, tiny_model_dir, reference):
+def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records, tiny_model_dir, reference, reap):
     client, bucket = s3
     text = "".join(f">{rec_id}\n{seq}\n" for rec_id, seq in records)
     client.put_object(Bucket=bucket, Key="in.fa", Body=text.encode())
@@ -149,6 +148,8 @@ def test_indexed_job_as_three_processes_equals_one_run(s3, s3_endpoint, records,
         )  # fmt: skip
         for i in range(3)
     ]
+    for proc in procs:
+        reap(proc)
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
@@ -193,6 +194,18 @@ def test_merge_names_missing_shards(tmp_path, records, tiny_model_dir):
     assert result.exit_code == 2 and "2 of 3 shards are not finished: 0, 2" in result.output
 
 
+def test_merge_calls_an_unreadable_part_unreadable_not_another_run(tmp_path, records, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", records[:6])
+    for i in range(2):
+        cli_ok(*embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 2, "--shard-index", i))
+    part = tmp_path / "emb" / "part-00001-of-00002.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # cut short (a copy that failed, a full disk)
+    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 2, result.output
+    assert "part-00001-of-00002.parquet cannot be read as a part of an esm2cli run (truncated" in result.output
+    assert "another run" not in result.output and not (tmp_path / "all.parquet").exists()
+
+
 def test_shard_options_are_checked(tmp_path, tiny_model_dir):
     fa = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
     result = CliRunner().invoke(cli, embed_args(fa, tmp_path / "emb", tiny_model_dir, "--shard-count", 2))
@@ -220,7 +233,7 @@ def _summary(stderr: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True])
-def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, sharded):
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, sharded, reap):
     """The 8M architecture with random weights: slow enough on the CPU to be killed half-way."""
     proteins = list(synthetic_sequences(48, seed=4, max_length=500))
     fa = write_fasta(tmp_path / "in.fa", proteins)
@@ -240,6 +253,7 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, shard
     fresh_table = pq.read_table(fresh_target)
 
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reap(proc)
     kept = _kill_when_chunks(proc, work, chunks=3)
     assert not target.exists()
     rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)

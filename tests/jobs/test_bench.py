@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 from esm2cli.cli import cli
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ModeledGPU
+from esm2cli.config import BatchConfig, ModelConfig, ModeledGPU
 from esm2cli.jobs.bench import (
     BenchReport,
     BenchRow,
@@ -23,18 +23,15 @@ from esm2cli.jobs.bench import (
 )
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.load import load_model
-from esm2cli.runtime.devices import Device
-from esm2cli.runtime.replica import build_replicas
 
 
 def test_model_flops_match_torchs_flop_counter(tiny_model_dir):
-    loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"))
-    rep = build_replicas(loaded, [Device("cpu", "cpu")], EmbedConfig())[0]
-    loaded.model.set_attn_implementation("eager")  # torch's counter skips the CPU flash kernel, not matmuls
+    loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"), keep_reference=True)
+    loaded.reference.set_attn_implementation("eager")  # torch's counter skips the CPU flash kernel, not matmuls
     for length in (10, 200):
-        ids = rep.tokenize(["M" * length])
+        ids = torch.tensor([[loaded.cls_id] + [int(loaded.token_lut[ord("M")])] * length + [loaded.eos_id]])
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            loaded.reference(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert model_flops([length], loaded.num_layers, loaded.hidden_size) == pytest.approx(
             counter.get_total_flops(), rel=0.01
         )
@@ -56,6 +53,10 @@ def test_bench_scales_over_simulated_devices(tiny_model_dir):
         assert list(row.busy_share) == [f"sim:{i}" for i in range(row.devices)]
         assert all(0 <= share <= 1.05 for share in row.busy_share.values())
     assert "simulated devices sharing the CPU" in format_report(report)
+    # The efficiency column says what it is measured against (it may pass 100% here).
+    assert f"efficiency: residues/s over that of 1 simulated device(s) ({report.rows[0].residues_per_s:,.0f})" in (
+        format_report(report)
+    )
 
 
 def test_bench_finishes_its_time_box(tiny_model_dir):
@@ -106,6 +107,7 @@ def test_modeled_bench_reports_host_efficiency_over_the_real_pipeline(tiny_model
         assert 0.6 < row.seconds < 1.5 * 3  # sized to about the box
     text = format_report(report)
     assert "This is a MODEL of the GPUs" in text and "host eff." in text
+    assert "efficiency: residues/s over linear scaling of 1 device(s)'" in text
 
 
 def test_bench_cli_json(tiny_model_dir):

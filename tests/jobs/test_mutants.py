@@ -25,12 +25,25 @@ def test_parses_single_and_multiple_substitutions():
         ("A24*", "a stop (*) is not an ESM-2 residue"),
         ("A24J", "'J' is not an ESM-2 residue"),
         ("A24G:A24C", "position 24 appears more than once"),
+        ("M\u0661G", "not a substitution such as A24G"),  # an Arabic-Indic one: not read as M1G
+        ("M\uff11G", "not a substitution such as A24G"),  # a full-width one
+        ("A1234567890G", "the position has 10 digits"),
     ],
 )
 def test_malformed_mutants_say_why(text, why):
     with pytest.raises(ValueError, match=None) as info:
         parse_mutant(text)
     assert why in str(info.value)
+
+
+def test_a_huge_position_is_not_echoed_in_full(tmp_path):
+    with pytest.raises(ValueError) as info:
+        parse_mutant("A" + "7" * 5000 + "G")
+    assert "5,000 digits" in str(info.value) and len(str(info.value)) < 200
+    mutants = tmp_path / "m.csv"
+    mutants.write_text("id,mutant\np," + "A" + "7" * 5000 + "G\n")
+    (row,) = read_mutants(mutants)
+    assert len(row.label()) < 100 and "5,002 characters" in row.label()
 
 
 def test_checks_against_the_wild_type():

@@ -252,12 +252,20 @@ def test_lm_head_is_loaded_only_when_asked(tiny_model_dir):
     from esm2cli.model.load import load_model
 
     plain = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"))
-    assert plain.lm_head is None and plain.model.contact_head is None
+    assert not plain.forward.has_lm_head and not plain.forward.has_contact_head
     scoring = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"), lm_head=True)
-    assert scoring.lm_head.decoder.weight is scoring.model.embeddings.word_embeddings.weight
-    want = EsmForMaskedLM.from_pretrained(tiny_model_dir).lm_head.state_dict()
-    for name, value in scoring.lm_head.state_dict().items():
-        assert torch.equal(value, want[name]), name
+    assert scoring.forward.has_lm_head and scoring.forward.lm_decoder_tied  # the decoder is the token embeddings
+    want = EsmForMaskedLM.from_pretrained(tiny_model_dir).lm_head
+    mine = scoring.forward.lm
+    pairs = [
+        (mine["dense_w"], want.dense.weight),
+        (mine["dense_b"], want.dense.bias),
+        (mine["ln_w"], want.layer_norm.weight),
+        (mine["ln_b"], want.layer_norm.bias),
+        (mine["bias"], want.bias),
+    ]
+    for value, expected in pairs:
+        assert torch.equal(value, expected)
 
 
 def test_dummy_lm_head_is_random_repeatable_and_leaves_the_encoder_as_it_was():
@@ -266,11 +274,12 @@ def test_dummy_lm_head_is_random_repeatable_and_leaves_the_encoder_as_it_was():
 
     cfg = ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32")
     a, b, plain = load_model(cfg, lm_head=True), load_model(cfg, lm_head=True), load_model(cfg)
-    assert a.lm_head is not None and a.dummy
-    for (name, x), y in zip(a.lm_head.state_dict().items(), b.lm_head.state_dict().values(), strict=True):
+    assert a.forward.has_lm_head and a.dummy
+    for (name, x), y in zip(a.forward.lm.items(), b.forward.lm.values(), strict=True):
         assert torch.equal(x, y), name
-    assert a.lm_head.dense.weight.std() > 0
-    for (name, x), y in zip(a.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
+    assert a.forward.lm["dense_w"].std() > 0
+    encoder = {k: v for k, v in a.forward.state_dict().items() if not k.startswith("lm.")}
+    for (name, x), y in zip(encoder.items(), plain.forward.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 

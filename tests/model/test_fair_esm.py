@@ -79,9 +79,8 @@ def test_contact_regression_file_is_optional(tmp_path, checkpoint):
     shutil.copy(checkpoint, alone)
     without = load_model(ModelConfig(model=str(alone), dtype="float32"))
     with_it = load_model(ModelConfig(model=str(checkpoint), dtype="float32"))
-    for (name, a), b in zip(without.model.state_dict().items(), with_it.model.state_dict().values(), strict=True):
-        if not name.startswith("contact_head."):
-            assert torch.equal(a, b), name
+    for (name, a), b in zip(without.forward.state_dict().items(), with_it.forward.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
     assert with_it.source == str(checkpoint) and not with_it.dummy
 
 
@@ -162,3 +161,20 @@ def test_unusable_files_fail_with_one_line(tmp_path, checkpoint, fasta, damage, 
         load_model(ModelConfig(model=str(path), dtype="float32"))
     result = embed([fasta, "-o", str(tmp_path / "o.parquet"), "-m", str(path)], expect=1)
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_checkpoint_cut_anywhere_is_called_truncated_never_refused_for_half_a_global(tmp_path, capfd):
+    from esm2cli.model.fair_esm import safe_load
+
+    whole = tmp_path / "whole.pt"
+    data = {"args": argparse.Namespace(arch="ESM-1b"), "model": {"w": torch.zeros(2, 2)}}
+    torch.save(data, whole, _use_new_zipfile_serialization=False)  # fair-esm's older files: a plain pickle
+    blob, cut = whole.read_bytes(), tmp_path / "cut.pt"
+    for size in range(1, len(blob)):
+        cut.write_bytes(blob[:size])
+        with pytest.raises(ModelLoadError) as info:
+            safe_load(cut)
+        message = str(info.value)
+        assert "truncated or corrupt" in message and "refused" not in message, (size, message)
+        assert "()" not in message
+    assert capfd.readouterr().err == ""  # no torch warning text

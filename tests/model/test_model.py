@@ -6,6 +6,7 @@ from transformers import BertConfig, BertModel, EsmModel
 from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.model.architecture import ARCHITECTURES, esm2_config, resolve_source
+from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.load import architecture_of, load_model
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.replica import build_replicas, resolve_layers
@@ -60,30 +61,31 @@ def test_dummy_weights_are_random_but_repeatable():
     a = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
     b = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
     assert a.dummy and a.num_layers == 6 and a.hidden_size == 320
-    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+    for (name, pa), pb in zip(a.forward.state_dict().items(), b.forward.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
 
 
 def test_loads_only_the_encoder_in_inference_mode(loaded):
-    assert type(loaded.model) is EsmModel
-    assert not any(name.startswith("lm_head") for name, _ in loaded.model.named_parameters())
-    assert not loaded.model.training
-    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert isinstance(loaded.forward, PackedEsm2) and loaded.reference is None  # the weights are held once
+    assert not loaded.forward.has_lm_head and not loaded.forward.has_contact_head
+    assert not loaded.forward.training
+    assert not any(p.requires_grad for p in loaded.forward.parameters())
     assert not loaded.dummy
 
 
 def test_dtype_is_converted_once(tiny_model_dir):
     bf16 = load_model(ModelConfig(model=tiny_model_dir, dtype="bfloat16"))
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.forward.parameters()} == {torch.bfloat16}
     out = replica(bf16).embed_batch(["MKVLA"])
     assert out.pooled[3].dtype == np.float32  # pooling and output stay float32
 
 
 def test_tokenize_matches_the_hf_tokenizer(loaded, direct):
     seqs = ["MKVLAXBUZO", "W", "ACDEFGHIKLMNPQRSTVWY"]
-    ours = replica(loaded).tokenize(seqs)
-    theirs = direct.tokenizer(seqs, padding=True, return_tensors="pt")["input_ids"]
-    assert torch.equal(ours, theirs)
+    packed = replica(loaded).pack(seqs)
+    for i, seq in enumerate(seqs):  # each protein's packed tokens are the HF tokenizer's, without padding
+        theirs = direct.tokenizer(seq, return_tensors="pt")["input_ids"][0].numpy()
+        np.testing.assert_array_equal(packed.tokens[packed.cu_seqlens[i] : packed.cu_seqlens[i + 1]], theirs)
 
 
 @pytest.mark.parametrize("layers", [(-1,), (0, 1, -1)])
@@ -119,7 +121,7 @@ def test_embedding_does_not_depend_on_batch_mates(loaded, proteins):
 def test_cpu_replicas_share_weights(loaded):
     sims = [Device(f"sim:{i}", "cpu") for i in range(3)]
     replicas = build_replicas(loaded, sims, EmbedConfig())
-    assert all(r.model is loaded.model for r in replicas)
+    assert all(r.forward is loaded.forward for r in replicas)
 
 
 def test_layers_are_normalised_and_checked():

@@ -51,10 +51,10 @@ def test_pull_dispatch_keeps_the_idle_replica_busy_while_another_is_slow():
         futures = [engine.submit([f"B{i}"]) for i in range(20)]
         [f.result(timeout=10) for f in futures]
     seconds = time.perf_counter() - start
-    assert len(fast.seen) >= 15, (len(slow.seen), len(fast.seen))
-    assert seconds < 1.5
+    assert len(fast.seen) >= 15, (len(slow.seen), len(fast.seen))  # the contract; the times below are margins
+    assert seconds < 10 * 0.3  # round-robin's time; pulling takes about half, so a loaded machine keeps 2x
     busy = engine.busy_seconds()
-    assert busy["sim:1"] > 0.1 and busy["sim:0"] < 1.5
+    assert busy["sim:1"] > 0.1 and busy["sim:0"] < 0.3 * len(slow.seen) + 1.0
 
 
 def test_warm_up_runs_one_batch_on_every_replica():
@@ -201,17 +201,18 @@ def test_a_dead_worker_leaves_the_queue_to_the_others_but_stops_new_work():
 
 
 def test_close_with_cancel_skips_queued_work():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
     class Slow(FakeEmbedder):
         def embed_batch(self, seqs):
+            started.set()
             gate.wait(5)
             return super().embed_batch(seqs)
 
     replica = Slow("sim:0")
     engine = Engine([replica], queue_depth=3).start()
     running = engine.submit(["A"])
-    time.sleep(0.05)
+    assert started.wait(5)  # the replica holds A: the three B's are what is queued
     queued = [engine.submit(["B"]) for _ in range(3)]
     threading.Timer(0.1, gate.set).start()
     engine.close(cancel=True)

@@ -47,7 +47,9 @@ def test_a_modeled_card_holds_each_batch_for_its_flops_over_peak_times_mfu_plus_
     start = time.perf_counter()
     out = replica.embed_batch(["M" * n for n in lengths])
     elapsed = time.perf_counter() - start
-    assert expected * 0.99 <= elapsed <= expected + 0.15, (elapsed, expected)
+    # At least the modeled time; the upper bound only catches a replica holding far longer (a loaded
+    # machine oversleeps by tens of ms, so the margin scales with the hold).
+    assert expected * 0.99 <= elapsed <= 1.5 * expected + 0.25, (elapsed, expected)
     assert replica.held_s == pytest.approx(expected) and replica.calls == 1
     (pooled,) = out.pooled.values()
     assert pooled.shape == (len(lengths), 1280) and pooled.dtype == np.float32
@@ -106,7 +108,7 @@ def test_modeled_runtime_resolves_gpu_defaults_without_loading_weights():
     assert [d.name for d in setup.devices] == ["h200:0", "h200:1", "h200:2"]
     assert setup.dtype == "bfloat16"  # every modeled card computes bf16 natively
     assert setup.batch.max_tokens == BatchConfig().for_devices(True).max_tokens  # the GPU token budget
-    assert next(setup.model.model.parameters()).device.type == "meta"  # no memory, no weights
+    assert setup.model.forward is None  # no memory, no weights
 
 
 def test_the_real_pipeline_writes_real_parquet_around_modeled_cards(tmp_path, tiny_model_dir, proteins):

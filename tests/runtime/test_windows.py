@@ -177,3 +177,48 @@ def test_serve_gives_what_embed_gives_in_window_mode(tmp_path, tiny_model_dir, p
     assert usage.status_code == 200, usage.text
     assert usage.json()["usage"]["prompt_tokens"] == 7 * (W + 2)  # tokens as the model saw them: 7 windows
     np.testing.assert_allclose(usage.json()["data"][0]["embedding"], items[-1]["embedding"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("width, overlap", [(50, 0), (50, 10), (50, 49), (1022, 1021)])
+def test_window_count_matches_the_listed_windows(width, overlap):
+    from esm2cli.runtime.windows import window_count
+
+    for length in (1, width - 1, width, width + 1, 3 * width + 7, 5000):
+        assert window_count(length, width, overlap) == len(window_starts(length, width, overlap)), length
+
+
+def test_windows_stream_into_their_protein_memory_stays_flat_with_a_large_overlap(tiny_model_dir):
+    import weakref
+
+    from esm2cli import Embedder
+
+    width, overlap, length = 40, 39, 1500  # 1,461 windows of 40 residues
+    rng = random.Random(5)
+    seq = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(length))
+    options = dict(devices="cpu", dtype="float32", long_sequences="window", truncate=width, window_overlap=overlap)
+    with Embedder(tiny_model_dir, **options, batch_size=32) as emb:
+        replica = emb._setup.engine._workers[0].replica
+        original, returned, most_alive = replica.embed_batch, [], [0]
+
+        def tracked(seqs, **kw):  # how many windows' per-residue arrays are still held when a batch starts
+            most_alive[0] = max(most_alive[0], sum(ref() is not None for ref in returned))
+            result = original(seqs, **kw)
+            returned.extend(weakref.ref(a) for arrays in result.per_token.values() for a in arrays)
+            return result
+
+        replica.embed_batch = tracked
+        got = emb.embed([seq])
+    windows = len(window_starts(length, width, overlap))
+    assert len(returned) == windows
+    assert most_alive[0] <= 8 * 32, most_alive  # a few batches in flight, not every window of the protein
+    assert got.shape == (1, 32) and np.isfinite(got).all()  # the numbers: the fair-esm comparisons above
+
+
+def test_an_overlap_that_multiplies_the_compute_is_warned_about(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [("long", "MKV" * 40)])
+    args = ["-m", tiny_model_dir, "--devices", "cpu", "--long-sequences", "window", "--truncate", "50"]
+    for overlap, warned in ((25, False), (40, True)):
+        out = tmp_path / f"o{overlap}.parquet"
+        result = CliRunner().invoke(cli, ["embed", fasta, "-o", str(out), *args, "--window-overlap", str(overlap)])
+        assert result.exit_code == 0, result.output
+        assert ("computes each residue of a long protein 5.0 times" in result.stderr) is warned, result.stderr

@@ -5,13 +5,11 @@ import json
 import os
 import resource
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from live_server import free_port, live_server, make_app, metric, raw_exchange, slow_replicas, wait_healthy
+from live_server import live_server, make_app, metric, raw_exchange, serve_process, slow_replicas, wait_healthy
 
 from esm2cli.runtime.replica import BatchEmbeddings
 
@@ -32,6 +30,7 @@ def guarded(tiny_model_dir):
         yield url, client
 
 
+@pytest.mark.slow  # the exact max_queue boundary has a fast twin: test_server_limits.py
 def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_model_dir, proteins):
     # The case: 60 requests of 64 x 1,022 residues whose sockets close at once. Without
     # cancellation the queue stays full (others get 429) while the replicas compute answers for nobody.
@@ -120,7 +119,7 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(8)]
         time.sleep(0.2)
-        raw = raw_exchange(url, b"GET /live HTTP/1.1\r\nhost: t\r\n\r\n")
+        raw = raw_exchange(url, b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
         assert _status(raw) == 503 and b"retry-after: 1" in raw.lower()
         assert "too many open connections" in _json_body(raw)["error"]
         for sock in idle:
@@ -129,6 +128,30 @@ def test_connections_past_the_cap_get_503_and_the_server_recovers(tiny_model_dir
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.get("/live").status_code == 200
             assert metric(client, 'esm2cli_connections_closed_total{reason="over_capacity"}') == 1
+
+
+def test_probes_are_answered_while_idle_connections_fill_the_cap(tiny_model_dir):
+    app = make_app(tiny_model_dir, max_connections=4, header_timeout_s=30)
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            wait_healthy(client)
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            # raw_exchange reads until the server closes: a probe over the cap gets one answer, then the close.
+            for request in (b"GET /live HTTP/1.1\r\nhost: t\r\n\r\n", b"GET /health?x=1 HTTP/1.1\r\nhost: t\r\n\r\n"):
+                raw = raw_exchange(url, request)
+                assert _status(raw) == 200, raw
+            raw = raw_exchange(url, b"HEAD /live HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert _status(raw) == 200, raw
+            # Not a probe: still refused while the cap holds, also a path that merely starts like one.
+            for request in (b"POST /predict HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}",
+                            b"GET /lively HTTP/1.1\r\nhost: t\r\n\r\n"):  # fmt: skip
+                assert _status(raw_exchange(url, request)) == 503
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 @pytest.mark.parametrize(
@@ -207,17 +230,15 @@ def test_a_server_error_is_a_json_500_and_counted(tiny_model_dir):
 def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
     # A server with few file descriptors and a flood of idle connections: accept() fails with EMFILE
     # about once a second; the log gets one line, not one traceback each time.
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
-    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-           "--port", str(port), "--max-connections", "4000", "--header-timeout", "30"]  # fmt: skip
+    args = ["-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32", "--max-connections", "4000",
+            "--header-timeout", "30"]  # fmt: skip
 
     def few_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     log_path = tmp_path / "stderr.log"
-    log_file = log_path.open("w")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen(cmd, env=env, stderr=log_file, preexec_fn=few_files)
+    proc, port = serve_process(args, log_path, env=env, preexec_fn=few_files)
     flood = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -240,7 +261,6 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
             sock.close()
         if proc.poll() is None:
             proc.kill()
-        log_file.close()
     err = log_path.read_text()
     assert "does not fit the open-file limit (256)" in err  # the cap was lowered to fit
     assert err.count("cannot accept connections") == 1, err[-3000:]

@@ -3,12 +3,11 @@
 import os
 import signal
 import subprocess
-import sys
 
 import httpx
 import pytest
 from click.testing import CliRunner
-from live_server import free_port, live_server, make_app, metric, wait_healthy
+from live_server import live_server, make_app, metric, serve_process, wait_healthy
 
 from esm2cli.cli import cli
 from esm2cli.serve.auth import KeyChecker, checked_keys
@@ -134,12 +133,11 @@ def test_cli_keys_from_options_env_and_file_never_logged_and_access_log_on_stder
     key_file = tmp_path / "keys"
     key_file.write_text(f"# rotated monthly\n\n{KEY_B}\n")
     key_env = "k-env-key-0123456789abcd"
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
     env["ESM2CLI_API_KEYS"] = f"{key_env},{KEY_A}"
-    cmd = [sys.executable, "-m", "esm2cli", "serve", "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-           "--port", str(port), "--api-key-file", str(key_file)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32", "--api-key-file", str(key_file)]
+    log = tmp_path / "stderr.log"
+    proc, port = serve_process(args, log, env=env, stdout=subprocess.PIPE, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             wait_healthy(client, timeout=120)
@@ -153,10 +151,29 @@ def test_cli_keys_from_options_env_and_file_never_logged_and_access_log_on_stder
     finally:
         if proc.poll() is None:
             proc.kill()
-    out, err = proc.stdout.read(), proc.stderr.read()
+    out, err = proc.stdout.read(), log.read_text()
     assert out == ""  # stdout is for data; the access log goes to stderr
     assert "api_keys=<3 redacted>" in err
     assert '"POST /predict" 200' in err and '"POST /predict" 401' in err
     for secret in (key_env, KEY_A, KEY_B, "k-wrong", "QUERYSECRET", "token="):
         assert secret not in err, secret
     assert "no API key is set" not in err
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# the key goes here\n  \n#another\n"])
+def test_cli_refuses_an_api_key_file_without_a_key(tmp_path, text):
+    key_file = tmp_path / "keys"
+    key_file.write_text(text)
+    result = CliRunner().invoke(cli, ["serve", "--api-key-file", str(key_file)])
+    assert result.exit_code == 2, result.output
+    assert "holds no key" in result.output and str(key_file) in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_read_key_file_refuses_a_file_of_comments_only(tmp_path):
+    from esm2cli.errors import ConfigError
+    from esm2cli.serve.auth import read_key_file
+
+    (tmp_path / "keys").write_text("# none yet\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        read_key_file(tmp_path / "keys")

@@ -1,0 +1,183 @@
+"""esm2cli's packed forward against the transformers forward it replaced, side by side in one run, same batches.
+
+"old" is transformers' ``EsmModel`` on padded batches (SDPA, mean pooled on the device, one copy back), as
+esm2cli ran it before; "new" is a runtime replica with esm2cli's packed forward (CUDA graphs per token bucket
+on a GPU in bf16/fp16). Both get the same batches of the same random-weight model, planned as the pipeline
+plans them (sorted by length, token budget), and run in turn batch by batch so that a busy machine slows
+both alike. Printed per token budget: real residues/s of each, new/old, MFU counted on real residues (model
+FLOPs: 2 x parameters + attention a residue) over the card's published dense peak and over the matmul peak
+measured here, host time per forward (from the call to the moment the host waits for the copy back), and the
+lowest cosine between the two forwards' embeddings.
+
+    python benchmarks/forward_ab.py --model esm2_t6_8M --dtype float32                    # the CPU
+    python benchmarks/forward_ab.py --model esm2_t33_650M --budgets 16384,32768,65536 --json   # a GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
+from esm2cli.jobs.workload import synthetic_sequences
+from esm2cli.model.architecture import DTYPES
+from esm2cli.model.load import LoadedModel, load_model, token_ids
+from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.devices import Device
+from esm2cli.runtime.modeled import model_flops
+from esm2cli.runtime.replica import build_replicas
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, rounds: int = 20) -> float:
+    """FLOP/s of a large square matmul on the device: the practical ceiling of a dense forward."""
+    if device.type != "cuda":
+        n, rounds = 1024, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * rounds / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class OldForward:
+    """transformers' EsmModel on padded batches, mean pooled on the device: esm2cli's forward before its own."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device):
+        self.loaded, self.device = loaded, device
+        self.model = loaded.reference.to(device)
+        self.layer = loaded.num_layers
+        self.host_s: list[float] = []
+
+    @torch.inference_mode()
+    def __call__(self, seqs: list[str]) -> np.ndarray:
+        start = time.perf_counter()
+        ids = torch.from_numpy(token_ids(self.loaded, seqs))
+        ids = (ids.pin_memory() if self.device.type == "cuda" else ids).to(self.device, non_blocking=True)
+        mask = (ids != self.loaded.pad_id).long()
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        pos = torch.arange(hidden.shape[1], device=self.device)
+        residues = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
+        pooled = (hidden * residues[..., None]).sum(1) / lengths[:, None]
+        self.host_s.append(time.perf_counter() - start)
+        return pooled.cpu().numpy()
+
+
+class NewForward:
+    """A runtime replica of esm2cli's packed forward (graphs captured first on a GPU)."""
+
+    def __init__(self, loaded: LoadedModel, device: Device, budget: int):
+        batch = BatchConfig(max_tokens=budget)
+        (self.replica,) = build_replicas(loaded, [device], EmbedConfig(), batch)
+        self.replica.warm_up()
+        self.layer = loaded.num_layers
+        self.host_s: list[float] = []
+
+    def __call__(self, seqs: list[str]) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.replica.embed_batch(seqs).pooled[self.layer]
+        launched = self.replica.forward.launched_at if self.replica.graphs is None else self.replica.graphs.launched_at
+        self.host_s.append(launched - start)
+        return out
+
+
+def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int, batch_size: int) -> dict:
+    torch_device = torch.device(device.torch_device)
+    batches = [[seqs[i] for i in b] for b in plan_batches([len(s) for s in seqs], budget, batch_size)]
+    old, new = OldForward(loaded, torch_device), NewForward(loaded, device, budget)
+    for b in batches[:2]:  # first calls allocate and pick kernels
+        old(b), new(b)
+    old.host_s.clear(), new.host_s.clear()
+    seconds = {"old": 0.0, "new": 0.0}
+    worst = 1.0
+    for _ in range(rounds):
+        for b in batches:
+            outs = {}
+            for name, fn in (("old", old), ("new", new)):
+                start = time.perf_counter()
+                outs[name] = fn(b)
+                seconds[name] += time.perf_counter() - start
+            a, c = outs["old"].astype(np.float64), outs["new"].astype(np.float64)
+            cos = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
+            worst = min(worst, float(cos.min()))
+    residues = rounds * sum(len(s) for s in seqs)
+    flops = rounds * model_flops([len(s) for s in seqs], loaded.num_layers, loaded.hidden_size)
+    return {
+        "budget": budget, "batches": len(batches), "residues": residues,
+        "old_residues_per_s": residues / seconds["old"], "new_residues_per_s": residues / seconds["new"],
+        "new_over_old": seconds["old"] / seconds["new"],
+        "old_flops_per_s": flops / seconds["old"], "new_flops_per_s": flops / seconds["new"],
+        "old_host_ms": 1e3 * statistics.median(old.host_s), "new_host_ms": 1e3 * statistics.median(new.host_s),
+        "graph_batches": new.replica.graphs.graph_batches if new.replica.graphs else 0,
+        "lowest_cosine": worst,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="esm2_t6_8M")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 when there is one)")
+    parser.add_argument("--budgets", default=None, help="token budgets, comma-separated (default: the device's)")
+    parser.add_argument("--sequences", type=int, default=None, help="proteins (default: 1500 GPU, 60 CPU)")
+    parser.add_argument("--max-length", type=int, default=1022)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--card", default=None, help="a key of GPU_PEAKS for the published peak (h100, h200...)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    name = args.device or ("cuda:0" if cuda else "cpu")
+    device = Device(name, name)
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    budgets = [int(b) for b in (args.budgets or ("16384,32768,65536" if cuda else "4096")).split(",")]
+    n = args.sequences or (1500 if cuda else 60)
+    seqs = [s for _, s in synthetic_sequences(n, seed=11, max_length=args.max_length)]
+    loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype), keep_reference=True)
+    torch_device = torch.device(name)
+    peak = matmul_peak(torch_device, DTYPES[dtype])
+    card = args.card or (_card_name(torch_device) if cuda else None)
+    published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
+    rows = [run_budget(loaded, device, seqs, b, args.rounds, DEFAULT_BATCH_SIZE) for b in budgets]
+    for row in rows:
+        for which in ("old", "new"):
+            row[f"{which}_mfu_measured"] = row[f"{which}_flops_per_s"] / peak
+            if published:
+                row[f"{which}_mfu_published"] = row[f"{which}_flops_per_s"] / published
+    report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n,
+              "matmul_peak_flops": peak, "published_peak_flops": published, "rows": rows}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{args.model} {dtype} on {name} ({card or 'CPU'}): {n} proteins, matmul peak {peak / 1e9:,.0f} GFLOP/s"
+          + (f", published {published / 1e9:,.0f}" if published else ""))  # fmt: skip
+    for r in rows:
+        mfu = f"{r['new_mfu_published']:.1%} of published, " if published else ""
+        print(f"  budget {r['budget']:>6}: old {r['old_residues_per_s']:>10,.0f}  new {r['new_residues_per_s']:>10,.0f}"
+              f" residues/s  new/old {r['new_over_old']:.2f}x  new MFU {mfu}{r['new_mfu_measured']:.1%} of measured"
+              f"  host ms/forward old {r['old_host_ms']:.2f} new {r['new_host_ms']:.2f}"
+              f"  lowest cos {r['lowest_cosine']:.6f}")  # fmt: skip
+
+
+def _card_name(device: torch.device) -> str | None:
+    """h100 or h200 (the keys of GPU_PEAKS) from the device's name."""
+    name = torch.cuda.get_device_name(device).lower()
+    return next((key for key in GPU_PEAKS if key in name), None)
+
+
+if __name__ == "__main__":
+    main()
