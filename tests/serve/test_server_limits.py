@@ -92,7 +92,9 @@ def test_exactly_max_queue_sequences_are_accepted(tiny_model_dir):
         try:
             idle = client.post("/predict/batch", json={"sequences": ["MKV"] * 4})  # exactly max_queue, idle server
             assert idle.status_code == 200, idle.text
-            assert client.post("/predict/batch", json={"sequences": ["MKV"] * 5}).status_code == 429
+            # more than max_queue can never fit: 413 naming the limit, not a 429 clients would retry forever
+            never = client.post("/predict/batch", json={"sequences": ["MKV"] * 5})
+            assert never.status_code == 413 and "--max-queue 4" in never.text
             gate.hold()
             three = pool.submit(client.post, "/predict/batch", json={"sequences": ["MKV"] * 3})
             wait_pending(client, 3, three)
