@@ -28,7 +28,9 @@ def direct(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    app = make_app(tiny_model_dir, devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2)
+    # cache_size=0: these tests measure the engine (batches, busy time), and some send the same sequences
+    app = make_app(tiny_model_dir, devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2,
+                   cache_size=0)  # fmt: skip
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         wait_healthy(client)
         yield client
