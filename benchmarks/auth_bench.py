@@ -41,7 +41,7 @@ def _start(args, key: str | None) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable, "-m", "esm2cli", "serve", "-m", args.model, "--load-format", args.load_format,
         "--devices", args.devices, "--dtype", args.dtype, "--port", str(port), "-q",
-        "--max-client-batch", str(max(64, args.batch)),
+        "--max-client-batch", str(max(64, args.batch)), "--cache-size", "0",  # the engine, not the cache
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
     if key:

@@ -45,6 +45,7 @@ def _start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
         sys.executable, "-m", "esm2cli", "serve", "-m", args.model, "--load-format", args.load_format,
         "--devices", args.devices, "--dtype", args.dtype, "--port", str(port), "-q",
         "--batching" if batching else "--no-batching", "--max-wait-ms", str(args.max_wait_ms),
+        "--cache-size", "0",  # the warm-up's sequences come again: measure the engine, not the cache
     ]  # fmt: skip
     return _launch(cmd, port)
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import queue
@@ -37,8 +38,9 @@ from esm2cli.io.chunks import Chunk
 from esm2cli.io.fasta import FastaScan, check_sequence, normalise, read_records, scan_fasta
 from esm2cli.io.identity import model_identity
 from esm2cli.io.records import Record
-from esm2cli.io.schema import Rows, build_schema, record_batch
+from esm2cli.io.schema import METADATA_KEY, Rows, build_schema, record_batch
 from esm2cli.jobs import pipeline
+from esm2cli.jobs.reuse import ChunkReuse, open_reuse, reuse_stamps
 from esm2cli.model.architecture import resolve_source
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.windows import check_overlap
@@ -69,6 +71,8 @@ class Embedder:
         batch_size, max_tokens: Batch bounds (as --batch-size and --max-tokens; None: by device).
         chunk_size: Sequences read, sorted and returned together at most (as --chunk-size); bounds memory.
         load_format: "auto", or "dummy" for random weights of the named size.
+        reuse: Earlier outputs (as --reuse: files, directories or prefixes of parts) whose rows, made with
+            the same weights and options, embed_fasta and iter_fasta copy instead of computing.
 
     Raises:
         ModelLoadError, DeviceError, ConfigError: The model, devices or options are unusable.
@@ -90,6 +94,7 @@ class Embedder:
         max_tokens: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         load_format: str = "auto",
+        reuse: Sequence[str | os.PathLike] = (),
     ):
         if long_sequences not in LONG_SEQUENCES:
             raise ConfigError(f"long_sequences={long_sequences!r} is not available; use one of {LONG_SEQUENCES}")
@@ -121,6 +126,7 @@ class Embedder:
         self._finalizer = weakref.finalize(self, self._setup.engine.close)
         self.batch_config = self._setup.batch
         self._weights: str | None = None  # the weights' identity, hashed once when a table needs it
+        self.reuse = [str(path) for path in reuse]
 
     # What was loaded, for the caller.
     @property
@@ -207,8 +213,13 @@ class Embedder:
         scan = scan_fasta(source, self.embed_config.truncate, max_length)
         pipeline.check_scan(scan, source, inputs)
         schema = self._schema(source, scan, inputs)
-        for rows in self._stream(read_records(source, max_length)):  # invalid records (skip_invalid) get no row
-            yield record_batch(rows, schema, self.hidden_size, self.layers)
+        reuse = self._open_reuse(schema) if self.reuse else None
+        try:
+            for rows in self._stream(read_records(source, max_length), reuse):  # invalid records get no row
+                yield record_batch(rows, schema, self.hidden_size, self.layers)
+        finally:
+            if reuse is not None:
+                reuse.close()
 
     def embed_fasta(
         self,
@@ -247,6 +258,7 @@ class Embedder:
             inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),
             overwrite=overwrite,
             setup=self._setup,
+            reuse=self.reuse,
         )
 
     def _schema(self, source: str, scan: FastaScan, inputs: InputConfig) -> pa.Schema:
@@ -263,7 +275,13 @@ class Embedder:
         metadata = pipeline.run_metadata(source, model, self.embed_config, self._setup, identity)
         return build_schema(self.hidden_size, self.layers, self.embed_config.per_token, metadata)
 
-    def _stream(self, records: Iterable[Record]) -> Iterator[Rows]:
+    def _open_reuse(self, schema: pa.Schema) -> ChunkReuse | None:
+        """The rows of the earlier outputs (reuse=) that fit the run whose schema (and identity) this is."""
+        identity = json.loads(schema.metadata[METADATA_KEY])["identity"]
+        files, _ = reuse_stamps(self.reuse)
+        return open_reuse(files, identity, self.embed_config, self.layers, self.hidden_size)
+
+    def _stream(self, records: Iterable[Record], reuse: ChunkReuse | None = None) -> Iterator[Rows]:
         """Runs the CLI's embed loop on a thread of its own and yields each chunk's rows as it completes.
 
         At most two finished chunks wait for the consumer; a consumer that stops early stops the loop.
@@ -288,7 +306,9 @@ class Embedder:
 
         def produce() -> None:
             try:
-                pipeline.embed_records(records, self._setup.engine, _Sink(), self.batch_config, self.embed_config)
+                pipeline.embed_records(
+                    records, self._setup.engine, _Sink(), self.batch_config, self.embed_config, reuse=reuse
+                )
             except _Stopped:
                 return
             except BaseException as exc:  # handed to the consumer, raised there

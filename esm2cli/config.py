@@ -16,6 +16,8 @@ DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
 DEFAULT_WINDOW_OVERLAP = 256
 DEFAULT_CHUNK_SIZE = 4096
+# esm2cli serve: recent sequences whose vectors are kept (650M, one layer: 5 kB each, 51 MB for 10,000).
+DEFAULT_CACHE_SIZE = 10_000
 # A chunk is also committed once this much compute went into it, so that an interruption loses about
 # this much work on any device; the first chunk of a run, before its speed is known, holds this many residues.
 DEFAULT_COMMIT_SECONDS = 30.0
@@ -172,6 +174,7 @@ class ServeConfig:
         header_timeout_s: A connection that has not sent a request's complete headers by then is closed (408).
         body_timeout_s: A request body not complete by then gets 408 and the connection is closed.
         max_connections: Open connections at most; past it, new ones get 503 and are closed.
+        cache_size: Recent distinct sequences whose vectors are kept and answered again; 0: no cache.
     """
 
     batching: bool = True
@@ -189,6 +192,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 1024
+    cache_size: int = DEFAULT_CACHE_SIZE
 
     def __repr__(self) -> str:
         # The keys are secrets: the resolved config is logged at startup with their count only.

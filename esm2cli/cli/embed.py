@@ -40,6 +40,7 @@ def _summary_line(summary, output, shard=None) -> str:
         f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
         f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
         f"{summary.recomputed} changed chunk(s) recomputed" if summary.recomputed else "",
+        _reused_note(summary),
     ]
     note = "".join(f", {n}" for n in notes if n)
     oom = f"; {summary.oom_splits} batch(es) split after CUDA out-of-memory" if summary.oom_splits else ""
@@ -48,6 +49,14 @@ def _summary_line(summary, output, shard=None) -> str:
         f"in {summary.seconds:.1f} s ({summary.residues_per_s:,.0f} residues/s) "
         f"with {summary.model} in {summary.dtype} on {devices}{oom}"
     )
+
+
+def _reused_note(summary) -> str:
+    """'N reused from a.parquet (n1), b.parquet (n2), M computed', or '' without --reuse rows."""
+    if not summary.reused:
+        return ""
+    files = ", ".join(f"{path} ({n:,})" for path, n in summary.reused_from.items())
+    return f"{summary.reused:,} reused from {files}, {summary.sequences:,} computed"
 
 
 @click.command()
@@ -136,6 +145,13 @@ def _summary_line(summary, output, shard=None) -> str:
     f"{DEFAULT_COMMIT_SECONDS:.0f} s of compute (and 128 MB of embeddings): what an interruption loses.",
 )
 @click.option(
+    "--reuse",
+    multiple=True,
+    envvar="ESM2CLI_REUSE",
+    help="An earlier output (Parquet or HDF5; a path, URL, or directory/prefix of parts; repeatable): its rows "
+    "made with the same weights and options are copied for the sequences it holds, the rest computed.",
+)
+@click.option(
     "--s3-endpoint-url",
     envvar="ESM2CLI_S3_ENDPOINT_URL",
     help="S3-compatible endpoint (MinIO, Ceph) for s3:// URLs; credentials from the AWS variables.",
@@ -164,6 +180,7 @@ def embed(
     shard_count,
     output_format,
     chunk_size,
+    reuse,
     s3_endpoint_url,
     verbose,
     quiet,
@@ -184,6 +201,7 @@ def embed(
       zcat big.fa.gz | esm2cli embed - -o out.parquet --devices cuda:0,cuda:1
       esm2cli embed demo.fasta -o demo.parquet -m esm2_t6_8M --load-format dummy --devices sim:4
       esm2cli embed s3://bucket/uniref50.fa.gz -o s3://bucket/emb/ --shard-count 100 --shard-index 7
+      esm2cli embed release-2.fasta -o release-2.parquet --reuse release-1.parquet
     """
     # From the first statement: a signal while the heavy imports run exits as cleanly as one mid-run.
     with _interruptible():
@@ -223,7 +241,7 @@ def embed(
             log.debug("%s: %s", name, value)
         try:
             summary = embed_fasta(
-                fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), **configs
+                fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), reuse=reuse, **configs
             )
         except Esm2Error as exc:
             raise _to_click(exc) from exc

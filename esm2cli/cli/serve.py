@@ -100,6 +100,14 @@ from esm2cli.errors import ConfigError, Esm2Error
     envvar="ESM2CLI_GRACEFUL_TIMEOUT",
     help="On SIGTERM, seconds that requests in flight may take.",
 )
+@click.option(
+    "--cache-size",
+    type=click.IntRange(min=0),
+    default=ServeConfig.cache_size,
+    show_default=True,
+    envvar="ESM2CLI_CACHE_SIZE",
+    help="Recent distinct sequences whose embeddings are kept and answered again without the model; 0: off.",
+)
 @serve_security_options
 @log_options
 def serve(
@@ -124,6 +132,7 @@ def serve(
     max_body_bytes,
     truncation,
     graceful_timeout,
+    cache_size,
     api_keys,
     api_key_file,
     public_metrics,
@@ -178,6 +187,7 @@ def serve(
         header_timeout_s=header_timeout,
         body_timeout_s=body_timeout,
         max_connections=fit_open_files(max_connections),
+        cache_size=cache_size,
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
     embed_cfg = EmbedConfig(

@@ -123,6 +123,7 @@ def _add_rows(out, batch: pa.RecordBatch, layers: Sequence[int], hidden: int) ->
     lengths = batch.column(names.index("length")).to_pylist()
     truncated = batch.column(names.index("truncated")).to_pylist()
     windows = batch.column(names.index("windows")).to_pylist() if "windows" in names else [1] * len(ids)
+    hashes = batch.column(names.index("sequence_sha256")).to_pylist() if "sequence_sha256" in names else []
     for row, record_id in enumerate(ids):
         key = key_of(record_id)
         if key in out:
@@ -132,6 +133,8 @@ def _add_rows(out, batch: pa.RecordBatch, layers: Sequence[int], hidden: int) ->
             original_id=record_id, description=descriptions[row], length=lengths[row],
             truncated=bool(truncated[row]), windows=windows[row],
         )  # fmt: skip
+        if hashes and hashes[row] is not None:
+            dataset.attrs["sequence_sha256"] = hashes[row]
         if tokens:
             group = _per_token_group(out)
             residues = group.create_dataset(key, data=_stack([t[row] for t in tokens], several))

@@ -82,6 +82,19 @@ def options_identity(**options) -> dict:
     return json.loads(json.dumps(options, sort_keys=True))
 
 
+# What an identity holds beside the numbers: which records were read, and which slice of them.
+_NOT_NUMBERS = ("input_sha256", "input_records", "shard", "skip_invalid")
+
+
+def numbers_identity(identity: dict) -> dict:
+    """What decides a row's numbers, given its sequence: the identity without the input and the shard.
+
+    Two outputs whose numbers identities are equal give a sequence the same row (bit for bit in float32),
+    so a row of one may stand for the other's (``--reuse``).
+    """
+    return {k: v for k, v in identity.items() if k not in _NOT_NUMBERS}
+
+
 def describe_changes(before: dict, now: dict) -> list[str]:
     """Names what differs between two identities, one short phrase each (for an exit-2 message)."""
     changes = []
@@ -91,6 +104,8 @@ def describe_changes(before: dict, now: dict) -> list[str]:
                 changes.append("the input's content changed")
             elif key == "model_identity":
                 changes.append("the model's weights changed")
+            elif key == "reuse":
+                changes.append("the files given to --reuse changed (or --reuse did)")
             else:
                 changes.append(f"{key} was {before.get(key)!r}, now {now.get(key)!r}")
     return changes

@@ -25,6 +25,7 @@ class Rows:
     per_token: dict[int, list[np.ndarray]]
     windows: list[int] | None = None  # windows each protein was embedded in (None: one each)
     contacts: list[np.ndarray] | None = None  # (residues, residues) contact probabilities, with --contacts
+    sequence_sha256: list[str] | None = None  # SHA-256 of the residues as embedded, hex (None: unknown, null)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -52,6 +53,7 @@ def build_schema(
         pa.field("length", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("windows", pa.int32(), nullable=False),
+        pa.field("sequence_sha256", pa.string()),  # the residues as embedded; what --reuse matches rows by
     ]
     fields += [pa.field(name, vector, nullable=False) for name in embedding_columns(layers, "embedding").values()]
     if per_token:
@@ -111,6 +113,9 @@ def record_batch(
         "length": pa.array(rows.lengths[start:stop], pa.int32()),
         "truncated": pa.array(rows.truncated[start:stop], pa.bool_()),
         "windows": pa.array(rows.windows[start:stop] if rows.windows else [1] * (stop - start), pa.int32()),
+        "sequence_sha256": pa.array(
+            rows.sequence_sha256[start:stop] if rows.sequence_sha256 else [None] * (stop - start), pa.string()
+        ),
     }
     for layer, name in embedding_columns(layers, "embedding").items():
         columns[name] = _vectors(rows.pooled[layer][start:stop], hidden)

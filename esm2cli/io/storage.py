@@ -130,6 +130,27 @@ def listdir(url: str | os.PathLike) -> list[str]:
         raise describe(exc, str(url)) from exc
 
 
+def file_stamp(url: str | os.PathLike) -> dict:
+    """What tells one version of a file from the next without reading it: size and modification (or ETag).
+
+    Raises:
+        StorageError: The file cannot be reached.
+    """
+    if not is_url(url):
+        try:
+            stat = os.stat(url)
+        except OSError as exc:
+            raise StorageError(f"{url}: {exc.strerror}") from exc
+        return {"size": stat.st_size, "modified": stat.st_mtime_ns}
+    fs, path = _fs(str(url))
+    try:
+        info = fs.info(path)
+    except Exception as exc:
+        raise describe(exc, str(url)) from exc
+    version = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+    return {"size": info.get("size"), "modified": str(version)}
+
+
 def remove(url: str | os.PathLike, recursive: bool = False) -> None:
     """Deletes a file (or a directory tree); a missing one is not an error."""
     if not is_url(url):

@@ -12,10 +12,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-import numpy as np
-
 from esm2cli.config import (
-    FIRST_CHUNK_RESIDUES,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -32,17 +29,15 @@ from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
 from esm2cli.io.records import Record, chunk_digest, hash_records
 from esm2cli.io.schema import Rows, build_schema
+from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
+from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
 from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
-    WindowSums,
     check_overlap,
-    computed_residues,
     overlap_warning,
-    stitch_pooled,
-    window_starts,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +63,8 @@ class EmbedSummary:
     deduplicated: int = 0
     resumed: int = 0
     recomputed: int = 0
+    reused: int = 0  # rows copied from earlier outputs (--reuse)
+    reused_from: dict[str, int] = field(default_factory=dict)
     already_complete: bool = False
     oom_splits: int = 0
     seconds: float = 0.0
@@ -81,190 +78,6 @@ class EmbedSummary:
         return self.residues / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class _ChunkWork:
-    """The valid records of one chunk, embedded together; written once every item is back.
-
-    Each record becomes one item (its sequence, truncated) or, for a long protein in window mode,
-    one item per window. Identical items are embedded once: ``items`` holds each distinct sequence,
-    ``parts[row]`` the items a row is made of, and ``starts[row]`` where its windows start (None
-    for a record that is one item).
-    """
-
-    chunk: Chunk
-    records: list[Record]
-    embed: EmbedConfig
-    items: list[str]
-    parts: list[list[int]]
-    starts: list[list[int] | None]
-    windowed: set[int]
-    uses: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # window item -> (row, start) per use
-    pooled: dict[int, np.ndarray] = field(default_factory=dict)
-    tokens: dict[int, list] = field(default_factory=dict)  # per-token vectors of items that are a whole row
-    sums: dict[int, WindowSums] = field(default_factory=dict)  # windowed row -> its sums, until complete
-    stitched: dict[int, dict] = field(default_factory=dict)  # windowed row -> {layer: (pooled, tokens or None)}
-    contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
-    missing: int = 0
-    owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
-    row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
-
-    @classmethod
-    def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> _ChunkWork:
-        index: dict[str, int] = {}
-        parts: list[list[int]] = []
-        starts: list[list[int] | None] = []
-        uses: dict[int, list[tuple[int, int]]] = {}
-
-        def item(seq: str) -> int:
-            return index.setdefault(seq, len(index))
-
-        for record in records:
-            seq, width = record.sequence, embed.truncate
-            if embed.long_sequences == "window" and len(seq) > width:
-                begins = window_starts(len(seq), width, embed.window_overlap)
-                ids = [item(seq[b : b + width]) for b in begins]
-                for i, begin in zip(ids, begins, strict=True):
-                    uses.setdefault(i, []).append((len(parts), begin))
-                parts.append(ids)
-                starts.append(begins)
-            else:
-                parts.append([item(seq[:width])])
-                starts.append(None)
-        work = cls(chunk, records, embed, list(index), parts, starts, set(uses), uses=uses, missing=len(index))
-        work.owners = [[] for _ in index]
-        for row, ids in enumerate(parts):
-            for i in ids:
-                work.owners[i].append(row)
-        work.row_missing = [len(set(ids)) for ids in parts]
-        return work
-
-    def truncated_flags(self) -> list[bool]:
-        """Per row: truncated (longer than the window, and not embedded in windows)."""
-        width = self.embed.truncate
-        return [s is None and len(r.sequence) > width for r, s in zip(self.records, self.starts, strict=True)]
-
-    @property
-    def windowed_records(self) -> int:
-        return sum(s is not None for s in self.starts)
-
-    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
-        """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
-        for layer, matrix in result.pooled.items():
-            if layer not in self.pooled:
-                self.pooled[layer] = np.empty((len(self.items), matrix.shape[1]), dtype=np.float32)
-            self.pooled[layer][items] = matrix
-        for layer, arrays in result.per_token.items():
-            slots = self.tokens.setdefault(layer, [None] * len(self.items))
-            for i, array in zip(items, arrays, strict=True):
-                windows = self.uses.get(i, ())
-                if self.embed.per_token and len(windows) < len(self.owners[i]):  # also a whole row of its own
-                    slots[i] = array
-                for row, begin in windows:  # windows go into their protein's sums at once, never kept
-                    self.sums.setdefault(row, WindowSums(len(self.records[row].sequence))).add(layer, begin, array)
-        self.contacts.update(zip(items, result.contacts, strict=False))
-        self.missing -= len(items)
-        done = residues = 0
-        for i in items:
-            residues += len(self.items[i]) * len(self.owners[i])
-            for row in set(self.owners[i]):
-                self.row_missing[row] -= 1
-                done += self.row_missing[row] == 0
-                if self.row_missing[row] == 0 and row in self.sums:
-                    self._stitch(row)
-        return done, residues
-
-    def _stitch(self, row: int) -> None:
-        """A windowed row is complete: its pooled vector (and per-token vectors, if kept) from its sums."""
-        sums, ids = self.sums.pop(row), self.parts[row]
-        self.stitched[row] = {
-            layer: (
-                stitch_pooled(self.embed.pooling, tokens := sums.tokens(layer), [matrix[i] for i in ids]),
-                tokens if self.embed.per_token else None,
-            )
-            for layer, matrix in self.pooled.items()
-        }  # fmt: skip
-
-    def rows(self) -> Rows:
-        recs, embed = self.records, self.embed
-        pooled = {layer: np.empty((len(recs), m.shape[1]), np.float32) for layer, m in self.pooled.items()}
-        per_token: dict[int, list] = {layer: [] for layer in self.pooled} if embed.per_token else {}
-        for row, (ids, begins) in enumerate(zip(self.parts, self.starts, strict=True)):
-            for layer, matrix in self.pooled.items():
-                if begins is None:
-                    pooled[layer][row] = matrix[ids[0]]
-                    if embed.per_token:
-                        per_token[layer].append(self.tokens[layer][ids[0]])
-                    continue
-                pooled[layer][row], stitched = self.stitched[row][layer]
-                if embed.per_token:
-                    per_token[layer].append(stitched)
-        return Rows(
-            ids=[r.id for r in recs],
-            descriptions=[r.description for r in recs],
-            lengths=[len(r.sequence) for r in recs],
-            truncated=self.truncated_flags(),
-            pooled=pooled,
-            per_token=per_token,
-            windows=[len(ids) for ids in self.parts],
-            contacts=[self.contacts[ids[0]] for ids in self.parts] if embed.contacts else None,
-        )
-
-
-class ChunkLimit:
-    """When to close a chunk: at ``chunk_size`` records, about ``commit_seconds`` of compute, or ``chunk_bytes``.
-
-    The compute bound is kept in residues and follows the speed measured so far, so that an
-    interruption loses about ``commit_seconds`` of work on any device.
-    """
-
-    def __init__(self, batch: BatchConfig, bytes_per_residue: int = 0, bytes_per_record: int = 0):
-        self.batch = batch
-        self.bytes_per_residue = bytes_per_residue
-        self.bytes_per_record = bytes_per_record
-        self.residues = FIRST_CHUNK_RESIDUES
-
-    def full(self, records: int, residues: int) -> bool:
-        nbytes = records * self.bytes_per_record + residues * self.bytes_per_residue
-        return records >= self.batch.chunk_size or residues >= self.residues or nbytes >= self.batch.chunk_bytes
-
-    def observe(self, residues: int, seconds: float) -> None:
-        """Resizes the next chunks from the residues computed in ``seconds`` of this run."""
-        if residues and seconds > 0:
-            self.residues = max(FIRST_CHUNK_RESIDUES, int(residues / seconds * self.batch.commit_seconds))
-
-
-def split_chunks(
-    records: Iterable[Record], earlier: dict[int, Chunk], limit: ChunkLimit, embed: EmbedConfig
-) -> Iterator[tuple[int, int, list[Record], Chunk | None]]:
-    """Cuts records (in file order) into chunks: (start, stop, records, the earlier chunk at that place or None).
-
-    Where an earlier run committed a chunk, the records it covered are gathered again so that the
-    caller can compare their hash; new chunks never reach into an earlier chunk's start.
-    """
-    buf: list[Record] = []
-    start = residues = 0
-    reuse: Chunk | None = None
-    for record in records:
-        index = record.position - 1
-        if reuse is None and index in earlier:
-            if buf:
-                yield start, index, buf, None
-            buf, start, residues, reuse = [], index, 0, earlier[index]
-        if not buf:
-            start = index
-        buf.append(record)
-        residues += computed_residues(len(record.sequence), embed)
-        if reuse is not None:
-            if index + 1 == reuse.stop:
-                yield start, index + 1, buf, reuse
-                buf, residues, reuse = [], 0, None
-        elif limit.full(len(buf), residues):
-            yield start, index + 1, buf, None
-            buf, residues = [], 0
-    if buf:  # an earlier chunk that now runs past the input's end is not reused
-        yield start, buf[-1].position, buf, None
-
-
 def embed_records(
     records: Iterable[Record],
     engine: Engine,
@@ -275,6 +88,7 @@ def embed_records(
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
     digests: Sequence[int] | None = None,
+    reuse: ChunkReuse | None = None,
 ) -> EmbedSummary:
     """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
 
@@ -294,6 +108,7 @@ def embed_records(
         limit: When to close a chunk (default: from ``batch``).
         digests: The records' digests from the check pass (FastaScan.record_digests), which identify the
             chunks; None hashes each chunk's records here (callers without a check pass).
+        reuse: Earlier outputs whose rows are copied for the records they hold (--reuse).
 
     Returns:
         Counts for the summary line, and the chunks that make the output, in order (seconds and
@@ -304,7 +119,7 @@ def embed_records(
     """
     summary = EmbedSummary()
     limit = limit or ChunkLimit(batch)
-    pending: deque[tuple[_ChunkWork, list[int], Future]] = deque()
+    pending: deque[tuple[ChunkWork, list[int], Future]] = deque()
     clock = {"start": None}
 
     def settle(block: bool) -> None:
@@ -319,7 +134,7 @@ def embed_records(
             if progress:
                 progress(rows, residues)
 
-    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed):
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, reuse and reuse.holds):
         sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)
         chunk = Chunk(start, stop, sha)
         valid = [r for r in chunk_records if r.problem is None]
@@ -332,12 +147,15 @@ def embed_records(
                 continue
             summary.recomputed += 1
             sink.discard(old)
-        work = _ChunkWork.of(chunk, valid, embed)
+        work = reuse.work(ChunkWork, chunk, valid, summary, progress) if reuse else ChunkWork.of(chunk, valid, embed)
         summary.truncated += sum(work.truncated_flags())
         summary.windowed += work.windowed_records
         summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
         if not work.items:
-            sink.write(chunk, work.rows())
+            if pending:  # behind the chunks still computing, so that every sink sees chunks in order
+                pending.append((work, [], done_future(BatchEmbeddings({}, {}))))
+            else:
+                sink.write(chunk, work.rows())
             continue
         for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
@@ -455,6 +273,7 @@ def embed_fasta(
     overwrite: bool = False,
     progress_factory: Callable[[int], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
+    reuse: Sequence[str] = (),
 ) -> EmbedSummary:
     """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
 
@@ -472,6 +291,8 @@ def embed_fasta(
         overwrite: Replace an existing output of another run (and discard unfinished work of other options).
         progress_factory: Given the number of sequences to embed, returns the per-batch callback.
         setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
+        reuse: Earlier outputs (files, directories or prefixes of parts): rows of theirs made with these
+            weights and options are copied for the records whose sequence they hold, not computed.
 
     Returns:
         The run's summary.
@@ -499,6 +320,7 @@ def embed_fasta(
         check_scan(scan, str(fasta), inputs)
         if hdf5.is_hdf5(target):
             hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
+        sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads
         placement = setup_placement(setup) if setup is not None else resolve_placement(model)
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
@@ -514,11 +336,11 @@ def embed_fasta(
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
         return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,
-                           overwrite, progress_factory, owned)  # fmt: skip
+                           overwrite, progress_factory, owned, sources)  # fmt: skip
 
 
 def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batch, inputs, shard, overwrite,
-                progress_factory, owned=True) -> EmbedSummary:  # fmt: skip
+                progress_factory, owned=True, reuse=None) -> EmbedSummary:  # fmt: skip
     """The compute of embed_fasta, once the output is known to need it."""
     start_pos, stop_pos = (shard or ShardConfig()).range(scan.records)
     invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
@@ -539,8 +361,10 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     hidden, layers = setup.model.hidden_size, setup.layers
     metadata = run_metadata(fasta, model, embed, setup, identity)
     schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts)
-    chunks = ChunkStore(target, schema, hidden, layers, chunk_options(identity))
+    options = chunk_options(identity) | ({"reuse": reuse[1]} if reuse else {})  # a changed file is detected
+    chunks = ChunkStore(target, schema, hidden, layers, options)
     earlier = chunks.open(overwrite)
+    reuser = open_reuse(reuse[0], identity, embed, layers, hidden) if reuse else None
     if earlier:
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
@@ -551,7 +375,9 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     try:
         with setup.engine if owned else nullcontext(setup.engine) as engine:
             mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
-            summary = embed_records(mine, engine, writer, batch, embed, progress, earlier, limit, scan.record_digests)
+            summary = embed_records(
+                mine, engine, writer, batch, embed, progress, earlier, limit, scan.record_digests, reuser
+            )
             summary.oom_splits = engine.oom_splits()
         writer.finish()
     except Interrupted:
@@ -560,6 +386,9 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if reuser:
+            reuser.close()
     if summary.recomputed:
         log.warning("%d chunk(s) of an earlier run no longer match the input: recomputed", summary.recomputed)
     chunks.commit(summary.chunks, todo)

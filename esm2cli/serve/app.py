@@ -32,6 +32,7 @@ from esm2cli.runtime.engine import EngineSetup, build_engine
 from esm2cli.runtime.windows import WindowPlan, model_tokens, window_count, window_starts
 from esm2cli.serve.auth import KeyChecker
 from esm2cli.serve.batcher import BatcherStats, DynamicBatcher
+from esm2cli.serve.cache import EmbeddingCache
 from esm2cli.serve.connections import AcceptErrorLimiter
 from esm2cli.serve.guard import RequestGuard
 from esm2cli.serve.http_errors import encode, error_headers, error_payload
@@ -174,6 +175,8 @@ def create_app(
     """
     state = _State()
     metrics = ServerMetrics()
+    cache = EmbeddingCache(serve.cache_size, embed, f"{model.model}:{model.dtype}:{model.load_format}")
+    metrics.watch_cache(cache)
     loader = loader or (lambda: build_engine(model, embed, BatchConfig(max_tokens=serve.max_tokens)))
     model_id = public_model_name(model.model)
     keys = KeyChecker(serve.api_keys, public_metrics=serve.public_metrics, public_docs=serve.public_docs)
@@ -275,7 +278,11 @@ def create_app(
             _checked(seq, rec_id, where, serve, embed) for (seq, rec_id), where in zip(items, labels, strict=True)
         ]
         _check_fits([s for s, _ in checked], serve, embed)
-        plan = WindowPlan(embed, [s for s, _ in checked])
+        cached = [cache.get(s) for s, _ in checked]
+        todo = [i for i, row in enumerate(cached) if row is None]
+        if not todo:
+            return [(length, row) for (_, length), row in zip(checked, cached, strict=True)]
+        plan = WindowPlan(embed, [checked[i][0] for i in todo])
         work = asyncio.ensure_future(batcher.embed(plan.items))
         gone = asyncio.ensure_future(_until_disconnected(request.receive))
         try:
@@ -285,7 +292,10 @@ def create_app(
             if not work.done():
                 work.cancel()  # the batcher drops what was not yet submitted, and cancels batches only it needed
         if work in done:
-            return [(length, row) for (_, length), row in zip(checked, plan.rows(work.result()), strict=True)]
+            for i, row in zip(todo, plan.rows(work.result()), strict=True):
+                cached[i] = row
+                cache.put(checked[i][0], row)
+            return [(length, row) for (_, length), row in zip(checked, cached, strict=True)]
         if gone in done:
             raise ClientDisconnectedError("the client closed the connection before the answer was ready")
         raise RequestTimeoutError(f"not answered within {serve.request_timeout_s:g} s; retry later")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
@@ -24,6 +24,22 @@ class _DeviceBusy:
         for device, seconds in self._busy_seconds().items():
             family.add_metric([device], seconds)
         yield family
+
+
+class _CacheStats:
+    """Reads the embedding cache's hits, misses and entries at scrape time."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def collect(self):
+        hits = CounterMetricFamily("esm2cli_cache_hits", "Sequences answered from the embedding cache")
+        hits.add_metric([], self._cache.hits)
+        misses = CounterMetricFamily("esm2cli_cache_misses", "Sequences looked up in the cache and computed")
+        misses.add_metric([], self._cache.misses)
+        entries = GaugeMetricFamily("esm2cli_cache_entries", "Sequences held in the embedding cache")
+        entries.add_metric([], len(self._cache))
+        yield from (hits, misses, entries)
 
 
 class ServerMetrics:
@@ -65,6 +81,10 @@ class ServerMetrics:
     def watch_devices(self, busy_seconds: Callable[[], dict[str, float]]) -> None:
         """Exposes the engine's per-device busy time once it is loaded."""
         self.registry.register(_DeviceBusy(busy_seconds))
+
+    def watch_cache(self, cache) -> None:
+        """Exposes the embedding cache's hits, misses and size (esm2cli_cache_hits_total, ...)."""
+        self.registry.register(_CacheStats(cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

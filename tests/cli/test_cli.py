@@ -79,6 +79,7 @@ def test_several_layers_bos_and_per_token(tmp_path, tiny_model_dir, direct):
         "length",
         "truncated",
         "windows",
+        "sequence_sha256",
         "embedding_l0",
         "embedding_l2",
         "per_token_l0",

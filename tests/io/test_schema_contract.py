@@ -51,6 +51,7 @@ def expected_schema(pooled: list[str], per_token: list[str]) -> pa.Schema:
         pa.field("length", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("windows", pa.int32(), nullable=False),
+        pa.field("sequence_sha256", pa.string(), nullable=True),  # null only in tables not written by esm2cli
     ]
     fields += [pa.field(name, vector, nullable=False) for name in pooled]
     fields += [pa.field(name, pa.list_(pa.field("item", vector, nullable=True)), nullable=False) for name in per_token]
@@ -124,7 +125,7 @@ def test_merged_parts_keep_the_schema(tmp_path, fasta, tiny_model_dir):
 
 # The README's HDF5 layout: a dataset per protein, with these attributes, of these types.
 DATASET_ATTRS = {"original_id": str, "description": str, "length": np.integer, "truncated": np.bool_,
-                 "windows": np.integer}  # fmt: skip
+                 "windows": np.integer, "sequence_sha256": str}  # fmt: skip
 FILE_ATTRS = {"esm2cli", "model", "model_source", "pooling", "dtype", "truncate", "esm2cli_version", "layers"}
 
 

@@ -269,3 +269,22 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, shard
     )
     assert not work.exists()
     assert computed_rerun < int(fresh_line.split()[1].replace(",", ""))  # it did not start over
+
+
+def test_reuse_of_outputs_on_s3_a_file_and_a_prefix_of_parts(s3, s3_endpoint, tmp_path, records, tiny_model_dir,
+                                                             reference):  # fmt: skip
+    client, bucket = s3
+    old_fa = write_fasta(tmp_path / "old.fa", records[:40])
+    cli_ok(*embed_args(old_fa, f"s3://{bucket}/old/all.parquet", tiny_model_dir))
+    for i in range(2):
+        cli_ok(*embed_args(old_fa, f"s3://{bucket}/parts/", tiny_model_dir, "--shard-count", 2, "--shard-index", i))
+    new_fa = write_fasta(tmp_path / "new.fa", records)
+    for source in (f"s3://{bucket}/old/all.parquet", f"s3://{bucket}/parts"):
+        out = f"s3://{bucket}/new-{len(source)}.parquet"
+        result = cli_ok(*embed_args(new_fa, out, tiny_model_dir, "--reuse", source))
+        assert "40 reused from s3://" in result.stderr and "20 computed" in result.stderr
+        table = read_s3_table(s3_endpoint, out.removeprefix("s3://"))
+        assert table["id"].to_pylist() == reference["id"].to_pylist()
+        np.testing.assert_allclose(
+            np.array(table["embedding"].to_pylist()), np.array(reference["embedding"].to_pylist()), rtol=0, atol=1e-5
+        )

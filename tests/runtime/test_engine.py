@@ -294,7 +294,7 @@ def test_new_chunks_stop_at_an_earlier_chunks_start():
 
 
 def test_chunks_close_after_about_commit_seconds_of_compute():
-    from esm2cli.jobs.pipeline import ChunkLimit
+    from esm2cli.jobs.chunking import ChunkLimit
 
     limit = ChunkLimit(BatchConfig(chunk_size=10**6, commit_seconds=30.0))
     assert limit.full(1, 4096) and not limit.full(1, 4095)  # the first chunk, before any speed is known

@@ -28,7 +28,9 @@ def direct(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    app = make_app(tiny_model_dir, devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2)
+    # cache_size=0: these tests measure the engine (batches, busy time), and some send the same sequences
+    app = make_app(tiny_model_dir, devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2,
+                   cache_size=0)  # fmt: skip
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         wait_healthy(client)
         yield client
@@ -344,8 +346,9 @@ def test_batching_multiplies_throughput_where_each_call_costs_a_fixed_time(tiny_
     # A GPU runs a batch of 16 short sequences in about the time of one: model that with a fixed
     # cost per engine call, then 16 clients get several times the throughput with batching on.
     seqs = [f"MKV{'A' * (k % 7)}W" for k in range(48)]
+    slow = slow_replicas(0.08)  # 7 distinct sequences: without cache_size=0 the engine would hardly run
     on, off = (
-        _throughput(make_app(tiny_model_dir, loader_wrap=slow_replicas(0.08), batching=b, max_wait_ms=5), seqs, 16)
+        _throughput(make_app(tiny_model_dir, loader_wrap=slow, batching=b, max_wait_ms=5, cache_size=0), seqs, 16)
         for b in (True, False)
     )
     assert on >= 3 * off, (on, off)

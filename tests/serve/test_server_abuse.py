@@ -34,7 +34,8 @@ def guarded(tiny_model_dir):
 def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_model_dir, proteins):
     # The case: 60 requests of 64 x 1,022 residues whose sockets close at once. Without
     # cancellation the queue stays full (others get 429) while the replicas compute answers for nobody.
-    app = make_app(tiny_model_dir, loader_wrap=slow_replicas(0.05), max_wait_ms=1)  # 64 sequences: >3 s
+    # 64 sequences: >3 s. One sequence, repeated: without cache_size=0 the cache would answer them all at once.
+    app = make_app(tiny_model_dir, loader_wrap=slow_replicas(0.05), max_wait_ms=1, cache_size=0)
     long_seq = "".join(seq for _, seq in proteins)[:1022]
     body = json.dumps({"sequences": [long_seq] * 64}).encode()
     request = b"POST /predict/batch HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"

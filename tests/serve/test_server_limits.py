@@ -86,7 +86,8 @@ def wait_pending(client, want: int, waiting_on, timeout: float = 20) -> None:
 
 def test_exactly_max_queue_sequences_are_accepted(tiny_model_dir):
     gate = Gate()
-    app = make_app(tiny_model_dir, loader_wrap=gate, max_queue=4, batching=False)
+    # One sequence, repeated: without cache_size=0 the cache would answer the repeats before they queue.
+    app = make_app(tiny_model_dir, loader_wrap=gate, max_queue=4, batching=False, cache_size=0)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(2) as pool:
         wait_healthy(client)
         try:

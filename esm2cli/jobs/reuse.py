@@ -1,0 +1,180 @@
+"""``--reuse`` in the embed pipeline: a chunk's records split into rows copied from earlier outputs and rows computed.
+
+The copied rows take their vectors from the earlier file and everything else (id, description, length,
+truncated, windows) from the new record, so the chunk is the one a fresh run would write, bit for bit
+in float32, and is committed as any other (resume, shards and merge see no difference).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from esm2cli.config import EmbedConfig
+from esm2cli.io.records import Record
+from esm2cli.io.reuse import ReuseIndex, Vectors, Wanted, embedded_sequence, expand_sources, fingerprints
+from esm2cli.io.reuse import sequence_sha256 as _sha256
+from esm2cli.io.schema import Rows
+from esm2cli.runtime.windows import window_starts
+
+log = logging.getLogger(__name__)
+
+
+def row_hashes(records: Sequence[Record], embed: EmbedConfig) -> list[str]:
+    """The ``sequence_sha256`` of each record's row: its residues as embedded."""
+    return [_sha256(embedded_sequence(r.sequence, embed)) for r in records]
+
+
+def row_shape(record: Record, embed: EmbedConfig) -> tuple[bool, int]:
+    """(truncated, windows) of a record's row, as the pipeline computes them."""
+    long = len(record.sequence) > embed.truncate
+    if embed.long_sequences == "window" and long:
+        return False, len(window_starts(len(record.sequence), embed.truncate, embed.window_overlap))
+    return long, 1
+
+
+@dataclass
+class ReusedRows:
+    """A chunk's rows copied from earlier outputs: where they stand among the chunk's records, and what they hold."""
+
+    positions: list[int]
+    rows: Rows
+    total: int  # the chunk's rows, copied and computed
+
+    def count_into(self, summary, progress) -> None:
+        """Adds these rows to a run's EmbedSummary (reused, truncated, windowed) and to its progress."""
+        summary.reused += len(self.positions)
+        summary.truncated += sum(self.rows.truncated)
+        summary.windowed += sum(w > 1 for w in self.rows.windows)
+        if progress:
+            progress(len(self.positions), 0)
+
+    def merge(self, computed: Rows) -> Rows:
+        """The chunk's rows in input order: the copied ones at their positions, the computed ones between them."""
+        mine = set(self.positions)
+        theirs = [i for i in range(self.total) if i not in mine]
+        if len(theirs) != len(computed):
+            raise AssertionError(f"{len(computed)} computed rows for {len(theirs)} places; this is a bug")
+        parts = [(self.positions, self.rows), (theirs, computed)]
+
+        def column(name: str) -> list:
+            out: list = [None] * self.total
+            for places, rows in parts:
+                values = getattr(rows, name)
+                for place, value in zip(places, values or [], strict=False):
+                    out[place] = value
+            return out
+
+        pooled = {}
+        for layer, matrix in self.rows.pooled.items():
+            pooled[layer] = np.empty((self.total, matrix.shape[1]), np.float32)
+            for places, rows in parts:
+                if places:
+                    pooled[layer][places] = rows.pooled[layer]
+        per_token = {}
+        for layer in self.rows.per_token:
+            per_token[layer] = [None] * self.total
+            for places, rows in parts:
+                for place, array in zip(places, rows.per_token.get(layer, []), strict=False):
+                    per_token[layer][place] = array
+        return Rows(
+            ids=column("ids"),
+            descriptions=column("descriptions"),
+            lengths=column("lengths"),
+            truncated=column("truncated"),
+            pooled=pooled,
+            per_token=per_token,
+            windows=column("windows"),
+            contacts=column("contacts") if self.rows.contacts is not None else None,
+            sequence_sha256=column("sequence_sha256"),
+        )
+
+
+def done_future(result) -> Future:
+    """A future that already holds its result (a chunk with nothing to compute, queued behind those computing)."""
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+class ChunkReuse:
+    """Finds, for each chunk, the records whose rows earlier outputs already hold, and reads those rows."""
+
+    def __init__(self, index: ReuseIndex, embed: EmbedConfig):
+        self.index = index
+        self.embed = embed
+
+    def work(self, kind, chunk, records: list[Record], summary, progress):
+        """A chunk's work (a pipeline ChunkWork) for the records to compute, the copied rows attached and counted."""
+        rest, reused = self.split(records)
+        work = kind.of(chunk, rest, self.embed)
+        if reused is not None:
+            work.reused = reused
+            reused.count_into(summary, progress)
+            summary.reused_from = self.counts
+        return work
+
+    def holds(self, record: Record) -> bool:
+        """True when an earlier output holds this record's row."""
+        return self.index.holds(_sha256(embedded_sequence(record.sequence, self.embed)))
+
+    def split(self, records: list[Record]) -> tuple[list[Record], ReusedRows | None]:
+        """(the records to compute, the rows copied for the others), for one chunk's valid records."""
+        hashes = row_hashes(records, self.embed)
+        locs = self.index.lookup(hashes)
+        hits = [i for i, loc in enumerate(locs) if loc >= 0]
+        if not hits:
+            return records, None
+        found = [hashes[i] for i in hits]
+        vectors = self.index.read(locs[hits], found)
+        rest = [r for i, r in enumerate(records) if locs[i] < 0]
+        return rest, ReusedRows(hits, self._rows([records[i] for i in hits], found, vectors), len(records))
+
+    def _rows(self, records: list[Record], hashes: list[str], vectors: Vectors) -> Rows:
+        shapes = [row_shape(r, self.embed) for r in records]
+        return Rows(
+            ids=[r.id for r in records],
+            descriptions=[r.description for r in records],
+            lengths=[len(r.sequence) for r in records],
+            truncated=[t for t, _ in shapes],
+            pooled=vectors.pooled,
+            per_token=vectors.per_token if self.embed.per_token else {},
+            windows=[w for _, w in shapes],
+            contacts=vectors.contacts if self.embed.contacts else None,
+            sequence_sha256=hashes,
+        )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows copied so far, by file."""
+        return {path: n for path, n in self.index.counts.items() if n}
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def reuse_stamps(paths: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """The files ``--reuse`` names, and their fingerprints (recorded with the run's chunks: a change is detected).
+
+    Raises:
+        ConfigError: A path names no file, nor a directory or prefix holding outputs.
+    """
+    files = expand_sources(paths)
+    return files, fingerprints(files)
+
+
+def open_reuse(files: list[str], identity: dict, embed: EmbedConfig, layers: Sequence[int],
+               hidden: int) -> ChunkReuse | None:  # fmt: skip
+    """Indexes the rows of the earlier outputs that fit this run; None when none fits."""
+    wanted = Wanted(tuple(layers), hidden, embed.per_token, embed.contacts)
+    index = ReuseIndex(files, identity, wanted)
+    if not index.sources:
+        index.close()
+        log.warning("--reuse: no earlier output fits this run: every row is computed")
+        return None
+    log.info("--reuse: %d distinct sequences in %d earlier output(s)", len(index), len(index.sources))
+    return ChunkReuse(index, embed)
