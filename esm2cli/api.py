@@ -246,6 +246,8 @@ class Embedder:
             FastaError: Unreadable input or records that cannot be embedded.
             OutputExistsError: The output exists (from another run) and overwrite is False.
         """
+        if not self._finalizer.alive:  # before anything is written beside the output
+            raise EngineError("this Embedder is closed")
         if output is None:
             batches = list(self.iter_fasta(fasta, skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids))
             return pa.Table.from_batches(batches)  # check_scan refuses an input with nothing to embed
@@ -351,6 +353,13 @@ def _checked_iterable(sequences: Any) -> Iterable[str]:
         )
     if isinstance(sequences, (bytes, bytearray, memoryview)):
         raise InputError(f"sequences: got {type(sequences).__name__}; decode it to a str first (e.g. seq.decode())")
+    if hasattr(sequences, "columns") and hasattr(sequences, "iloc"):  # a pandas DataFrame iterates its column names
+        raise InputError(
+            f"sequences: got a {type(sequences).__name__}: iterating it would embed its column names; "
+            "pass one column, e.g. embed(df['sequence'])"
+        )
+    if getattr(sequences, "ndim", None) == 0:  # a 0-d array is not iterable
+        raise InputError(f"sequences: got a 0-d {type(sequences).__name__}; pass str(a) for one sequence")
     if not isinstance(sequences, Iterable):
         raise InputError(f"sequences: expected a string or an iterable of strings, got {type(sequences).__name__}")
     return sequences

@@ -37,7 +37,7 @@ def _summary_line(summary, output, shard=None) -> str:
         f"{len(summary.skipped)} skipped" if summary.skipped else "",
         f"{summary.truncated} truncated" if summary.truncated else "",
         f"{summary.windowed} embedded whole in windows" if summary.windowed else "",
-        f"{summary.deduplicated} duplicate sequences computed once" if summary.deduplicated else "",
+        f"{summary.deduplicated:,} duplicate sequences computed once" if summary.deduplicated else "",
         f"{summary.resumed:,} resumed from an earlier run" if summary.resumed else "",
         f"{summary.recomputed} changed chunk(s) recomputed" if summary.recomputed else "",
         _reused_note(summary),

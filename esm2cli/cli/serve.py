@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -162,12 +163,14 @@ def serve(
     import uvicorn
 
     from esm2cli.serve.app import create_app
-    from esm2cli.serve.auth import checked_keys, read_key_file
+    from esm2cli.serve.auth import checked_keys, read_key_file, refuse_empty_key_variables
     from esm2cli.serve.connections import fit_open_files, uvicorn_config
 
     _setup_logging(verbose, quiet)
     logging.getLogger("uvicorn").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
+        if not api_keys and not api_key_file:  # keys asked for through the environment, and none came
+            refuse_empty_key_variables(os.environ)
         keys = checked_keys([*api_keys, *(read_key_file(api_key_file) if api_key_file else [])])
     except ConfigError as exc:
         raise _to_click(exc) from exc

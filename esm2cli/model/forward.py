@@ -28,6 +28,7 @@ layers unavailable.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -46,6 +47,7 @@ from esm2cli.model.packed import (
 )
 
 log = logging.getLogger(__name__)
+_ROTARY_LOCK = threading.Lock()
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -117,8 +119,10 @@ class PackedEsm2(nn.Module):
         self.contact_b: float = 0.0
         self.emb_layer_norm_before = emb_layer_norm_before
         self.launched_at = 0.0  # perf_counter() when the last embed had launched its work (before the copy back)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         self.register_buffer("rot_cos", torch.empty(0), persistent=False)
         self.register_buffer("rot_sin", torch.empty(0), persistent=False)
+        self._retired_tables: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def has_lm_head(self) -> bool:
@@ -195,7 +199,8 @@ class PackedEsm2(nn.Module):
         final = encoder.encoder.emb_layer_norm_after
         _copy(model.final_ln_w, final.weight)
         _copy(model.final_ln_b, final.bias)
-        model._rotary_table(encoder.rotary_embeddings.inv_freq.detach().float().to(device))
+        model.inv_freq = encoder.rotary_embeddings.inv_freq.detach().float().to(device).clone()
+        model._rotary_table(model.max_positions)
         if lm_head is not None:
             model.lm = nn.ParameterDict(
                 {
@@ -221,9 +226,10 @@ class PackedEsm2(nn.Module):
             model.contact_b = float(reg.bias.detach().float()) if reg.bias is not None else 0.0
         return model.eval().requires_grad_(False)
 
-    def _rotary_table(self, inv_freq: torch.Tensor) -> None:
-        """cos and signed sin, (max_positions, head_dim) float32, as transformers computes them (float32)."""
-        pos = torch.arange(self.max_positions, device=inv_freq.device, dtype=torch.float32)
+    def _rotary_table(self, positions: int) -> None:
+        """cos and signed sin, (positions, head_dim) float32, as transformers computes them (float32)."""
+        inv_freq = self.inv_freq
+        pos = torch.arange(positions, device=inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         half = self.head_dim // 2
@@ -240,9 +246,20 @@ class PackedEsm2(nn.Module):
 
     def prepare(self, batch: PackedBatch) -> DeviceBatch:
         """Moves a batch's indices to the model's device, with what its attention path needs."""
-        if batch.max_len > self.max_positions:
-            raise ValueError(f"a protein of {batch.max_len} tokens is longer than the model's {self.max_positions}")
+        if batch.max_len > self.rot_cos.shape[0]:
+            self._extend_rotary(batch.max_len)
         return to_device(batch, self.device, groups=not self.uses_varlen())
+
+    def _extend_rotary(self, tokens: int) -> None:
+        """Grows the rotary table for a protein longer than the config's positions (``--truncate`` over 1022).
+
+        Rotary positions have no trained limit: transformers computes them for any length, and so does this.
+        The old tables stay referenced, because a captured CUDA graph may still read them.
+        """
+        with _ROTARY_LOCK:  # CPU replicas share this module; the table only ever grows
+            if tokens > self.rot_cos.shape[0]:
+                self._retired_tables.append((self.rot_cos, self.rot_sin))
+                self._rotary_table(max(tokens, 2 * self.rot_cos.shape[0]))
 
     def _embeddings(self, db: DeviceBatch) -> torch.Tensor:
         x = F.embedding(db.tokens, self.tok_embed)

@@ -233,8 +233,8 @@ class GraphRunner:
 
     def bucket_for(self, batch: PackedBatch, per_token: bool) -> int | None:
         """The smallest bucket holding the batch, or None when it runs eagerly."""
-        if self.failed or batch.num_seqs > self.max_seqs:
-            return None
+        if self.failed or batch.num_seqs > self.max_seqs or batch.max_len > self.model.max_positions:
+            return None  # (a protein longer than the config's positions runs eagerly, which grows the table)
         for tokens in self.buckets:
             if batch.num_tokens <= tokens and (tokens, per_token) in self._static:
                 return tokens
@@ -249,10 +249,6 @@ class GraphRunner:
             result = self.model.embed(batch, self.layers, self.pooling, per_token)
             self.launched_at = self.model.launched_at
             return result
-        if batch.max_len > self.model.max_positions:
-            raise ValueError(
-                f"a protein of {batch.max_len} tokens is longer than the model's {self.model.max_positions}"
-            )
         st = self._static[(tokens, per_token)]
         n = self._fill(st, batch, per_token)
         if st.graph is not None:

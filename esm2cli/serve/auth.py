@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from esm2cli.errors import ConfigError
@@ -14,6 +14,23 @@ MIN_KEY_LENGTH = 16
 PROBE_PATHS = frozenset({"/health", "/live"})
 METRICS_PATHS = frozenset({"/metrics"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+KEY_VARIABLES = ("ESM2CLI_API_KEYS", "ESM2CLI_API_KEY_FILE")
+
+
+def refuse_empty_key_variables(environ: Mapping[str, str]) -> None:
+    """Refuses ESM2CLI_API_KEYS or ESM2CLI_API_KEY_FILE set to nothing (an empty Secret value).
+
+    click reads an empty variable as no option at all, which would start an open server although keys
+    were asked for.
+
+    Raises:
+        ConfigError: One of them is set but blank.
+    """
+    for name in KEY_VARIABLES:
+        if name in environ and not environ[name].strip():
+            raise ConfigError(f"{name} is set but empty; refusing to serve without a key (unset it to serve openly)")
 
 
 def read_key_file(path: str | Path) -> list[str]:
@@ -26,7 +43,7 @@ def read_key_file(path: str | Path) -> list[str]:
         ConfigError: The file cannot be read, or holds no key.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark from an editor is not part of a key
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the API key file {path}: {exc}") from exc
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

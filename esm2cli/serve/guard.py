@@ -113,6 +113,8 @@ class RequestGuard:
             return await send_error(send, path, 408, message, "InputError", close=True)
         if body is None:
             return await self._too_large(send, path)
+        if _utf16_or_32(body):  # json.loads would guess the encoding; JSON on the wire is UTF-8 (RFC 8259)
+            return await send_error(send, path, 422, "malformed JSON body: not UTF-8 (UTF-16 or UTF-32)", "InputError")
         replayed = False
 
         async def replay():
@@ -153,6 +155,12 @@ class RequestGuard:
         if access_log.isEnabledFor(logging.INFO):
             client = scope.get("client") or ("-", 0)
             access_log.info('%s "%s %s" %d %.1f ms', client[0], scope["method"], _shown(path), status, seconds * 1000)
+
+
+def _utf16_or_32(body: bytes) -> bool:
+    """True for a body in UTF-16 or UTF-32: a byte-order mark, or a NUL among the first bytes (JSON text starts
+    with an ASCII character, which those encodings write with zero bytes beside it)."""
+    return body.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in body[:4]
 
 
 def _shown(path: str) -> str:
