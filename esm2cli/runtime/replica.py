@@ -16,6 +16,7 @@ from esm2cli.config import EmbedConfig
 from esm2cli.errors import ConfigError
 from esm2cli.model.contacts import ContactCollector
 from esm2cli.model.load import LoadedModel, log, token_ids
+from esm2cli.runtime.batching import padded_width
 from esm2cli.runtime.devices import Device
 
 _CPU_THREADS = torch.get_num_threads()  # torch's default (the cores), before any replica changes it
@@ -98,8 +99,8 @@ class Replica:
         self._need_hidden_states = any(layer != loaded.num_layers for layer in self.layers)
 
     def tokenize(self, seqs: Sequence[str]) -> torch.Tensor:
-        """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated)."""
-        return torch.from_numpy(token_ids(self.loaded, seqs))
+        """Token ids of a batch, padded to its width bucket: <cls> residues <eos> <pad>... (pre-validated)."""
+        return torch.from_numpy(token_ids(self.loaded, seqs, padded_width(max(len(s) for s in seqs))))
 
     def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None) -> BatchEmbeddings:
         """Embeds a batch of validated, already truncated sequences.

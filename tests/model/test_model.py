@@ -7,6 +7,7 @@ from esm2cli.config import EmbedConfig, ModelConfig
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.model.architecture import ARCHITECTURES, esm2_config, resolve_source
 from esm2cli.model.load import architecture_of, load_model
+from esm2cli.runtime.batching import WIDTH_BUCKET
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.replica import build_replicas, resolve_layers
 from reference import DirectReference, cosine
@@ -82,7 +83,9 @@ def test_dtype_is_converted_once(tiny_model_dir):
 def test_tokenize_matches_the_hf_tokenizer(loaded, direct):
     seqs = ["MKVLAXBUZO", "W", "ACDEFGHIKLMNPQRSTVWY"]
     ours = replica(loaded).tokenize(seqs)
-    theirs = direct.tokenizer(seqs, padding=True, return_tensors="pt")["input_ids"]
+    # Rows are padded to the width bucket: below 1,024 tokens, the next multiple of WIDTH_BUCKET.
+    theirs = direct.tokenizer(seqs, padding=True, pad_to_multiple_of=WIDTH_BUCKET, return_tensors="pt")["input_ids"]
+    assert ours.shape[1] == WIDTH_BUCKET
     assert torch.equal(ours, theirs)
 
 
