@@ -34,6 +34,7 @@ from esm2cli.io.records import Record, hash_records
 from esm2cli.io.schema import Rows, build_schema
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
+from esm2cli.runtime.memory import release_free_memory
 from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
@@ -537,7 +538,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
     limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
-    writer = BackgroundWriter(chunks)
+    writer = BackgroundWriter(chunks, after_write=release_free_memory)  # a chunk's freed rows go back to the system
     progress = progress_factory(todo) if progress_factory else None
     start = time.perf_counter()
     try:
