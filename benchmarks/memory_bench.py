@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ class Sample:
     per_token: bool
     dtype: str
     seconds: float
+    cpu_seconds: float  # user + system: less sensitive than the wall time to other work on the machine
     peak_mb: float
     slope_mb_per_min: float
     rss_mb: list[tuple[float, float]]  # (seconds since start, RSS in MB)
@@ -73,8 +75,8 @@ def slope(samples: list[tuple[float, float]]) -> float:
     return 60 * cov / var if var else 0.0
 
 
-def run_one(command: list[str], env: dict, interval: float) -> tuple[float, float, list[tuple[float, float]]]:
-    """Runs ``command`` and samples its RSS; returns (seconds, peak MB, samples)."""
+def run_one(command: list[str], env: dict, interval: float) -> tuple[float, float, float, list[tuple[float, float]]]:
+    """Runs ``command`` and samples its RSS; returns (seconds, CPU seconds, peak MB, samples)."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples: list[tuple[float, float]] = []
@@ -98,7 +100,7 @@ def run_one(command: list[str], env: dict, interval: float) -> tuple[float, floa
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, samples
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, samples
 
 
 def _tiny_model(folder: Path) -> str:
@@ -134,17 +136,24 @@ def main() -> None:
                 if not fasta.exists():
                     write_fasta(str(fasta), n)
                 for name, path in trees:  # the trees one after the other on each input: side by side
-                    out = work / f"out_{name}_{model}_{n}.parquet"
-                    command = [sys.executable, "-m", "esm2cli", "embed", str(fasta), "-o", str(out), "--overwrite",
+                    # A fresh output each run: a complete one would be reused, not recomputed.
+                    out = Path(tempfile.mkdtemp(dir=work)) / f"{name}_{model}_{n}.parquet"
+                    command = [sys.executable, "-m", "esm2cli", "embed", str(fasta), "-o", str(out),
                                "--dtype", args.dtype, "--devices", args.devices, *source]  # fmt: skip
                     command += ["--per-token"] if args.per_token else []
                     env = {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
-                    seconds, peak, samples = run_one(command, env, args.interval)
-                    result = Sample(name, model, n, args.per_token, args.dtype, seconds, peak, slope(samples), samples)
+                    try:
+                        seconds, cpu, peak, samples = run_one(command, env, args.interval)
+                    finally:
+                        shutil.rmtree(out.parent)
+                    result = Sample(
+                        name, model, n, args.per_token, args.dtype, seconds, cpu, peak, slope(samples), samples
+                    )
                     results.append(result)
                     print(
                         f"{name:>8} {model:>14} {n:>6} proteins per_token={args.per_token} dtype={args.dtype}: "
-                        f"peak {peak:7.1f} MB, slope {result.slope_mb_per_min:+6.1f} MB/min, {seconds:6.1f} s",
+                        f"peak {peak:7.1f} MB, slope {result.slope_mb_per_min:+6.1f} MB/min, "
+                        f"{seconds:6.1f} s ({cpu:6.1f} s CPU)",
                         flush=True,
                     )
         if args.json:

@@ -16,6 +16,7 @@ import numpy as np
 
 from esm2cli.config import (
     FIRST_CHUNK_RESIDUES,
+    WRITER_DEPTH,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -538,7 +539,8 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
     limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
-    writer = BackgroundWriter(chunks, after_write=release_free_memory)  # a chunk's freed rows go back to the system
+    # Bounded bytes alive (config.CHUNK_BYTES); each written chunk's freed rows go back to the system.
+    writer = BackgroundWriter(chunks, depth=WRITER_DEPTH, after_write=release_free_memory)
     progress = progress_factory(todo) if progress_factory else None
     start = time.perf_counter()
     try:
