@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 from esm2cli.cli import cli
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ModeledGPU
+from esm2cli.config import BatchConfig, ModelConfig, ModeledGPU
 from esm2cli.jobs.bench import (
     BenchReport,
     BenchRow,
@@ -22,17 +22,14 @@ from esm2cli.jobs.bench import (
     run_modeled_bench,
 )
 from esm2cli.jobs.workload import synthetic_sequences
-from esm2cli.model.load import load_model
-from esm2cli.runtime.devices import Device
-from esm2cli.runtime.replica import build_replicas
+from esm2cli.model.load import load_model, token_ids
 
 
 def test_model_flops_match_torchs_flop_counter(tiny_model_dir):
     loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"))
-    rep = build_replicas(loaded, [Device("cpu", "cpu")], EmbedConfig())[0]
     loaded.model.set_attn_implementation("eager")  # torch's counter skips the CPU flash kernel, not matmuls
     for length in (10, 200):
-        ids = rep.tokenize(["M" * length])
+        ids = torch.from_numpy(token_ids(loaded, ["M" * length]))  # unpadded: the flops of the protein itself
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert model_flops([length], loaded.num_layers, loaded.hidden_size) == pytest.approx(
