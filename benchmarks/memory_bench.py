@@ -75,10 +75,12 @@ def slope(samples: list[tuple[float, float]]) -> float:
     return 60 * cov / var if var else 0.0
 
 
-def run_one(command: list[str], env: dict, interval: float) -> tuple[float, float, float, list[tuple[float, float]]]:
+def run_one(
+    command: list[str], env: dict, interval: float, cwd: str | None = None
+) -> tuple[float, float, float, list[tuple[float, float]]]:
     """Runs ``command`` and samples its RSS; returns (seconds, CPU seconds, peak MB, samples)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -143,7 +145,8 @@ def main() -> None:
                     command += ["--per-token"] if args.per_token else []
                     env = {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
                     try:
-                        seconds, cpu, peak, samples = run_one(command, env, args.interval)
+                        # cwd: `python -m` puts the working directory before PYTHONPATH on sys.path.
+                        seconds, cpu, peak, samples = run_one(command, env, args.interval, cwd=path)
                     finally:
                         shutil.rmtree(out.parent)
                     result = Sample(
