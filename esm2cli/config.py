@@ -22,8 +22,12 @@ DEFAULT_CACHE_SIZE = 10_000
 # this much work on any device; the first chunk of a run, before its speed is known, holds this many residues.
 DEFAULT_COMMIT_SECONDS = 30.0
 FIRST_CHUNK_RESIDUES = 4096
-# ... and once its embeddings reach this many bytes, so that memory stays bounded with --per-token.
-CHUNK_BYTES = 128 << 20
+# ... and once its embeddings reach this many bytes, so that memory stays bounded with --per-token: at most
+# WRITER_DEPTH + 2 chunks are alive (one being computed, WRITER_DEPTH waiting for the writer, one being
+# written), ~192 MB of embeddings, plus one row group's Arrow copy (io.schema.ROW_GROUP_BYTES).
+CHUNK_BYTES = 64 << 20
+# Writing a chunk takes a fraction of the time computing it takes, so one waiting chunk keeps the writer busy.
+WRITER_DEPTH = 1
 
 
 # Modeled GPUs (esm2cli bench --simulate): each card's published dense peak in FLOP/s by dtype (NVIDIA

@@ -6,7 +6,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,11 +100,13 @@ class BackgroundWriter:
     """Hands chunks of rows to a sink (a ChunkStore) on a thread of its own, overlapping I/O with compute.
 
     At most ``depth`` chunks wait for the thread; write() blocks past that, which bounds memory.
-    An error on the thread is raised by the next write(), or by finish().
+    An error on the thread is raised by the next write(), or by finish(). ``after_write`` runs on the
+    thread once each chunk is written and its rows dropped (the pipeline hands freed memory back there).
     """
 
-    def __init__(self, writer, depth: int = 2):
+    def __init__(self, writer, depth: int = 2, after_write: Callable[[], object] | None = None):
         self.writer = writer
+        self.after_write = after_write
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="esm2cli-writer", daemon=True)
@@ -117,6 +119,9 @@ class BackgroundWriter:
                     self.writer.write(*item)
                 except BaseException as exc:  # reported to the producer on its next call
                     self._error = exc
+            item = None  # the chunk's rows go before the next get(), not after it
+            if self.after_write is not None:
+                self.after_write()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

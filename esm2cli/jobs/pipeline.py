@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from esm2cli.config import (
+    WRITER_DEPTH,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -33,6 +34,7 @@ from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
+from esm2cli.runtime.memory import release_free_memory
 from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
@@ -369,7 +371,8 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
     limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
-    writer = BackgroundWriter(chunks)
+    # Bounded bytes alive (config.CHUNK_BYTES); each written chunk's freed rows go back to the system.
+    writer = BackgroundWriter(chunks, depth=WRITER_DEPTH, after_write=release_free_memory)
     progress = progress_factory(todo) if progress_factory else None
     start = time.perf_counter()
     try:

@@ -178,9 +178,15 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
 _POOL = 1_000_003  # random values drawn per dummy model: a prime, so that no weight row repeats another
 
 
-def token_ids(loaded: LoadedModel, seqs: Sequence[str]) -> np.ndarray:
-    """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated)."""
-    width = max(len(s) for s in seqs) + 2
+def token_ids(loaded: LoadedModel, seqs: Sequence[str], width: int | None = None) -> np.ndarray:
+    """Token ids of a batch, padded: <cls> residues <eos> <pad>... (sequences are pre-validated).
+
+    Args:
+        loaded: The model whose token ids these are.
+        seqs: Upper-case residue strings.
+        width: Tokens per row (None: the longest sequence plus <cls> and <eos>); at least that.
+    """
+    width = width or max(len(s) for s in seqs) + 2
     ids = np.full((len(seqs), width), loaded.pad_id, dtype=np.int64)
     ids[:, 0] = loaded.cls_id
     for row, seq in enumerate(seqs):

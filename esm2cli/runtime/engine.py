@@ -121,8 +121,10 @@ def build_engine(
     """
     # Imported here so that importing the engine does not import torch.
     from esm2cli.model.load import load_model
+    from esm2cli.runtime.memory import bound_kernel_caches
     from esm2cli.runtime.replica import build_replicas, resolve_layers
 
+    bound_kernel_caches()  # before the process's first forward, when the kernel libraries read the bound
     if model.simulate and (lm_head or embed.contacts):
         raise ConfigError("modeled GPUs compute embeddings only: no contacts and no scores")
     placement = placement or resolve_placement(model)

@@ -102,9 +102,11 @@ class ModeledReplica:
             BatchEmbeddings of the real shapes (float32, on the CPU); row values depend on the length only.
         """
         from esm2cli.model.load import token_ids
+        from esm2cli.runtime.batching import padded_width
         from esm2cli.runtime.replica import BatchEmbeddings
 
-        token_ids(self.loaded, seqs)  # the host work a real replica does before its forward
+        # The host work a real replica does before its forward.
+        token_ids(self.loaded, seqs, padded_width(max(map(len, seqs))))
         lengths = [len(s) for s in seqs]
         hold = self.seconds(lengths)
         start = time.perf_counter()

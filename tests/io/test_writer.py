@@ -105,3 +105,28 @@ def test_merge_refuses_to_write_onto_one_of_its_parts(tmp_path):
     with pytest.raises(OutputExistsError, match="is one of the parts being merged"):
         merge_parts(str(parts), str(parts / "part-00001-of-00002.parquet"))
     assert (parts / "part-00001-of-00002.parquet").read_bytes() == before
+
+
+def test_after_write_runs_once_a_chunk_is_written_and_its_rows_are_dropped(tmp_path):
+    import gc
+    import weakref
+
+    out = tmp_path / "o.parquet"
+    chunks = store(out)
+    chunks.open(overwrite=False)
+    seen = []  # per call: chunks on disk, and whether the chunk's pooled array is still alive
+    alive = []
+
+    def after_write():
+        gc.collect()
+        seen.append((len(list((tmp_path / "_o.parquet.parts").glob("*.parquet"))), alive[-1]() is not None))
+
+    bg = BackgroundWriter(chunks, after_write=after_write)
+    for k in range(3):
+        r = rows([f"{k}-{i}" for i in range(3)])
+        alive.append(weakref.ref(r.pooled[6]))
+        bg.write(chunk(k), r)
+        del r
+        bg.finish() if k == 2 else None
+    assert [n for n, _ in seen] == [1, 2, 3]
+    assert seen[-1][1] is False  # the last chunk's rows were gone when the memory was handed back

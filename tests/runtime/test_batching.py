@@ -2,7 +2,17 @@ import random
 
 import pytest
 
-from esm2cli.runtime.batching import padded_tokens, plan_batches, windows
+from esm2cli.runtime.batching import (
+    SPECIAL_TOKENS,
+    WIDTH_BUCKET,
+    WIDTH_STEPS_PER_OCTAVE,
+    ladder,
+    padded_tokens,
+    padded_width,
+    plan_batches,
+    token_bucket,
+    windows,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -46,3 +56,38 @@ def test_empty():
 def test_windows():
     assert list(windows(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(windows([], 3)) == []
+
+
+def test_widths_come_from_a_small_ladder_and_fit():
+    widths = {padded_width(n) for n in range(1, 4001)}
+    assert all(w % WIDTH_BUCKET == 0 for w in widths)
+    assert len({padded_width(n) for n in range(1, 1023)}) == 1024 // WIDTH_BUCKET  # up to ESM-2's 1,024 tokens
+    assert len(widths) <= 1024 // WIDTH_BUCKET + 2 * WIDTH_STEPS_PER_OCTAVE  # two more octaves, to 4,096
+    for n in range(1, 4001):
+        width = padded_width(n)
+        assert n + SPECIAL_TOKENS <= width  # every sequence fits, with <cls> and <eos>
+        assert width - (n + SPECIAL_TOKENS) < max(WIDTH_BUCKET, (n + SPECIAL_TOKENS) / WIDTH_STEPS_PER_OCTAVE)
+        assert padded_width(n + 1) >= width  # monotone
+
+
+def test_ladder_rungs_per_octave():
+    rungs = sorted({ladder(n, 32, 4) for n in range(1, 1 << 15)})
+    octave = [r for r in rungs if 4096 < r <= 8192]
+    assert octave == [5120, 6144, 7168, 8192]
+    assert rungs[:4] == [32, 64, 96, 128]
+
+
+def test_token_bucket_stays_in_the_budget_unless_the_tokens_do_not():
+    for tokens in range(1, 5000, 7):
+        bucket = token_bucket(tokens, budget=4096)
+        assert tokens <= bucket
+        assert bucket <= max(4096, tokens)
+    assert token_bucket(4000, budget=4096) == 4096
+    assert token_bucket(5000, budget=4096) == 5000
+
+
+def test_budget_counts_the_padded_width():
+    # 300 residues pad to 320 tokens: three fit in 960 tokens, while 302-token rows would fit in 906
+    assert [len(b) for b in plan_batches([300] * 3, max_tokens=959, max_batch=64)] == [2, 1]
+    assert [len(b) for b in plan_batches([300] * 3, max_tokens=960, max_batch=64)] == [3]
+    assert padded_tokens([300, 10]) == 2 * padded_width(300) == 640
