@@ -27,14 +27,6 @@ from esm2cli.model.packed import (
 log = logging.getLogger(__name__)
 
 
-def token_buckets(max_tokens: int, smallest: int = 1024) -> list[int]:
-    """The token budget and its halves down to ``smallest``: the batch sizes graphs are captured for."""
-    buckets = [max_tokens]
-    while buckets[-1] // 2 >= smallest:
-        buckets.append(buckets[-1] // 2)
-    return buckets
-
-
 @dataclass
 class _Static:
     """One bucket's static inputs and outputs (the tensors a captured graph reads and writes)."""
@@ -66,7 +58,7 @@ class GraphRunner:
         model: The packed model.
         layers: Hidden-state indices returned (0..num_layers).
         pooling: "mean" or "bos".
-        buckets: Token counts graphs are captured for (see token_buckets).
+        buckets: Token counts graphs are captured for (esm2cli.runtime.batching.token_buckets).
         max_seqs: Proteins per batch at most (the batch size cap).
         per_token_modes: With and/or without per-token rows (windows need them).
         capture: Capture CUDA graphs (None: where the model runs varlen attention on CUDA).

@@ -60,6 +60,22 @@ def token_bucket(tokens: int, budget: int | None = None, per_octave: int = TOKEN
     return max(tokens, min(rung, budget)) if budget else rung
 
 
+def token_buckets(budget: int, smallest: int = 1024) -> list[int]:
+    """Every rung of the packed-token ladder from ``smallest`` up to ``budget``: the CUDA graphs a replica captures.
+
+    A batch runs in the smallest bucket that holds it (its tokens padded with a dummy segment), so the
+    padding is at most a quarter of a bucket (TOKEN_STEPS_PER_OCTAVE), not half as with halvings.
+    """
+    buckets = []
+    n = min(smallest, budget)
+    while True:
+        rung = token_bucket(n, budget)
+        buckets.append(rung)
+        if rung >= budget:
+            return buckets
+        n = rung + 1
+
+
 def plan_batches(
     lengths: Sequence[int], max_tokens: int, max_batch: int, specials: int = SPECIAL_TOKENS
 ) -> list[list[int]]:

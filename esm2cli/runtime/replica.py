@@ -13,9 +13,10 @@ import torch
 from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.errors import ConfigError
 from esm2cli.model.forward import PackedEsm2
-from esm2cli.model.graphs import GraphRunner, token_buckets
+from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import LoadedModel
 from esm2cli.model.packed import PackedBatch
+from esm2cli.runtime.batching import token_buckets
 from esm2cli.runtime.devices import Device
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,10 @@ from conftest import write_fair_esm_checkpoint
 from esm2cli.config import ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.forward import PackedEsm2
-from esm2cli.model.graphs import GraphRunner, token_buckets
+from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch, attention_groups
+from esm2cli.runtime.batching import token_buckets
 from reference import cosine
 
 # Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.
@@ -225,11 +226,6 @@ def test_attention_groups_cover_every_protein_once():
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(sizes)))
     assert len(groups) > 1  # the 900-token protein does not pad the 5-token ones
     assert all(sizes[g].max() - sizes[g].min() < 100 for g in groups)
-
-
-def test_token_buckets_halve_down_to_the_smallest():
-    assert token_buckets(32768) == [32768, 16384, 8192, 4096, 2048, 1024]
-    assert token_buckets(1500) == [1500]
 
 
 @pytest.mark.parametrize("per_token", [False, True])

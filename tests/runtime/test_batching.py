@@ -91,3 +91,15 @@ def test_budget_counts_the_padded_width():
     assert [len(b) for b in plan_batches([300] * 3, max_tokens=959, max_batch=64)] == [2, 1]
     assert [len(b) for b in plan_batches([300] * 3, max_tokens=960, max_batch=64)] == [3]
     assert padded_tokens([300, 10]) == 2 * padded_width(300) == 640
+
+
+def test_graph_buckets_climb_the_token_ladder_to_the_budget():
+    from esm2cli.runtime.batching import token_bucket, token_buckets
+
+    buckets = token_buckets(32768)
+    assert buckets[0] == 1024 and buckets[-1] == 32768 and buckets == sorted(set(buckets))
+    for tokens in (1024, 1025, 3000, 9000, 20000, 32768):  # the bucket a batch runs in wastes <= a quarter
+        fit = min(b for b in buckets if b >= tokens)
+        assert fit == token_bucket(tokens, 32768) or tokens <= 1024
+        assert fit <= max(1024, 1.25 * tokens)
+    assert token_buckets(700) == [700]  # a budget under the smallest bucket is its own bucket
