@@ -200,8 +200,29 @@ class ServeConfig:
 
     def __repr__(self) -> str:
         # The keys are secrets: the resolved config is logged at startup with their count only.
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
-        return f"ServeConfig({shown}, api_keys=<{len(self.api_keys)} redacted>)"
+        return f"ServeConfig({describe(self)})"
+
+
+def describe(config) -> str:
+    """A configuration as one readable line for the startup log: ``name=value, ...``; secrets as a count."""
+    shown = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "api_keys":
+            shown.append(f"api_keys=<{len(value)} redacted>")
+        elif f.repr:
+            shown.append(f"{f.name}={_readable(value)}")
+    return ", ".join(shown)
+
+
+def _readable(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "-"
+    if hasattr(value, "__dataclass_fields__"):
+        return f"({describe(value)})"
+    return str(value)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from esm2cli.config import (
     EmbedConfig,
     ModelConfig,
     ServeConfig,
+    describe,
 )
 from esm2cli.errors import ConfigError, Esm2Error
 
@@ -205,8 +206,8 @@ def serve(
             raise _to_click(exc) from exc
         if warning := overlap_warning(truncate, window_overlap):
             log.warning("%s", warning)
-    log.info("serve: %s", serve_cfg)
-    log.info("model: %s", model_cfg)
+    log.info("serve: %s", describe(serve_cfg))
+    log.info("model: %s", describe(model_cfg))
     failure: list[Exception] = []
 
     def on_load_failure(exc: Exception) -> None:

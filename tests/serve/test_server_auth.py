@@ -177,3 +177,15 @@ def test_read_key_file_refuses_a_file_of_comments_only(tmp_path):
     (tmp_path / "keys").write_text("# none yet\n")
     with pytest.raises(ConfigError, match="holds no key"):
         read_key_file(tmp_path / "keys")
+
+
+def test_the_startup_log_line_is_readable_and_holds_no_key():
+    from esm2cli.config import ModelConfig, ServeConfig, describe
+
+    line = describe(ServeConfig(api_keys=(KEY_A, KEY_B), max_queue=16))
+    assert "max_queue=16" in line and "api_keys=<2 redacted>" in line
+    assert KEY_A not in line and KEY_B not in line and "Config(" not in line
+    assert (
+        describe(ModelConfig(model="esm2_t6_8M"))
+        == "model=esm2_t6_8M, load_format=auto, dtype=auto, devices=auto, simulate=-"
+    )
