@@ -138,8 +138,8 @@ class GraphRunner:
         flat = self.model.reduce_on_device(db, self.layers, self.pooling, per_token)
         return flat.index_select(0, keep)
 
-    def _fill(self, st: _Static, batch: PackedBatch, per_token: bool) -> int:
-        """Writes a batch into the bucket's host buffers; returns how many output rows are real."""
+    def _fill(self, st: _Static, batch: PackedBatch, per_token: bool, copy: bool = True) -> int:
+        """Writes a batch into the bucket's host buffers (and, ``copy``, to the device); returns the real rows."""
         t, b, tb, ms = batch.num_tokens, batch.num_seqs, st.tokens, self.max_seqs
         ints_sizes, floats_sizes = self._layout(tb, per_token)
         host_i = st.host_ints.numpy()
@@ -171,8 +171,9 @@ class GraphRunner:
             shapes = plan_groups(sizes, cu[:-1], plan)
             flat = host_to_device(np.concatenate(plan), self.model.device)
             st.groups = unpack_groups(iter(torch.split(flat, [len(a) for a in plan])), shapes)
-        st.ints.copy_(st.host_ints, non_blocking=True)
-        st.floats.copy_(st.host_floats, non_blocking=True)
+        if copy:
+            st.ints.copy_(st.host_ints, non_blocking=True)
+            st.floats.copy_(st.host_floats, non_blocking=True)
         return len(real)
 
     def _capture(self, st: _Static, per_token: bool) -> None:
