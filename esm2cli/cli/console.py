@@ -50,25 +50,34 @@ def _to_click(exc: Esm2Error) -> click.ClickException:
 
 
 def _progress_factory(quiet: bool, unit: str = "seq"):
-    def factory(total: int):
+    def factory(total: int, residues_total: int | None = None):
+        """A bar over ``total`` items; given ``residues_total``, over residues, so that its ETA holds while the
+        longest proteins come last in each chunk (items sorted by length)."""
         from tqdm import tqdm
 
+        by_residue = residues_total is not None
         bar = tqdm(
-            total=total,
-            unit=unit,
+            total=residues_total if by_residue else total,
+            unit="res" if by_residue else unit,
+            unit_scale=by_residue,
             dynamic_ncols=True,
             file=sys.stderr,
             disable=True if quiet else None,
             smoothing=0.1,
         )
-        state = {"residues": 0}
+        state = {"residues": 0, "items": 0}
 
         def update(sequences: int, residues: int) -> None:
             state["residues"] += residues
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{state['residues'] / elapsed:,.0f} residues/s", refresh=False)
-            bar.update(sequences)
-            if bar.n >= bar.total:
+            state["items"] += sequences
+            if by_residue:
+                bar.set_postfix_str(f"{state['items']:,}/{total:,} {unit}", refresh=False)
+                bar.update(residues)
+            else:
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix_str(f"{state['residues'] / elapsed:,.0f} residues/s", refresh=False)
+                bar.update(sequences)
+            if state["items"] >= total:
                 bar.close()
 
         return update

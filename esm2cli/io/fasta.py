@@ -46,6 +46,7 @@ class FastaScan:
     records: int = 0
     sha256: str = ""
     record_digests: array[int] = field(default_factory=lambda: array("Q"))  # one a record, in file order
+    record_lengths: array[int] = field(default_factory=lambda: array("I"))  # residues a record (0: invalid)
     valid: int = 0
     residues: int = 0
     too_long: int = 0
@@ -186,6 +187,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_lengt
     for record in read_records(source, max_length):
         scan.records += 1
         hasher.update(record)
+        scan.record_lengths.append(0 if record.problem else len(record.sequence))
         if record.problem:
             scan.invalid.append(record)
             continue

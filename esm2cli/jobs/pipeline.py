@@ -39,6 +39,7 @@ from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
     check_overlap,
+    computed_residues,
     overlap_warning,
 )
 
@@ -145,7 +146,7 @@ def embed_records(
             if old == chunk:
                 summary.resumed += len(valid)
                 if progress:
-                    progress(len(valid), 0)
+                    progress(len(valid), sum(computed_residues(len(r.sequence), embed) for r in valid))
                 continue
             summary.recomputed += 1
             sink.discard(old)
@@ -273,7 +274,7 @@ def embed_fasta(
     inputs: InputConfig,
     shard: ShardConfig | None = None,
     overwrite: bool = False,
-    progress_factory: Callable[[int], ProgressFn] | None = None,
+    progress_factory: Callable[[int, int], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
     reuse: Sequence[str] = (),
 ) -> EmbedSummary:
@@ -291,7 +292,7 @@ def embed_fasta(
         model, embed, batch, inputs: The run's configuration.
         shard: Embed only this shard's contiguous slice of the records, into its part file.
         overwrite: Replace an existing output of another run (and discard unfinished work of other options).
-        progress_factory: Given the number of sequences to embed, returns the per-batch callback.
+        progress_factory: Given the sequences and the residues to compute, returns the per-batch callback.
         setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
         reuse: Earlier outputs (files, directories or prefixes of parts): rows of theirs made with these
             weights and options are copied for the records whose sequence they hold, not computed.
@@ -373,7 +374,11 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     limit = ChunkLimit(batch, per_residue, 4 * hidden * len(layers))
     # Bounded bytes alive (config.CHUNK_BYTES); each written chunk's freed rows go back to the system.
     writer = BackgroundWriter(chunks, depth=WRITER_DEPTH, after_write=release_free_memory)
-    progress = progress_factory(todo) if progress_factory else None
+    # The bar counts residues, so that its ETA holds while the longest proteins come last in each chunk; with
+    # --reuse, which rows cost nothing is known only chunk by chunk, so it counts sequences there.
+    lengths = scan.record_lengths[start_pos:stop_pos]
+    residues = None if reuser else sum(computed_residues(n, embed) for n in lengths if n)
+    progress = progress_factory(todo, residues) if progress_factory else None
     start = time.perf_counter()
     try:
         with setup.engine if owned else nullcontext(setup.engine) as engine:

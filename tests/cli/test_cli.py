@@ -306,3 +306,21 @@ def test_the_summary_line_and_the_metadata_name_the_model_and_the_resolved_dtype
     forced = embed_ok(fa, "-o", tmp_path / "f32.parquet", "-m", tiny_model_dir, "--dtype", "float32")
     assert f"with {tiny_model_dir} in float32 on " in forced.stderr.splitlines()[-1]
     assert read_metadata(tmp_path / "f32.parquet")["dtype"] == "float32"
+
+
+def test_the_progress_bar_counts_residues_so_its_eta_holds(tmp_path, tiny_model_dir):
+    from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
+    from esm2cli.jobs.pipeline import embed_fasta
+
+    seen = []
+
+    def factory(total, residues=None):
+        seen.append((total, residues))
+        return lambda rows, res: seen.append((rows, res))
+
+    fa = write_fasta(tmp_path / "in.fa", [("a", "M" * 50), ("b", "K" * 30), ("c", "MKV" * 500)])
+    embed_fasta(fa, str(tmp_path / "o.parquet"), model=ModelConfig(model=tiny_model_dir, dtype="float32"),
+                embed=EmbedConfig(), batch=BatchConfig(), inputs=InputConfig(), progress_factory=factory)  # fmt: skip
+    (total, residues), *updates = seen
+    assert total == 3 and residues == 50 + 30 + 1022  # residues as computed: the long one truncated
+    assert sum(r for _, r in updates) == residues and sum(n for n, _ in updates) == 3

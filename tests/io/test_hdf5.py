@@ -119,7 +119,7 @@ def test_an_interrupted_run_resumes_into_hdf5(tmp_path, fasta, tiny_model_dir):
     configs = dict(model=ModelConfig(model=tiny_model_dir, dtype="float32", devices="cpu"), embed=EmbedConfig(),
                    batch=BatchConfig(chunk_size=2), inputs=InputConfig())  # fmt: skip
 
-    def interrupt_after_four(total):
+    def interrupt_after_four(total, residues=None):
         seen = [0]
 
         def update(rows, residues):

@@ -182,7 +182,7 @@ def test_hdf5_outputs_are_reused_and_written(tmp_path, releases, tiny_model_dir,
 def _interrupt_after(computed: int):
     """A progress factory that raises Interrupted (as the SIGINT handler does) once ``computed`` rows are computed."""
 
-    def factory(total):
+    def factory(total, residues=None):
         seen = [0]
 
         def update(rows, residues):

@@ -115,7 +115,7 @@ def test_other_weights_in_the_same_directory_are_not_complete(tmp_path, tiny_mod
 def _interrupt_after(sequences: int):
     """A progress factory that raises Interrupted (as the SIGINT handler does) once enough rows are back."""
 
-    def factory(total):
+    def factory(total, residues=None):
         seen = [0]
 
         def update(rows, residues):
