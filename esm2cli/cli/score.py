@@ -17,6 +17,8 @@ from esm2cli.errors import Esm2Error
 
 
 def _score_summary_line(summary, output) -> str:
+    if summary.already_complete:
+        return f"{output} is already complete (same input, mutants, weights and options): nothing to do"
     what = {
         "pll": f"{summary.proteins:,} proteins (pseudo-log-likelihood)",
         "mutations": f"{summary.rows:,} mutants of {summary.proteins:,} proteins",

@@ -11,6 +11,7 @@ residues that centres it, clamped to the protein's ends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,11 +30,13 @@ from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConf
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
-from esm2cli.io.identity import same_file
+from esm2cli.io.identity import model_identity, same_file
+from esm2cli.io.parquet import read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
+from esm2cli.model.architecture import resolve_source
 from esm2cli.runtime.batching import plan_batches
-from esm2cli.runtime.engine import Engine, build_engine
+from esm2cli.runtime.engine import Engine, build_engine, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +275,7 @@ class ScoreSummary:
     oom_splits: int = 0
     seconds: float = 0.0
     devices: list[str] = field(default_factory=list)
+    already_complete: bool = False
 
 
 @contextmanager
@@ -458,17 +462,24 @@ def score_fasta(
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
     output = str(output)
-    _check_run(str(fasta), output, score, overwrite)
+    _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
     summary = ScoreSummary(mode=score.mode)
     with _readable(str(fasta)) as source:
         proteins, table, total = _plan(source, str(fasta), score, summary)
-        setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True)
+        placement = resolve_placement(model)
+        identity = _run_identity(source, model, placement.dtype, score)
+        if storage.exists(output):
+            if identity is not None and read_metadata(output).get("identity") == identity:
+                return ScoreSummary(mode=score.mode, already_complete=True)
+            if not overwrite:
+                raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+        setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True, placement=placement)
         batch = setup.batch
         progress = progress_factory(total) if progress_factory else None
         start = time.perf_counter()
         out = None
         try:
-            out = ScoreFile(output, _schema(score.mode, _metadata(model, score, setup)))
+            out = ScoreFile(output, _schema(score.mode, {**_metadata(model, score, setup), "identity": identity}))
             _compute(setup.engine, setup.model.token_lut, proteins, table, batch, score, out, summary, progress)
             out.commit()
         except BaseException:
@@ -479,6 +490,25 @@ def score_fasta(
     summary.seconds = time.perf_counter() - start
     summary.devices = [d.name for d in setup.devices]
     return summary
+
+
+def _run_identity(source: str, model: ModelConfig, dtype: str, score: ScoreConfig) -> dict | None:
+    """What makes a rerun the same run: the records and mutants read, the weights, and what changes the numbers.
+
+    None where the weights cannot be named before loading (a hub model not cached yet): never complete then.
+    """
+    weights = model_identity(resolve_source(model.model), model.load_format)
+    if weights is None or score.mutations == "-":  # a list read from stdin cannot be read again to be hashed
+        return None
+    mutants = None
+    if score.mutations:
+        with storage.open_input(score.mutations) as handle:
+            mutants = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {
+        "input_sha256": scan_fasta(source).sha256, "mutations_sha256": mutants, "model_identity": weights,
+        "dtype": dtype, "mode": score.mode, "method": score.method, "window": score.window,
+        "skip_invalid": score.skip_invalid,
+    }  # fmt: skip
 
 
 def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:

@@ -210,3 +210,20 @@ def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path, reap):
     assert proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: the output was not written")
     assert out.read_bytes() == b"earlier" and not tmp.exists()
+
+
+def test_an_unchanged_rerun_is_already_complete_and_a_changed_one_is_not(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIV")])
+    out = tmp_path / "pll.parquet"
+    args = ["score", fasta, "--pll", "-o", str(out), "-m", tiny_model_dir, "--dtype", "float32"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    before = out.read_bytes()
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert out.read_bytes() == before  # left as it was
+    write_fasta(tmp_path / "in.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIW")])  # one residue
+    changed = CliRunner().invoke(cli, args)
+    assert changed.exit_code == 2 and "already exists" in changed.output
+    other = CliRunner().invoke(cli, [*args[:-2], "--dtype", "bfloat16", "--overwrite"])
+    assert other.exit_code == 0 and "already complete" not in other.output
