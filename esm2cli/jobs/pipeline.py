@@ -33,7 +33,7 @@ from esm2cli.io.schema import Rows, build_schema
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import plan_batches
-from esm2cli.runtime.engine import Engine, EngineSetup, Placement, build_engine, resolve_placement
+from esm2cli.runtime.engine import Engine, EngineSetup, build_engine, resolve_placement
 from esm2cli.runtime.memory import release_free_memory
 from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
@@ -324,7 +324,7 @@ def embed_fasta(
         if hdf5.is_hdf5(target):
             hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
         sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads
-        placement = setup_placement(setup) if setup is not None else resolve_placement(model)
+        placement = setup.placement if setup is not None else resolve_placement(model)
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
         weights = model_identity(resolve_source(model.model), model.load_format)
@@ -413,8 +413,3 @@ def _keep_finished(writer: BackgroundWriter) -> None:
         writer.finish()
     except Exception:  # the chunk being written when the signal came is dropped; the rest are safe
         writer.abort()
-
-
-def setup_placement(setup: EngineSetup) -> Placement:
-    """The devices and dtype an engine built earlier (the Python API's) runs with."""
-    return Placement(setup.devices, setup.dtype)

@@ -465,9 +465,9 @@ def score_fasta(
     _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
     summary = ScoreSummary(mode=score.mode)
     with _readable(str(fasta)) as source:
-        proteins, table, total = _plan(source, str(fasta), score, summary)
+        proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
         placement = resolve_placement(model)
-        identity = _run_identity(source, model, placement.dtype, score)
+        identity = _run_identity(source, input_sha256, model, placement.dtype, score)
         if storage.exists(output):
             if identity is not None and read_metadata(output).get("identity") == identity:
                 return ScoreSummary(mode=score.mode, already_complete=True)
@@ -492,9 +492,12 @@ def score_fasta(
     return summary
 
 
-def _run_identity(source: str, model: ModelConfig, dtype: str, score: ScoreConfig) -> dict | None:
+def _run_identity(
+    source: str, input_sha256: str | None, model: ModelConfig, dtype: str, score: ScoreConfig
+) -> dict | None:
     """What makes a rerun the same run: the records and mutants read, the weights, and what changes the numbers.
 
+    ``input_sha256`` is the check pass's hash of the records where _plan made one (None: hashed here).
     None where the weights cannot be named before loading (a hub model not cached yet): never complete then.
     """
     weights = model_identity(resolve_source(model.model), model.load_format)
@@ -505,8 +508,8 @@ def _run_identity(source: str, model: ModelConfig, dtype: str, score: ScoreConfi
         with storage.open_input(score.mutations) as handle:
             mutants = hashlib.file_digest(handle, "sha256").hexdigest()
     return {
-        "input_sha256": scan_fasta(source).sha256, "mutations_sha256": mutants, "model_identity": weights,
-        "dtype": dtype, "mode": score.mode, "method": score.method, "window": score.window,
+        "input_sha256": input_sha256 or scan_fasta(source).sha256, "mutations_sha256": mutants,
+        "model_identity": weights, "dtype": dtype, "mode": score.mode, "method": score.method, "window": score.window,
         "skip_invalid": score.skip_invalid,
     }  # fmt: skip
 
@@ -528,19 +531,20 @@ def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> 
 
 def _plan(
     source: str, fasta: str, score: ScoreConfig, summary: ScoreSummary
-) -> tuple[Iterable[_Protein], MutantTable | None, int]:
-    """Checks the input before any compute; returns the proteins to score, the mutants, and the positions in all."""
+) -> tuple[Iterable[_Protein], MutantTable | None, int, str | None]:
+    """Checks the input before any compute; returns the proteins to score, the mutants, the positions in all,
+    and the records' hash where the check pass made one (None for a mutant list)."""
     if score.mode == "mutations":
         proteins, table = _mutant_proteins(source, fasta, score)
         summary.skipped_rows = table.skipped
-        return proteins, table, sum(len(p.positions) for p in proteins)
+        return proteins, table, sum(len(p.positions) for p in proteins), None
     scan = scan_fasta(source)
     _check_records(scan.invalid, scan.records, scan.valid, fasta, score.skip_invalid)
     summary.skipped_records = [r.id or f"#{r.position}" for r in scan.invalid]
     every_position = (
         _Protein(record, list(range(len(record.sequence)))) for record in read_records(source) if not record.problem
     )
-    return every_position, None, scan.residues
+    return every_position, None, scan.residues, scan.sha256
 
 
 def _metadata(model: ModelConfig, score: ScoreConfig, setup) -> dict:

@@ -69,6 +69,11 @@ class EngineSetup:
     batch: BatchConfig
     replicas: list[Any]
 
+    @property
+    def placement(self) -> Placement:
+        """The devices and dtype this runtime was built for."""
+        return Placement(self.devices, self.dtype)
+
 
 @dataclass(frozen=True)
 class Placement:
