@@ -31,6 +31,7 @@ from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsErr
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
 from esm2cli.io.identity import same_file, same_run, score_identity, stamp_weights
+from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
@@ -458,13 +459,14 @@ def score_fasta(
     Raises:
         FastaError, MutantError: The input is unreadable or holds records or mutants that cannot be scored.
         ConfigError: Mode or method unknown; OutputExistsError: the output exists and overwrite is False.
+        OutputLockedError: Another live run writes the same output.
         ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
     output = str(output)
     _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
     summary = ScoreSummary(mode=score.mode)
-    with _readable(str(fasta)) as source:
+    with OutputLock(output), _readable(str(fasta)) as source:  # one run at a time toward one output
         proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
         placement = resolve_placement(model)
         stamp = stamp_weights(resolve_source(model.model), model.load_format)
