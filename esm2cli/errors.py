@@ -79,6 +79,14 @@ class BatchError(EngineError):
         self.__cause__ = cause
 
 
+class DamagedFileError(OutputError):
+    """A file esm2cli wrote earlier fails its checks (a Parquet page's checksum): its rows are not used."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} is damaged (a Parquet page fails its checksum)")
+        self.path = path
+
+
 class OutputExistsError(ConfigError):
     """The output is already there and the user did not ask to replace it."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from esm2cli.errors import OutputError, OutputExistsError
+from esm2cli.errors import DamagedFileError, OutputError, OutputExistsError
 from esm2cli.io.parquet import EmbeddingWriter, concatenate
 from esm2cli.io.schema import Rows
 from esm2cli.io.storage import AtomicFile, exists, is_url, join, listdir, open_input, remove
@@ -120,8 +120,12 @@ class ChunkStore:
         from esm2cli.io import hdf5
 
         paths = [self.chunk_path(c) for c in chunks]
-        if hdf5.is_hdf5(self.target):  # the same chunks, written into the HDF5 layout
-            hdf5.from_parquet(paths, self.target, expected_rows)
-        else:
-            concatenate(paths, self.target, self.schema, expected_rows)
+        try:
+            if hdf5.is_hdf5(self.target):  # the same chunks, written into the HDF5 layout
+                hdf5.from_parquet(paths, self.target, expected_rows)
+            else:
+                concatenate(paths, self.target, self.schema, expected_rows)
+        except DamagedFileError as exc:  # dropped, so that the next run computes it again instead of failing again
+            remove(exc.path)
+            raise OutputError(f"{exc}: that chunk was removed; run the same command again to recompute it") from exc
         remove(self.dir, recursive=True)

@@ -8,7 +8,7 @@ import re
 
 import pyarrow.parquet as pq
 
-from esm2cli.errors import OutputExistsError, PartsError
+from esm2cli.errors import DamagedFileError, OutputExistsError, PartsError
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
@@ -95,7 +95,10 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
     metadata = {**first, "identity": identity, "parts": len(parts)}
-    return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
+    try:
+        return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
+    except DamagedFileError as exc:
+        raise PartsError(f"{exc}: rerun that shard") from exc
 
 
 def _part_metadata(part: str) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esm2cli.errors import OutputError
+from esm2cli.errors import DamagedFileError, OutputError
 from esm2cli.io.schema import METADATA_KEY, ROW_GROUP_BYTES, Rows, _slices, embedding_columns, record_batch
 from esm2cli.io.storage import AtomicFile, open_input
 
@@ -28,6 +28,21 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return json.loads(metadata.get(METADATA_KEY, b"{}"))
     except (pa.ArrowInvalid, ValueError):
         return {}
+
+
+# Every page carries a CRC: a flipped byte in stored vectors is found when the file is read again (resume, merge,
+# --reuse), never copied on as numbers.
+WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
+
+
+def open_parquet(handle) -> pq.ParquetFile:
+    """A Parquet file whose pages are checked against their checksums as they are read (see read_checked)."""
+    return pq.ParquetFile(handle, page_checksum_verification=True)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True for the error pyarrow raises on a page whose checksum does not match."""
+    return isinstance(exc, OSError) and "checksum" in str(exc).lower()
 
 
 def _os_error(path: str, exc: OSError) -> OutputError:
@@ -48,7 +63,7 @@ class EmbeddingWriter:
         self.token_cols = embedding_columns(layers, "per_token")
         self._file = AtomicFile(self.path)
         try:
-            self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._file.handle, schema, **WRITE_OPTIONS)
         except BaseException as exc:  # a signal here too must not leave the temporary file behind
             self._file.abort()
             if isinstance(exc, OSError):
@@ -162,10 +177,11 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
 
     Raises:
         OutputError: A source's columns differ from ``schema``, or the rows are not ``expected_rows``.
+        DamagedFileError: A page of a source fails its checksum (its ``path`` names the source).
     """
     out = AtomicFile(target)
     try:
-        writer = pq.ParquetWriter(out.handle, schema, compression="zstd")
+        writer = pq.ParquetWriter(out.handle, schema, **WRITE_OPTIONS)
     except BaseException as exc:  # a signal here too must not leave the temporary file behind
         out.abort()
         if isinstance(exc, OSError):
@@ -182,11 +198,16 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
     try:
         for source_path in sources:
             with open_input(source_path) as handle:
-                source = pq.ParquetFile(handle)
+                source = open_parquet(handle)
                 if not source.schema_arrow.remove_metadata().equals(schema.remove_metadata()):
                     raise OutputError(f"{source_path}: its columns differ from those of {sources[0]}")
                 for group in range(source.num_row_groups):
-                    table = source.read_row_group(group).replace_schema_metadata(schema.metadata)
+                    try:
+                        table = source.read_row_group(group).replace_schema_metadata(schema.metadata)
+                    except OSError as exc:
+                        if is_damage(exc):
+                            raise DamagedFileError(source_path) from exc
+                        raise
                     rows += table.num_rows
                     if pending and sum(t.nbytes for t in pending) + table.nbytes > ROW_GROUP_BYTES:
                         flush()

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esm2cli.config import EmbedConfig
-from esm2cli.errors import ConfigError, OutputError
+from esm2cli.errors import ConfigError, DamagedFileError, OutputError
 from esm2cli.io.identity import numbers_identity
 from esm2cli.io.schema import embedding_columns
 from esm2cli.io.storage import exists, file_stamp, is_url, join, listdir, open_input
@@ -151,10 +151,10 @@ class _ParquetSource:
     """An earlier Parquet output, open for the run: its row groups' hashes, and rows read by number."""
 
     def __init__(self, path: str, stack: ExitStack, wanted: Wanted):
-        import pyarrow.parquet as pq
+        from esm2cli.io.parquet import open_parquet
 
         self.path = path
-        self.file = pq.ParquetFile(stack.enter_context(open_input(path)))
+        self.file = open_parquet(stack.enter_context(open_input(path)))  # every page read is checked
         self.wanted = wanted
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -163,17 +163,47 @@ class _ParquetSource:
         names = set(self.file.schema_arrow.names)
         return [c for c in [HASH_COLUMN, *self.wanted.columns()] if c not in names]
 
+    def widths(self) -> set[int]:
+        """The widths of the vectors the run would copy (one, the run's hidden size, when they fit)."""
+        schema = self.file.schema_arrow
+        found = set()
+        for name, (kind, _) in self.wanted.columns().items():
+            kind_type = schema.field(name).type
+            if kind == "per_token" and pa.types.is_list(kind_type):
+                kind_type = kind_type.value_type
+            if kind != "contacts" and pa.types.is_fixed_size_list(kind_type):
+                found.add(kind_type.list_size)
+        return found
+
     def hashes(self) -> Iterator[tuple[int, pa.Array]]:
-        """(first row, hash column) of each row group."""
+        """(first row, hash column) of each row group.
+
+        Raises:
+            DamagedFileError: A page fails its checksum.
+        """
         for group in range(self.file.num_row_groups):
-            table = self.file.read_row_group(group, columns=[HASH_COLUMN])
-            yield int(self.starts[group]), table.column(0)
+            yield int(self.starts[group]), self._read(group, [HASH_COLUMN]).column(0)
 
     def group_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
 
     def read_group(self, group: int) -> pa.Table:
-        return self.file.read_row_group(group, columns=[HASH_COLUMN, *self.wanted.columns()])
+        """A row group's hashes and vectors.
+
+        Raises:
+            DamagedFileError: A page fails its checksum (the file was damaged after it was written).
+        """
+        return self._read(group, [HASH_COLUMN, *self.wanted.columns()])
+
+    def _read(self, group: int, columns: list[str]) -> pa.Table:
+        from esm2cli.io.parquet import is_damage
+
+        try:
+            return self.file.read_row_group(group, columns=columns)
+        except OSError as exc:
+            if is_damage(exc):
+                raise DamagedFileError(self.path) from exc
+            raise
 
     def take(self, table: pa.Table, rows: np.ndarray) -> tuple[list[str], Vectors]:
         """Rows of a decoded row group (numbers within the group): their hashes and vectors."""
@@ -209,6 +239,10 @@ class _Hdf5Source:
         if self.keys and HASH_COLUMN not in self.file[self.keys[0]].attrs:
             return [HASH_COLUMN]
         return []
+
+    def widths(self) -> set[int]:
+        """The widths of its vectors (the last axis of its first dataset)."""
+        return {int(self.file[self.keys[0]].shape[-1])} if self.keys else set()
 
     def hashes(self) -> Iterator[tuple[int, pa.Array]]:
         found = [self.file[k].attrs.get(HASH_COLUMN) for k in self.keys]
@@ -248,9 +282,6 @@ class ReuseIndex:
     """
 
     def __init__(self, files: Sequence[str], identity: dict, wanted: Wanted):
-        from esm2cli.io import hdf5
-        from esm2cli.io.parquet import read_metadata
-
         self.wanted = wanted
         self.sources: list[_ParquetSource | _Hdf5Source] = []
         self.counts: dict[str, int] = {}
@@ -261,32 +292,59 @@ class ReuseIndex:
         want = numbers_identity(identity)
         try:
             for path in files:
-                found = read_metadata(path).get("identity")
-                if not found:
-                    log.warning("not reused: %s is not an esm2cli output", path)
+                source = self._open(path, want)
+                keys = self._keys(source, len(self.sources)) if source is not None else None
+                if keys is None:
                     continue
-                if (theirs := numbers_identity(found)) != want:
-                    log.warning("not reused: %s was made with %s", path, _differences(theirs, want))
-                    continue
-                kind = _Hdf5Source if hdf5.is_hdf5(path) else _ParquetSource
-                source = kind(path, self._stack, wanted)
-                if missing := source.missing_columns():
-                    log.warning("not reused: %s has no %s column (written before reuse existed, or as HDF5)",
-                                path, ", ".join(missing))  # fmt: skip
-                    continue
-                index = len(self.sources)
                 self.sources.append(source)
                 self.counts[path] = 0
-                for first, column in source.hashes():
-                    hi, lo, valid = _keys(column)
-                    rows = np.arange(first, first + len(column), dtype=np.int64)[valid]
-                    his.append(hi[valid])
-                    los.append(lo[valid])
-                    locs.append(rows | np.int64(index << _ROW_BITS))
+                his += keys[0]
+                los += keys[1]
+                locs += keys[2]
         except BaseException:
             self._stack.close()
             raise
         self._hi, self._lo, self._loc = _sorted_unique(his, los, locs)
+
+    def _open(self, path: str, want: dict) -> _ParquetSource | _Hdf5Source | None:
+        """An earlier output open for the run, or None (one line says why) when its rows cannot stand for this run's."""
+        from esm2cli.io import hdf5
+        from esm2cli.io.parquet import read_metadata
+
+        found = read_metadata(path).get("identity")
+        if not found:
+            log.warning("not reused: %s is not an esm2cli output", path)
+            return None
+        if (theirs := numbers_identity(found)) != want:
+            log.warning("not reused: %s was made with %s", path, _differences(theirs, want))
+            return None
+        kind = _Hdf5Source if hdf5.is_hdf5(path) else _ParquetSource
+        source = kind(path, self._stack, self.wanted)
+        if missing := source.missing_columns():
+            log.warning("not reused: %s has no %s column (written before reuse existed, or as HDF5)",
+                        path, ", ".join(missing))  # fmt: skip
+            return None
+        if (widths := source.widths()) - {self.wanted.hidden}:
+            # Equal identities and other widths: a file named by a path rather than its architecture, say.
+            log.warning("not reused: %s holds vectors %s wide (this run: %d)", path,
+                        " and ".join(map(str, sorted(widths))), self.wanted.hidden)  # fmt: skip
+            return None
+        return source
+
+    def _keys(self, source: _ParquetSource | _Hdf5Source, index: int) -> tuple[list, list, list] | None:
+        """The index entries of one source's rows (hash halves, locations); None when its hashes are damaged."""
+        his, los, locs = [], [], []
+        try:
+            for first, column in source.hashes():
+                hi, lo, valid = _keys(column)
+                rows = np.arange(first, first + len(column), dtype=np.int64)[valid]
+                his.append(hi[valid])
+                los.append(lo[valid])
+                locs.append(rows | np.int64(index << _ROW_BITS))
+        except DamagedFileError as exc:
+            log.warning("not reused: %s", exc)
+            return None
+        return his, los, locs
 
     def __len__(self) -> int:
         return len(self._hi)
@@ -370,7 +428,10 @@ class ReuseIndex:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = self.sources[f].read_group(g)
+        try:
+            table = self.sources[f].read_group(g)
+        except DamagedFileError as exc:  # found only now: its rows were planned as copies
+            raise ConfigError(f"--reuse: {exc}: run again without it, with --overwrite") from exc
         self._cache[key] = table
         self._cached_bytes += table.nbytes
         while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:

@@ -32,7 +32,7 @@ from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
 from esm2cli.io.identity import same_file, same_run, score_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
-from esm2cli.io.parquet import read_metadata
+from esm2cli.io.parquet import WRITE_OPTIONS, read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 from esm2cli.model.architecture import resolve_source
@@ -192,7 +192,7 @@ class ScoreFile:
         self.schema = schema
         self._file = storage.AtomicFile(url)
         try:
-            self._writer = pq.ParquetWriter(self._file.handle, schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._file.handle, schema, **WRITE_OPTIONS)
         except BaseException as exc:  # a signal or an error here must not leave the temporary file behind
             self._file.abort()
             if isinstance(exc, OSError):

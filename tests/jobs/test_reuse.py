@@ -239,3 +239,22 @@ def test_the_python_api_reuses(tmp_path, releases, tiny_model_dir, old_parquet, 
     assert summary.reused == 40 and summary.sequences == 10
     assert_same_as_fresh(pq.read_table(out), fresh)
     assert_same_as_fresh(table, fresh)
+
+
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_a_file_of_other_width_is_not_reused_even_with_the_same_identity(tmp_path, releases, tiny_model_dir,
+                                                                         old_parquet, fresh, factor):  # fmt: skip
+    _, new_fa, _, _ = releases
+    table = pq.read_table(old_parquet)
+    vectors = np.array(table["embedding"].to_pylist(), np.float32)
+    width = int(vectors.shape[1] * factor)
+    other = np.concatenate([vectors, -vectors], axis=1) if factor > 1 else vectors[:, :width]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(other.reshape(-1)), width)
+    wide = tmp_path / "wide.parquet"  # as a file named by a path, not its architecture, could hold
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), wide)
+    assert read_metadata(wide)["identity"] == read_metadata(old_parquet)["identity"]
+    out = tmp_path / "new.parquet"
+    result = embed_ok(new_fa, "-o", out, "-m", tiny_model_dir, "--reuse", wide)
+    assert f"not reused: {wide} holds vectors {width} wide (this run: {vectors.shape[1]})" in result.stderr
+    assert "reused from" not in result.stderr
+    assert_same_as_fresh(pq.read_table(out), fresh)

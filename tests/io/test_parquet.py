@@ -1,0 +1,117 @@
+"""Parquet page checksums: written with every page, checked when an earlier file is read again.
+
+A flipped byte in the middle of an output's embedding data still decodes as numbers; the checksum is what
+finds it. Reuse sources, resume chunks and merge parts are read with checks: damage is an error or a
+"not reused" line, never copied on as numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_fasta
+from esm2cli.cli import cli
+from esm2cli.io.chunks import ChunkStore
+from esm2cli.jobs.workload import synthetic_sequences
+
+SEQS = list(synthetic_sequences(24, seed=3, max_length=200))
+
+
+def embed(*args):
+    return CliRunner().invoke(cli, ["embed", *map(str, args), "--dtype", "float32", "--devices", "cpu"])
+
+
+def flip_middle(path, column: str = "embedding", row_group: int = 0) -> None:
+    """Inverts 8 bytes in the middle of one column's data in one row group: the page still decodes."""
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    (chunk,) = [
+        meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.split(".")[0] == column
+    ]
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    middle = start + chunk.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def output(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", SEQS)
+    out = tmp_path / "old.parquet"
+    result = embed(fa, "-o", out, "-m", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    return fa, out
+
+
+def test_every_page_of_an_output_carries_a_checksum(output):
+    _, out = output
+    table = pq.read_table(out)
+    flip_middle(out)
+    unchecked = pq.read_table(out)  # the reproduction: without checks the damage reads as numbers
+    assert unchecked["id"].to_pylist() == table["id"].to_pylist()
+    assert not np.array_equal(np.array(unchecked["embedding"].to_pylist()), np.array(table["embedding"].to_pylist()))
+    with pytest.raises(OSError, match="(?i)checksum"):
+        pq.ParquetFile(out, page_checksum_verification=True).read()
+
+
+def test_a_damaged_reuse_source_is_an_error_never_copied(tmp_path, output, tiny_model_dir):
+    fa, old = output
+    flip_middle(old)
+    out = tmp_path / "new.parquet"
+    result = embed(fa, "-o", out, "-m", tiny_model_dir, "--reuse", old)
+    assert result.exit_code == 2, result.output
+    damaged = f"--reuse: {old} is damaged (a Parquet page fails its checksum): run again without it, with --overwrite"
+    assert damaged in result.output
+    assert not out.exists()
+    again = embed(fa, "-o", out, "-m", tiny_model_dir, "--overwrite")
+    assert again.exit_code == 0, again.output
+
+
+def test_a_reuse_source_with_damaged_hashes_is_not_reused(tmp_path, output, tiny_model_dir):
+    fa, old = output
+    fresh = pq.read_table(old)
+    flip_middle(old, "sequence_sha256")
+    out = tmp_path / "new.parquet"
+    result = embed(fa, "-o", out, "-m", tiny_model_dir, "--reuse", old)
+    assert result.exit_code == 0, result.output
+    assert f"not reused: {old} is damaged (a Parquet page fails its checksum)" in result.output
+    assert "reused from" not in result.output
+    np.testing.assert_array_equal(np.array(pq.read_table(out)["embedding"].to_pylist()),
+                                  np.array(fresh["embedding"].to_pylist()))  # fmt: skip
+
+
+def test_a_damaged_resume_chunk_is_removed_and_computed_again(tmp_path, output, tiny_model_dir, monkeypatch):
+    fa, fresh_path = output
+    fresh = pq.read_table(fresh_path)
+    out = tmp_path / "out.parquet"
+    with monkeypatch.context() as patch:  # the first run stops after its last chunk, before the merge
+        patch.setattr(ChunkStore, "commit", lambda self, chunks, rows: None)
+        assert embed(fa, "-o", out, "-m", tiny_model_dir, "--chunk-size", 8).exit_code == 0
+    chunks = sorted((tmp_path / "_out.parquet.parts").glob("chunk-*.parquet"))
+    assert len(chunks) == 3
+    flip_middle(chunks[1])
+    failed = embed(fa, "-o", out, "-m", tiny_model_dir, "--chunk-size", 8)
+    assert failed.exit_code == 1, failed.output
+    assert f"{chunks[1]} is damaged (a Parquet page fails its checksum): that chunk was removed" in failed.output
+    assert not out.exists() and not chunks[1].exists() and chunks[0].exists()
+    redone = embed(fa, "-o", out, "-m", tiny_model_dir, "--chunk-size", 8)
+    assert redone.exit_code == 0 and "16 resumed" in redone.output.replace(",", ""), redone.output
+    np.testing.assert_allclose(np.array(pq.read_table(out)["embedding"].to_pylist()),
+                               np.array(fresh["embedding"].to_pylist()), rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_a_damaged_part_is_named_by_merge(tmp_path, tiny_model_dir):
+    fa = write_fasta(tmp_path / "in.fa", SEQS)
+    parts = tmp_path / "parts"
+    for index in range(2):
+        result = embed(fa, "-o", parts, "-m", tiny_model_dir, "--shard-index", index, "--shard-count", 2)
+        assert result.exit_code == 0, result.output
+    damaged = parts / "part-00001-of-00002.parquet"
+    flip_middle(damaged)
+    result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 2, result.output
+    assert f"{damaged} is damaged (a Parquet page fails its checksum): rerun that shard" in result.output
+    assert not (tmp_path / "all.parquet").exists()
