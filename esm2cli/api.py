@@ -13,6 +13,7 @@ import numbers
 import os
 import queue
 import threading
+import typing
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -107,7 +108,10 @@ class Embedder:
                 layers = [int(part) for part in layers.split(",") if part.strip()]
             except ValueError:
                 raise ConfigError(f"layers={layers!r} is not a comma-separated list of integers") from None
-        layer_tuple = (int(layers),) if isinstance(layers, numbers.Integral) else tuple(int(x) for x in layers)
+        if isinstance(layers, numbers.Integral):
+            layer_tuple: tuple[int, ...] = (int(layers),)
+        else:
+            layer_tuple = tuple(int(x) for x in typing.cast(Sequence[int], layers))
         self._several = len(layer_tuple) > 1
         if not layer_tuple:
             raise ConfigError("name at least one layer")
@@ -179,7 +183,8 @@ class Embedder:
                 or ``sequences`` is neither a string nor an iterable of strings (a dict, bytes, None).
         """
         single = isinstance(sequences, str)
-        records = _records([sequences] if single else _checked_iterable(sequences), self.embed_config.max_length)
+        given = [sequences] if isinstance(sequences, str) else _checked_iterable(sequences)
+        records = _records(given, self.embed_config.max_length)
         chunks = [rows.pooled for rows in self._stream(records)]
         result = {
             layer: np.concatenate([c[layer] for c in chunks]) if chunks else np.zeros((0, self.hidden_size), np.float32)

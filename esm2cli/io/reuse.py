@@ -129,7 +129,9 @@ class Wanted:
 
     def columns(self) -> dict[str, tuple[str, int | None]]:
         """Column name -> (kind, layer) of the Parquet columns a row is copied from."""
-        cols = {name: ("pooled", layer) for layer, name in embedding_columns(self.layers, "embedding").items()}
+        cols: dict[str, tuple[str, int | None]] = {
+            name: ("pooled", layer) for layer, name in embedding_columns(self.layers, "embedding").items()
+        }
         if self.per_token:
             cols |= {name: ("per_token", layer) for layer, name in embedding_columns(self.layers, "per_token").items()}
         if self.contacts:
@@ -209,9 +211,12 @@ class _ParquetSource:
         """Rows of a decoded row group (numbers within the group): their hashes and vectors."""
         part = table.take(pa.array(rows, pa.int64())).combine_chunks()
         hidden = self.wanted.hidden
-        pooled, per_token, contacts = {}, {}, None
-        for name, (kind, layer) in self.wanted.columns().items():
+        pooled: dict[int, np.ndarray] = {}
+        per_token: dict[int, list[np.ndarray]] = {}
+        contacts = None
+        for name, (kind, found) in self.wanted.columns().items():
             column = part.column(name).chunk(0) if part.num_rows else part.column(name).combine_chunks()
+            layer = int(found) if found is not None else -1  # contacts have no layer
             if kind == "pooled":
                 pooled[layer] = _flat(column, hidden)
             elif kind == "per_token":
@@ -294,7 +299,7 @@ class ReuseIndex:
             for path in files:
                 source = self._open(path, want)
                 keys = self._keys(source, len(self.sources)) if source is not None else None
-                if keys is None:
+                if source is None or keys is None:
                     continue
                 self.sources.append(source)
                 self.counts[path] = 0
@@ -428,8 +433,11 @@ class ReuseIndex:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        source = self.sources[f]
+        if not isinstance(source, _ParquetSource):
+            raise AssertionError("row groups are Parquet's; this is a bug")
         try:
-            table = self.sources[f].read_group(g)
+            table = source.read_group(g)
         except DamagedFileError as exc:  # found only now: its rows were planned as copies
             raise ConfigError(f"--reuse: {exc}: run again without it, with --overwrite") from exc
         self._cache[key] = table
@@ -457,7 +465,8 @@ def _sorted_unique(his: list, los: list, locs: list) -> tuple[np.ndarray, np.nda
     if not his:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64)
     hi, lo, loc = np.concatenate(his), np.concatenate(los), np.concatenate(locs)
-    his.clear(), los.clear(), locs.clear()
+    for parts in (his, los, locs):
+        parts.clear()
     order = np.lexsort((loc, lo, hi))
     hi, lo, loc = hi[order], lo[order], loc[order]
     del order

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import typing
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,10 +125,11 @@ def check_mutations(mutations: tuple[Mutation, ...], sequence: str) -> str | Non
 
 def _text(raw) -> io.TextIOWrapper:
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    binary: typing.IO[bytes] = buffered
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
+        binary = typing.cast(typing.IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
     # utf-8-sig: spreadsheets often save CSV with a byte-order mark, which would stick to the first column name.
-    return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline="")
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
 
 
 def _columns(header: list[str], source: str, single_id: str | None) -> tuple[int | None, int]:

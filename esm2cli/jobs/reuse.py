@@ -49,7 +49,7 @@ class ReusedRows:
         """Adds these rows to a run's EmbedSummary (reused, truncated, windowed) and to its progress."""
         summary.reused += len(self.positions)
         summary.truncated += sum(self.rows.truncated)
-        summary.windowed += sum(w > 1 for w in self.rows.windows)
+        summary.windowed += sum(w > 1 for w in self.rows.windows or [])
         if progress:
             progress(len(self.positions), 0)
 
@@ -75,7 +75,7 @@ class ReusedRows:
             for places, rows in parts:
                 if places:
                     pooled[layer][places] = rows.pooled[layer]
-        per_token = {}
+        per_token: dict[int, list] = {}
         for layer in self.rows.per_token:
             per_token[layer] = [None] * self.total
             for places, rows in parts:

@@ -19,7 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConfig, ScoreConfig, __version__
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.io import storage
-from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta
 from esm2cli.io.identity import same_file, same_run, score_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import WRITE_OPTIONS, read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
+from esm2cli.jobs.pipeline import readable_source
 from esm2cli.model.architecture import resolve_source
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, build_engine, resolve_placement
@@ -140,7 +141,10 @@ def log_prob_chunks(
     Raises:
         Exception: The first error a batch raised.
     """
-    pending: deque[tuple[_Chunk, list[int], object]] = deque()
+    pending: deque[tuple[_Chunk, list[int], Future]] = deque()
+    if batch.max_tokens is None:
+        raise AssertionError("the token budget is decided by build_engine before scoring; this is a bug")
+    max_tokens = batch.max_tokens
 
     def settle(block: bool) -> Iterator[_Chunk]:
         while pending and (block or pending[0][2].done()):
@@ -160,7 +164,7 @@ def log_prob_chunks(
             protein.plan(inputs, window, masked)
         chunk = _Chunk(proteins, inputs, [None] * len(inputs.items), len(inputs.items))
         lengths = [len(seq) for seq, _ in inputs.items]
-        for indices in plan_batches(lengths, batch.max_tokens, batch.batch_size):
+        for indices in plan_batches(lengths, max_tokens, batch.batch_size):
             future = engine.submit([inputs.item(i) for i in indices], method="lm_log_probs")
             pending.append((chunk, indices, future))
             yield from settle(block=False)
@@ -279,19 +283,6 @@ class ScoreSummary:
     already_complete: bool = False
 
 
-@contextmanager
-def _readable(fasta: str) -> Iterator[str]:
-    """A path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
-    if fasta != "-":
-        yield fasta
-        return
-    spooled = spool_stdin()
-    try:
-        yield str(spooled)
-    finally:
-        spooled.unlink(missing_ok=True)
-
-
 def _check_records(invalid: list[Record], records: int, valid: int, fasta: str, skip_invalid: bool) -> None:
     if invalid and not skip_invalid:
         raise FastaError(
@@ -322,6 +313,8 @@ def _mutant_proteins(source: str, fasta: str, cfg: ScoreConfig) -> tuple[list[_P
         if record.id in by_id:
             raise FastaError(f"{fasta}: id {record.id!r} occurs more than once; mutants name their protein by id")
         by_id[record.id] = record
+    if cfg.mutations is None:
+        raise ConfigError("mode mutations needs a mutant list; this is a bug")
     table = read_mutant_table(
         cfg.mutations,
         {rec_id: r.sequence for rec_id, r in by_id.items()},
@@ -408,7 +401,9 @@ class _Scorer:
         }
 
     def _all_substitutions(self, chunk: _Chunk) -> dict:
-        ids, mutants, scores = [], [], []
+        ids: list[str] = []
+        mutants: list[str] = []
+        scores: list[float] = []
         for protein in chunk.proteins:
             seq = protein.record.sequence
             lp = chunk.log_probs(protein).astype(np.float64)
@@ -466,7 +461,7 @@ def score_fasta(
     output = str(output)
     _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
     summary = ScoreSummary(mode=score.mode)
-    with OutputLock(output), _readable(str(fasta)) as source:  # one run at a time toward one output
+    with OutputLock(output), readable_source(str(fasta)) as source:  # one run at a time toward one output
         proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
         placement = resolve_placement(model)
         stamp = stamp_weights(resolve_source(model.model), model.load_format)
@@ -486,7 +481,8 @@ def score_fasta(
         out = None
         try:
             out = ScoreFile(output, _schema(score.mode, {**_metadata(model, score, setup), "identity": identity}))
-            _compute(setup.engine, setup.model.token_lut, proteins, table, batch, score, out, summary, progress)
+            _compute(setup.engine, setup.model.token_lut, proteins, table, batch=batch, score=score, out=out,
+                     summary=summary, progress=progress)  # fmt: skip
             out.commit()
         except BaseException:
             if out is not None:
@@ -507,8 +503,11 @@ def _input_hashes(source: str, input_sha256: str | None, score: ScoreConfig) -> 
         return None
     mutants = None
     if score.mutations:
+        digest = hashlib.sha256()
         with storage.open_input(score.mutations) as handle:
-            mutants = hashlib.file_digest(handle, "sha256").hexdigest()
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        mutants = digest.hexdigest()
     return input_sha256 or scan_fasta(source).sha256, mutants
 
 
@@ -567,7 +566,7 @@ def _metadata(model: ModelConfig, score: ScoreConfig, setup) -> dict:
     }  # fmt: skip
 
 
-def _compute(engine, lut, proteins, table, batch, score, out, summary, progress) -> None:
+def _compute(engine, lut, proteins, table, *, batch, score, out, summary, progress) -> None:
     """Runs every chunk of proteins on the engine and writes its rows (mutant scores once all are in)."""
     scorer = _Scorer(score, lut, table)
     masked = score.mode == "pll" or score.method == "masked-marginal"

@@ -252,7 +252,7 @@ def load_checkpoint(path: str | os.PathLike) -> EsmModel:
         raise ModelLoadError(f"{path}: a contact regression file; pass the model's checkpoint beside it")
     data = safe_load(path)
     config = checkpoint_config(data, path)
-    state = dict(data["model"])
+    state = dict(data["model"])  # type: ignore[index]  # checkpoint_config checked it is a dict with "model"
     regression = regression_file(path)
     if regression.is_file():
         try:
