@@ -70,14 +70,14 @@ class ChunkStore:
         Raises:
             OutputExistsError: The directory holds chunks of a run with other options (named).
         """
-        from esm2cli.io.identity import describe_changes
+        from esm2cli.io.identity import describe_changes, recorded
 
         manifest = join(self.dir, CHUNK_MANIFEST)
         earlier = None
         if exists(manifest):
             with open_input(manifest) as handle:
                 earlier = json.load(handle)
-        if earlier != self.options:
+        if earlier is None or recorded(earlier) != recorded(self.options):  # (keys added since read as they meant)
             if earlier is not None and not overwrite:
                 raise OutputExistsError(
                     f"{self.dir} holds unfinished work of a run with other options "

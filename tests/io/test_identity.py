@@ -327,3 +327,20 @@ def test_the_weights_hash_covers_every_weight_file(tmp_path):
     extra = os.path.join(model, "extra.bin")
     np.zeros(4, np.float32).tofile(extra)
     assert model_identity(model, "auto") != before
+
+
+def test_unfinished_work_recorded_before_the_model_family_existed_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import json
+
+    from esm2cli.io.chunks import CHUNK_MANIFEST
+
+    out = tmp_path / "out.parquet"
+    fa = write(tmp_path / "in.fa", ["d"] * len(SEQS))
+    with monkeypatch.context() as patch:
+        patch.setattr(ChunkStore, "commit", lambda self, chunks, rows: None)
+        assert embed(fa, out, tiny_model_dir, "--chunk-size", "2").exit_code == 0
+    manifest = tmp_path / "_out.parquet.parts" / CHUNK_MANIFEST
+    options = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in options.items() if k != "model_family"}))  # as older runs wrote
+    rerun = embed(fa, out, tiny_model_dir, "--chunk-size", "2")
+    assert rerun.exit_code == 0 and "6 resumed" in rerun.output.replace(",", ""), rerun.output
