@@ -7,17 +7,23 @@ import subprocess
 import httpx
 import pytest
 from click.testing import CliRunner
-from live_server import live_server, make_app, metric, serve_process, wait_healthy
+from live_server import (
+    bearer,
+    live_server,
+    make_app,
+    metric,
+    serve_process,
+    wait_healthy,
+)
 
 from esm2cli.cli import cli
+from esm2cli.config import ModelConfig, ServeConfig
 from esm2cli.serve.auth import KeyChecker, checked_keys
 
 KEY_A = "k-alpha-0123456789abcdef"
+
+
 KEY_B = "k-bravo-fedcba9876543210"
-
-
-def bearer(key: str) -> dict:
-    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +186,7 @@ def test_read_key_file_refuses_a_file_of_comments_only(tmp_path):
 
 
 def test_the_startup_log_line_is_readable_and_holds_no_key():
-    from esm2cli.config import ModelConfig, ServeConfig, describe
+    from esm2cli.config import describe
 
     line = describe(ServeConfig(api_keys=(KEY_A, KEY_B), max_queue=16))
     assert "max_queue=16" in line and "api_keys=<2 redacted>" in line
