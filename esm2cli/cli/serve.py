@@ -222,5 +222,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if failure:
-        raise _to_click(failure[0]) if isinstance(failure[0], Esm2Error) else click.ClickException(str(failure[0]))
+    if failure and isinstance(failure[0], Esm2Error):
+        raise _to_click(failure[0]) from failure[0]
+    if failure:  # not one of ours: a bug, raised as it is so that its traceback shows (exit 1)
+        raise failure[0]

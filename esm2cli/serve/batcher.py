@@ -73,6 +73,11 @@ class Slots:
         self.held += 1
         return Slot(self._give_back)
 
+    async def wait_free(self) -> None:
+        """Returns once a place is free, without taking it (for a caller that is the only taker)."""
+        async with await self.take():
+            pass
+
     def _give_back(self) -> None:
         self.held -= 1
         self._free.release()
@@ -187,13 +192,13 @@ class DynamicBatcher:
 
     async def _dispatch_forever(self) -> None:
         while True:
-            async with await self.slots.take():  # wait for a free replica slot before forming the next group
-                group = [r for r in await self._next_group() if not r.future.done()]  # skip requests that gave up
+            await self.slots.wait_free()  # for a free replica slot before forming the next group
+            group = [r for r in await self._next_group() if not r.future.done()]  # skip requests that gave up
             for request in group:
                 self._waiting.discard(id(request))
             slots = [(request, i) for request in group for i in range(len(request.seqs))]
             for rows in plan_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch):
-                # At once for the first batch (this loop is the only taker, and a place was just free).
+                # At once for the first batch: this loop is the only taker, and a place was free.
                 slot = await self.slots.take()
                 # A request may have given up while the previous batches waited for a slot.
                 await self._submit_batch(slot, [slots[k] for k in rows if not slots[k][0].future.done()])

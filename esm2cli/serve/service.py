@@ -254,6 +254,7 @@ class EmbeddingService:
             gone.cancel()
             if not work.done():
                 work.cancel()  # the batcher drops what was not yet submitted, and cancels batches only it needed
+                await asyncio.gather(work, return_exceptions=True)  # its places in the queue are free on return
         if work in done:
             return work.result()
         if gone in done:

@@ -1,7 +1,8 @@
 """The dynamic batcher: coalescing, the queue bound at its exact value, and its slots, given back on every path."""
 
+import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -16,6 +17,9 @@ from live_server import (
     wait_pending,
 )
 
+from esm2cli.errors import EngineError
+from esm2cli.runtime.replica import BatchEmbeddings
+from esm2cli.serve.batcher import DynamicBatcher, Slots
 from reference import cosine
 
 
@@ -127,3 +131,153 @@ def test_exactly_max_queue_sequences_are_accepted(tiny_model_dir):
             gate.release()
         assert three.result().status_code == 200 and one.result().status_code == 200
         assert metric(client, "esm2cli_pending_sequences") == 0
+
+
+class FakeEngine:
+    """Engine.submit's contract: a concurrent future per batch; the test decides when and how each ends."""
+
+    def __init__(self, fail_submit: bool = False):
+        self.fail_submit = fail_submit
+        self.futures: list[Future] = []
+        self.batches: list[list[str]] = []
+
+    def submit(self, seqs: list[str]) -> Future:
+        if self.fail_submit:
+            raise EngineError("the engine refused the batch")
+        self.batches.append(list(seqs))
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def answer(self, k: int) -> None:
+        seqs = self.batches[k]
+        pooled = np.array([[len(s), sum(map(ord, s))] for s in seqs], np.float32)
+        self.futures[k].set_result(BatchEmbeddings({0: pooled}, {}))
+
+
+def make_batcher(engine: FakeEngine, **options) -> DynamicBatcher:
+    settings = dict(max_batch=8, max_wait_s=0.001, max_tokens=1024, max_queue=16, max_in_flight=2)
+    return DynamicBatcher(engine.submit, **{**settings, **options})
+
+
+async def until(condition, timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "never happened"
+        await asyncio.sleep(0.001)
+
+
+def run_with(engine: FakeEngine, scenario, **options):
+    async def main():
+        batcher = make_batcher(engine, **options)
+        batcher.start()
+        try:
+            return await scenario(batcher)
+        finally:
+            await asyncio.wait_for(batcher.stop(), 5)
+
+    return asyncio.run(main())
+
+
+def test_a_slot_is_given_back_once_answered():
+    engine = FakeEngine()
+
+    async def scenario(batcher):
+        work = asyncio.ensure_future(batcher.embed(["MKV", "LLWA"]))
+        await until(lambda: engine.futures)
+        assert batcher.slots.held == 1
+        engine.answer(0)
+        rows = await work
+        assert [row[0][0] for row in rows] == [3, 4]  # each request's rows, in its order
+        await until(lambda: batcher.slots.held == 0)
+
+    run_with(engine, scenario)
+
+
+def test_a_slot_is_given_back_when_the_batch_fails_or_cannot_be_submitted():
+    engine = FakeEngine()
+
+    async def failing(batcher):
+        work = asyncio.ensure_future(batcher.embed(["MKV"]))
+        await until(lambda: engine.futures)
+        engine.futures[0].set_exception(EngineError("a replica failed"))
+        with pytest.raises(EngineError, match="a replica failed"):
+            await work
+        await until(lambda: batcher.slots.held == 0)
+
+    run_with(engine, failing)
+
+    async def refused(batcher):
+        with pytest.raises(EngineError, match="refused"):
+            await batcher.embed(["MKV"])
+        await until(lambda: batcher.slots.held == 0)
+
+    run_with(FakeEngine(fail_submit=True), refused)
+
+
+def test_a_slot_is_given_back_when_every_request_in_the_batch_gives_up():
+    engine = FakeEngine()
+
+    async def scenario(batcher):
+        work = asyncio.ensure_future(batcher.embed(["MKV"]))
+        await until(lambda: engine.futures)
+        work.cancel()  # the client left: the engine batch only it needed is cancelled before a replica takes it
+        await until(lambda: engine.futures[0].cancelled())
+        await until(lambda: batcher.slots.held == 0)
+        assert batcher.pending == 0
+
+    run_with(engine, scenario)
+
+
+def test_a_slot_is_given_back_after_a_timeout_and_the_next_request_is_served():
+    engine = FakeEngine()
+
+    async def scenario(batcher):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.embed(["MKV"]), 0.05)
+        await until(lambda: batcher.slots.held == 0)
+        work = asyncio.ensure_future(batcher.embed(["LLW"]))
+        await until(lambda: len(engine.futures) == 2)
+        engine.answer(1)
+        assert (await work)[0][0][0] == 3
+
+    run_with(engine, scenario, max_in_flight=1)  # one slot: a leaked one would hang the second request
+
+
+def test_slots_bound_the_batches_in_flight():
+    engine = FakeEngine()
+
+    async def scenario(batcher):
+        works = [asyncio.ensure_future(batcher.embed([seq])) for seq in ("M", "MK", "MKV")]
+        await until(lambda: len(engine.futures) == 2)
+        await asyncio.sleep(0.05)
+        assert len(engine.futures) == 2 and batcher.slots.held == 2  # the third waits for a free slot
+        engine.answer(0)
+        await until(lambda: len(engine.futures) == 3)
+        engine.answer(1)
+        engine.answer(2)
+        await asyncio.gather(*works)
+        await until(lambda: batcher.slots.held == 0)
+
+    run_with(engine, scenario, coalesce=False)
+
+
+def test_a_slot_gives_back_exactly_once_and_can_be_passed_on():
+    async def scenario():
+        slots = Slots(1)
+        with pytest.raises(RuntimeError, match="inside"):
+            async with await slots.take():
+                assert slots.held == 1
+                raise RuntimeError("inside")
+        assert slots.held == 0
+        slot = await slots.take()
+        later = slot.pass_on()
+        slot.release()  # passed on: gives back nothing
+        assert slots.held == 1
+        later.release()
+        later.release()  # twice: once only
+        assert slots.held == 0
+        with pytest.raises(RuntimeError, match="given back already"):
+            later.pass_on()
+        await asyncio.wait_for(slots.take(), 1)  # the place is free again
+
+    asyncio.run(scenario())

@@ -1,14 +1,18 @@
 """EmbeddingService: readiness, checks, the cache, and the race of the answer against the client leaving and the
 timeout, driven directly (no app, no socket) and over HTTP."""
 
+import asyncio
 import json
+import logging
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from live_server import (
+    Gate,
     live_server,
     make_app,
     metric,
@@ -16,11 +20,15 @@ from live_server import (
     wait_healthy,
 )
 
-from esm2cli.config import EmbedConfig
+from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.errors import ClientDisconnectedError, InputError, ModelLoadError, NotReadyError, RequestTimeoutError
+from esm2cli.runtime.engine import build_engine
+from esm2cli.serve.metrics import ServerMetrics
+from esm2cli.serve.service import EmbeddingService, SequenceIn
+from reference import cosine
 
 
 def test_a_request_that_can_never_fit_the_queue_is_413_naming_the_limit(tiny_model_dir):
-
     embed = EmbedConfig(truncate=50, long_sequences="window", window_overlap=10)
     app = make_app(tiny_model_dir, embed=embed, max_queue=6, max_client_batch=16)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
@@ -112,3 +120,148 @@ def test_unencodable_ids_and_sequences_are_422_before_any_compute(guarded, paylo
     assert message.replace("\\\\", "\\") in answer.json()["error"]
     assert metric(client, f'esm2cli_requests_total{{endpoint="{path}",status="422"}}') == before + 1
     assert metric(client, "esm2cli_batch_size_count") == batches
+
+
+def make_service(model_dir, *, wrap=None, embed: EmbedConfig | None = None, **serve) -> EmbeddingService:
+    """A service on the tiny model, float32 on the CPU, with no app around it."""
+    model = ModelConfig(model=model_dir, devices="cpu", dtype="float32")
+    embed = embed or EmbedConfig()
+
+    def loader():
+        setup = build_engine(model, embed)
+        return wrap(setup) if wrap else setup
+
+    return EmbeddingService(ServeConfig(**serve), model, embed, metrics=ServerMetrics(), loader=loader)
+
+
+async def never() -> None:
+    """A client that never leaves."""
+    await asyncio.Event().wait()
+
+
+def _count(service: EmbeddingService) -> float:
+    """Engine batches run so far, as /metrics shows them."""
+    text = service.metrics.render().decode()
+    return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("esm2cli_batch_size_count"))
+
+
+def test_readiness_from_loading_to_ok(tiny_model_dir, direct):
+    async def scenario():
+        service = make_service(tiny_model_dir, max_wait_ms=1)
+        body, status = service.health()
+        assert status == 503 and body["status"] == "loading" and body["model"] == Path(tiny_model_dir).name
+        assert service.live() == ({"status": "alive"}, 200)  # loading is alive: liveness must not kill it
+        with pytest.raises(NotReadyError, match="still loading"):
+            await service.embed([("MKV", None)], ["sequence"], disconnected=never)
+        await service.load()
+        try:
+            body, status = service.health()
+            assert status == 200 and body["status"] == "ok" and body["devices"] == ["cpu"]
+            ((length, row),) = await service.embed([("mkv", "p")], ["sequence"], disconnected=never)
+            assert length == 3 and set(row) == {3}
+        finally:
+            await service.stop()
+        return row[3]
+
+    assert cosine(asyncio.run(scenario()), direct.mean("MKV")).min() >= 0.9999
+
+
+@pytest.mark.parametrize("error, traceback", [(ModelLoadError("no such model directory: x"), False),
+                                              (RuntimeError("a bug in loading"), True)])  # fmt: skip
+def test_a_failed_load_is_dead_and_only_a_bug_keeps_its_traceback(tiny_model_dir, caplog, error, traceback):
+    failures = []
+
+    def broken():
+        raise error
+
+    model = ModelConfig(model=tiny_model_dir, devices="cpu", dtype="float32")
+    service = EmbeddingService(ServeConfig(), model, EmbedConfig(), metrics=ServerMetrics(), loader=broken,
+                               on_load_failure=failures.append)  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="esm2cli.serve.service"):
+        asyncio.run(service.load())
+    assert failures == [error] and service.status == "failed"
+    assert service.live() == ({"status": "dead"}, 503) and service.health()[1] == 503
+    (record,) = [r for r in caplog.records if r.name == "esm2cli.serve.service"]
+    assert (record.exc_info is not None) is traceback
+    with pytest.raises(NotReadyError, match="failed to load"):
+        service.ready()
+
+
+def test_a_repeat_is_answered_from_its_own_client_s_cache_only(tiny_model_dir):
+    async def scenario():
+        service = make_service(tiny_model_dir, max_wait_ms=1, cache_size=8)
+        await service.load()
+        try:
+            ((_, first),) = await service.embed([("MKVLAW", None)], ["s"], client=b"a", disconnected=never)
+            ran = _count(service)
+            ((_, again),) = await service.embed([("MKVLAW", None)], ["s"], client=b"a", disconnected=never)
+            assert _count(service) == ran and again[3].tobytes() == first[3].tobytes()
+            await service.embed([("MKVLAW", None)], ["s"], client=b"b", disconnected=never)
+            assert _count(service) == ran + 1  # another client's entry is not this one's
+        finally:
+            await service.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_frees_the_queue_and_caches_nothing(tiny_model_dir):
+    gate = Gate()
+
+    async def scenario():
+        service = make_service(tiny_model_dir, wrap=gate, max_wait_ms=1, cache_size=8)
+        await service.load()
+        gone = asyncio.Event()
+        try:
+            gate.hold()
+            work = asyncio.ensure_future(service.embed([("MKV", None), ("LLW", None)], ["a", "b"],
+                                                       disconnected=gone.wait))  # fmt: skip
+            while service.batcher.pending < 2:
+                await asyncio.sleep(0.01)
+            gone.set()
+            with pytest.raises(ClientDisconnectedError, match="closed the connection"):
+                await work
+            assert service.batcher.pending == 0
+        finally:
+            gate.release()
+            await service.stop()
+        return service.cache.stats(b"")
+
+    stats = asyncio.run(scenario())
+    assert stats.entries == 0
+
+
+def test_an_answer_later_than_the_timeout_is_a_timeout_and_frees_the_queue(tiny_model_dir):
+    gate = Gate()
+
+    async def scenario():
+        service = make_service(tiny_model_dir, wrap=gate, max_wait_ms=1, request_timeout_s=0.2)
+        await service.load()
+        try:
+            gate.hold()
+            with pytest.raises(RequestTimeoutError, match="not answered within 0.2 s"):
+                await service.embed([("MKV", None)], ["sequence"], disconnected=never)
+            assert service.batcher.pending == 0
+        finally:
+            gate.release()
+            await service.stop()
+
+    asyncio.run(scenario())
+
+
+def test_checks_name_the_item_and_answers_say_how_a_protein_was_cut(tiny_model_dir):
+    async def scenario():
+        service = make_service(tiny_model_dir, max_wait_ms=1, embed=EmbedConfig(truncate=5, layers=(0, -1)))
+        await service.load()
+        try:
+            with pytest.raises(InputError, match=r"sequences\[1\] \(id 'x'\): character\(s\) outside"):
+                await service.embed([("MKV", None), ("MKJ", "x")], ["sequences[0]", "sequences[1] (id 'x')"],
+                                    disconnected=never)  # fmt: skip
+            item = SequenceIn(sequence="MKVLAWG", id="p")
+            (answer,) = await service.embed_items([item], ["sequence"], disconnected=never)
+        finally:
+            await service.stop()
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert (answer.id, answer.length, answer.truncated, answer.windows) == ("p", 7, True, 1)
+    assert answer.embedding is None and sorted(answer.embeddings) == ["l0", "l3"]
