@@ -1,5 +1,6 @@
 """API keys on a live server: which routes need one, the 401 answer, keys never in the logs."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -116,6 +117,14 @@ def test_key_checker_accepts_exactly_its_keys():
         assert not checker.accepts(value), value
     assert not KeyChecker([]).needs_key("/predict") and KeyChecker([KEY_A]).needs_key("/predict")
     assert KEY_A not in repr(checker)
+
+
+def test_identify_names_the_matching_key_by_its_digest():
+    checker = KeyChecker([KEY_A, KEY_B])
+    assert checker.identify(f"Bearer {KEY_B}".encode()) == hashlib.sha256(KEY_B.encode()).digest()
+    assert checker.identify(f"bearer {KEY_A}".encode()) == hashlib.sha256(KEY_A.encode()).digest()
+    assert checker.identify(f"Basic {KEY_A}".encode()) is None and checker.identify(None) is None
+    assert KeyChecker([]).identify(f"Bearer {KEY_A}".encode()) is None
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """The request guard on a live server: body limits at their exact value, body timeouts, clients that leave
 during their body, and unexpected errors as a JSON 500."""
 
+import asyncio
+import hashlib
 import json
 import socket
 import time
@@ -18,6 +20,10 @@ from live_server import (
 )
 
 from esm2cli.runtime.replica import BatchEmbeddings
+from esm2cli.serve.auth import KeyChecker
+from esm2cli.serve.cache import OPEN_PARTITION
+from esm2cli.serve.guard import CLIENT_SCOPE_KEY, RequestGuard
+from esm2cli.serve.metrics import ServerMetrics
 
 
 def test_body_over_the_limit_is_422_declared_or_chunked(server):
@@ -31,6 +37,10 @@ def test_body_over_the_limit_is_422_declared_or_chunked(server):
     answer = server.post("/predict", content=chunks(), headers={"content-type": "application/json"})
     assert answer.status_code == 422 and "request body over 65536 bytes" in answer.json()["error"]
     assert server.get("/health").status_code == 200
+
+
+KEY_A = "k-alpha-0123456789abcdef"
+KEY_B = "k-bravo-fedcba9876543210"
 
 
 LIMIT = 300  # bytes
@@ -111,3 +121,42 @@ def test_a_server_error_is_a_json_500_and_counted(tiny_model_dir):
         assert v1.status_code == 500 and v1.json()["error"]["type"] == "server_error"
         assert metric(client, 'esm2cli_requests_total{endpoint="/predict",status="500"}') == 1
         assert metric(client, 'esm2cli_requests_total{endpoint="/v1/embeddings",status="500"}') == 1
+
+
+def _through_guard(keys: KeyChecker, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[list[int], dict]:
+    """Runs one request through the guard to an app that records its scope; returns (statuses sent, that scope)."""
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = RequestGuard(app, keys=keys, metrics=ServerMetrics(), endpoints=frozenset({path}), max_body_bytes=100,
+                         body_timeout_s=1)  # fmt: skip
+    sent: list[int] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": headers, "client": ("127.0.0.1", 1)}
+    asyncio.run(guard(scope, receive, send))
+    return sent, seen
+
+
+def test_the_guard_names_the_client_by_its_key_s_digest():
+    keys = KeyChecker([KEY_A, KEY_B], public_metrics=True)
+    sent, scope = _through_guard(keys, "/predict", [(b"authorization", f"Bearer {KEY_B}".encode())])
+    assert sent == [200] and scope[CLIENT_SCOPE_KEY] == hashlib.sha256(KEY_B.encode()).digest()
+    sent, scope = _through_guard(keys, "/predict", [(b"authorization", b"Bearer k-wrong-0123456789abcdef")])
+    assert sent == [401] and not scope  # refused before the app
+    sent, scope = _through_guard(keys, "/metrics", [(b"authorization", f"Bearer {KEY_A}".encode())])
+    assert scope[CLIENT_SCOPE_KEY] == hashlib.sha256(KEY_A.encode()).digest()  # a key on an open path still counts
+    sent, scope = _through_guard(keys, "/metrics", [])
+    assert sent == [200] and scope[CLIENT_SCOPE_KEY] == OPEN_PARTITION
+    sent, scope = _through_guard(KeyChecker([]), "/predict", [(b"authorization", f"Bearer {KEY_A}".encode())])
+    assert scope[CLIENT_SCOPE_KEY] == OPEN_PARTITION  # no keys: one partition for everyone
