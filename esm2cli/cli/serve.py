@@ -108,7 +108,8 @@ from esm2cli.errors import ConfigError, Esm2Error
     default=ServeConfig.cache_size,
     show_default=True,
     envvar="ESM2CLI_CACHE_SIZE",
-    help="Recent distinct sequences whose embeddings are kept and answered again without the model; 0: off.",
+    help="Recent distinct sequences whose embeddings are kept and answered again without the model, per API key "
+    "(one key is never answered from another's entries, nor sees its cache counts); 0: off.",
 )
 @serve_security_options
 @log_options
