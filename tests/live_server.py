@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
@@ -177,3 +178,17 @@ def wait_pending(client, want: int, waiting_on, timeout: float = 20) -> None:
             raise AssertionError(f"answered before it was pending: {waiting_on.result().status_code}")
         assert time.time() < deadline, f"pending never reached {want}"
         time.sleep(0.01)
+
+
+# The settings of the live servers several test modules start (each module its own: a fixture per module).
+# No cache: those tests measure the engine (batches, busy time), and some send the same sequences.
+PLAIN = dict(devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2, cache_size=0)
+GUARDED = dict(max_wait_ms=1, header_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=64 * 1024)  # short timeouts
+
+
+@contextmanager
+def serving(model_dir, **serve):
+    """A healthy live server of make_app(model_dir, **serve) until the block ends; yields (url, client)."""
+    with live_server(make_app(model_dir, **serve)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        yield url, client

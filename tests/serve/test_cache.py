@@ -5,12 +5,24 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from live_server import bearer, live_server, make_app, metric, wait_healthy
+from live_server import (
+    bearer,
+    live_server,
+    make_app,
+    metric,
+    wait_healthy,
+)
 
 from esm2cli.config import EmbedConfig
 from esm2cli.serve.cache import OPEN_PARTITION, CacheStats, EmbeddingCache, cache_identity
+from reference import DirectReference
 
 A, B, C = "MKTAYIAKQRQISFVKSHFSRQ", "MSTNPKPQRKTKRNTNRRPQDVKFPGG", "MDSKGSSQKGSRLLLLLVVSNLLLCQGVVS"
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model_dir):
+    return DirectReference(tiny_model_dir)
 
 
 def batches(client: httpx.Client) -> float:
