@@ -8,7 +8,6 @@ sequences another client sent. Each partition holds up to ``size`` entries and k
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,19 +15,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from esm2cli.config import EmbedConfig
+from esm2cli.io.identity import identity_digest, request_identity
 
 OPEN_PARTITION = b""  # the one partition of a server without API keys (and of requests that carry none)
 
 
-def cache_identity(model: str, embed: EmbedConfig) -> bytes:
-    """What a cached vector depends on besides its sequence: the weights and every option that changes the numbers.
+def cache_identity(*, weights: str, dtype: str, embed: EmbedConfig) -> bytes:
+    """What a cached vector depends on besides its sequence: the identity a row of ``esm2cli embed`` with the same
+    weights and options records (esm2cli.io.identity.request_identity), so that an option added there is in the
+    cache's key at once. ``truncate`` is in it although the sequence is keyed after truncation: in window mode
+    the whole protein is the key, and its vectors are stitched from windows of ``truncate`` residues.
 
-    ``truncate`` is in it although the sequence is keyed after truncation: in window mode the whole
-    protein is the key, and its vectors are stitched from windows of ``truncate`` residues.
+    Args:
+        weights: The weights loaded, as WeightsStamp.confirm names them.
+        dtype: The dtype they run in (resolved).
+        embed: The server's options.
     """
-    options = {"model": model, "layers": list(embed.layers), "pooling": embed.pooling, "truncate": embed.truncate,
-               "long_sequences": embed.long_sequences, "window_overlap": embed.window_overlap}  # fmt: skip
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).digest()
+    return identity_digest(request_identity(weights=weights, dtype=dtype, embed=embed))
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ class EmbeddingCache:
     """The pooled vectors of the last ``size`` distinct sequences of each partition, least recently used leaving first.
 
     Keyed by the SHA-256 of the sequence as embedded (after truncation; whole in window mode) and of
-    ``identity`` (cache_identity: the weights and the options), so that a key never answers for other
-    options. An answer from the cache is the vectors computed for that sequence earlier, bit for bit.
+    ``identity`` (cache_identity: the weights, the dtype and the options), so that a key never answers for
+    other weights or options. An answer from the cache is the vectors computed for that sequence earlier, bit for bit.
     A partition (the digest of an API key, or OPEN_PARTITION) sees only its own entries; one partition
     filling up evicts only its own.
 

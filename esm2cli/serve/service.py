@@ -28,6 +28,7 @@ from esm2cli.errors import (
     TooLargeError,
 )
 from esm2cli.io.fasta import check_sequence, check_text, normalise
+from esm2cli.io.identity import stamp_weights
 from esm2cli.runtime.engine import EngineSetup, build_engine
 from esm2cli.runtime.windows import WindowPlan, window_count, window_starts
 from esm2cli.serve.batcher import BatcherStats, DynamicBatcher
@@ -100,9 +101,7 @@ class EmbeddingService:
     ):
         self.serve, self.model, self.embed_config, self.metrics = serve, model, embed, metrics
         self.model_id = public_model_name(model.model)
-        self.cache = EmbeddingCache(serve.cache_size, cache_identity(f"{model.model}:{model.dtype}:{model.load_format}",
-                                                                     embed))  # fmt: skip
-        metrics.watch_cache(self.cache)
+        self.cache: EmbeddingCache | None = None  # keyed by the weights loaded: made once they are
         self._loader = loader or (lambda: build_engine(model, embed, BatchConfig(max_tokens=serve.max_tokens)))
         self._on_load_failure = on_load_failure
         self.status = "loading"  # loading -> ok | failed
@@ -112,7 +111,7 @@ class EmbeddingService:
     async def load(self) -> None:
         """Loads and warms the engine, then starts the batcher; a failure leaves the service "failed"."""
         try:
-            setup = await asyncio.to_thread(self._loader)
+            setup, identity = await asyncio.to_thread(self._load_named)
             setup.engine.start()
             await asyncio.to_thread(setup.engine.warm_up, [WARMUP_SEQUENCE])  # /health turns 200 once each is warm
         except Exception as exc:
@@ -124,6 +123,8 @@ class EmbeddingService:
             if self._on_load_failure:
                 self._on_load_failure(exc)
             return
+        self.cache = EmbeddingCache(self.serve.cache_size, identity)
+        self.metrics.watch_cache(self.cache)
         self.batcher = self._batcher(setup)
         self.batcher.start()
         self.metrics.watch_devices(setup.engine.busy_seconds)
@@ -131,6 +132,19 @@ class EmbeddingService:
                                  lambda: self.batcher.waiting if self.batcher else 0)  # fmt: skip
         self.setup, self.status = setup, "ok"
         log.info("ready: %s on %s", setup.model.source, ", ".join(setup.engine.devices))
+
+    def _load_named(self) -> tuple[EngineSetup, bytes]:
+        """Loads the engine; returns it with the cache's identity, named by the weights' bytes it loaded."""
+        from esm2cli.model.architecture import resolve_source
+
+        stamp = stamp_weights(resolve_source(self.model.model), self.model.load_format)
+        setup = self._loader()
+        try:
+            weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
+        except BaseException:
+            setup.engine.close()
+            raise
+        return setup, cache_identity(weights=weights, dtype=setup.dtype, embed=self.embed_config)
 
     def _batcher(self, setup: EngineSetup) -> DynamicBatcher:
         serve = self.serve
@@ -230,15 +244,16 @@ class EmbeddingService:
             RequestTimeoutError: Not answered within --request-timeout.
         """
         _, batcher = self.ready()
+        cache = _decided(self.cache)
         checked = [self._checked(seq, rec_id, where) for (seq, rec_id), where in zip(items, labels, strict=True)]
         self._check_fits([seq for seq, _ in checked])
-        rows = [self.cache.get(client, seq) for seq, _ in checked]
+        rows = [cache.get(client, seq) for seq, _ in checked]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
             plan = WindowPlan(self.embed_config, [checked[i][0] for i in todo])
             for i, row in zip(todo, plan.rows(await self._race(batcher, plan.items, disconnected)), strict=True):
                 rows[i] = row
-                self.cache.put(client, checked[i][0], row)
+                cache.put(client, checked[i][0], row)
         return [(length, _decided(row)) for (_, length), row in zip(checked, rows, strict=True)]
 
     async def _race(

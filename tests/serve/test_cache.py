@@ -135,7 +135,7 @@ def test_each_api_key_has_its_own_partition_and_sees_only_its_own_counts(tiny_mo
 
 
 def test_the_entries_of_one_partition_are_not_another_s():
-    cache = EmbeddingCache(4, cache_identity("m", EmbedConfig()))
+    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig()))
     cache.put(b"a", A, {6: np.ones(4, np.float32)})
     assert cache.get(b"a", A) is not None and cache.get(b"b", A) is None and cache.get(OPEN_PARTITION, A) is None
     assert cache.stats(b"a") == CacheStats(hits=1, misses=0, entries=1)
@@ -144,7 +144,7 @@ def test_the_entries_of_one_partition_are_not_another_s():
 
 
 def test_a_stored_row_is_a_copy():
-    cache = EmbeddingCache(4, cache_identity("m", EmbedConfig()))
+    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig()))
     vector = {6: np.ones(4, np.float32)}
     cache.put(OPEN_PARTITION, A, vector)
     vector[6][0] = 5  # a row handed in is copied, not kept by reference
@@ -168,12 +168,38 @@ WINDOWED = EmbedConfig(truncate=50, long_sequences="window", window_overlap=10)
 def test_settings_that_change_the_numbers_never_share_an_entry(other):
     # A protein of 300 residues is keyed whole in window mode: only the identity tells 50-wide windows from 60.
     seq = (A * 20)[:300]
-    ours, theirs = (EmbeddingCache(4, cache_identity("m", embed)) for embed in (WINDOWED, other))
+    ours, theirs = (EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=e)) for e in (WINDOWED, other))
     assert ours.key(seq) != theirs.key(seq)
     ours.put(OPEN_PARTITION, seq, {6: np.ones(4, np.float32)})
     assert theirs.get(OPEN_PARTITION, seq) is None
 
 
-def test_the_weights_are_in_the_identity():
-    assert cache_identity("m:float32", EmbedConfig()) != cache_identity("m:bfloat16", EmbedConfig())
-    assert cache_identity("m", EmbedConfig()) == cache_identity("m", EmbedConfig())
+def test_the_weights_and_the_dtype_are_in_the_identity():
+    key = cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig())
+    assert key != cache_identity(weights="sha256:01", dtype="float32", embed=EmbedConfig())
+    assert key != cache_identity(weights="sha256:00", dtype="bfloat16", embed=EmbedConfig())
+    assert key == cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig())  # the control
+
+
+def test_two_servers_differing_only_in_truncate_never_share_an_entry(tiny_model_dir):
+    # The key a running server's cache uses comes from the identity of what it loaded and of its own options.
+    import asyncio
+
+    from esm2cli.config import ModelConfig, ServeConfig
+    from esm2cli.serve.metrics import ServerMetrics
+    from esm2cli.serve.service import EmbeddingService
+
+    seq = (A * 20)[:300]
+    model = ModelConfig(model=tiny_model_dir, devices="cpu", dtype="float32")
+
+    async def key_of(embed: EmbedConfig) -> bytes:
+        service = EmbeddingService(ServeConfig(), model, embed, metrics=ServerMetrics())
+        await service.load()
+        try:
+            return service.cache.key(seq)
+        finally:
+            await service.stop()
+
+    keys = [asyncio.run(key_of(WINDOWED)), asyncio.run(key_of(WINDOWED)),
+            asyncio.run(key_of(EmbedConfig(truncate=60, long_sequences="window", window_overlap=10)))]  # fmt: skip
+    assert keys[0] == keys[1] and keys[0] != keys[2]
