@@ -29,7 +29,8 @@ def direct(tiny_model_dir):
 
 
 def test_full_queue_answers_429_at_once_with_retry_after(tiny_model_dir):
-    app = make_app(tiny_model_dir, loader_wrap=slow_replicas(0.5), max_queue=4, batching=False)
+    # One sequence, repeated: without cache_size=0 a request arriving after the first answer is a cache hit.
+    app = make_app(tiny_model_dir, loader_wrap=slow_replicas(0.5), max_queue=4, batching=False, cache_size=0)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         wait_healthy(client)
 
