@@ -90,15 +90,64 @@ async def _load(url: str, seqs: list[str], clients: int) -> tuple[float, list[fl
         return time.perf_counter() - start, latencies
 
 
+def _in_process(args, batching: bool):
+    """Serves in a thread of this process, each engine batch --fixed-cost-ms longer; returns (stop, url)."""
+    import threading
+
+    import uvicorn
+
+    from esm2cli.runtime.engine import build_engine
+    from esm2cli.serve.app import create_app
+    from esm2cli.serve.connections import uvicorn_config
+
+    model = ModelConfig(model=args.model, load_format=args.load_format, devices=args.devices, dtype=args.dtype)
+    serve = ServeConfig(batching=batching, max_wait_ms=args.max_wait_ms, cache_size=0)
+
+    def loader():
+        setup = build_engine(model, EmbedConfig())
+        for worker in setup.engine._workers:
+            embed_batch = worker.replica.embed_batch
+
+            def fixed_cost(seqs, embed_batch=embed_batch):
+                time.sleep(args.fixed_cost_ms / 1000)
+                return embed_batch(seqs)
+
+            worker.replica.embed_batch = fixed_cost
+        return setup
+
+    app = create_app(serve, model, EmbedConfig(), loader=loader)
+    server = uvicorn.Server(uvicorn_config(app, serve, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+        time.sleep(0.1)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=120)
+
+    return stop, url
+
+
 def _measure(args, batching: bool, seqs: list[str]) -> dict:
-    proc, url = _start_server(args, batching)
+    if args.fixed_cost_ms:
+        stop, url = _in_process(args, batching)
+    else:
+        proc, url = _start_server(args, batching)
+
+        def stop() -> None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
     try:
         asyncio.run(_load(url, seqs[: args.clients], args.clients))  # warm-up
         seconds, latencies = asyncio.run(_load(url, seqs, args.clients))
         batches = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if "batch_size_" in line]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        stop()
     quantiles = statistics.quantiles(latencies, n=100)
     count = next(float(x.split()[-1]) for x in batches if x.startswith("esm2cli_batch_size_count"))
     total = next(float(x.split()[-1]) for x in batches if x.startswith("esm2cli_batch_size_sum"))
@@ -155,6 +204,9 @@ def main() -> None:
     parser.add_argument("--modes", default="on,off", help="dynamic batching on, off or both (on,off)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--engine-ceiling", action="store_true", help="also time the engine alone (no HTTP)")
+    parser.add_argument(
+        "--fixed-cost-ms", type=float, default=0.0, help="serve in this process, each batch this much longer (a GPU)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.pop("ESM2CLI_MODEL", None)
@@ -170,6 +222,7 @@ def main() -> None:
     print(
         f"{args.model} ({args.load_format}), {args.devices}, {args.dtype}; {args.clients} clients, "
         f"{args.requests} single-sequence requests, lengths <= {args.max_length}"
+        + (f"; a fixed cost of {args.fixed_cost_ms:g} ms an engine batch" if args.fixed_cost_ms else "")
     )
     print(f"{'batching':>9} {'req/s':>8} {'residues/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11}")
     for r in rows:

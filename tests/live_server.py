@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
@@ -124,3 +125,70 @@ def metric(client, name: str, headers: dict | None = None) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def bearer(key: str) -> dict:
+    """The header that carries an API key."""
+    return {"authorization": f"Bearer {key}"}
+
+
+def status_of(raw: bytes) -> int:
+    """The status of a raw HTTP/1.1 answer (0 when it is not one)."""
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else 0
+
+
+def json_body(raw: bytes) -> dict:
+    """The JSON body of a raw HTTP answer."""
+    import json
+
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+class Gate:
+    """A loader_wrap whose replicas, once ``hold()`` is called, wait for ``release()`` before each batch."""
+
+    def __init__(self):
+        self.holding = threading.Event()
+        self.open = threading.Event()
+
+    def hold(self):
+        self.holding.set()
+
+    def release(self):
+        self.open.set()
+
+    def __call__(self, setup):
+        for worker in setup.engine._workers:
+            original = worker.replica.embed_batch
+
+            def gated(seqs, original=original):
+                if self.holding.is_set():
+                    self.open.wait(30)
+                return original(seqs)
+
+            worker.replica.embed_batch = gated
+        return setup
+
+
+def wait_pending(client, want: int, waiting_on, timeout: float = 20) -> None:
+    """Until the server reports ``want`` sequences accepted; fails at once if the request was answered instead."""
+    deadline = time.time() + timeout
+    while metric(client, "esm2cli_pending_sequences") != want:
+        if waiting_on.done():
+            raise AssertionError(f"answered before it was pending: {waiting_on.result().status_code}")
+        assert time.time() < deadline, f"pending never reached {want}"
+        time.sleep(0.01)
+
+
+# The settings of the live servers several test modules start (each module its own: a fixture per module).
+# No cache: those tests measure the engine (batches, busy time), and some send the same sequences.
+PLAIN = dict(devices="sim:2", max_body_bytes=64 * 1024, truncation=False, max_wait_ms=2, cache_size=0)
+GUARDED = dict(max_wait_ms=1, header_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=64 * 1024)  # short timeouts
+
+
+@contextmanager
+def serving(model_dir, **serve):
+    """A healthy live server of make_app(model_dir, **serve) until the block ends; yields (url, client)."""
+    with live_server(make_app(model_dir, **serve)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        yield url, client

@@ -108,7 +108,8 @@ from esm2cli.errors import ConfigError, Esm2Error
     default=ServeConfig.cache_size,
     show_default=True,
     envvar="ESM2CLI_CACHE_SIZE",
-    help="Recent distinct sequences whose embeddings are kept and answered again without the model; 0: off.",
+    help="Recent distinct sequences whose embeddings are kept and answered again without the model, per API key "
+    "(one key is never answered from another's entries, nor sees its cache counts); 0: off.",
 )
 @serve_security_options
 @log_options
@@ -222,5 +223,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if failure:
-        raise _to_click(failure[0]) if isinstance(failure[0], Esm2Error) else click.ClickException(str(failure[0]))
+    if failure and isinstance(failure[0], Esm2Error):
+        raise _to_click(failure[0]) from failure[0]
+    if failure:  # not one of ours: a bug, raised as it is so that its traceback shows (exit 1)
+        raise failure[0]

@@ -99,12 +99,19 @@ class KeyChecker:
 
     def accepts(self, authorization: bytes | None) -> bool:
         """True when the Authorization header's value is ``Bearer <one of the keys>``."""
+        return self.identify(authorization) is not None
+
+    def identify(self, authorization: bytes | None) -> bytes | None:
+        """The SHA-256 digest of the key an Authorization header carries (``Bearer <key>``), or None.
+
+        The digest names the client (its cache partition) without keeping the key.
+        """
         scheme, _, token = (authorization or b"").strip().partition(b" ")
         digest = hashlib.sha256(token.strip()).digest()
         match = False
         for known in self._digests:
             match |= hmac.compare_digest(known, digest)
-        return match and scheme.lower() == b"bearer"
+        return digest if match and scheme.lower() == b"bearer" else None
 
     def __repr__(self) -> str:
         return f"KeyChecker(<{len(self._digests)} keys>)"

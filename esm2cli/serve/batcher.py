@@ -7,8 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from esm2cli.errors import OverloadedError, TooLargeError
 from esm2cli.runtime.batching import plan_batches
@@ -18,14 +17,70 @@ log = logging.getLogger(__name__)
 SubmitFn = Callable[[list[str]], Future]  # Engine.submit: blocks while every replica's queue is full
 
 
+Row = dict[Any, Any]  # {layer: pooled vector}, and "tokens": {layer: per-residue vectors} for windows
+
+
 @dataclass
 class _Request:
     """One request's sequences and the future its handler awaits."""
 
     seqs: list[str]
     future: asyncio.Future
-    rows: list[dict[int, np.ndarray] | None] = field(default_factory=list)
+    rows: list[Row | None] = field(default_factory=list)
     missing: int = 0
+
+
+class Slot:
+    """One engine batch's place among those in flight: given back exactly once, however its holder ends.
+
+    ``async with slot:`` gives it back when the block ends (an answer, an error, a cancellation);
+    ``pass_on()`` hands it to another holder (the task that fans a batch's results out), after which
+    this one gives back nothing.
+    """
+
+    def __init__(self, give_back: Callable[[], None]):
+        self._give_back: Callable[[], None] | None = give_back
+
+    def release(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+    def pass_on(self) -> Slot:
+        """A new holder of this place; this one no longer holds it."""
+        give_back, self._give_back = self._give_back, None
+        if give_back is None:
+            raise RuntimeError("this slot was given back already; this is a bug")
+        return Slot(give_back)
+
+    async def __aenter__(self) -> Slot:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Slots:
+    """At most ``size`` engine batches in flight: ``await take()`` waits for a free place."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.held = 0
+        self._free = asyncio.Semaphore(size)
+
+    async def take(self) -> Slot:
+        await self._free.acquire()
+        self.held += 1
+        return Slot(self._give_back)
+
+    async def wait_free(self) -> None:
+        """Returns once a place is free, without taking it (for a caller that is the only taker)."""
+        async with await self.take():
+            pass
+
+    def _give_back(self) -> None:
+        self.held -= 1
+        self._free.release()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +125,7 @@ class DynamicBatcher:
         self._in_flight: set[asyncio.Task] = set()
         # Requests wait here, not in the engine's queues, while every replica is busy: the next
         # batch then takes everything that arrived meanwhile instead of being cut early.
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self.slots = Slots(max_in_flight)
         self._dispatcher: asyncio.Task | None = None
         self._waiting: set[int] = set()  # ids of the requests not yet taken into a batch
         self.pending = 0  # sequences accepted and not yet answered
@@ -92,7 +147,7 @@ class DynamicBatcher:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
 
-    async def embed(self, seqs: Sequence[str]) -> list[dict[int, np.ndarray]]:
+    async def embed(self, seqs: Sequence[str]) -> list[Row]:
         """Embeds one request's validated sequences; returns one {layer: vector} per sequence, in order.
 
         Raises:
@@ -137,38 +192,35 @@ class DynamicBatcher:
 
     async def _dispatch_forever(self) -> None:
         while True:
-            await self._slots.acquire()  # wait for a free replica slot before forming the next group
+            await self.slots.wait_free()  # for a free replica slot before forming the next group
             group = [r for r in await self._next_group() if not r.future.done()]  # skip requests that gave up
             for request in group:
                 self._waiting.discard(id(request))
             slots = [(request, i) for request in group for i in range(len(request.seqs))]
-            batches = plan_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch)
-            if not batches:
-                self._slots.release()
-            for n, rows in enumerate(batches):
-                if n:
-                    await self._slots.acquire()
+            for rows in plan_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch):
+                # At once for the first batch: this loop is the only taker, and a place was free.
+                slot = await self.slots.take()
                 # A request may have given up while the previous batches waited for a slot.
-                members = [slots[k] for k in rows if not slots[k][0].future.done()]
-                if members:
-                    await self._submit_batch(members)
-                else:
-                    self._slots.release()
+                await self._submit_batch(slot, [slots[k] for k in rows if not slots[k][0].future.done()])
 
-    async def _submit_batch(self, members: list[tuple[_Request, int]]) -> None:
-        """Submits one engine batch; its slot is released when its results have been fanned out."""
-        seqs = [request.seqs[i] for request, i in members]
-        try:
-            future = await asyncio.to_thread(self._submit, seqs)
-        except Exception as exc:
-            self._fail(members, exc)
-            self._slots.release()
-            return
-        self._stats.on_batch(len(seqs))
-        self._cancel_when_abandoned(members, future)
-        task = asyncio.get_running_loop().create_task(self._fan_out(members, asyncio.wrap_future(future)))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+    async def _submit_batch(self, slot: Slot, members: list[tuple[_Request, int]]) -> None:
+        """Submits one engine batch; its slot goes to the task that fans its results out (or back, at once)."""
+        async with slot:
+            if not members:
+                return
+            seqs = [request.seqs[i] for request, i in members]
+            try:
+                future = await asyncio.to_thread(self._submit, seqs)
+            except Exception as exc:
+                self._fail(members, exc)
+                return
+            self._stats.on_batch(len(seqs))
+            self._cancel_when_abandoned(members, future)
+            task = asyncio.get_running_loop().create_task(
+                self._fan_out(slot.pass_on(), members, asyncio.wrap_future(future))
+            )
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     @staticmethod
     def _cancel_when_abandoned(members: list[tuple[_Request, int]], future: Future) -> None:
@@ -182,21 +234,21 @@ class DynamicBatcher:
         for request in requests:
             request.future.add_done_callback(check)
 
-    async def _fan_out(self, members: list[tuple[_Request, int]], result: asyncio.Future) -> None:
-        try:
-            embeddings = await result
-        except asyncio.CancelledError:
-            return  # the batch was cancelled before it ran: nobody waits for it
-        except Exception as exc:
-            self._fail(members, exc)
-            return
-        finally:
-            self._slots.release()
+    async def _fan_out(self, slot: Slot, members: list[tuple[_Request, int]], result: asyncio.Future) -> None:
+        async with slot:  # given back once the batch is answered, failed or cancelled
+            try:
+                embeddings = await result
+            except asyncio.CancelledError:
+                return  # the batch was cancelled before it ran: nobody waits for it
+            except Exception as exc:
+                self._fail(members, exc)
+                return
         try:
             for k, (request, i) in enumerate(members):
-                request.rows[i] = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
+                row: Row = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
                 if embeddings.per_token:  # windows of a long protein, to be stitched by the server
-                    request.rows[i]["tokens"] = {layer: arrays[k] for layer, arrays in embeddings.per_token.items()}
+                    row["tokens"] = {layer: arrays[k] for layer, arrays in embeddings.per_token.items()}
+                request.rows[i] = row
                 request.missing -= 1
                 if request.missing == 0 and not request.future.done():
                     request.future.set_result(request.rows)

@@ -21,6 +21,8 @@ import logging
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import h11
 import uvicorn
@@ -57,6 +59,227 @@ def is_probe_line(line: bytes) -> bool:
     return method in _PROBE_METHODS and target in _PROBE_PATHS
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    """The bounds of one connection, and where closes are counted.
+
+    Attributes:
+        header_timeout_s: A request's complete headers must arrive within this (408 and closed).
+        max_connections: Open connections at most; past it, 503 and closed (probes excepted).
+        send_timeout_s: A client that stops reading its answers for this long is disconnected.
+        on_close: Told why each connection the guard closes was closed (for metrics).
+    """
+
+    header_timeout_s: float
+    max_connections: int
+    send_timeout_s: float
+    on_close: Callable[[str], None] = lambda reason: None
+
+    def answer(self, reason: str) -> bytes:
+        """The raw answer sent before closing for ``reason``."""
+        if reason == "header_timeout":
+            message = f"the request headers were not received within {self.header_timeout_s:g} s"
+            return _raw_answer(408, "Request Timeout", message, "InputError")
+        if reason == "over_capacity":
+            message = f"too many open connections (over {self.max_connections}); retry later"
+            return _raw_answer(503, "Service Unavailable", message, "OverloadedError")
+        return _raw_answer(400, "Bad Request", "invalid HTTP request", "InputError")
+
+
+class Connection(Protocol):
+    """What the guard needs from one connection. H11Connection is the only implementation over uvicorn."""
+
+    def open_connections(self) -> int: ...  # connections the server holds open, this one included
+    def awaiting_headers(self) -> bool: ...  # open, and no request's headers are complete yet
+    def has_pipelined_bytes(self) -> bool: ...  # part of the next request came with the last one
+    def closing(self) -> bool: ...
+    def later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
+    def feed(self, data: bytes) -> None: ...  # bytes for the HTTP parser
+    def answer_and_close(self, answer: bytes) -> None: ...  # written out, then closed
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class H11Connection:
+    """The seam: every use of uvicorn's h11 protocol internals, in one place (tests/serve/test_connections.py
+    checks each against the installed uvicorn)."""
+
+    def __init__(self, protocol: H11Protocol):
+        self._protocol = protocol
+
+    def open_connections(self) -> int:
+        return len(self._protocol.connections)
+
+    def awaiting_headers(self) -> bool:
+        return self._protocol.conn.their_state is h11.IDLE and not self.closing()
+
+    def has_pipelined_bytes(self) -> bool:
+        return bool(self._protocol.conn.trailing_data[0])
+
+    def closing(self) -> bool:
+        return self._protocol.transport.is_closing()
+
+    def later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return self._protocol.loop.call_later(delay, callback)
+
+    def feed(self, data: bytes) -> None:
+        H11Protocol.data_received(self._protocol, data)
+
+    def answer_and_close(self, answer: bytes) -> None:
+        self._protocol._unset_keepalive_if_required()  # its timer would close the connection under the answer
+        self._protocol.transport.write(answer)
+        self._protocol.transport.close()  # after the buffered answer is written
+
+    def close(self) -> None:
+        self._protocol.transport.close()
+
+    def abort(self) -> None:
+        self._protocol.transport.abort()
+
+
+class ConnectionGuard:
+    """The bounds of one connection (see the module docstring), told of its events; no uvicorn in here."""
+
+    def __init__(self, conn: Connection, limits: ConnectionLimits):
+        self._conn = conn
+        self._limits = limits
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._refusing = False
+        self._held = b""  # the first bytes of a connection over the cap, until its request line is complete
+        self._probe_only = False
+
+    def opened(self) -> None:
+        if self._conn.open_connections() > self._limits.max_connections:
+            # Wait briefly for the request, so that the client reads the 503 rather than a reset.
+            self._refusing = True
+            self._header_timer = self._conn.later(REFUSE_WAIT_S, self._refuse)
+            return
+        self._watch_headers()
+
+    def received(self, data: bytes) -> None:
+        if self._refusing:
+            return self._over_cap(data)
+        self._conn.feed(data)
+        self._watch_headers()
+
+    def _over_cap(self, data: bytes) -> None:
+        """Over the cap: a probe is served (one request, then the connection closes); all else gets 503."""
+        self._held += data
+        line, found, _ = self._held.partition(b"\r\n")
+        if not found and len(self._held) < PROBE_LINE_MAX:
+            return  # the request line is not complete yet (the refuse timer still runs)
+        if not (found and is_probe_line(line)):
+            return self._refuse()
+        self._stop_timer()
+        self._refusing, self._probe_only = False, True
+        held, self._held = self._held, b""
+        self.received(held)
+
+    def response_completing(self) -> None:
+        """Before uvicorn finishes a response: a probe over the cap gets one answer, never a kept-alive connection."""
+        if self._probe_only:
+            self._conn.close()
+
+    def response_completed(self) -> None:
+        if self._conn.has_pipelined_bytes():  # part of a pipelined request already came with the last one
+            self._watch_headers()
+
+    def lost(self) -> None:
+        self._stop_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+
+    def writes_paused(self) -> None:
+        # The client stopped reading its answers: it may resume within send_timeout_s, else the
+        # connection is dropped, and the answer with it (uvicorn would wait for it forever).
+        if self._write_timer is None:
+            self._write_timer = self._conn.later(self._limits.send_timeout_s, self._reader_gone)
+
+    def writes_resumed(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def bad_request(self) -> None:
+        """The parser refused the bytes: the documented JSON 400 (uvicorn's own is plain text), then close."""
+        self._stop_timer()
+        self._close("bad_request")
+
+    def _reader_gone(self) -> None:
+        self._limits.on_close("send_timeout")
+        self._conn.abort()
+
+    def _watch_headers(self) -> None:
+        """Arms the timer while a request's headers are awaited; disarms it once they are in.
+
+        Called when the connection opens and when bytes arrive (or wait, pipelined): between requests,
+        uvicorn's keep-alive timeout closes an idle connection, and the timer starts with the next
+        request's first bytes.
+        """
+        waiting = self._conn.awaiting_headers()
+        if waiting and self._header_timer is None:
+            self._header_timer = self._conn.later(self._limits.header_timeout_s, self._headers_late)
+        elif not waiting:
+            self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._conn.awaiting_headers():
+            self._close("header_timeout")
+
+    def _refuse(self) -> None:
+        self._stop_timer()
+        if not self._conn.closing():
+            self._close("over_capacity")
+
+    def _close(self, reason: str) -> None:
+        self._limits.on_close(reason)
+        self._conn.answer_and_close(self._limits.answer(reason))
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a ConnectionGuard told of each connection's events."""
+
+    limits: ClassVar[ConnectionLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.guard = ConnectionGuard(H11Connection(self), self.limits)
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.guard.opened()
+
+    def data_received(self, data: bytes) -> None:
+        self.guard.received(data)
+
+    def on_response_complete(self) -> None:
+        self.guard.response_completing()
+        super().on_response_complete()
+        self.guard.response_completed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.lost()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.guard.writes_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.guard.writes_resumed()
+
+    def send_400_response(self, msg: str) -> None:
+        self.guard.bad_request()
+
+
 def guarded_protocol(
     header_timeout_s: float,
     max_connections: int,
@@ -65,122 +288,9 @@ def guarded_protocol(
 ) -> type[H11Protocol]:
     """An h11 protocol class for uvicorn with the header timeout, the connection cap and the send timeout;
     ``on_close`` is told why each connection it closes was closed (for metrics)."""
-    timeout_answer = _raw_answer(
-        408, "Request Timeout", f"the request headers were not received within {header_timeout_s:g} s", "InputError"
-    )
-    bad_answer = _raw_answer(400, "Bad Request", "invalid HTTP request", "InputError")
-    busy_answer = _raw_answer(
-        503, "Service Unavailable", f"too many open connections (over {max_connections}); retry later",
-        "OverloadedError",
-    )  # fmt: skip
-
-    class GuardedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _write_timer: asyncio.TimerHandle | None = None
-        _refusing = False
-        _held = b""  # the first bytes of a connection over the cap, until its request line is complete
-        _probe_only = False
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                # Wait briefly for the request, so that the client reads the 503 rather than a reset.
-                self._refusing = True
-                self._header_timer = self.loop.call_later(REFUSE_WAIT_S, self._refuse)
-                return
-            self._watch_headers()
-
-        def data_received(self, data: bytes) -> None:
-            if self._refusing:
-                return self._over_cap(data)
-            super().data_received(data)
-            self._watch_headers()
-
-        def _over_cap(self, data: bytes) -> None:
-            """Over the cap: a probe is served (one request, then the connection closes); all else gets 503."""
-            self._held += data
-            line, found, _ = self._held.partition(b"\r\n")
-            if not found and len(self._held) < PROBE_LINE_MAX:
-                return  # the request line is not complete yet (the refuse timer still runs)
-            if not (found and is_probe_line(line)):
-                return self._refuse()
-            self._stop_timer()
-            self._refusing, self._probe_only = False, True
-            held, self._held = self._held, b""
-            self.data_received(held)
-
-        def on_response_complete(self) -> None:
-            if self._probe_only:
-                self.transport.close()  # a probe over the cap gets one answer, never a kept-alive connection
-            super().on_response_complete()
-            if self.conn.trailing_data[0]:  # part of a pipelined request already came with the last one
-                self._watch_headers()
-
-        def connection_lost(self, exc) -> None:
-            self._stop_timer()
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-            super().connection_lost(exc)
-
-        def pause_writing(self) -> None:
-            # The client stopped reading its answers: it may resume within send_timeout_s, else the
-            # connection is dropped, and the answer with it (uvicorn would wait for it forever).
-            super().pause_writing()
-            if self._write_timer is None:
-                self._write_timer = self.loop.call_later(send_timeout_s, self._reader_gone)
-
-        def _reader_gone(self) -> None:
-            on_close("send_timeout")
-            self.transport.abort()
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
-
-        def _watch_headers(self) -> None:
-            """Arms the timer while a request's headers are awaited; disarms it once they are in.
-
-            Called when the connection opens and when bytes arrive (or wait, pipelined): between requests,
-            uvicorn's keep-alive timeout closes an idle connection, and the timer starts with the next
-            request's first bytes.
-            """
-            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-            if waiting and self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
-            elif not waiting:
-                self._stop_timer()
-
-        def _stop_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                on_close("header_timeout")
-                self._close_with(timeout_answer)
-
-        def _refuse(self) -> None:
-            self._stop_timer()
-            if not self.transport.is_closing():
-                on_close("over_capacity")
-                self._close_with(busy_answer)
-
-        def send_400_response(self, msg: str) -> None:
-            # uvicorn's own answer is plain text; ours is the documented JSON (h11 has refused the bytes).
-            self._stop_timer()
-            on_close("bad_request")
-            self._close_with(bad_answer)
-
-        def _close_with(self, answer: bytes) -> None:
-            self._unset_keepalive_if_required()
-            self.transport.write(answer)
-            self.transport.close()  # after the buffered answer is written
-
-    return GuardedH11Protocol
+    limits = ConnectionLimits(header_timeout_s=header_timeout_s, max_connections=max_connections,
+                              send_timeout_s=send_timeout_s, on_close=on_close)  # fmt: skip
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
 
 
 class RepeatFilter(logging.Filter):
@@ -232,8 +342,10 @@ class AcceptErrorLimiter:
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         if not str(context.get("message", "")).startswith(_ACCEPT_ERROR):
             if self._previous is not None:
-                return self._previous(loop, context)
-            return loop.default_exception_handler(context)
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
         now = time.monotonic()
         if now - self._last < self._interval_s:
             self._suppressed += 1

@@ -1,7 +1,8 @@
 """The outermost layer of the app: API keys, body limits, JSON errors for every failure, metrics, access log.
 
 Every request passes here before FastAPI sees it, so that nothing behind it has to care:
-- a request without a valid key (where one is needed) gets 401 before its body is read;
+- a request without a valid key (where one is needed) gets 401 before its body is read; the key's digest
+  is put in the scope (``CLIENT_SCOPE_KEY``), naming the client whose cache partition the request uses;
 - the body is read here, whole, within ``body_timeout_s`` and ``max_body_bytes`` (declared or chunked),
   and compressed bodies are refused; the app then reads it from memory;
 - an exception no handler took becomes a JSON 500 (the traceback goes to the log, never to the client);
@@ -16,6 +17,7 @@ import logging
 import time
 
 from esm2cli.serve.auth import KeyChecker
+from esm2cli.serve.cache import OPEN_PARTITION
 from esm2cli.serve.http_errors import send_error
 from esm2cli.serve.metrics import ServerMetrics
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("esm2cli.access")
 
 CLIENT_GONE = 499
+CLIENT_SCOPE_KEY = "esm2cli.client"  # the ASGI scope entry naming the request's API key (its digest)
 _MAX_LOGGED_PATH = 200
 
 
@@ -93,11 +96,12 @@ class RequestGuard:
     async def _handle(self, scope, receive, send) -> None:
         path = scope["path"]
         headers = scope["headers"]
-        if self.keys.needs_key(path):
-            tokens = [value for name, value in headers if name == b"authorization"]
-            if len(tokens) != 1 or not self.keys.accepts(tokens[0]):
-                message = "invalid API key" if tokens else "an API key is required: send 'Authorization: Bearer <key>'"
-                return await send_error(send, path, 401, message, "AuthenticationError")
+        tokens = [value for name, value in headers if name == b"authorization"]
+        client = self.keys.identify(tokens[0]) if len(tokens) == 1 and self.keys.enabled else None
+        if self.keys.needs_key(path) and client is None:
+            message = "invalid API key" if tokens else "an API key is required: send 'Authorization: Bearer <key>'"
+            return await send_error(send, path, 401, message, "AuthenticationError")
+        scope[CLIENT_SCOPE_KEY] = client or OPEN_PARTITION  # whose cache entries (and counts) this request sees
         encoding = next((value for name, value in headers if name == b"content-encoding"), b"identity")
         if encoding.strip().lower() not in (b"", b"identity"):
             shown = encoding.decode("latin-1")[:40]

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from esm2cli.serve.cache import OPEN_PARTITION, CacheStats, EmbeddingCache
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
 
@@ -27,18 +29,18 @@ class _DeviceBusy:
 
 
 class _CacheStats:
-    """Reads the embedding cache's hits, misses and entries at scrape time."""
+    """One partition's cache counts, for one scrape."""
 
-    def __init__(self, cache):
-        self._cache = cache
+    def __init__(self, stats: CacheStats):
+        self._stats = stats
 
     def collect(self):
-        hits = CounterMetricFamily("esm2cli_cache_hits", "Sequences answered from the embedding cache")
-        hits.add_metric([], self._cache.hits)
-        misses = CounterMetricFamily("esm2cli_cache_misses", "Sequences looked up in the cache and computed")
-        misses.add_metric([], self._cache.misses)
-        entries = GaugeMetricFamily("esm2cli_cache_entries", "Sequences held in the embedding cache")
-        entries.add_metric([], len(self._cache))
+        hits = CounterMetricFamily("esm2cli_cache_hits", "Sequences of this API key answered from the embedding cache")
+        hits.add_metric([], self._stats.hits)
+        misses = CounterMetricFamily("esm2cli_cache_misses", "Sequences of this API key looked up and computed")
+        misses.add_metric([], self._stats.misses)
+        entries = GaugeMetricFamily("esm2cli_cache_entries", "Sequences of this API key held in the embedding cache")
+        entries.add_metric([], self._stats.entries)
         yield from (hits, misses, entries)
 
 
@@ -47,6 +49,7 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._cache: EmbeddingCache | None = None
         self.requests = Counter(
             "esm2cli_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
@@ -82,9 +85,20 @@ class ServerMetrics:
         """Exposes the engine's per-device busy time once it is loaded."""
         self.registry.register(_DeviceBusy(busy_seconds))
 
-    def watch_cache(self, cache) -> None:
-        """Exposes the embedding cache's hits, misses and size (esm2cli_cache_hits_total, ...)."""
-        self.registry.register(_CacheStats(cache))
+    def watch_cache(self, cache: EmbeddingCache) -> None:
+        """Exposes the embedding cache's hits, misses and size (esm2cli_cache_hits_total, ...), per API key."""
+        self._cache = cache
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, partition: bytes = OPEN_PARTITION) -> bytes:
+        """The metrics as a scrape with the key of ``partition`` sees them.
+
+        The cache's counts are that key's own: global counts would tell one key holder how often other
+        clients repeat their sequences (and the partitioned cache would be pointless if hits could be
+        watched). Everything else is the server's.
+        """
+        text = generate_latest(self.registry)
+        if self._cache is None:
+            return text
+        own = CollectorRegistry(auto_describe=False)
+        own.register(_CacheStats(self._cache.stats(partition)))
+        return text + generate_latest(own)

@@ -1,5 +1,6 @@
 """API keys on a live server: which routes need one, the 401 answer, keys never in the logs."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -7,17 +8,23 @@ import subprocess
 import httpx
 import pytest
 from click.testing import CliRunner
-from live_server import live_server, make_app, metric, serve_process, wait_healthy
+from live_server import (
+    bearer,
+    live_server,
+    make_app,
+    metric,
+    serve_process,
+    wait_healthy,
+)
 
 from esm2cli.cli import cli
+from esm2cli.config import ModelConfig, ServeConfig
 from esm2cli.serve.auth import KeyChecker, checked_keys
 
 KEY_A = "k-alpha-0123456789abcdef"
+
+
 KEY_B = "k-bravo-fedcba9876543210"
-
-
-def bearer(key: str) -> dict:
-    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +119,14 @@ def test_key_checker_accepts_exactly_its_keys():
     assert KEY_A not in repr(checker)
 
 
+def test_identify_names_the_matching_key_by_its_digest():
+    checker = KeyChecker([KEY_A, KEY_B])
+    assert checker.identify(f"Bearer {KEY_B}".encode()) == hashlib.sha256(KEY_B.encode()).digest()
+    assert checker.identify(f"bearer {KEY_A}".encode()) == hashlib.sha256(KEY_A.encode()).digest()
+    assert checker.identify(f"Basic {KEY_A}".encode()) is None and checker.identify(None) is None
+    assert KeyChecker([]).identify(f"Bearer {KEY_A}".encode()) is None
+
+
 @pytest.mark.parametrize(
     "keys, message",
     [(["k-tiny-1"], "API key #1 is too short"), ([KEY_A, "has a space in it!!"], "API key #2 holds a character")],
@@ -180,7 +195,7 @@ def test_read_key_file_refuses_a_file_of_comments_only(tmp_path):
 
 
 def test_the_startup_log_line_is_readable_and_holds_no_key():
-    from esm2cli.config import ModelConfig, ServeConfig, describe
+    from esm2cli.config import describe
 
     line = describe(ServeConfig(api_keys=(KEY_A, KEY_B), max_queue=16))
     assert "max_queue=16" in line and "api_keys=<2 redacted>" in line
