@@ -83,7 +83,7 @@ def options_identity(**options) -> dict:
 
 
 # What an identity holds beside the numbers: which records were read, and which slice of them.
-_NOT_NUMBERS = ("input_sha256", "input_records", "shard", "skip_invalid")
+_NOT_NUMBERS = ("input_sha256", "input_records", "input_slice", "shard", "skip_invalid")
 
 
 def numbers_identity(identity: dict) -> dict:
