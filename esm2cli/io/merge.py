@@ -119,10 +119,10 @@ def merged_identity(parts: list[str], identities: list[dict]) -> dict:
         return {**first, "shard": "merged"}
     _check_same_file(parts, [identity["input_slice"] for identity in identities])
     combined = hashlib.sha256("".join(identity["input_sha256"] for identity in identities).encode()).hexdigest()
-    stamp = {k: v for k, v in first["input_slice"].items() if k != "bytes"}
+    whole = {**first["input_slice"], "bytes": [0, first["input_slice"]["size"]]}  # the merged file covers it all
     return {
         **common(first), "input_sha256": combined, "input_records": sum(i["input_records"] for i in identities),
-        "input_file": stamp, "shard": "merged",
+        "input_slice": whole, "shard": "merged",
     }  # fmt: skip
 
 
