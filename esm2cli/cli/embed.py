@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from esm2cli.cli.console import _interruptible, _progress_factory, _setup_logging, _to_click, _use_s3_endpoint, log
-import os
-
 from esm2cli.cli.options import (
     embedding_options,
     log_options,
@@ -232,7 +232,9 @@ def embed(
             log.info("shard %d of %d from the Slurm job array (%s)", shard_index, shard_count, read)
         if shard_count is not None:
             if shard_index is None:
-                raise click.BadParameter("needs --shard-index, $JOB_COMPLETION_INDEX or a Slurm array task", param_hint="--shard-count")
+                raise click.BadParameter(
+                    "needs --shard-index, $JOB_COMPLETION_INDEX or a Slurm array task", param_hint="--shard-count"
+                )
             if shard_index >= shard_count:
                 raise click.BadParameter(
                     f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"

@@ -11,9 +11,9 @@ from esm2cli.config import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
-    OUTPUT_DTYPES,
     DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
+    OUTPUT_DTYPES,
     EmbedConfig,
     ModelConfig,
     ServeConfig,
@@ -159,7 +159,9 @@ def slurm_shard(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
     try:
         values = {name: int(environ[name]) for name in names}
     except KeyError as exc:
-        raise click.UsageError(f"a Slurm array task without ${exc.args[0]}: pass --shard-index and --shard-count")
+        raise click.UsageError(
+            f"a Slurm array task without ${exc.args[0]}: pass --shard-index and --shard-count"
+        ) from None
     except ValueError:
         raise click.UsageError(f"Slurm array variables are not integers ({_shown(environ, names)})") from None
     task, low, count = (values[name] for name in SLURM_ARRAY_VARIABLES)

@@ -96,6 +96,7 @@ def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     rec_id = parts[0] if parts else ""
     description = parts[1] if len(parts) > 1 else ""
     sequence = normalise(raw_sequence)
+    problem: str | None
     if not rec_id:
         problem = "no id (empty header line)"
     else:
@@ -103,13 +104,14 @@ def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     return Record(rec_id, description, sequence, position, problem)
 
 
-def _text_stream(raw: BinaryIO) -> TextIO:
+def _text_stream(raw: BinaryIO | io.RawIOBase) -> TextIO:
     """Wraps a binary stream as UTF-8 text, gunzipping it when it starts with the gzip magic."""
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    buffered: io.BufferedReader = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+    stream: BinaryIO | io.BufferedReader | gzip.GzipFile = buffered
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
+        stream = gzip.GzipFile(fileobj=buffered, mode="rb")
     # utf-8-sig drops a byte-order mark before the first header (Windows editors write one).
-    return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline=None)
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
 
 
 def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str]:
@@ -127,7 +129,7 @@ def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str
 class _Span(io.RawIOBase):
     """Bytes [start, stop) of a local file, as a stream of their own."""
 
-    def __init__(self, handle: BinaryIO, start: int, stop: int):
+    def __init__(self, handle: io.BufferedReader, start: int, stop: int):
         handle.seek(start)
         self.handle, self.left = handle, stop - start
 
@@ -156,7 +158,7 @@ def open_fasta(source: str | os.PathLike, span: tuple[int, int] | None = None) -
         yield _text_stream(sys.stdin.buffer)
         return
     try:
-        with open_input(source) as raw, _text_stream(_Span(raw, *span) if span else raw) as text:
+        with open_input(source) as raw, _text_stream(_Span(raw, *span) if span else raw) as text:  # type: ignore[arg-type]
             yield text
     except StorageError as exc:
         raise FastaError(str(exc)) from exc
@@ -228,7 +230,7 @@ def scan_fasta(
             scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
         seen.add(record.id)
     scan.sha256 = hasher.hexdigest()
-    scan.record_digests = hasher.digests
+    scan.record_digests = hasher.digests if hasher.digests is not None else array("Q")
     return scan
 
 

@@ -84,13 +84,16 @@ def vector_dtype(field_type: pa.DataType) -> np.dtype:
     return np.dtype(field_type.to_pandas_dtype())
 
 
-def _vectors(matrix: np.ndarray, hidden: int, dtype: np.dtype = np.dtype(np.float32)) -> pa.Array:
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _vectors(matrix: np.ndarray, hidden: int, dtype: np.dtype = _FLOAT32) -> pa.Array:
     # float32 -> float16 rounds to nearest; values past 65504 would be inf, far above any ESM-2 activation
     flat = pa.array(np.ascontiguousarray(matrix, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, hidden)
 
 
-def _token_lists(arrays: list[np.ndarray], hidden: int, dtype: np.dtype = np.dtype(np.float32)) -> pa.Array:
+def _token_lists(arrays: list[np.ndarray], hidden: int, dtype: np.dtype = _FLOAT32) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
     stacked = np.concatenate(arrays) if arrays else np.zeros((0, hidden), np.float32)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -92,7 +94,7 @@ def embed_records(
     progress: ProgressFn | None = None,
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
-    digests: Sequence[int] | None = None,
+    digests: array[int] | None = None,
     reuse: ChunkReuse | None = None,
 ) -> EmbedSummary:
     """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
@@ -125,7 +127,7 @@ def embed_records(
     summary = EmbedSummary()
     limit = limit or ChunkLimit(batch)
     pending: deque[tuple[ChunkWork, list[int], Future]] = deque()
-    clock = {"start": None}
+    clock = {"start": 0.0}
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0][2].done()):
@@ -139,7 +141,8 @@ def embed_records(
             if progress:
                 progress(rows, residues)
 
-    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, reuse and reuse.holds):
+    copied = reuse.holds if reuse is not None else None
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, copied):
         sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)
         chunk = Chunk(start, stop, sha)
         valid = [r for r in chunk_records if r.problem is None]
@@ -162,13 +165,23 @@ def embed_records(
             else:
                 sink.write(chunk, work.rows())
             continue
-        for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
+        for items in plan_batches([len(s) for s in work.items], _budget(batch), batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
-            options = {"per_token": True} if not embed.per_token and work.windowed.intersection(items) else {}
-            pending.append((work, items, engine.submit([work.items[i] for i in items], **options)))
+            windows = not embed.per_token and bool(work.windowed.intersection(items))
+            future = (
+                engine.submit([work.items[i] for i in items], per_token=True)
+                if windows
+                else engine.submit([work.items[i] for i in items])
+            )
+            pending.append((work, items, future))
             settle(block=False)
     settle(block=True)
     return summary
+
+
+def _budget(batch: BatchConfig) -> int:
+    """The token budget; callers of embed_records without build_engine may leave it unset: the batch size bounds."""
+    return batch.max_tokens if batch.max_tokens is not None else sys.maxsize
 
 
 def _chunk_work(chunk: Chunk, valid: list[Record], embed: EmbedConfig, reuse: ChunkReuse | None,
@@ -297,7 +310,7 @@ def embed_fasta(
     inputs: InputConfig,
     shard: ShardConfig | None = None,
     overwrite: bool = False,
-    progress_factory: Callable[[int, int], ProgressFn] | None = None,
+    progress_factory: Callable[[int, int | None], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
     reuse: Sequence[str] = (),
 ) -> EmbedSummary:
@@ -358,7 +371,8 @@ def embed_fasta(
         if weights is not None and is_complete(target, identity_of(weights), overwrite):
             return EmbedSummary(already_complete=True)
         owned = setup is None
-        setup = build_engine(model, embed, batch, placement=placement) if owned else setup
+        if setup is None:
+            setup = build_engine(model, embed, batch, placement=placement)
         if weights is None:  # a hub model that was not cached before loading
             weights = model_identity(setup.model.source, model.load_format) or f"unresolved:{setup.model.source}"
         identity = identity_of(weights)
@@ -398,7 +412,7 @@ class EmbedPlan:
     shard: ShardConfig | None
     overwrite: bool
     owned: bool = True
-    progress_factory: Callable[[int, int], ProgressFn] | None = None
+    progress_factory: Callable[[int, int | None], ProgressFn] | None = None
 
     def positions(self) -> tuple[int, int]:
         """The 0-based record positions [start, stop) of the scan this run embeds."""

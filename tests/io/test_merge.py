@@ -8,14 +8,26 @@ import os
 
 import pyarrow.parquet as pq
 from click.testing import CliRunner
+from helpers import byte_shard_sizes
 
 from conftest import write_fasta
 from esm2cli.cli import cli
-from helpers import byte_shard_sizes
 
 
 def _embed(fasta, out, model, *extra):
-    args = ["embed", str(fasta), "-o", str(out), "-m", model, "--dtype", "float32", "--devices", "cpu", *map(str, extra)]
+    args = [
+        "embed",
+        str(fasta),
+        "-o",
+        str(out),
+        "-m",
+        model,
+        "--dtype",
+        "float32",
+        "--devices",
+        "cpu",
+        *map(str, extra),
+    ]
     return CliRunner().invoke(cli, args)
 
 

@@ -17,7 +17,19 @@ RECORDS = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"[: 4 + (i * 7) % 29]) fo
 
 
 def _embed(fasta, out, model, *extra):
-    args = ["embed", str(fasta), "-o", str(out), "-m", model, "--dtype", "float32", "--devices", "cpu", *map(str, extra)]
+    args = [
+        "embed",
+        str(fasta),
+        "-o",
+        str(out),
+        "-m",
+        model,
+        "--dtype",
+        "float32",
+        "--devices",
+        "cpu",
+        *map(str, extra),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return result

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from click.testing import CliRunner
+from helpers import byte_shard_sizes
 
 from conftest import write_fasta
-from helpers import byte_shard_sizes
 from esm2cli.cli import cli
 from esm2cli.errors import StorageError
 from esm2cli.io.storage import describe
