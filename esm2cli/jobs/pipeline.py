@@ -237,7 +237,7 @@ def chunk_options(identity: dict) -> dict:
 
 
 def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: EngineSetup, identity: dict,
-                 inputs: InputConfig) -> dict:  # fmt: skip
+                 inputs: InputConfig | None = None) -> dict:  # fmt: skip
     """What the output file records about how it was made."""
     return {
         "model": model.model,
@@ -255,7 +255,7 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
         ),  # fmt: skip
         "input": fasta,
         "output_dtype": embed.output_dtype,
-        "allow_duplicate_ids": inputs.allow_duplicate_ids,  # merge checks ids across the parts unless allowed
+        "allow_duplicate_ids": bool(inputs and inputs.allow_duplicate_ids),  # merge checks ids across parts
         "esm2cli_version": __version__,
         "identity": identity,
     }

@@ -85,3 +85,15 @@ def test_float16_parts_merge_and_serve_as_reuse(tmp_path, tiny_model_dir):
     assert f"{len(RECORDS)} reused from" in result.output and "1 computed" in result.output
     again = pq.read_table(tmp_path / "more.parquet")
     assert again.slice(0, len(RECORDS))["embedding"].equals(table["embedding"])  # copied bit for bit
+
+
+def test_the_python_api_writes_float16_tables_and_returns_float32_arrays(tmp_path, tiny_model_dir):
+    from esm2cli import Embedder
+
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS[:4])
+    with Embedder(tiny_model_dir, devices="cpu", dtype="float32", output_dtype="float16") as half:
+        table = half.embed_fasta(fasta)
+        arrays = half.embed([seq for _, seq in RECORDS[:4]])
+    assert table.schema.field("embedding").type.value_type == pa.float16() and arrays.dtype == np.float32
+    stored = np.array(table["embedding"].to_pylist(), np.float32)
+    np.testing.assert_allclose(stored, arrays, rtol=1e-3, atol=1e-3)
