@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from esm2cli.errors import OutputExistsError, PartsError
+from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
 from esm2cli.io.storage import exists, is_url, join, listdir, open_input
@@ -58,7 +59,13 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
         PartsError: Parts are missing, of different shard counts, or of different runs (named).
         OutputExistsError: The output is one of the parts or lies under the prefix, or it holds
             something else and overwrite is False.
+        OutputLockedError: Another live run writes the same output.
     """
+    with OutputLock(output):  # one run at a time toward one output, as embed and score
+        return _merge_parts(prefix, output, overwrite)
+
+
+def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     from esm2cli.io.identity import same_file
 
     parts = find_parts(prefix)
@@ -103,11 +110,12 @@ def merged_identity(parts: list[str], identities: list[dict]) -> dict:
         PartsError: A part was made with other options or weights, of another input, or of a file that
             changed between shards (the shard and both stamps named).
     """
-    from esm2cli.io.identity import describe_changes
+    from esm2cli.io.identity import describe_changes, recorded
 
     def common(identity: dict) -> dict:
         return {k: v for k, v in identity.items() if k not in _PER_SHARD}
 
+    identities = [recorded(identity) for identity in identities]  # keys added since, at their old meaning
     first = identities[0]
     sliced = "input_slice" in first
     for part, identity in zip(parts[1:], identities[1:], strict=True):
