@@ -1,6 +1,6 @@
 """A shard against its slice alone, and merge of many parts, measured side by side in one run.
 
-    python -m benchmarks.shard_bench shard --records 2000000 --count 2000 --index 7
+    python -m benchmarks.shard_bench shard --records 2000000 --count 2000 --index 7 --inputs plain,bgzf,s3
     python -m benchmarks.shard_bench merge --parts 2000 --rows 200
 
 `shard`: a FASTA of N short records is written once under /tmp (reused by later runs), with a BGZF copy
@@ -121,9 +121,11 @@ def run_shard(args) -> None:
     print(f"{args.records:,} records, {size / 1e6:.0f} MB plain, {packed.stat().st_size / 1e6:.0f} MB BGZF; shard "
           f"{args.index} of {args.count}: slice {size // args.count:,} bytes, "
           f"{alone.read_bytes().count(b'>'):,} records", flush=True)  # fmt: skip
-    compare("plain", str(plain), alone, args)
-    compare("bgzf", str(packed), alone, args)
-    if args.s3:
+    if "plain" in args.inputs:
+        compare("plain", str(plain), alone, args)
+    if "bgzf" in args.inputs:
+        compare("bgzf", str(packed), alone, args)
+    if "s3" in args.inputs:
         compare_s3(plain, alone, args)
 
 
@@ -210,7 +212,7 @@ def main() -> None:
     shard.add_argument("--index", type=int, default=7)
     shard.add_argument("--repeats", type=int, default=3)
     shard.add_argument("--model", default="esm2_t6_8M")
-    shard.add_argument("--no-s3", dest="s3", action="store_false")
+    shard.add_argument("--inputs", default="plain,bgzf,s3", help="which of plain, bgzf, s3 (comma-separated)")
     merge = sub.add_parser("merge")
     merge.add_argument("--parts", type=int, default=2000)
     merge.add_argument("--rows", type=int, default=200)
