@@ -26,8 +26,10 @@ from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MODEL,
+    DEFAULT_OUTPUT_DTYPE,
     DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
+    OUTPUT_DTYPES,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -74,6 +76,8 @@ class Embedder:
         load_format: "auto", or "dummy" for random weights of the named size.
         reuse: Earlier outputs (as --reuse: files, directories or prefixes of parts) whose rows, made with
             the same weights and options, embed_fasta and iter_fasta copy instead of computing.
+        output_dtype: How the vectors of embed_fasta's and iter_fasta's tables and files are stored:
+            "float32", or "float16" (as --output-dtype); embed() and embed_iter() return float32 either way.
 
     Raises:
         ModelLoadError, DeviceError, ConfigError: The model, devices or options are unusable.
@@ -96,11 +100,14 @@ class Embedder:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         load_format: str = "auto",
         reuse: Sequence[str | os.PathLike] = (),
+        output_dtype: str = DEFAULT_OUTPUT_DTYPE,
     ):
         if long_sequences not in LONG_SEQUENCES:
             raise ConfigError(f"long_sequences={long_sequences!r} is not available; use one of {LONG_SEQUENCES}")
         if pooling not in ("mean", "bos"):
             raise ConfigError(f"pooling={pooling!r}: use 'mean' or 'bos'")
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ConfigError(f"output_dtype={output_dtype!r}: use one of {', '.join(OUTPUT_DTYPES)}")
         if truncate < 1 or batch_size < 1 or chunk_size < 1:
             raise ConfigError("truncate, batch_size and chunk_size must be at least 1")
         if isinstance(layers, str):  # "6,-1", as --layers takes them
@@ -120,7 +127,7 @@ class Embedder:
             check_overlap(truncate, window_overlap)
         self.embed_config = EmbedConfig(
             layers=layer_tuple, pooling=pooling, per_token=per_token, truncate=truncate,
-            long_sequences=long_sequences, window_overlap=window_overlap,
+            long_sequences=long_sequences, window_overlap=window_overlap, output_dtype=output_dtype,
         )  # fmt: skip
         batch = BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size)
         # The weights are named by the bytes this Embedder loads, not by what the folder holds when it writes.
@@ -280,7 +287,9 @@ class Embedder:
         identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig())
         model = replace(self.model_config, dtype=self.dtype)
         metadata = pipeline.run_metadata(source, model, self.embed_config, self._setup, identity)
-        return build_schema(self.hidden_size, self.layers, self.embed_config.per_token, metadata)
+        return build_schema(
+            self.hidden_size, self.layers, self.embed_config.per_token, metadata, dtype=self.embed_config.output_dtype
+        )
 
     def _open_reuse(self, schema: pa.Schema) -> ChunkReuse | None:
         """The rows of the earlier outputs (reuse=) that fit the run whose schema (and identity) this is."""

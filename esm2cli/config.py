@@ -15,6 +15,8 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
 DEFAULT_WINDOW_OVERLAP = 256
+OUTPUT_DTYPES = ("float32", "float16")  # stored vectors; float16 halves the storage, rounding to ~1e-3 relative
+DEFAULT_OUTPUT_DTYPE = "float32"
 DEFAULT_CHUNK_SIZE = 4096
 # esm2cli serve: recent sequences whose vectors are kept (650M, one layer: 5 kB each, 51 MB for 10,000).
 DEFAULT_CACHE_SIZE = 10_000
@@ -104,6 +106,8 @@ class EmbedConfig:
             whole in overlapping windows, see esm2cli.runtime.windows) or "error" (invalid records).
         window_overlap: Residues shared by consecutive windows.
         contacts: Also return contact probabilities from the contact head (which is then loaded).
+        output_dtype: How stored vectors are kept: "float32", or "float16" (half the bytes, rounded to
+            ~3 significant digits); computed in float32 either way.
     """
 
     layers: tuple[int, ...] = (-1,)
@@ -113,6 +117,7 @@ class EmbedConfig:
     contacts: bool = False
     long_sequences: str = "truncate"
     window_overlap: int = DEFAULT_WINDOW_OVERLAP
+    output_dtype: str = DEFAULT_OUTPUT_DTYPE
 
     @property
     def max_length(self) -> int | None:

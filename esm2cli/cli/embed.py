@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from esm2cli.cli.console import _interruptible, _progress_factory, _setup_logging, _to_click, _use_s3_endpoint, log
-from esm2cli.cli.options import embedding_options, log_options, long_sequence_options, max_tokens_option, model_options
+from esm2cli.cli.options import (
+    embedding_options,
+    log_options,
+    long_sequence_options,
+    max_tokens_option,
+    model_options,
+    output_dtype_option,
+    slurm_shard,
+)
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -94,6 +104,7 @@ def _reused_note(summary) -> str:
     help="Sequences per batch at most.",
 )
 @max_tokens_option
+@output_dtype_option
 @click.option(
     "--skip-invalid",
     is_flag=True,
@@ -116,14 +127,16 @@ def _reused_note(summary) -> str:
     type=click.IntRange(min=0),
     default=None,
     envvar=["ESM2CLI_SHARD_INDEX", "JOB_COMPLETION_INDEX"],
-    help="This process's shard (0-based); read from $JOB_COMPLETION_INDEX in an Indexed Job.",
+    help="This process's shard (0-based); read from $JOB_COMPLETION_INDEX in an Indexed Job, and from "
+    "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN (of $SLURM_ARRAY_TASK_COUNT) in a Slurm job array.",
 )
 @click.option(
     "--shard-count",
     type=click.IntRange(min=1),
     default=None,
     envvar="ESM2CLI_SHARD_COUNT",
-    help="Split the input into this many contiguous shards; OUTPUT is then a directory or prefix.",
+    help="Split the input into this many shards by byte range (plain or BGZF FASTA; a plain gzip is read whole by "
+    "each shard); OUTPUT is then a directory or prefix.",
 )
 @click.option(
     "--format",
@@ -173,6 +186,7 @@ def embed(
     contacts,
     batch_size,
     max_tokens,
+    output_dtype,
     skip_invalid,
     allow_duplicate_ids,
     overwrite,
@@ -188,11 +202,12 @@ def embed(
     """Embed every protein of a FASTA file (plain, .gz, - for stdin, or s3://...) into Parquet.
 
     One row per protein: id, description, length, truncated, and the pooled embedding of each
-    requested layer (float32). Batches run on one model replica per device.
+    requested layer (float32, or float16 with --output-dtype). Batches run on one model replica per device.
 
     Runs are resumable: finished chunks of --chunk-size records are kept, and rerunning the same
     command after an interruption computes only what is missing. With --shard-count N, this
-    process embeds shard --shard-index (or $JOB_COMPLETION_INDEX) into OUTPUT/part-<i>-of-<N>.parquet.
+    process embeds shard --shard-index (or $JOB_COMPLETION_INDEX, or a Slurm array task's index) into
+    OUTPUT/part-<i>-of-<N>.parquet; a shard reads only its byte range of a plain or BGZF file.
 
     \b
     Examples:
@@ -211,9 +226,15 @@ def embed(
 
         _use_s3_endpoint(s3_endpoint_url)
         shard = None
+        if shard_index is None and (slurm := slurm_shard(os.environ)) is not None:
+            shard_index, slurm_count, read = slurm
+            shard_count = shard_count or slurm_count
+            log.info("shard %d of %d from the Slurm job array (%s)", shard_index, shard_count, read)
         if shard_count is not None:
             if shard_index is None:
-                raise click.BadParameter("needs --shard-index or $JOB_COMPLETION_INDEX", param_hint="--shard-count")
+                raise click.BadParameter(
+                    "needs --shard-index, $JOB_COMPLETION_INDEX or a Slurm array task", param_hint="--shard-count"
+                )
             if shard_index >= shard_count:
                 raise click.BadParameter(
                     f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index"
@@ -232,6 +253,7 @@ def embed(
                 long_sequences=long_sequences,
                 window_overlap=window_overlap,
                 contacts=contacts,
+                output_dtype=output_dtype,
             ),  # fmt: skip
             batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size),
             inputs=InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -9,8 +10,10 @@ import click
 from esm2cli.config import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
+    DEFAULT_OUTPUT_DTYPE,
     DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
+    OUTPUT_DTYPES,
     EmbedConfig,
     ModelConfig,
     ServeConfig,
@@ -127,6 +130,53 @@ def long_sequence_options(func):
         help="Sequences over --truncate residues: truncate them (flagged), embed them whole in overlapping "
         "windows of --truncate residues (column 'windows'), or refuse them as invalid records.",
     )(func)
+
+
+output_dtype_option = click.option(
+    "--output-dtype",
+    type=click.Choice(OUTPUT_DTYPES),
+    default=DEFAULT_OUTPUT_DTYPE,
+    show_default=True,
+    envvar="ESM2CLI_OUTPUT_DTYPE",
+    help="How stored vectors are kept: float16 halves the file (Parquet halffloat, HDF5 float16), rounding each "
+    "value to about 1e-3 relative; computed in float32 either way.",
+)
+
+SLURM_ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+
+
+def slurm_shard(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
+    """The shard of a Slurm job-array task: index ID - MIN of COUNT, so --array=1-N and --array=0-(N-1) both
+    work; None outside an array. Also returns the variables read, for the startup log.
+
+    Raises:
+        click.UsageError: The array is stepped or sparse (a task would not be one shard), or a variable is
+            not an integer.
+    """
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    names = [*SLURM_ARRAY_VARIABLES, *(n for n in ("SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP") if n in environ)]
+    try:
+        values = {name: int(environ[name]) for name in names}
+    except KeyError as exc:
+        raise click.UsageError(
+            f"a Slurm array task without ${exc.args[0]}: pass --shard-index and --shard-count"
+        ) from None
+    except ValueError:
+        raise click.UsageError(f"Slurm array variables are not integers ({_shown(environ, names)})") from None
+    task, low, count = (values[name] for name in SLURM_ARRAY_VARIABLES)
+    high, step = values.get("SLURM_ARRAY_TASK_MAX", low + count - 1), values.get("SLURM_ARRAY_TASK_STEP", 1)
+    if step != 1 or high - low + 1 != count:
+        raise click.UsageError(
+            f"the Slurm array is stepped or sparse ({_shown(environ, names)}): each task must be one shard, so "
+            f"submit a dense array such as --array=0-{count - 1} or --array=1-{count}, or pass --shard-index "
+            "and --shard-count"
+        )
+    return task - low, count, _shown(environ, names)
+
+
+def _shown(environ: Mapping[str, str], names: list[str]) -> str:
+    return ", ".join(f"{name}={environ.get(name)}" for name in names)
 
 
 max_tokens_option = click.option(

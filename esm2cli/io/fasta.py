@@ -96,6 +96,7 @@ def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     rec_id = parts[0] if parts else ""
     description = parts[1] if len(parts) > 1 else ""
     sequence = normalise(raw_sequence)
+    problem: str | None
     if not rec_id:
         problem = "no id (empty header line)"
     else:
@@ -103,13 +104,14 @@ def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     return Record(rec_id, description, sequence, position, problem)
 
 
-def _text_stream(raw: BinaryIO) -> TextIO:
+def _text_stream(raw: BinaryIO | io.RawIOBase) -> TextIO:
     """Wraps a binary stream as UTF-8 text, gunzipping it when it starts with the gzip magic."""
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    buffered: io.BufferedReader = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+    stream: BinaryIO | io.BufferedReader | gzip.GzipFile = buffered
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        buffered = gzip.GzipFile(fileobj=buffered, mode="rb")
+        stream = gzip.GzipFile(fileobj=buffered, mode="rb")
     # utf-8-sig drops a byte-order mark before the first header (Windows editors write one).
-    return io.TextIOWrapper(buffered, encoding="utf-8-sig", newline=None)
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
 
 
 def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str]:
@@ -124,9 +126,30 @@ def _check_starts_with_header(lines: Iterator[str], source: str) -> Iterable[str
     return iter(())
 
 
+class _Span(io.RawIOBase):
+    """Bytes [start, stop) of a local file, as a stream of their own."""
+
+    def __init__(self, handle: io.BufferedReader, start: int, stop: int):
+        handle.seek(start)
+        self.handle, self.left = handle, stop - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        view = memoryview(buffer)[: self.left]
+        count = self.handle.readinto(view) or 0
+        self.left -= count
+        return count
+
+
 @contextmanager
-def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
+def open_fasta(source: str | os.PathLike, span: tuple[int, int] | None = None) -> Iterator[TextIO]:
     """Opens a FASTA file (plain or gzip; a path, an fsspec URL such as s3://..., or '-' for stdin) as text.
+
+    Args:
+        source: The file.
+        span: Only bytes [start, stop) of a plain file (a shard's records, see esm2cli.io.split).
 
     Raises:
         FastaError: The file does not exist or cannot be read.
@@ -135,23 +158,26 @@ def open_fasta(source: str | os.PathLike) -> Iterator[TextIO]:
         yield _text_stream(sys.stdin.buffer)
         return
     try:
-        with open_input(source) as raw, _text_stream(raw) as text:
+        with open_input(source) as raw, _text_stream(_Span(raw, *span) if span else raw) as text:  # type: ignore[arg-type]
             yield text
     except StorageError as exc:
         raise FastaError(str(exc)) from exc
 
 
-def read_records(source: str | os.PathLike, max_length: int | None = None) -> Iterator[Record]:
+def read_records(
+    source: str | os.PathLike, max_length: int | None = None, span: tuple[int, int] | None = None
+) -> Iterator[Record]:
     """Yields every record of a FASTA file in file order, each with its problem (or None).
 
     Args:
         source: A path, or '-' for stdin (which can be read once only: see spool_stdin).
         max_length: Sequences longer than this are invalid (--long-sequences error); None: no limit.
+        span: Only the records in bytes [start, stop) of a plain file (a shard's, see esm2cli.io.split).
 
     Raises:
         FastaError: The file is missing, not UTF-8 text, a broken gzip, or not FASTA.
     """
-    with open_fasta(source) as text:
+    with open_fasta(source, span) as text:
         try:
             lines = _check_starts_with_header(iter(text), str(source))
             for position, (title, raw) in enumerate(SimpleFastaParser(lines), start=1):
@@ -168,13 +194,19 @@ def read_records(source: str | os.PathLike, max_length: int | None = None) -> It
             raise FastaError(f"{source}: cannot read ({exc})") from exc
 
 
-def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_length: int | None = None) -> FastaScan:
+def scan_fasta(
+    source: str | os.PathLike,
+    truncate: int | None = None,
+    max_length: int | None = None,
+    span: tuple[int, int] | None = None,
+) -> FastaScan:
     """Reads a whole FASTA file once to count, check and find duplicate ids before any compute.
 
     Args:
         source: A path (not stdin: spool it first).
         truncate: Residues counted per sequence at most, for progress estimates.
         max_length: Sequences longer than this are invalid (see read_records).
+        span: Only the records in these bytes of a plain file (see read_records).
 
     Returns:
         The counts, the content hash of every record, the invalid records and the ids seen more
@@ -184,7 +216,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_lengt
     scan = FastaScan()
     hasher = RecordHasher(keep_digests=True)
     seen: set[str] = set()
-    for record in read_records(source, max_length):
+    for record in read_records(source, max_length, span):
         scan.records += 1
         hasher.update(record)
         scan.record_lengths.append(0 if record.problem else len(record.sequence))
@@ -198,7 +230,7 @@ def scan_fasta(source: str | os.PathLike, truncate: int | None = None, max_lengt
             scan.duplicate_ids[record.id] = scan.duplicate_ids.get(record.id, 1) + 1
         seen.add(record.id)
     scan.sha256 = hasher.hexdigest()
-    scan.record_digests = hasher.digests
+    scan.record_digests = hasher.digests if hasher.digests is not None else array("Q")
     return scan
 
 
@@ -227,7 +259,7 @@ def describe_duplicates(duplicate_ids: dict[str, int], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
+def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig, *, allow_empty: bool = False) -> None:
     """Stops the run before any compute when the input holds records it cannot embed.
 
     Every kind of problem is reported in one message (each list bounded), so that fixing the input
@@ -235,7 +267,8 @@ def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
 
     Raises:
         FastaError: Invalid records (without skip_invalid), duplicate ids (without
-            allow_duplicate_ids), or nothing left to embed. The message names the records.
+            allow_duplicate_ids), or nothing left to embed (unless ``allow_empty``: a shard's slice may
+            hold no record). The message names the records.
     """
     problems = []
     if scan.invalid and not inputs.skip_invalid:
@@ -252,5 +285,5 @@ def check_scan(scan: FastaScan, fasta: str, inputs: InputConfig) -> None:
         raise FastaError(f"{fasta}: {problems[0]}")
     if problems:
         raise FastaError(f"{fasta}: {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
-    if scan.valid == 0:
+    if scan.valid == 0 and not allow_empty:
         raise FastaError(f"{fasta}: no records to embed" + (" (every record is invalid)" if scan.records else ""))

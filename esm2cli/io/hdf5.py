@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -152,7 +152,7 @@ def _set_file_attrs(out, metadata: dict) -> None:
 
 
 @contextmanager
-def _atomic_hdf5(target: str) -> Iterator[object]:
+def _atomic_hdf5(target: str) -> Iterator[Any]:
     """An h5py File that appears at ``target`` only when the block completes (renamed, or uploaded for a URL)."""
     h5py = require()
     if is_url(target):

@@ -52,6 +52,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
         "skip_invalid": "skip_invalid", "shard_index": "shard", "shard_count": "shard", "output": NOT_NUMBERS,
         "batch_size": NOT_NUMBERS, "allow_duplicate_ids": NOT_NUMBERS, "overwrite": NOT_NUMBERS,
         "output_format": NOT_NUMBERS, "chunk_size": NOT_NUMBERS, "reuse": NOT_NUMBERS, "s3_endpoint_url": NOT_NUMBERS,
+        "output_dtype": "output_dtype",
     },
     "score": {
         **_RUN, **_LOGS, "fasta": "input_sha256", "mutations": "mutations_sha256", "pll": "mode",
@@ -62,7 +63,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
     "serve": {**_RUN, **_LOGS, **_EMBEDDING, **dict.fromkeys(_SERVER_ONLY, NOT_NUMBERS)},
     "api": {
         **_RUN, **_EMBEDDING, "per_token": "per_token", "batch_size": NOT_NUMBERS, "chunk_size": NOT_NUMBERS,
-        "reuse": NOT_NUMBERS,
+        "reuse": NOT_NUMBERS, "output_dtype": "output_dtype",
     },
 }  # fmt: skip
 # Commands that write no numbers of their own: they have no identity to declare options in.
@@ -73,9 +74,9 @@ WITHOUT_IDENTITY = {
 }
 
 # What an identity holds beside the numbers: which records were read, and which slice of them.
-_NOT_NUMBERS_KEYS = ("input_sha256", "input_records", "shard", "skip_invalid")
+_NOT_NUMBERS_KEYS = ("input_sha256", "input_records", "input_slice", "shard", "skip_invalid")
 # Keys added after outputs were written without them: such an older identity reads as if it held these values.
-_ADDED_LATER = {"model_family": ESM2}
+_ADDED_LATER = {"model_family": ESM2, "output_dtype": "float32"}
 # A model config's keys that name no part of the architecture (random weights are drawn from the architecture).
 _NOT_ARCHITECTURE = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype")
 
@@ -116,12 +117,19 @@ def identity_digest(identity: Mapping) -> bytes:
 
 
 def embed_identity(*, input_sha256: str, input_records: int, weights: str, dtype: str, embed: EmbedConfig,
-                   inputs: InputConfig, shard: ShardConfig, model_family: str = ESM2) -> dict:  # fmt: skip
-    """An embed run's identity: the input's content, which records of it, and what decides every row's numbers."""
+                   inputs: InputConfig, shard: ShardConfig, model_family: str = ESM2,
+                   input_slice: Mapping | None = None) -> dict:  # fmt: skip
+    """An embed run's identity: the input's content, which records of it, and what decides every row's numbers.
+
+    ``input_slice`` is a shard's byte range of the input with the file's size and stamp (io.split.InputSlice):
+    such a shard's identity covers its own slice, so that its checks and its "already complete" do not grow
+    with the input.
+    """
     return {
         "input_sha256": input_sha256, "input_records": input_records,
         **request_identity(weights=weights, dtype=dtype, embed=embed, model_family=model_family),
         "skip_invalid": inputs.skip_invalid, "shard": [shard.index, shard.count],
+        **({"input_slice": dict(input_slice)} if input_slice is not None else {}),
     }  # fmt: skip
 
 

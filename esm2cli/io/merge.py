@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from esm2cli.errors import DamagedFileError, OutputExistsError, PartsError
@@ -64,7 +66,7 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
 
 
 def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
-    from esm2cli.io.identity import describe_changes, same_file
+    from esm2cli.io.identity import same_file
 
     parts = find_parts(prefix)
     if any(same_file(part, output) for part in parts):
@@ -72,14 +74,9 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     _check_merge_output(prefix, output)
     from esm2cli.io import hdf5
 
-    first = _part_metadata(parts[0])
-    identity = {**first.get("identity", {}), "shard": "merged"}
-    for part in parts[1:]:
-        meta = _part_metadata(part)
-        other = {**meta.get("identity", {}), "shard": "merged"}
-        if other != identity:
-            changes = "; ".join(describe_changes(identity, other))
-            raise PartsError(f"{part} was made by another run than {parts[0]} ({changes}): rerun that shard")
+    metas = [_part_metadata(part) for part in parts]
+    identity = merged_identity(parts, [meta["identity"] for meta in metas])
+    first = metas[0]
     if exists(output):
         done = read_metadata(output)
         if done.get("identity") == identity:
@@ -92,6 +89,8 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
         return hdf5.merge(parts, output)
     if hdf5.is_hdf5(output):
         return hdf5.from_parquet(parts, output)
+    if not all(meta.get("allow_duplicate_ids") for meta in metas):
+        check_ids_across(parts)
     with open_input(parts[0]) as handle:
         schema = pq.read_schema(handle)
     metadata = {**first, "identity": identity, "parts": len(parts)}
@@ -99,6 +98,97 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
         return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
     except DamagedFileError as exc:
         raise PartsError(f"{exc}: rerun that shard") from exc
+
+
+_PER_SHARD = ("input_sha256", "input_records", "input_slice", "shard")  # what differs from shard to shard
+
+
+def merged_identity(parts: list[str], identities: list[dict]) -> dict:
+    """The identity of the merged file, once the parts are known to come from one run over one input.
+
+    Parts of a byte-range run each cover their own slice: their records' hashes are combined in shard order,
+    and every part must have read the same version of the file (size and stamp).
+
+    Raises:
+        PartsError: A part was made with other options or weights, of another input, or of a file that
+            changed between shards (the shard and both stamps named).
+    """
+    from esm2cli.io.identity import describe_changes, recorded
+
+    def common(identity: dict) -> dict:
+        return {k: v for k, v in identity.items() if k not in _PER_SHARD}
+
+    identities = [recorded(identity) for identity in identities]  # keys added since, at their old meaning
+    first = identities[0]
+    sliced = "input_slice" in first
+    for part, identity in zip(parts[1:], identities[1:], strict=True):
+        mine, theirs = (common(first), common(identity)) if sliced else (first, {**identity, "shard": first["shard"]})
+        if mine != theirs or sliced != ("input_slice" in identity):
+            changes = "; ".join(describe_changes(mine, theirs)) or "one was split by bytes, the other by records"
+            raise PartsError(f"{part} was made by another run than {parts[0]} ({changes}): rerun that shard")
+    if not sliced:
+        return {**first, "shard": "merged"}
+    _check_same_file(parts, [identity["input_slice"] for identity in identities])
+    combined = hashlib.sha256("".join(identity["input_sha256"] for identity in identities).encode()).hexdigest()
+    whole = {**first["input_slice"], "bytes": [0, first["input_slice"]["size"]]}  # the merged file covers it all
+    return {
+        **common(first), "input_sha256": combined, "input_records": sum(i["input_records"] for i in identities),
+        "input_slice": whole, "shard": "merged",
+    }  # fmt: skip
+
+
+def _check_same_file(parts: list[str], slices: list[dict]) -> None:
+    """Refuses parts that read different versions of the input, or slices that do not tile it."""
+    first = slices[0]
+    for index, (part, piece) in enumerate(zip(parts, slices, strict=True)):
+        if (piece["size"], piece["stamp"]) != (first["size"], first["stamp"]):
+            raise PartsError(
+                f"{part}: shard {index} read the input at size {piece['size']}, stamp {piece['stamp']}, but shard 0 "
+                f"read it at size {first['size']}, stamp {first['stamp']}: the input changed between shards (or "
+                "they read different files); rerun the shards made from the older version"
+            )
+        expected = [index * first["size"] // len(parts), (index + 1) * first["size"] // len(parts)]
+        if piece["bytes"] != expected:
+            raise PartsError(f"{part}: shard {index} covers bytes {piece['bytes']}, not {expected}; this is a bug")
+
+
+def check_ids_across(parts: list[str]) -> None:
+    """Refuses ids that occur in more than one part: each shard checked only its own records.
+
+    Streams the id column part by part: 8 bytes an id are kept (a hash), and only ids whose hash repeats are
+    read again, to name them.
+
+    Raises:
+        PartsError: Ids occur in several parts (named, with their shards).
+    """
+    hashes = []
+    for part in parts:
+        ids = _ids(part)
+        hashes.append(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids)))
+    every = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
+    values, counts = np.unique(every, return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if not suspects:
+        return
+    shards: dict[str, list[int]] = {}
+    for index, part in enumerate(parts):
+        for rec_id in _ids(part):
+            if hash(rec_id) in suspects:
+                shards.setdefault(rec_id, []).append(index)
+    repeated = {rec_id: where for rec_id, where in shards.items() if len(set(where)) > 1}
+    if repeated:
+        shown = "; ".join(f"'{rec_id}' in shards {', '.join(map(str, sorted(set(w))))}"
+                          for rec_id, w in list(repeated.items())[:20])  # fmt: skip
+        more = f" ... and {len(repeated) - 20} more" if len(repeated) > 20 else ""
+        raise PartsError(
+            f"{len(repeated)} id(s) occur in more than one shard: {shown}{more} (each shard checks only its own "
+            "records; rerun the shards with --allow-duplicate-ids to keep them all)"
+        )
+
+
+def _ids(part: str) -> list[str]:
+    with open_input(part) as handle:
+        return pq.read_table(handle, columns=["id"])["id"].to_pylist()
 
 
 def _part_metadata(part: str) -> dict:

@@ -38,15 +38,27 @@ def embedding_columns(layers: Sequence[int], prefix: str) -> dict[int, str]:
     return {layer: f"{prefix}_l{layer}" for layer in layers}
 
 
+_VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
 def build_schema(
-    hidden: int, layers: Sequence[int], per_token: bool, metadata: dict, contacts: bool = False
+    hidden: int,
+    layers: Sequence[int],
+    per_token: bool,
+    metadata: dict,
+    contacts: bool = False,
+    *,
+    dtype: str = "float32",
 ) -> pa.Schema:
     """The output schema, with the run's metadata (model, layers, pooling, dtype, version) attached.
+
+    ``dtype`` is how the vectors are stored: float32, or float16 (Arrow's halffloat, half the bytes); contact
+    probabilities stay float32.
 
     With ``contacts``, a ``contacts`` column holds each protein's L x L contact probabilities as L lists
     of L float32 values (row i: residue i against every residue); ``np.array(value.as_py())`` is the matrix.
     """
-    vector = pa.list_(pa.float32(), hidden)
+    vector = pa.list_(_VALUE_TYPES[dtype], hidden)
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("description", pa.string(), nullable=False),
@@ -65,16 +77,27 @@ def build_schema(
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
 
 
-def _vectors(matrix: np.ndarray, hidden: int) -> pa.Array:
-    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
+def vector_dtype(field_type: pa.DataType) -> np.dtype:
+    """The numpy dtype of the values of an embedding column (a fixed-size list, or a list of them)."""
+    while pa.types.is_list(field_type) or pa.types.is_fixed_size_list(field_type):
+        field_type = field_type.value_type
+    return np.dtype(field_type.to_pandas_dtype())
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _vectors(matrix: np.ndarray, hidden: int, dtype: np.dtype = _FLOAT32) -> pa.Array:
+    # float32 -> float16 rounds to nearest; values past 65504 would be inf, far above any ESM-2 activation
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, hidden)
 
 
-def _token_lists(arrays: list[np.ndarray], hidden: int) -> pa.Array:
+def _token_lists(arrays: list[np.ndarray], hidden: int, dtype: np.dtype = _FLOAT32) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
     stacked = np.concatenate(arrays) if arrays else np.zeros((0, hidden), np.float32)
-    return pa.ListArray.from_arrays(pa.array(offsets), _vectors(stacked, hidden))
+    return pa.ListArray.from_arrays(pa.array(offsets), _vectors(stacked, hidden, dtype))
 
 
 def _contact_lists(maps: list[np.ndarray]) -> pa.Array:
@@ -118,10 +141,11 @@ def record_batch(
         ),
     }
     for layer, name in embedding_columns(layers, "embedding").items():
-        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden)
+        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden, vector_dtype(schema.field(name).type))
     if rows.per_token:
         for layer, name in embedding_columns(layers, "per_token").items():
-            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden)
+            dtype = vector_dtype(schema.field(name).type)
+            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden, dtype)
     if rows.contacts is not None:
         columns["contacts"] = _contact_lists(rows.contacts[start:stop])
     return pa.RecordBatch.from_pydict(columns, schema=schema)

@@ -84,8 +84,13 @@ def describe(exc: BaseException, url: str) -> StorageError:
 
 
 @contextmanager
-def open_input(url: str | os.PathLike) -> Iterator[BinaryIO]:
+def open_input(url: str | os.PathLike, *, ranged: bool = False) -> Iterator[BinaryIO]:
     """Opens a local path or URL for reading bytes.
+
+    Args:
+        url: A path or an fsspec URL.
+        ranged: For a URL, fetch exactly the bytes each read asks for (a shard's slice), not the filesystem's
+            read-ahead blocks.
 
     Raises:
         StorageError: The file, bucket or credentials are missing, or access is denied.
@@ -102,7 +107,7 @@ def open_input(url: str | os.PathLike) -> Iterator[BinaryIO]:
         return
     fs, path = _fs(str(url))
     try:
-        handle = fs.open(path, "rb")
+        handle = fs.open(path, "rb", cache_type="none") if ranged else fs.open(path, "rb")
     except Exception as exc:  # botocore, aiohttp and fsspec errors all end as one line
         raise describe(exc, str(url)) from exc
     with handle:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -27,35 +28,23 @@ from esm2cli.runtime.windows import (
 
 
 @dataclass
-class ChunkWork:
-    """The valid records of one chunk, embedded together; written once every item is back.
+class Deduplicated:
+    """The items of a chunk's rows, each distinct sequence once.
 
-    Each record becomes one item (its sequence, truncated) or, for a long protein in window mode,
-    one item per window. Identical items are embedded once: ``items`` holds each distinct sequence,
-    ``parts[row]`` the items a row is made of, and ``starts[row]`` where its windows start (None
-    for a record that is one item).
+    Each record becomes one item (its sequence, truncated) or, for a long protein in window mode, one item per
+    window. ``items`` holds each distinct sequence, ``parts[row]`` the items a row is made of, ``starts[row]``
+    where its windows start (None for a record that is one item), ``uses[item]`` the (row, start) of each use
+    of a window item, and ``owners[item]`` the rows using it (once per use).
     """
 
-    chunk: Chunk
-    records: list[Record]
-    embed: EmbedConfig
     items: list[str]
     parts: list[list[int]]
     starts: list[list[int] | None]
-    windowed: set[int]
-    uses: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # window item -> (row, start) per use
-    pooled: dict[int, np.ndarray] = field(default_factory=dict)
-    tokens: dict[int, list] = field(default_factory=dict)  # per-token vectors of items that are a whole row
-    sums: dict[int, WindowSums] = field(default_factory=dict)  # windowed row -> its sums, until complete
-    stitched: dict[int, dict] = field(default_factory=dict)  # windowed row -> {layer: (pooled, tokens or None)}
-    contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
-    missing: int = 0
-    owners: list[list[int]] = field(default_factory=list)  # item -> the rows using it (once per use)
-    row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
-    reused: ReusedRows | None = None  # the chunk's rows copied from earlier outputs (--reuse); records are the rest
+    uses: dict[int, list[tuple[int, int]]]
+    owners: list[list[int]]
 
     @classmethod
-    def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> ChunkWork:
+    def of(cls, records: list[Record], embed: EmbedConfig) -> Deduplicated:
         index: dict[str, int] = {}
         parts: list[list[int]] = []
         starts: list[list[int] | None] = []
@@ -76,85 +65,162 @@ class ChunkWork:
             else:
                 parts.append([item(seq[:width])])
                 starts.append(None)
-        work = cls(chunk, records, embed, list(index), parts, starts, set(uses), uses=uses, missing=len(index))
-        work.owners = [[] for _ in index]
+        owners: list[list[int]] = [[] for _ in index]
         for row, ids in enumerate(parts):
             for i in ids:
-                work.owners[i].append(row)
-        work.row_missing = [len(set(ids)) for ids in parts]
-        return work
+                owners[i].append(row)
+        return cls(list(index), parts, starts, uses, owners)
 
-    def truncated_flags(self) -> list[bool]:
-        """Per row: truncated (longer than the window, and not embedded in windows)."""
-        width = self.embed.truncate
-        return [s is None and len(r.sequence) > width for r, s in zip(self.records, self.starts, strict=True)]
 
-    @property
-    def windowed_records(self) -> int:
-        return sum(s is not None for s in self.starts)
+@dataclass
+class WindowStitcher:
+    """The windows of long proteins: their per-token vectors summed into their protein's as they come back,
+    then each protein's vectors (pooled, and per token if kept) once its last window is in."""
 
-    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
-        """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
-        for layer, matrix in result.pooled.items():
-            if layer not in self.pooled:
-                self.pooled[layer] = np.empty((len(self.items), matrix.shape[1]), dtype=np.float32)
-            self.pooled[layer][items] = matrix
-        for layer, arrays in result.per_token.items():
-            slots = self.tokens.setdefault(layer, [None] * len(self.items))
-            for i, array in zip(items, arrays, strict=True):
-                windows = self.uses.get(i, ())
-                if self.embed.per_token and len(windows) < len(self.owners[i]):  # also a whole row of its own
-                    slots[i] = array
-                for row, begin in windows:  # windows go into their protein's sums at once, never kept
-                    self.sums.setdefault(row, WindowSums(len(self.records[row].sequence))).add(layer, begin, array)
-        self.contacts.update(zip(items, result.contacts, strict=False))
-        self.missing -= len(items)
-        done = residues = 0
-        for i in items:
-            residues += len(self.items[i]) * len(self.owners[i])
-            for row in set(self.owners[i]):
-                self.row_missing[row] -= 1
-                done += self.row_missing[row] == 0
-                if self.row_missing[row] == 0 and row in self.sums:
-                    self._stitch(row)
-        return done, residues
+    embed: EmbedConfig
+    lengths: list[int]  # residues a row
+    sums: dict[int, WindowSums] = field(default_factory=dict)  # windowed row -> its sums, until complete
+    stitched: dict[int, dict] = field(default_factory=dict)  # windowed row -> {layer: (pooled, tokens or None)}
 
-    def _stitch(self, row: int) -> None:
+    def add(self, layer: int, uses: list[tuple[int, int]], array: np.ndarray) -> None:
+        """One window item's per-token vectors, added at once to the sums of every row that uses it."""
+        for row, begin in uses:
+            self.sums.setdefault(row, WindowSums(self.lengths[row])).add(layer, begin, array)
+
+    def holds(self, row: int) -> bool:
+        return row in self.sums
+
+    def stitch(self, row: int, ids: list[int], pooled: dict[int, np.ndarray]) -> None:
         """A windowed row is complete: its pooled vector (and per-token vectors, if kept) from its sums."""
-        sums, ids = self.sums.pop(row), self.parts[row]
+        sums = self.sums.pop(row)
         self.stitched[row] = {
             layer: (
                 stitch_pooled(self.embed.pooling, tokens := sums.tokens(layer), [matrix[i] for i in ids]),
                 tokens if self.embed.per_token else None,
             )
-            for layer, matrix in self.pooled.items()
+            for layer, matrix in pooled.items()
         }  # fmt: skip
 
-    def rows(self) -> Rows:
-        recs, embed = self.records, self.embed
-        pooled = {layer: np.empty((len(recs), m.shape[1]), np.float32) for layer, m in self.pooled.items()}
-        per_token: dict[int, list] = {layer: [] for layer in self.pooled} if embed.per_token else {}
-        for row, (ids, begins) in enumerate(zip(self.parts, self.starts, strict=True)):
-            for layer, matrix in self.pooled.items():
-                if begins is None:
-                    pooled[layer][row] = matrix[ids[0]]
-                    if embed.per_token:
-                        per_token[layer].append(self.tokens[layer][ids[0]])
-                    continue
-                pooled[layer][row], stitched = self.stitched[row][layer]
+
+def assemble_rows(records: list[Record], embed: EmbedConfig, plan: Deduplicated, results: ChunkResults) -> Rows:
+    """The rows of a chunk, in input order, from its items' results and its stitched windows."""
+    pooled = {layer: np.empty((len(records), m.shape[1]), np.float32) for layer, m in results.pooled.items()}
+    per_token: dict[int, list] = {layer: [] for layer in results.pooled} if embed.per_token else {}
+    for row, (ids, begins) in enumerate(zip(plan.parts, plan.starts, strict=True)):
+        for layer, matrix in results.pooled.items():
+            if begins is None:
+                pooled[layer][row] = matrix[ids[0]]
                 if embed.per_token:
-                    per_token[layer].append(stitched)
-        rows = Rows(
-            ids=[r.id for r in recs],
-            descriptions=[r.description for r in recs],
-            lengths=[len(r.sequence) for r in recs],
-            truncated=self.truncated_flags(),
-            pooled=pooled,
-            per_token=per_token,
-            windows=[len(ids) for ids in self.parts],
-            contacts=[self.contacts[ids[0]] for ids in self.parts] if embed.contacts else None,
-            sequence_sha256=row_hashes(recs, embed),
-        )
+                    per_token[layer].append(results.tokens[layer][ids[0]])
+                continue
+            pooled[layer][row], stitched = results.windows.stitched[row][layer]
+            if embed.per_token:
+                per_token[layer].append(stitched)
+    return Rows(
+        ids=[r.id for r in records],
+        descriptions=[r.description for r in records],
+        lengths=[len(r.sequence) for r in records],
+        truncated=truncated_flags(records, plan, embed),
+        pooled=pooled,
+        per_token=per_token,
+        windows=[len(ids) for ids in plan.parts],
+        contacts=[results.contacts[ids[0]] for ids in plan.parts] if embed.contacts else None,
+        sequence_sha256=row_hashes(records, embed),
+    )
+
+
+def truncated_flags(records: list[Record], plan: Deduplicated, embed: EmbedConfig) -> list[bool]:
+    """Per row: truncated (longer than the window, and not embedded in windows)."""
+    return [s is None and len(r.sequence) > embed.truncate for r, s in zip(records, plan.starts, strict=True)]
+
+
+@dataclass
+class ChunkResults:
+    """What came back for a chunk's items so far."""
+
+    windows: WindowStitcher
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (items, hidden)
+    tokens: dict[int, list] = field(default_factory=dict)  # per-token vectors of items that are a whole row
+    contacts: dict[int, np.ndarray] = field(default_factory=dict)  # item -> contact map, with --contacts
+
+
+@dataclass
+class ChunkWork:
+    """The valid records of one chunk, embedded together; written once every item is back.
+
+    Its parts: the distinct items (``plan``, see Deduplicated), the windows of long proteins stitched back
+    (WindowStitcher), and the rows assembled in input order (assemble_rows).
+    """
+
+    chunk: Chunk
+    records: list[Record]
+    embed: EmbedConfig
+    plan: Deduplicated
+    results: ChunkResults
+    missing: int = 0
+    row_missing: list[int] = field(default_factory=list)  # row -> its distinct items not back yet
+    reused: ReusedRows | None = None  # the chunk's rows copied from earlier outputs (--reuse); records are the rest
+
+    @classmethod
+    def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> ChunkWork:
+        plan = Deduplicated.of(records, embed)
+        results = ChunkResults(WindowStitcher(embed, [len(r.sequence) for r in records]))
+        row_missing = [len(set(ids)) for ids in plan.parts]
+        return cls(chunk, records, embed, plan, results, missing=len(plan.items), row_missing=row_missing)
+
+    @property
+    def items(self) -> list[str]:
+        return self.plan.items
+
+    @property
+    def parts(self) -> list[list[int]]:
+        return self.plan.parts
+
+    @cached_property
+    def windowed(self) -> set[int]:
+        """The items that are windows of a long protein."""
+        return set(self.plan.uses)
+
+    def truncated_flags(self) -> list[bool]:
+        """Per row: truncated (longer than the window, and not embedded in windows)."""
+        return truncated_flags(self.records, self.plan, self.embed)
+
+    @property
+    def windowed_records(self) -> int:
+        return sum(s is not None for s in self.plan.starts)
+
+    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
+        """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
+        plan, results = self.plan, self.results
+        for layer, matrix in result.pooled.items():
+            if layer not in results.pooled:
+                results.pooled[layer] = np.empty((len(plan.items), matrix.shape[1]), dtype=np.float32)
+            results.pooled[layer][items] = matrix
+        for layer, arrays in result.per_token.items():
+            slots = results.tokens.setdefault(layer, [None] * len(plan.items))
+            for i, array in zip(items, arrays, strict=True):
+                windows = plan.uses.get(i, [])
+                if self.embed.per_token and len(windows) < len(plan.owners[i]):  # also a whole row of its own
+                    slots[i] = array
+                results.windows.add(layer, windows, array)  # windows go into their protein's sums, never kept
+        results.contacts.update(zip(items, result.contacts, strict=False))
+        self.missing -= len(items)
+        return self._complete(items)
+
+    def _complete(self, items: list[int]) -> tuple[int, int]:
+        """Counts the rows these items complete, and stitches the windowed ones."""
+        done = residues = 0
+        for i in items:
+            residues += len(self.plan.items[i]) * len(self.plan.owners[i])
+            for row in set(self.plan.owners[i]):
+                self.row_missing[row] -= 1
+                done += self.row_missing[row] == 0
+                if self.row_missing[row] == 0 and self.results.windows.holds(row):
+                    self.results.windows.stitch(row, self.plan.parts[row], self.results.pooled)
+        return done, residues
+
+    def rows(self) -> Rows:
+        rows = assemble_rows(self.records, self.embed, self.plan, self.results)
         return self.reused.merge(rows) if self.reused is not None else rows
 
 

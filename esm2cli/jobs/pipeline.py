@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -24,12 +26,13 @@ from esm2cli.config import (
 from esm2cli.errors import ConfigError, Interrupted, OutputExistsError
 from esm2cli.io import hdf5, storage
 from esm2cli.io.chunks import Chunk, ChunkStore
-from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, read_records, scan_fasta, spool_stdin
+from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, scan_fasta, spool_stdin
 from esm2cli.io.identity import describe_changes, embed_identity, same_file, same_run, stamp_weights, stdin_is
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
 from esm2cli.io.records import Record, chunk_digest, hash_records
 from esm2cli.io.schema import Rows, build_schema
+from esm2cli.io.split import InputSlice, InputSource, shard_source
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import plan_batches
@@ -87,10 +90,11 @@ def embed_records(
     sink: ChunkSink,
     batch: BatchConfig,
     embed: EmbedConfig,
+    *,
     progress: ProgressFn | None = None,
     earlier: dict[int, Chunk] | None = None,
     limit: ChunkLimit | None = None,
-    digests: Sequence[int] | None = None,
+    digests: array[int] | None = None,
     reuse: ChunkReuse | None = None,
 ) -> EmbedSummary:
     """Embeds records chunk by chunk and hands each chunk's rows, in input order, to the sink.
@@ -123,7 +127,7 @@ def embed_records(
     summary = EmbedSummary()
     limit = limit or ChunkLimit(batch)
     pending: deque[tuple[ChunkWork, list[int], Future]] = deque()
-    clock = {"start": None}
+    clock = {"start": 0.0}
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0][2].done()):
@@ -137,7 +141,8 @@ def embed_records(
             if progress:
                 progress(rows, residues)
 
-    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, reuse and reuse.holds):
+    copied = reuse.holds if reuse is not None else None
+    for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, copied):
         sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)
         chunk = Chunk(start, stop, sha)
         valid = [r for r in chunk_records if r.problem is None]
@@ -150,7 +155,7 @@ def embed_records(
                 continue
             summary.recomputed += 1
             sink.discard(old)
-        work = reuse.work(ChunkWork, chunk, valid, summary, progress) if reuse else ChunkWork.of(chunk, valid, embed)
+        work = _chunk_work(chunk, valid, embed, reuse, summary, progress)
         summary.truncated += sum(work.truncated_flags())
         summary.windowed += work.windowed_records
         summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
@@ -160,13 +165,37 @@ def embed_records(
             else:
                 sink.write(chunk, work.rows())
             continue
-        for items in plan_batches([len(s) for s in work.items], batch.max_tokens, batch.batch_size):
+        for items in plan_batches([len(s) for s in work.items], _budget(batch), batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
-            options = {"per_token": True} if not embed.per_token and work.windowed.intersection(items) else {}
-            pending.append((work, items, engine.submit([work.items[i] for i in items], **options)))
+            windows = not embed.per_token and bool(work.windowed.intersection(items))
+            future = (
+                engine.submit([work.items[i] for i in items], per_token=True)
+                if windows
+                else engine.submit([work.items[i] for i in items])
+            )
+            pending.append((work, items, future))
             settle(block=False)
     settle(block=True)
     return summary
+
+
+def _budget(batch: BatchConfig) -> int:
+    """The token budget; callers of embed_records without build_engine may leave it unset: the batch size bounds."""
+    return batch.max_tokens if batch.max_tokens is not None else sys.maxsize
+
+
+def _chunk_work(chunk: Chunk, valid: list[Record], embed: EmbedConfig, reuse: ChunkReuse | None,
+                summary: EmbedSummary, progress: ProgressFn | None) -> ChunkWork:  # fmt: skip
+    """A chunk's work: its records to compute, with the rows that earlier outputs hold copied (--reuse)."""
+    if reuse is None:
+        return ChunkWork.of(chunk, valid, embed)
+    rest, reused = reuse.split(valid)
+    work = ChunkWork.of(chunk, rest, embed)
+    if reused is not None:
+        work.reused = reused
+        reused.count_into(summary, progress)
+        summary.reused_from = reuse.counts
+    return work
 
 
 @contextmanager
@@ -183,10 +212,12 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
-                 shard: ShardConfig) -> dict:  # fmt: skip
-    """The run's identity (io.identity.embed_identity) for this scan of the input."""
+                 shard: ShardConfig, *, source_slice: InputSlice | None = None) -> dict:  # fmt: skip
+    """The run's identity (io.identity.embed_identity) for this scan of the input; a shard of an input split by
+    bytes covers its own slice (its records, its byte range, the file's size and stamp)."""
     return embed_identity(input_sha256=scan.sha256, input_records=scan.records, weights=model_identity, dtype=dtype,
-                          embed=embed, inputs=inputs, shard=shard)  # fmt: skip
+                          embed=embed, inputs=inputs, shard=shard,
+                          input_slice=source_slice.identity() if source_slice is not None else None)  # fmt: skip
 
 
 def chunk_options(identity: dict) -> dict:
@@ -194,7 +225,8 @@ def chunk_options(identity: dict) -> dict:
     return {k: v for k, v in identity.items() if not k.startswith("input_")}
 
 
-def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: EngineSetup, identity: dict) -> dict:
+def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: EngineSetup, identity: dict,
+                 inputs: InputConfig | None = None) -> dict:  # fmt: skip
     """What the output file records about how it was made."""
     return {
         "model": model.model,
@@ -211,6 +243,8 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
             else {}
         ),  # fmt: skip
         "input": fasta,
+        "output_dtype": embed.output_dtype,
+        "allow_duplicate_ids": bool(inputs and inputs.allow_duplicate_ids),  # merge checks ids across parts
         "esm2cli_version": __version__,
         "identity": identity,
     }
@@ -265,7 +299,7 @@ def embed_fasta(
     inputs: InputConfig,
     shard: ShardConfig | None = None,
     overwrite: bool = False,
-    progress_factory: Callable[[int, int], ProgressFn] | None = None,
+    progress_factory: Callable[[int, int | None], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
     reuse: Sequence[str] = (),
     weights: str | None = None,
@@ -312,41 +346,81 @@ def embed_fasta(
         check_overlap(embed.truncate, embed.window_overlap)
     if embed.contacts and embed.long_sequences == "window":
         raise ConfigError("--contacts needs each protein in one window: use --long-sequences truncate or error")
-    with OutputLock(target), readable_source(fasta) as source:
-        scan = scan_fasta(source, embed.truncate, embed.max_length)
-        check_scan(scan, str(fasta), inputs)
+    with OutputLock(target), readable_source(fasta) as path, shard_source(path, str(fasta), shard) as source:
+        scan = scan_fasta(source.path, embed.truncate, embed.max_length, source.span)
+        check_scan(scan, str(fasta), inputs, allow_empty=source.slice is not None)  # a shard may hold no record
         if hdf5.is_hdf5(target):
             hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
         sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads
         placement = setup.placement if setup is not None else resolve_placement(model)
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
+
+        def identity_of(weights: str) -> dict:
+            return run_identity(scan, weights, dtype, embed, inputs, shard_cfg, source_slice=source.slice)
+
         stamp = None if weights else stamp_weights(resolve_source(model.model), model.load_format)
         known = weights or (stamp.identity if stamp else None)
-        if known is not None and is_complete(target, run_identity(scan, known, dtype, embed, inputs, shard_cfg),
-                                             overwrite):  # fmt: skip
+        if known is not None and is_complete(target, identity_of(known), overwrite):
             return EmbedSummary(already_complete=True)
         owned = setup is None
-        setup = build_engine(model, embed, batch, placement=placement) if owned else setup
+        if setup is None:
+            setup = build_engine(model, embed, batch, placement=placement)
         if stamp is not None:  # the bytes hashed are the bytes loaded, or the run stops here
             weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
         assert weights is not None
-        identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg)
+        identity = identity_of(weights)
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
-        return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,
-                           overwrite, progress_factory, owned, sources)  # fmt: skip
+        plan = EmbedPlan(
+            source=source, target=target, scan=scan, setup=setup, identity=identity, reuse=sources, model=model,
+            embed=embed, inputs=inputs, shard=shard, overwrite=overwrite, owned=owned,
+            progress_factory=progress_factory,
+        )  # fmt: skip
+        return _embed_into(plan)
 
 
-def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batch, inputs, shard, overwrite,
-                progress_factory, owned=True, reuse=None) -> EmbedSummary:  # fmt: skip
-    """The compute of embed_fasta, once the output is known to need it."""
-    start_pos, stop_pos = (shard or ShardConfig()).range(scan.records)
-    invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
-    todo = (stop_pos - start_pos) - len(invalid)
+@dataclass(frozen=True, kw_only=True)
+class EmbedPlan:
+    """What the compute of one embed run works from, once the output is known to need it.
+
+    Attributes:
+        source: Where the records are read (the whole input, or a shard's slice of it).
+        target: The file written (the output, or the shard's part).
+        scan: The check pass over the source's records: counts, digests, invalid records.
+        setup: The runtime (engine, model, devices, the decided batch budget).
+        identity: The run identity every chunk and the output record.
+        reuse: The files of --reuse and their fingerprints; None without --reuse.
+        owned: The engine is started and closed here (the Python API keeps its own running).
+    """
+
+    source: InputSource
+    target: str
+    scan: FastaScan
+    setup: EngineSetup
+    identity: dict
+    reuse: tuple[list[str], list[dict]] | None
+    model: ModelConfig
+    embed: EmbedConfig
+    inputs: InputConfig
+    shard: ShardConfig | None
+    overwrite: bool
+    owned: bool = True
+    progress_factory: Callable[[int, int | None], ProgressFn] | None = None
+
+    def positions(self) -> tuple[int, int]:
+        """The 0-based record positions [start, stop) of the scan this run embeds."""
+        if self.shard is None or self.source.slice is not None:
+            return 0, self.scan.records  # the scan holds this shard's records only
+        return self.shard.range(self.scan.records)  # a plain gzip, read whole: the shard's share by count
+
+
+def _log_plan(plan: EmbedPlan, invalid: list[Record], todo: int) -> None:
+    """The startup lines: the shard, the invalid records skipped, the long sequences and what becomes of them."""
+    embed, scan, shard = plan.embed, plan.scan, plan.shard
     if shard:
-        log.info("shard %d of %d: records %d..%d (%d to embed)", shard.index, shard.count, start_pos + 1, stop_pos,
-                 todo)  # fmt: skip
+        start, stop = plan.positions()
+        log.info("shard %d of %d: %d record(s), %d to embed", shard.index, shard.count, stop - start, todo)
     if invalid:
         log.warning("skipping %d invalid record(s):\n%s", len(invalid), describe_invalid(invalid))
     if scan.too_long and embed.long_sequences == "truncate":
@@ -356,14 +430,24 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
                  scan.too_long, embed.truncate, embed.window_overlap)  # fmt: skip
         if warning := overlap_warning(embed.truncate, embed.window_overlap):
             log.warning("%s", warning)
+
+
+def _embed_into(plan: EmbedPlan) -> EmbedSummary:
+    """The compute of embed_fasta, once the output is known to need it."""
+    start_pos, stop_pos = plan.positions()
+    scan, embed, setup = plan.scan, plan.embed, plan.setup
+    invalid = [rec for rec in scan.invalid if start_pos < rec.position <= stop_pos]
+    todo = (stop_pos - start_pos) - len(invalid)
+    _log_plan(plan, invalid, todo)
     batch = setup.batch  # the budget build_engine decided for these devices (the caller's batch went into it)
     hidden, layers = setup.model.hidden_size, setup.layers
-    metadata = run_metadata(fasta, model, embed, setup, identity)
-    schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts)
-    options = chunk_options(identity) | ({"reuse": reuse[1]} if reuse else {})  # a changed file is detected
-    chunks = ChunkStore(target, schema, hidden, layers, options)
-    earlier = chunks.open(overwrite)
-    reuser = open_reuse(reuse[0], identity, embed, layers, hidden) if reuse else None
+    metadata = run_metadata(plan.source.name, plan.model, embed, setup, plan.identity, plan.inputs)
+    schema = build_schema(hidden, layers, embed.per_token, metadata, contacts=embed.contacts,
+                          dtype=embed.output_dtype)  # fmt: skip
+    options = chunk_options(plan.identity) | ({"reuse": plan.reuse[1]} if plan.reuse else {})  # a change is detected
+    chunks = ChunkStore(plan.target, schema, hidden, layers, options)
+    earlier = chunks.open(plan.overwrite)
+    reuser = open_reuse(plan.reuse[0], plan.identity, embed, layers, hidden) if plan.reuse else None
     if earlier:
         log.info("resuming: %d chunk(s) committed by an earlier run are checked against the input", len(earlier))
     per_residue = 4 * hidden * len(layers) * embed.per_token + 4 * embed.truncate * embed.contacts  # L^2 <= L * W
@@ -374,14 +458,15 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     # --reuse, which rows cost nothing is known only chunk by chunk, so it counts sequences there.
     lengths = scan.record_lengths[start_pos:stop_pos]
     residues = None if reuser else sum(computed_residues(n, embed) for n in lengths if n)
-    progress = progress_factory(todo, residues) if progress_factory else None
+    progress = plan.progress_factory(todo, residues) if plan.progress_factory else None
     start = time.perf_counter()
     try:
-        with setup.engine if owned else nullcontext(setup.engine) as engine:
-            mine = (r for r in read_records(source, embed.max_length) if start_pos < r.position <= stop_pos)
+        with setup.engine if plan.owned else nullcontext(setup.engine) as engine:
+            mine = (r for r in plan.source.records(embed.max_length) if start_pos < r.position <= stop_pos)
             summary = embed_records(
-                mine, engine, writer, batch, embed, progress, earlier, limit, scan.record_digests, reuser
-            )
+                mine, engine, writer, batch, embed, progress=progress, earlier=earlier, limit=limit,
+                digests=scan.record_digests, reuse=reuser,
+            )  # fmt: skip
             summary.oom_splits = engine.oom_splits()
         writer.finish()
     except Interrupted:
@@ -399,7 +484,7 @@ def _embed_into(source, fasta, target, scan, setup, identity, model, embed, batc
     summary.seconds = time.perf_counter() - start
     summary.skipped = [rec.id or f"#{rec.position}" for rec in invalid]
     summary.devices = [d.name for d in setup.devices]
-    summary.model, summary.dtype = model.model, setup.dtype
+    summary.model, summary.dtype = plan.model.model, setup.dtype
     return summary
 
 

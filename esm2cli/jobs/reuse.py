@@ -108,16 +108,6 @@ class ChunkReuse:
         self.index = index
         self.embed = embed
 
-    def work(self, kind, chunk, records: list[Record], summary, progress):
-        """A chunk's work (a pipeline ChunkWork) for the records to compute, the copied rows attached and counted."""
-        rest, reused = self.split(records)
-        work = kind.of(chunk, rest, self.embed)
-        if reused is not None:
-            work.reused = reused
-            reused.count_into(summary, progress)
-            summary.reused_from = self.counts
-        return work
-
     def holds(self, record: Record) -> bool:
         """True when an earlier output holds this record's row."""
         return self.index.holds(_sha256(embedded_sequence(record.sequence, self.embed)))

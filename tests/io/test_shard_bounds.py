@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers import byte_shard_sizes
 from test_storage_shards import read_s3_table, s3, s3_endpoint  # noqa: F401 - the moto server fixtures
 
 from conftest import write_fasta
@@ -47,8 +48,8 @@ def test_local_shards_with_a_remainder_hold_every_record(tmp_path, tiny_model_di
     fasta = write_fasta(tmp_path / "in.fa", recs)
     run_shards(fasta, str(tmp_path / "emb"), tiny_model_dir, count)
     parts = [pq.read_table(tmp_path / "emb" / f"part-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
-    assert [p.num_rows for p in parts] == [b - a for a, b in (ShardConfig(index=i, count=count).range(n)
-                                                              for i in range(count))]  # fmt: skip
+    assert [p.num_rows for p in parts] == byte_shard_sizes(fasta, count)  # by the byte offset of each '>'
+    assert [i for p in parts for i in p["id"].to_pylist()] == [rec_id for rec_id, _ in recs]
     merge(str(tmp_path / "emb"), str(tmp_path / "all.parquet"))
     merged = pq.read_table(tmp_path / "all.parquet")
     assert merged["id"].to_pylist() == [rec_id for rec_id, _ in recs]

@@ -1,0 +1,113 @@
+"""merge of byte-range parts: the parts must have read one version of one input; ids repeated across shards are
+named; a gzip input that cannot be split is read whole by each shard after one warning."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+from helpers import byte_shard_sizes
+
+from conftest import write_fasta
+from esm2cli.cli import cli
+
+
+def _embed(fasta, out, model, *extra):
+    args = [
+        "embed",
+        str(fasta),
+        "-o",
+        str(out),
+        "-m",
+        model,
+        "--dtype",
+        "float32",
+        "--devices",
+        "cpu",
+        *map(str, extra),
+    ]
+    return CliRunner().invoke(cli, args)
+
+
+def _shard(fasta, out, model, index, count, *extra):
+    result = _embed(fasta, out, model, "--shard-count", count, "--shard-index", index, *extra)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _merge(prefix, output):
+    return CliRunner().invoke(cli, ["merge", str(prefix), "-o", str(output)])
+
+
+RECORDS = [(f"r{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 3 + i % 17]) for i in range(16)]
+
+
+def test_a_file_that_changed_between_shards_is_refused_with_the_shard_and_both_stamps(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS)
+    _shard(fasta, tmp_path / "emb", tiny_model_dir, 0, 2)
+    before = os.stat(fasta).st_mtime_ns
+    os.utime(fasta, ns=(before + 10**9, before + 10**9))  # touched (a re-download of the same name, say)
+    _shard(fasta, tmp_path / "emb", tiny_model_dir, 1, 2)
+    result = _merge(tmp_path / "emb", tmp_path / "all.parquet")
+    assert result.exit_code == 2, result.output
+    assert "shard 1 read the input at size" in result.output and "the input changed between shards" in result.output
+    assert str(before) in result.output and str(before + 10**9) in result.output
+    assert not (tmp_path / "all.parquet").exists()
+
+
+def test_a_finished_shard_is_complete_until_its_file_changes(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS)
+    _shard(fasta, tmp_path / "emb", tiny_model_dir, 1, 3)
+    again = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
+    assert again.exit_code == 0 and "already complete" in again.output
+    stamp = os.stat(fasta).st_mtime_ns + 10**9
+    os.utime(fasta, ns=(stamp, stamp))
+    changed = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
+    assert changed.exit_code == 2 and "input_slice" in changed.output  # another run's part: named, kept
+    assert pq.read_table(tmp_path / "emb" / "part-00001-of-00003.parquet").num_rows > 0
+
+
+def test_ids_repeated_across_shards_are_named_by_merge(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [*RECORDS, ("r0", "MKV"), ("r3", "WW")])
+    for index in range(3):
+        _shard(fasta, tmp_path / "emb", tiny_model_dir, index, 3)  # each shard sees its ids once
+    result = _merge(tmp_path / "emb", tmp_path / "all.parquet")
+    assert result.exit_code == 2, result.output
+    assert "2 id(s) occur in more than one shard: 'r0' in shards 0, 2; 'r3' in shards 0, 2" in result.output
+    assert not (tmp_path / "all.parquet").exists()
+    allowed = tmp_path / "allowed"
+    for index in range(3):
+        _shard(fasta, allowed, tiny_model_dir, index, 3, "--allow-duplicate-ids")
+    assert _merge(allowed, tmp_path / "all.parquet").exit_code == 0
+    assert pq.read_table(tmp_path / "all.parquet").num_rows == len(RECORDS) + 2
+
+
+def test_ids_repeated_inside_a_shard_are_reported_by_that_shard(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("a", "MKW"), *RECORDS])
+    result = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 4, "--shard-index", 0)
+    assert result.exit_code == 2 and "duplicate id 'a' (2 records)" in result.output
+
+
+def test_merge_writes_input_order_from_parts_of_uneven_sizes_and_empty_ones(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [("long", "M" * 900), *RECORDS[:3]])
+    count = 9
+    for index in range(count):
+        _shard(fasta, tmp_path / "emb", tiny_model_dir, index, count)
+    sizes = [pq.read_table(tmp_path / "emb" / f"part-{i:05d}-of-{count:05d}.parquet").num_rows for i in range(count)]
+    assert sizes == byte_shard_sizes(fasta, count) and 0 in sizes  # empty parts are valid, empty files
+    assert _merge(tmp_path / "emb", tmp_path / "all.parquet").exit_code == 0
+    assert pq.read_table(tmp_path / "all.parquet")["id"].to_pylist() == ["long", "r0", "r1", "r2"]
+
+
+def test_plain_gzip_with_shards_warns_once_with_the_cost_and_the_remedy_then_runs(tmp_path, tiny_model_dir):
+    text = "".join(f">{rec_id}\n{seq}\n" for rec_id, seq in RECORDS)
+    (tmp_path / "in.fa.gz").write_bytes(gzip.compress(text.encode()))
+    parts = []
+    for index in range(2):
+        result = _shard(tmp_path / "in.fa.gz", tmp_path / "emb", tiny_model_dir, index, 2)
+        assert result.output.count("plain gzip, which cannot be split") == 1 and "bgzip" in result.output
+        parts.append(pq.read_table(tmp_path / "emb" / f"part-{index:05d}-of-00002.parquet"))
+    assert [rec_id for part in parts for rec_id in part["id"].to_pylist()] == [rec_id for rec_id, _ in RECORDS]
+    assert _merge(tmp_path / "emb", tmp_path / "all.parquet").exit_code == 0
