@@ -12,7 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm2cli.errors import DamagedFileError, OutputError
-from esm2cli.io.schema import METADATA_KEY, ROW_GROUP_BYTES, Rows, _slices, embedding_columns, record_batch
+from esm2cli.io.schema import (
+    METADATA_KEY,
+    ROW_GROUP_BYTES,
+    Rows,
+    _slices,
+    embedding_columns,
+    record_batch,
+    write_options,
+)
 from esm2cli.io.storage import AtomicFile, open_input
 
 
@@ -63,7 +71,7 @@ class EmbeddingWriter:
         self.token_cols = embedding_columns(layers, "per_token")
         self._file = AtomicFile(self.path)
         try:
-            self._writer = pq.ParquetWriter(self._file.handle, schema, **WRITE_OPTIONS)
+            self._writer = pq.ParquetWriter(self._file.handle, schema, **write_options(schema))
         except BaseException as exc:  # a signal here too must not leave the temporary file behind
             self._file.abort()
             if isinstance(exc, OSError):
@@ -181,7 +189,7 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
     """
     out = AtomicFile(target)
     try:
-        writer = pq.ParquetWriter(out.handle, schema, **WRITE_OPTIONS)
+        writer = pq.ParquetWriter(out.handle, schema, **write_options(schema))
     except BaseException as exc:  # a signal here too must not leave the temporary file behind
         out.abort()
         if isinstance(exc, OSError):
