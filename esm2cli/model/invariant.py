@@ -137,9 +137,7 @@ class PoolPlan:
     @classmethod
     def of(cls, rows: torch.Tensor, valid: torch.Tensor, chunks: torch.Tensor, seqs: int) -> PoolPlan:
         """Views of the three flat fields of ``pool_plan``, for a batch of ``seqs`` pooled rows."""
-        return cls(
-            rows.view(-1, POOL_CHUNK), valid.view(-1, POOL_CHUNK, 1).bool(), chunks.view(seqs, -1)
-        )
+        return cls(rows.view(-1, POOL_CHUNK), valid.view(-1, POOL_CHUNK, 1).bool(), chunks.view(seqs, -1))
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_mean_pool_is_the_mean_and_ignores_mates_and_padding():
     hidden = torch.randn(400, 24, generator=gen)
     lengths, starts = [5, 100, 1, 37], [1, 8, 110, 113]
     got = _pool(hidden, starts, lengths)
-    want = torch.stack([hidden[s : s + n].double().mean(0) for s, n in zip(starts, lengths)]).float()
+    want = torch.stack([hidden[s : s + n].double().mean(0) for s, n in zip(starts, lengths, strict=True)]).float()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     alone = _pool(hidden, [8], [100])[0]
     assert torch.equal(got[1], alone)
