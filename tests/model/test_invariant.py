@@ -107,3 +107,106 @@ def test_pool_plan_refuses_too_few_slots():
 def test_tree_sum_pairs_halves():
     x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
     assert tree_sum(x).tolist() == [[15.0]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The forward: a protein's vectors bit for bit the same whatever shares its batch
+
+
+def _models():
+    from esm2cli.config import ModelConfig
+    from esm2cli.model.load import load_model
+
+    return load_model, ModelConfig
+
+
+@pytest.fixture(scope="module", params=["tiny-float32", "tiny-bfloat16", "8M-float32"])
+def model(request, tiny_model_dir):
+    load_model, model_config = _models()
+    name, dtype = request.param.split("-")
+    if name == "tiny":
+        cfg = model_config(model=tiny_model_dir, dtype=dtype)
+    else:
+        cfg = model_config(model="esm2_t6_8M", load_format="dummy", dtype=dtype)
+    loaded = load_model(cfg, lm_head=name == "tiny")
+    return loaded, loaded.forward
+
+
+def _pack(loaded, seqs, masked=None):
+    from esm2cli.model.packed import PackedBatch
+
+    return PackedBatch.from_sequences(
+        seqs, loaded.token_lut, cls_id=loaded.cls_id, eos_id=loaded.eos_id, mask_id=loaded.mask_id,
+        token_dropout=loaded.forward.token_dropout, masked=masked,
+    )  # fmt: skip
+
+
+def _seqs(lengths, seed):
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWYX"), n)) for n in lengths]
+
+
+PROBES = _seqs([1, 9, 33, 130, 260], seed=1)
+MATES = _seqs([3, 12, 40, 41, 64, 200, 300, 15, 90], seed=2)
+
+
+def _compositions(probes=PROBES):
+    """Each probe alone, first, last, among short mates, among long ones, twice in one batch."""
+    for i, probe in enumerate(probes):
+        yield [probe], 0
+        yield [probe, *MATES], 0
+        yield [*MATES[::-1], probe], len(MATES)
+        yield [*MATES[:3], probe, *MATES[3:5]], 3
+        yield [*PROBES[:i], probe, *MATES[5:]], i
+        yield [probe, *MATES[2:4], probe], 3
+
+
+def test_a_protein_is_bitwise_the_same_in_every_batch(model):
+    loaded, forward = model
+    layers = tuple(sorted({0, 1, loaded.num_layers}))
+    seen: dict[str, list] = {}
+    probes = PROBES if loaded.hidden_size < 100 else PROBES[1::2]  # the 8M model: fewer, on a small CPU
+    for n, (seqs, at) in enumerate(_compositions(probes)):
+        for pooling in ("mean", "bos") if n < 12 else ("mean",):
+            out = forward.embed(_pack(loaded, seqs), layers, pooling=pooling, per_token=True)
+            got = [(out.pooled[layer][at], out.per_token[layer][at]) for layer in layers]
+            first = seen.setdefault(f"{seqs[at]}-{pooling}", got)
+            for (pooled, rows), (pooled0, rows0) in zip(got, first, strict=True):
+                assert np.array_equal(pooled, pooled0) and np.array_equal(rows, rows0), (len(seqs[at]), len(seqs))
+    hidden = forward.forward(_pack(loaded, [PROBES[2]]), layers)
+    assert all(h.shape[0] == len(PROBES[2]) + 2 for h in hidden.values())  # no padding row comes back
+
+
+def test_scores_are_bitwise_the_same_in_every_batch(model):
+    loaded, forward = model
+    if not forward.has_lm_head:
+        pytest.skip("the dummy 8M model is loaded without its LM head")
+    probe = PROBES[3]
+    read = [0, 5, 64, 129]
+
+    def scores(seqs, masked, at):
+        batch = _pack(loaded, seqs, masked)
+        rows = np.concatenate([batch.rows(i, read if i == at else [0]) for i in range(len(seqs))])
+        out = forward.lm_log_probs(batch, rows).numpy()
+        return out[at : at + len(read)]
+
+    alone = scores([probe], [5], 0)
+    np.testing.assert_allclose(np.exp(alone).sum(1), 1.0, rtol=1e-3)
+    assert np.array_equal(scores([*MATES[:4], probe], [0, 1, None, 2, 5], 4), alone)
+    assert np.array_equal(scores([probe, *MATES], [5] + [None] * len(MATES), 0), alone)
+
+
+def test_graph_buckets_pad_without_moving_a_protein(model):
+    from esm2cli.model.graphs import GraphRunner
+
+    loaded, forward = model
+    layers = (loaded.num_layers,)
+    runner = GraphRunner(forward, layers, "mean", buckets=[512, 1024, 2048], max_seqs=16, per_token_modes=(True,))
+    runner.warmup()
+    for seqs, at in list(_compositions(PROBES[1::2])):
+        batch = _pack(loaded, seqs)
+        got = runner.embed(batch, per_token=True)
+        want = forward.embed(batch, layers, per_token=True)
+        assert np.array_equal(got.pooled[layers[0]], want.pooled[layers[0]])
+        assert np.array_equal(got.per_token[layers[0]][at], want.per_token[layers[0]][at])
+    assert runner.graph_batches == 12
