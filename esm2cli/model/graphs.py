@@ -58,6 +58,7 @@ class _Static:
 
     tokens: int  # Tb: packed tokens, the batch's padded with dummy segments
     slots: int  # proteins at most (real ones, then dummy segments, then empty ones)
+    per_token: bool  # whether the output holds the residue rows
     layout: BatchLayout  # what is where in ints and floats
     ints: torch.Tensor  # int64 inputs, one buffer (one copy per batch)
     floats: torch.Tensor  # float32 inputs, one buffer
@@ -143,6 +144,7 @@ class GraphRunner:
         return _Static(
             tokens=tokens,
             slots=self._slots(tokens),
+            per_token=per_token,
             layout=layout,
             ints=torch.zeros(layout.ints.total, dtype=torch.int64, device=device),
             floats=torch.zeros(layout.floats.total, dtype=torch.float32, device=device),
@@ -170,6 +172,8 @@ class GraphRunner:
 
     def _fill(self, st: _Static, batch: PackedBatch, per_token: bool, copy: bool = True) -> int:
         """Writes a batch into the bucket's host buffers (and, ``copy``, to the device); returns the real rows."""
+        if per_token != st.per_token:
+            raise ValueError(f"a batch with per_token={per_token} in a bucket laid out for {st.per_token}; this is a bug")
         t, b, tb, ms = batch.num_tokens, batch.num_seqs, st.tokens, self.max_seqs
         ints = st.layout.ints.split(st.host_ints.numpy())
         floats = st.layout.floats.split(st.host_floats.numpy())

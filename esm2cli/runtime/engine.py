@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -160,13 +160,18 @@ def build_engine(
 
 
 def _capture_graphs(replicas: Sequence[Any]) -> None:
-    """Captures every CUDA replica's graphs before the first batch, the replicas side by side."""
+    """Captures every CUDA replica's graphs before the first batch, one replica after another.
+
+    Not side by side: torch allows one capture at a time in a process (a capture's start synchronises and empties
+    the caching allocator, and in the default mode any other thread's CUDA call breaks it), and each replica
+    captures on its own device's stream (esm2cli.model.graphs.capture_stream).
+    """
     cuda = [r for r in replicas if getattr(r, "graphs", None) is not None]
     if not cuda:
         return
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(cuda)) as pool:
-        list(pool.map(lambda r: r.warm_up(), cuda))
+    for replica in cuda:
+        replica.warm_up()
     log.info("CUDA graphs ready on %d device(s) in %.1f s", len(cuda), time.perf_counter() - start)
 
 
