@@ -173,7 +173,7 @@ class GraphRunner:
     def _fill(self, st: _Static, batch: PackedBatch, per_token: bool, copy: bool = True) -> int:
         """Writes a batch into the bucket's host buffers (and, ``copy``, to the device); returns the real rows."""
         if per_token != st.per_token:
-            raise ValueError(f"a batch with per_token={per_token} in a bucket laid out for {st.per_token}; this is a bug")
+            raise ValueError(f"per_token={per_token} in a bucket laid out for {st.per_token}; this is a bug")
         t, b, tb, ms = batch.num_tokens, batch.num_seqs, st.tokens, self.max_seqs
         ints = st.layout.ints.split(st.host_ints.numpy())
         floats = st.layout.floats.split(st.host_floats.numpy())
