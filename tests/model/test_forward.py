@@ -229,3 +229,60 @@ def test_cuda_varlen_bf16_agrees_with_cpu_fp32(cuda_models):
     assert cosine(got, want).min() >= 0.99
     centre = want.mean(0)
     assert cosine(got - centre, want - centre).min() >= 0.98
+
+
+def test_bf16_rotary_table_is_the_float32_formula():
+    """In bf16 the table comes from the formula in float32, not from the model's bf16-rounded inv_freq."""
+    bf16 = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="bfloat16"))
+    packed = bf16.forward
+    assert packed.dtype == torch.bfloat16 and packed.rot_cos.dtype == torch.float32
+    d = packed.head_dim
+    angles = 1025 * (1.0 / 10000 ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    want_cos = np.cos(np.concatenate([angles, angles]))
+    want_sin = np.sin(np.concatenate([angles, angles])) * np.repeat([-1.0, 1.0], d // 2)
+    np.testing.assert_allclose(packed.rot_cos[1025].numpy(), want_cos, atol=2e-4)
+    np.testing.assert_allclose(packed.rot_sin[1025].numpy(), want_sin, atol=2e-4)
+
+
+def test_varlen_attention_needs_a_scale_keyword(monkeypatch):
+    """torch 2.10's varlen_attn has no scale=: the forward must not call it (SDPA instead)."""
+    from torch.nn.attention import varlen
+
+    from esm2cli.model import forward
+
+    def without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None):
+        raise AssertionError("called")
+
+    def with_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None):
+        raise AssertionError("called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", without_scale)
+    monkeypatch.setattr(forward, "_VARLEN", [])
+    assert forward._varlen() is None
+    monkeypatch.setattr(varlen, "varlen_attn", with_scale)
+    monkeypatch.setattr(forward, "_VARLEN", [])
+    assert forward._varlen() is with_scale
+
+
+def test_every_tensor_moves_with_the_model_emb_layer_norm_and_contact_weights():
+    """emb_layer_norm_before checkpoints and the contact head: .to() moves their weights too."""
+    import copy
+
+    from esm2cli.model.architecture import esm2_architecture
+
+    torch.manual_seed(1)
+    encoder = EsmModel(esm2_architecture(2, 32, 4, emb_layer_norm_before=True), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        encoder.embeddings.layer_norm.weight.add_(torch.randn(32) * 0.5)  # a norm that shows when skipped
+    packed = PackedEsm2.from_hf(encoder)
+    assert packed.emb_ln_w is not None and packed.contact_w is not None
+    ids = [0, 5, 8, 13, 9, 2]
+    got = packed.forward(PackedBatch.from_token_ids([np.array(ids)], mask_id=32), (0, 2))
+    want = _hf_hidden(encoder, ids)
+    _assert_close(got[0].numpy(), want[0])
+    _assert_close(got[2].numpy(), want[2])
+    moved = copy.deepcopy(packed).to("meta")
+    assert moved.emb_ln_w.device.type == "meta" and moved.contact_w.device.type == "meta"
+    assert {t.device.type for t in [*moved.parameters(), *moved.buffers()]} == {"meta"}
+    half = copy.deepcopy(packed).to(torch.float16)
+    assert half.emb_ln_w.dtype == torch.float16
