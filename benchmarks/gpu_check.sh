@@ -69,7 +69,7 @@ if part gil; then
     echo "8 modeled cards at the measured host cost ($host_ms ms a forward): exit $?" | tee -a "$OUT/summary.txt"
 fi
 
-part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_model.py tests/model/test_forward.py \
+part tests && timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_replica.py tests/model/test_forward.py tests/model/test_graphs.py \
     tests/runtime/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 3 | tee -a "$OUT/summary.txt"
 
 part bench && for dtype in ${BENCH_DTYPES:-bfloat16}; do

@@ -345,7 +345,7 @@ class PackedEsm2(nn.Module):
             logits[i] = part if logits[i] is None else logits[i] + part
         return out
 
-    def _layer(self, x: torch.Tensor, lw: _Layer, db: DeviceBatch, cos, sin, contacts=None, index=0) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, lw: _Layer, db: DeviceBatch, cos, sin, *, contacts=None, index=0) -> torch.Tensor:
         h = F.layer_norm(x, (self.hidden_size,), lw.ln1_w, lw.ln1_b, self.eps)
         qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(-1, 3, self.num_heads, self.head_dim)
         qkv = self._rotate(qkv, cos, sin)
@@ -369,7 +369,7 @@ class PackedEsm2(nn.Module):
         cos = self.rot_cos[db.positions][:, None, None, :]  # (T, 1, 1, D): q and k, every head
         sin = self.rot_sin[db.positions][:, None, None, :]
         for index, lw in enumerate(self.blocks()[: min(last, self.num_layers)]):
-            x = self._layer(x, lw, db, cos, sin, contacts, index)
+            x = self._layer(x, lw, db, cos, sin, contacts=contacts, index=index)
             if index + 1 in wanted and index + 1 < self.num_layers:
                 visit(index + 1, x)
         if self.num_layers in wanted:

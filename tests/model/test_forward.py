@@ -185,7 +185,7 @@ def test_bfloat16_within_bounds_of_float32(tiny_model_dir, tiny):
     fp32 = packed.embed(_pack(loaded, seqs), (3,)).pooled[3]
     low = packed16.embed(_pack(bf16, seqs), (3,)).pooled[3]
     assert low.dtype == np.float32
-    assert cosine(low, fp32).min() >= 0.999  # the bounds tests/test_model.py holds today's path to
+    assert cosine(low, fp32).min() >= 0.999  # the bounds tests/runtime/test_replica.py holds replicas to
     centre = fp32.mean(0)
     assert cosine(low - centre, fp32 - centre).min() >= 0.99
 
