@@ -60,6 +60,7 @@ class _Static:
 
     tokens: int  # Tb: packed tokens, the batch's padded with dummy segments
     slots: int  # proteins at most (real ones, then dummy segments, then empty ones)
+    per_token: bool  # whether the output holds the residue rows
     layout: BatchLayout  # what is where in ints and floats
     ints: torch.Tensor  # int64 inputs, one buffer (one copy per batch)
     floats: torch.Tensor  # float32 inputs, one buffer
@@ -154,6 +155,7 @@ class GraphRunner:
         return _Static(
             tokens=tokens,
             slots=self._slots(tokens),
+            per_token=per_token,
             layout=layout,
             ints=torch.zeros(layout.ints.total, dtype=torch.int64, device=device),
             floats=torch.zeros(layout.floats.total, dtype=torch.float32, device=device),
@@ -181,6 +183,8 @@ class GraphRunner:
 
     def _fill(self, st: _Static, batch: PackedBatch, per_token: bool, copy: bool = True) -> int:
         """Writes a batch into the bucket's host buffers (and, ``copy``, to the device); returns the real rows."""
+        if per_token != st.per_token:
+            raise ValueError(f"per_token={per_token} in a bucket laid out for {st.per_token}; this is a bug")
         t, b, tb, ms = batch.num_tokens, batch.num_seqs, st.tokens, self.max_seqs
         ints = st.layout.ints.split(st.host_ints.numpy())
         floats = st.layout.floats.split(st.host_floats.numpy())
@@ -207,11 +211,11 @@ class GraphRunner:
         ints["keep"][: len(real)], ints["keep"][len(real) :] = real, 0
         if "pool.rows" in ints:
             static = self._pool_sizes(tb)
-            plan = pool_fields(batch, **static)
+            sums = pool_fields(batch, **static)
             chunks = ints["pool.chunks"].reshape(ms, static["width"])
             chunks[:] = static["chunks"]  # every slot past the batch's proteins: the zero chunk
-            chunks[:b] = plan["pool.chunks"].reshape(b, static["width"])
-            ints["pool.rows"][:], ints["pool.valid"][:] = plan["pool.rows"], plan["pool.valid"]
+            chunks[:b] = sums["pool.chunks"].reshape(b, static["width"])
+            ints["pool.rows"][:], ints["pool.valid"][:] = sums["pool.rows"], sums["pool.valid"]
         if self.sdpa_groups:
             fields, shapes = plan_groups(np.diff(cu), cu[:-1], invariant=self.model.batch_invariant)
             plan = Layout.of({name: len(a) for name, a in fields.items()})
