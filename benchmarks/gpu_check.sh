@@ -109,6 +109,9 @@ for x in r['rows']:
 " "$OUT/forward-650M.json" 2>> "$LOG" | tee -a "$SUMMARY"
 fi
 
+# Batch invariance: one protein in 3 batch compositions bit for bit, and residues/s of the invariant and the batch-dependent forward.
+if [[ -z "${GPU_CHECK_PARTS:-}" ]] || part invariance; then timeout 90 "$PY" benchmarks/invariance_check.py 2>> "$LOG" | tee -a "$SUMMARY"; record "batch invariance" "${PIPESTATUS[0]}"; fi
+
 if part latency; then
     timeout 80 "$PY" benchmarks/serve_bench.py --model esm2_t33_650M --clients 1 --requests 100 --length 300 \
         --modes on 2>> "$LOG" | tee -a "$LOG" | tail -n 6 | tee -a "$SUMMARY"
@@ -131,7 +134,7 @@ fi
 
 if part tests; then
     timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_replica.py tests/model/test_forward.py \
-        tests/model/test_graphs.py tests/runtime/test_gpu.py 2>&1 | tee -a "$LOG" | tail -n 3 | tee -a "$SUMMARY"
+        tests/model/test_graphs.py tests/model/test_invariant.py tests/runtime/test_gpu.py 2>&1 | tee -a "$LOG" | tail -n 3 | tee -a "$SUMMARY"
     record "GPU tests" $?
 fi
 
