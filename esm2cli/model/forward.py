@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esm2cli.model.invariant import mean_pool, pad_rows, tiled_linear
 from esm2cli.model.packed import (
     DeviceBatch,
     EmbedResult,
@@ -129,6 +130,9 @@ class PackedEsm2(nn.Module):
         self.register_buffer("contact_w", None)  # (layers * heads,) float32, layer-major
         self.contact_b: float = 0.0
         self.emb_layer_norm_before = emb_layer_norm_before
+        # Batch-invariant (the default): a protein's numbers depend on the protein alone (esm2cli.model.invariant).
+        # False runs the batch-dependent forward it replaced, kept to measure what invariance costs.
+        self.batch_invariant = True
         self.launched_at = 0.0  # perf_counter() when the last embed had launched its work (before the copy back)
         self.inv_freq: torch.Tensor
         self.rot_cos: torch.Tensor
@@ -271,7 +275,7 @@ class PackedEsm2(nn.Module):
         """Moves a batch's indices to the model's device, with what its attention path needs."""
         if batch.max_len > self.rot_cos.shape[0]:
             self._extend_rotary(batch.max_len)
-        return to_device(batch, self.device, groups=not self.uses_varlen())
+        return to_device(batch, self.device, groups=not self.uses_varlen(), invariant=self.batch_invariant)
 
     def _extend_rotary(self, tokens: int) -> None:
         """Grows the rotary table for a protein longer than the config's positions (``--truncate`` over 1022).
@@ -304,15 +308,28 @@ class PackedEsm2(nn.Module):
             return torch.cat([qk.to(qkv.dtype), qkv[:, 2:]], dim=1)
         return torch.cat([qk, qkv[:, 2:].float()], dim=1)
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.batch_invariant:
+            return tiled_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
     def _attend(self, qkv: torch.Tensor, db: DeviceBatch) -> torch.Tensor:
-        """Self-attention within each protein: (T, 3, heads, head_dim) -> (T, hidden)."""
+        """Self-attention within each protein: (rows, 3, heads, head_dim) -> (rows, hidden).
+
+        Rows past the batch's tokens (the padding of the last matmul tile) come back zero.
+        """
         t = qkv.shape[0]
+        real = db.tokens.shape[0]
         varlen = _varlen()
         if varlen is not None and self.uses_varlen():
-            q, k, v = qkv.unbind(1)
+            # Flash varlen runs each (protein, head, query block) in its own thread block over the protein's
+            # keys in order, without splitting the keys by the batch's size: per protein, one fixed sum.
+            q, k, v = qkv[:real].unbind(1)
             out = varlen(q, k, v, db.cu_seqlens, db.cu_seqlens, db.max_len, db.max_len, scale=1.0)
-            return out.reshape(t, self.hidden_size)
+            return pad_rows(out.reshape(real, self.hidden_size)) if t > real else out.reshape(t, self.hidden_size)
         out = qkv.new_empty(t, self.hidden_size)  # float32 (see _rotate)
+        if t > real:
+            out[real:] = 0
         for g in db.groups:
             n, w = g.gather.shape
             # (n, W, 3, heads, D) -> q, k, v each (n, heads, W, D)
@@ -328,7 +345,7 @@ class PackedEsm2(nn.Module):
         self, qkv: torch.Tensor, db: DeviceBatch, layer: int, logits: list[torch.Tensor]
     ) -> torch.Tensor:
         """Attention with its probabilities written out, one protein at a time, folded into contact logits."""
-        out = qkv.new_empty(qkv.shape[0], self.hidden_size, dtype=self.dtype)
+        out = qkv.new_zeros(qkv.shape[0], self.hidden_size, dtype=self.dtype)  # padding rows stay 0
         heads = self.num_heads
         if self.contact_w is None or db.host is None:
             raise RuntimeError("contacts without the contact head or the host batch; this is a bug")
@@ -347,15 +364,15 @@ class PackedEsm2(nn.Module):
 
     def _layer(self, x: torch.Tensor, lw: _Layer, db: DeviceBatch, cos, sin, *, contacts=None, index=0) -> torch.Tensor:
         h = F.layer_norm(x, (self.hidden_size,), lw.ln1_w, lw.ln1_b, self.eps)
-        qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(-1, 3, self.num_heads, self.head_dim)
+        qkv = self._linear(h, lw.qkv_w, lw.qkv_b).view(-1, 3, self.num_heads, self.head_dim)
         qkv = self._rotate(qkv, cos, sin)
         if contacts is None:
             a = self._attend(qkv, db)
         else:
             a = self._attend_explicit(qkv, db, index, contacts)
-        x = F.linear(a, lw.out_w, lw.out_b).add_(x)
+        x = self._linear(a, lw.out_w, lw.out_b).add_(x)
         h = F.layer_norm(x, (self.hidden_size,), lw.ln2_w, lw.ln2_b, self.eps)
-        return F.linear(F.gelu(F.linear(h, lw.fc1_w, lw.fc1_b)), lw.fc2_w, lw.fc2_b).add_(x)
+        return self._linear(F.gelu(self._linear(h, lw.fc1_w, lw.fc1_b)), lw.fc2_w, lw.fc2_b).add_(x)
 
     def _run(self, db: DeviceBatch, layers: Sequence[int], visit, contacts=None) -> None:
         """Runs the forward, calling visit(index, hidden) for each hidden state in ``layers`` as it is made."""
@@ -364,10 +381,12 @@ class PackedEsm2(nn.Module):
         if contacts is not None:
             last = self.num_layers
         x = self._embeddings(db)
-        if 0 in wanted:
-            visit(0, x)
         cos = self.rot_cos[db.positions][:, None, None, :]  # (T, 1, 1, D): q and k, every head
         sin = self.rot_sin[db.positions][:, None, None, :]
+        if self.batch_invariant:  # whole matmul tiles from the start: every layer runs on the padded rows
+            x, cos, sin = pad_rows(x), pad_rows(cos), pad_rows(sin)
+        if 0 in wanted:
+            visit(0, x)
         for index, lw in enumerate(self.blocks()[: min(last, self.num_layers)]):
             x = self._layer(x, lw, db, cos, sin, contacts=contacts, index=index)
             if index + 1 in wanted and index + 1 < self.num_layers:
@@ -391,7 +410,8 @@ class PackedEsm2(nn.Module):
         db = batch if isinstance(batch, DeviceBatch) else self.prepare(batch)
         check_layers(layers, self.num_layers)
         out: dict[int, torch.Tensor] = {}
-        self._run(db, layers, out.__setitem__)  # hidden states are never changed in place
+        t = db.tokens.shape[0]
+        self._run(db, layers, lambda i, h: out.__setitem__(i, h[:t]))  # hidden states are never changed in place
         return out
 
     def reduce_on_device(
@@ -406,7 +426,10 @@ class PackedEsm2(nn.Module):
 
         def visit(index: int, h: torch.Tensor) -> None:
             hf = h.float()
-            if pooling == "mean":
+            if pooling == "mean" and db.pool is not None:
+                pooled = mean_pool(hf, db.pool, db.inv_lengths)
+            elif pooling == "mean":
+                hf = hf[: db.pool_index.shape[0]]
                 sums = hf.new_zeros(b + 1, self.hidden_size).index_add_(0, db.pool_index, hf)
                 pooled = (sums * db.inv_lengths[:, None])[:b]
             else:
@@ -483,10 +506,12 @@ class PackedEsm2(nn.Module):
         picked: list[torch.Tensor] = []
         self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
         lm = self.lm
-        x = F.gelu(F.linear(picked[0], lm["dense_w"], lm["dense_b"]))
+        x = pad_rows(picked[0]) if self.batch_invariant else picked[0]  # whole tiles: the rows read vary
+        x = F.gelu(self._linear(x, lm["dense_w"], lm["dense_b"]))
         x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], self.lm_eps)
         decoder = lm["decoder"] if "decoder" in lm else self.tok_embed
-        return torch.log_softmax((F.linear(x, decoder) + lm["bias"]).float(), dim=-1)
+        logits = (self._linear(x, decoder) + lm["bias"]).float()
+        return torch.log_softmax(logits[: len(rows_t)], dim=-1)
 
 
 def _apc(x: torch.Tensor) -> torch.Tensor:

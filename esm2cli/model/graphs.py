@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from esm2cli.model.forward import PackedEsm2, check_layers
+from esm2cli.model.invariant import POOL_CHUNK
 from esm2cli.model.packed import (
     BatchLayout,
     EmbedResult,
@@ -26,6 +27,7 @@ from esm2cli.model.packed import (
     device_batch,
     host_to_device,
     plan_groups,
+    pool_fields,
     split_host,
     unpack_groups,
 )
@@ -130,12 +132,21 @@ class GraphRunner:
     def _rows(self, tokens: int, per_token: bool) -> int:
         return len(self.layers) * (self.max_seqs + (tokens if per_token else 0))
 
+    def _pool_sizes(self, tokens: int) -> dict[str, int]:
+        """Static chunk slots and width of mean pooling's fixed-order sums (invariant.pool_plan) for a bucket."""
+        most = -(-max(self._cap(tokens) - 2, 1) // POOL_CHUNK)  # chunks of the longest protein a bucket holds
+        return {"chunks": tokens // POOL_CHUNK + self.max_seqs, "width": 1 << (most - 1).bit_length()}
+
     def layout(self, tokens: int, per_token: bool) -> BatchLayout:
         """A bucket's input buffers: the batch's fields at the bucket's sizes, and ``keep`` (the output rows)."""
+        extra = {"keep": self._rows(tokens, per_token)}
+        if self.model.batch_invariant:
+            sizes = self._pool_sizes(tokens)
+            slots = sizes["chunks"] * POOL_CHUNK
+            extra |= {"pool.rows": slots, "pool.valid": slots, "pool.chunks": self.max_seqs * sizes["width"]}
         return BatchLayout.sized(
-            tokens=tokens, seqs=self.max_seqs, segments=self._slots(tokens), residues=tokens,
-            extra={"keep": self._rows(tokens, per_token)},
-        )  # fmt: skip
+            tokens=tokens, seqs=self.max_seqs, segments=self._slots(tokens), residues=tokens, extra=extra
+        )
 
     def _allocate(self, tokens: int, per_token: bool) -> _Static:
         device = self.model.device
@@ -198,11 +209,18 @@ class GraphRunner:
         take = [np.arange(b)] + ([ms + np.arange(len(rows))] if per_token else [])
         real = np.concatenate([np.concatenate(take) + i * per_layer for i in range(len(self.layers))])
         ints["keep"][: len(real)], ints["keep"][len(real) :] = real, 0
+        if "pool.rows" in ints:
+            static = self._pool_sizes(tb)
+            plan = pool_fields(batch, **static)
+            chunks = ints["pool.chunks"].reshape(ms, static["width"])
+            chunks[:] = static["chunks"]  # every slot past the batch's proteins: the zero chunk
+            chunks[:b] = plan["pool.chunks"].reshape(b, static["width"])
+            ints["pool.rows"][:], ints["pool.valid"][:] = plan["pool.rows"], plan["pool.valid"]
         if self.sdpa_groups:
-            fields, shapes = plan_groups(np.diff(cu), cu[:-1])
-            plan = Layout.of({name: len(a) for name, a in fields.items()})
-            flat = host_to_device(plan.pack(fields, np.int64), self.model.device)
-            st.groups = unpack_groups(plan.split(flat), shapes)
+            fields, shapes = plan_groups(np.diff(cu), cu[:-1], invariant=self.model.batch_invariant)
+            groups = Layout.of({name: len(a) for name, a in fields.items()})
+            flat = host_to_device(groups.pack(fields, np.int64), self.model.device)
+            st.groups = unpack_groups(groups.split(flat), shapes)
         if copy:
             st.ints.copy_(st.host_ints, non_blocking=True)
             st.floats.copy_(st.host_floats, non_blocking=True)

@@ -13,6 +13,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from esm2cli.model.invariant import PoolPlan, pool_plan, width_groups
+
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token dropout: the share of masked tokens in every training run
 # Host cost of one attention group per layer (gather, SDPA call, scatter), in attention score pairs: a new
 # group pays off once it saves more padded pairs than this. Measured on the CPU (benchmarks/forward_ab.py).
@@ -198,13 +200,15 @@ class DeviceBatch:
     Attributes:
         host: The batch described on the host (None for a CUDA graph's static inputs).
         tokens, positions, scale, cu_seqlens (int32): As the PackedBatch.
-        pool_index: (T,) int64 protein of each residue token, B for <cls> and <eos> (mean pooling).
+        pool_index: (T,) int64 protein of each residue token, B for <cls> and <eos> (mean pooling by
+            ``index_add_``, the forward that is not batch-invariant).
         inv_lengths: (B + 1,) float32 1 / residues per protein (0 for the dump row B).
         bos_rows: (B,) int64 packed row of each <cls>.
         residue_rows: (R,) int64 packed row of each residue.
         num_seqs: B, the pooled rows (a CUDA graph's: its slots).
         max_len: The widest protein in tokens.
         groups: Padded attention groups (the SDPA path only).
+        pool: Mean pooling's indices (esm2cli.model.invariant.pool_plan); None: pool by ``pool_index``.
     """
 
     host: PackedBatch | None
@@ -219,6 +223,7 @@ class DeviceBatch:
     num_seqs: int
     max_len: int
     groups: list[GroupPlan] = field(default_factory=list)
+    pool: PoolPlan | None = None  # mean pooling's fixed-order sums (the batch-invariant forward)
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -309,16 +314,24 @@ class BatchLayout:
         return cls(Layout.of(ints), Layout.of({"scale": tokens, "inv_lengths": seqs + 1}))
 
 
-def plan_groups(sizes: np.ndarray, starts: np.ndarray) -> tuple[dict[str, np.ndarray], list[tuple]]:
+def plan_groups(
+    sizes: np.ndarray, starts: np.ndarray, *, invariant: bool = True
+) -> tuple[dict[str, np.ndarray], list[tuple]]:
     """Host arrays of each attention group, as named int fields, and their shapes for reading them back.
 
+    Batch-invariant (the default): proteins of one attention-width rung together, each padded to that rung
+    (``invariant.width_groups``), so that a protein's attention shape is fixed by its own length. Otherwise
+    the groups that cost least for this batch (``attention_groups``), padded to their widest member.
     Segments of zero tokens (unused slots of a CUDA graph's batch) are left out.
     """
     shapes, fields = [], {}
     used = np.flatnonzero(sizes > 0)
-    for g, members in enumerate(attention_groups(sizes[used])):
-        members = used[members]
-        n, widest = len(members), int(sizes[members].max())
+    if invariant:
+        plan = width_groups(sizes)
+    else:
+        plan = [(int(sizes[used[m]].max()), used[m]) for m in attention_groups(sizes[used])]
+    for g, (widest, members) in enumerate(plan):
+        n = len(members)
         offs = np.arange(widest)
         valid = offs[None, :] < sizes[members][:, None]  # (n, W)
         gather = np.where(valid, starts[members][:, None] + offs[None, :], starts[members][:, None])
@@ -331,6 +344,19 @@ def plan_groups(sizes: np.ndarray, starts: np.ndarray) -> tuple[dict[str, np.nda
             fields[f"group{g}.slots"] = slots
         shapes.append((n, widest, padded))
     return fields, shapes
+
+
+def pool_fields(batch: PackedBatch, **static: int) -> dict[str, np.ndarray]:
+    """Mean pooling's fixed-order sums as named int fields (``static``: a CUDA graph's chunks and width)."""
+    plan = pool_plan(batch.cu_seqlens[:-1] + 1, batch.lengths, **static)
+    return {f"pool.{name}": values for name, values in plan.items()}
+
+
+def unpack_pool(parts: Mapping[str, torch.Tensor], seqs: int) -> PoolPlan | None:
+    """The PoolPlan of a batch's fields (None when it has none)."""
+    if "pool.rows" not in parts:
+        return None
+    return PoolPlan.of(parts["pool.rows"], parts["pool.valid"], parts["pool.chunks"], seqs)
 
 
 def unpack_groups(parts: Mapping[str, torch.Tensor], shapes: list[tuple]) -> list[GroupPlan]:
@@ -352,7 +378,7 @@ def device_batch(
     max_len: int,
     groups: list[GroupPlan] | None = None,
 ) -> DeviceBatch:
-    """A DeviceBatch over the fields of its two buffers (split by their BatchLayout)."""
+    """A DeviceBatch over the fields of its two buffers (split by their BatchLayout), pooling plan included."""
     return DeviceBatch(
         host=host,
         tokens=ints["tokens"],
@@ -366,23 +392,30 @@ def device_batch(
         num_seqs=num_seqs,
         max_len=max_len,
         groups=groups or [],
+        pool=unpack_pool(ints, num_seqs),
     )
 
 
-def to_device(batch: PackedBatch, device: torch.device | str, *, groups: bool) -> DeviceBatch:
+def to_device(batch: PackedBatch, device: torch.device | str, *, groups: bool, invariant: bool = True) -> DeviceBatch:
     """Moves a batch's indices to ``device``: one int64 and one float32 transfer (pinned, non-blocking on CUDA).
 
     Args:
         batch: The packed batch.
         device: Where the model is.
         groups: Also plan padded attention groups (the SDPA attention path).
+        invariant: Plan them, and mean pooling, batch-invariantly (see plan_groups, invariant.mean_pool).
     """
     device = torch.device(device)
     b, t = batch.num_seqs, batch.num_tokens
     pool_index = np.full(t, b, dtype=np.int64)
     residue_rows = batch.residue_rows()
     pool_index[residue_rows] = np.repeat(np.arange(b), batch.lengths)
-    group_fields, shapes = plan_groups(batch.seq_tokens, batch.cu_seqlens[:-1]) if groups else ({}, [])
+    group_fields: dict[str, np.ndarray] = {}
+    shapes: list[tuple] = []
+    if groups:
+        group_fields, shapes = plan_groups(batch.seq_tokens, batch.cu_seqlens[:-1], invariant=invariant)
+    if invariant:
+        group_fields.update(pool_fields(batch))
     layout = BatchLayout.sized(
         tokens=t, seqs=b, segments=b, residues=len(residue_rows), extra={k: len(v) for k, v in group_fields.items()}
     )
