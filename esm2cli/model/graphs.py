@@ -297,6 +297,8 @@ class GraphRunner:
             self._give_up(exc)
             return
         if self.capture:
+            with torch.cuda.device(self.model.device):  # what the checks against eager held, back to the card
+                torch.cuda.empty_cache()
             kept = sum(st.graph is not None for st in self._static.values())
             log.info(
                 "captured %d CUDA graphs of %d (token buckets %s) on %s in %.1f s", kept, len(self._static),

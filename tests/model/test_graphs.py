@@ -43,15 +43,9 @@ def test_the_bucket_layout_round_trips_a_batch(tiny):
     ints = st.layout.ints.split(st.ints)
     floats = st.layout.floats.split(st.floats)
     t, b = batch.num_tokens, batch.num_seqs
-    assert st.layout.ints.names[:7] == (
-        "tokens",
-        "positions",
-        "cu_seqlens",
-        "pool_index",
-        "bos_rows",
-        "residue_rows",
-        "keep",
-    )  # fmt: skip (then the fixed-order pooling plan's fields, in the batch-invariant forward)
+    # The batch's fields, then keep; the batch-invariant forward adds its fixed-order pooling plan after them.
+    head = ("tokens", "positions", "cu_seqlens", "pool_index", "bos_rows", "residue_rows", "keep")
+    assert st.layout.ints.names[:7] == head
     assert st.ints.numel() == st.layout.ints.total and st.floats.numel() == st.layout.floats.total
     np.testing.assert_array_equal(ints["tokens"][:t].numpy(), batch.tokens)
     np.testing.assert_array_equal(ints["positions"][:t].numpy(), batch.positions)
