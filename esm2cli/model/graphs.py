@@ -211,11 +211,11 @@ class GraphRunner:
         ints["keep"][: len(real)], ints["keep"][len(real) :] = real, 0
         if "pool.rows" in ints:
             static = self._pool_sizes(tb)
-            plan = pool_fields(batch, **static)
+            sums = pool_fields(batch, **static)
             chunks = ints["pool.chunks"].reshape(ms, static["width"])
             chunks[:] = static["chunks"]  # every slot past the batch's proteins: the zero chunk
-            chunks[:b] = plan["pool.chunks"].reshape(b, static["width"])
-            ints["pool.rows"][:], ints["pool.valid"][:] = plan["pool.rows"], plan["pool.valid"]
+            chunks[:b] = sums["pool.chunks"].reshape(b, static["width"])
+            ints["pool.rows"][:], ints["pool.valid"][:] = sums["pool.rows"], sums["pool.valid"]
         if self.sdpa_groups:
             fields, shapes = plan_groups(np.diff(cu), cu[:-1], invariant=self.model.batch_invariant)
             groups = Layout.of({name: len(a) for name, a in fields.items()})

@@ -210,3 +210,33 @@ def test_graph_buckets_pad_without_moving_a_protein(model):
         assert np.array_equal(got.pooled[layers[0]], want.pooled[layers[0]])
         assert np.array_equal(got.per_token[layers[0]][at], want.per_token[layers[0]][at])
     assert runner.graph_batches == 12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA device: flash varlen, tiled cuBLAS matmuls and the graph buckets keep it
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_forward_and_graphs_are_bitwise_batch_invariant(dtype):
+    from esm2cli.config import ModelConfig
+    from esm2cli.model.forward import PackedEsm2
+    from esm2cli.model.graphs import GraphRunner
+    from esm2cli.model.load import load_model
+    from esm2cli.runtime.batching import token_buckets
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    loaded = load_model(ModelConfig(model="esm2_t12_35M", load_format="dummy", dtype=dtype), keep_reference=True)
+    gpu = PackedEsm2.from_hf(loaded.reference.to("cuda"))
+    layers = (gpu.num_layers,)
+    runner = GraphRunner(gpu, layers, "mean", buckets=token_buckets(8192), max_seqs=64, per_token_modes=(True,))
+    runner.warmup()
+    seen: dict[str, np.ndarray] = {}
+    for seqs, at in _compositions():
+        batch = _pack(loaded, seqs)
+        for out in (gpu.embed(batch, layers, per_token=True), runner.embed(batch, per_token=True)):
+            got = np.concatenate([out.pooled[layers[0]][at][None], out.per_token[layers[0]][at]])
+            first = seen.setdefault(seqs[at], got)
+            assert np.array_equal(got, first), (dtype, len(seqs[at]), len(seqs))
+    assert runner.capture == gpu.uses_varlen() and not runner.failed
