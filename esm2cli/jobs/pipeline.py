@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -246,6 +247,13 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
         "output_dtype": embed.output_dtype,
         "allow_duplicate_ids": bool(inputs and inputs.allow_duplicate_ids),  # merge checks ids across parts
         "esm2cli_version": __version__,
+        # Bit-identical vectors are guaranteed for one device type, dtype and torch version (the forward is
+        # batch-invariant): what a rerun must match to reproduce this file bit for bit.
+        "numerics": {
+            "torch": importlib.metadata.version("torch"),
+            "device_type": sorted({"cuda" if d.is_cuda else "cpu" for d in setup.devices}),
+            "batch_invariant": True,
+        },
         "identity": identity,
     }
 
