@@ -189,7 +189,7 @@ def create_app(
     Args:
         serve: Bounds, batching and API keys.
         model, embed: What to load and compute (the same options as esm2cli embed).
-        loader: Builds the engine (default: build_engine(model, embed)); tests may slow it down.
+        loader: Builds the engine (default: build_server_engine(model, embed, serve)); tests may slow it down.
         on_load_failure: Called when loading fails (the CLI stops the server with exit code 1).
     """
     metrics = ServerMetrics()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig, __version__
+from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig, __version__
 from esm2cli.errors import (
     ClientDisconnectedError,
     EngineError,
@@ -29,7 +29,7 @@ from esm2cli.errors import (
 )
 from esm2cli.io.fasta import check_sequence, check_text, normalise
 from esm2cli.io.identity import stamp_weights
-from esm2cli.runtime.engine import EngineSetup, build_engine
+from esm2cli.runtime.engine import EngineSetup, build_server_engine
 from esm2cli.runtime.windows import WindowPlan, window_count, window_starts
 from esm2cli.serve.batcher import BatcherStats, DynamicBatcher
 from esm2cli.serve.cache import OPEN_PARTITION, EmbeddingCache, cache_identity
@@ -85,7 +85,7 @@ class EmbeddingService:
         serve: Bounds, batching and the cache size.
         model, embed: What to load and compute (the same options as esm2cli embed).
         metrics: Where batches, the queue, devices and the cache are shown.
-        loader: Builds the engine (default: build_engine(model, embed)); tests may slow it down.
+        loader: Builds the engine (default: build_server_engine(model, embed, serve)); tests may slow it down.
         on_load_failure: Called when loading fails (the CLI stops the server with exit code 1).
     """
 
@@ -102,7 +102,7 @@ class EmbeddingService:
         self.serve, self.model, self.embed_config, self.metrics = serve, model, embed, metrics
         self.model_id = public_model_name(model.model)
         self.cache: EmbeddingCache | None = None  # keyed by the weights loaded: made once they are
-        self._loader = loader or (lambda: build_engine(model, embed, BatchConfig(max_tokens=serve.max_tokens)))
+        self._loader = loader or (lambda: build_server_engine(model, embed, serve))
         self._on_load_failure = on_load_failure
         self.status = "loading"  # loading -> ok | failed
         self.setup: EngineSetup | None = None

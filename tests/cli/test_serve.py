@@ -74,7 +74,7 @@ def test_a_failed_startup_exits_1_and_a_bug_keeps_its_traceback(tiny_model_dir, 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("esm2cli.serve.service.build_engine", broken)
+    monkeypatch.setattr("esm2cli.serve.service.build_server_engine", broken)
     args = ["serve", "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32", "--port", "0", "-q"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
