@@ -54,6 +54,7 @@ docs-serve: $(DOCS_STAMP)
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check esm2cli tests benchmarks
 	$(VENV)/bin/ruff format --check esm2cli tests benchmarks
+	$(VENV)/bin/mypy
 
 format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format esm2cli tests benchmarks
