@@ -25,7 +25,6 @@ from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MODEL,
-    DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
     BatchConfig,
     EmbedConfig,
@@ -41,7 +40,7 @@ from esm2cli.io.records import Record
 from esm2cli.io.schema import METADATA_KEY, Rows, build_schema, record_batch
 from esm2cli.jobs import pipeline
 from esm2cli.jobs.reuse import ChunkReuse, open_reuse, reuse_stamps
-from esm2cli.model.architecture import resolve_source
+from esm2cli.model.architecture import resolve_source, resolve_truncate
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.windows import check_overlap
 
@@ -65,7 +64,8 @@ class Embedder:
         pooling: "mean" over residues, or "bos" (the <cls> token).
         long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged ``truncated``), "window"
             (embedded whole in overlapping windows, as --long-sequences window) or "error" (refused).
-        truncate: Residues kept per sequence (the window width in window mode).
+        truncate: Residues kept per sequence (the window width in window mode); None: the model's context
+            (1,022 residues for ESM-2, 2,046 for ESM C).
         window_overlap: Residues shared by consecutive windows (as --window-overlap).
         per_token: Also compute per-residue vectors (in embed_fasta's tables and files).
         batch_size, max_tokens: Batch bounds (as --batch-size and --max-tokens; None: by device).
@@ -87,7 +87,7 @@ class Embedder:
         layers: int | Sequence[int] = -1,
         pooling: str = "mean",
         long_sequences: str = "truncate",
-        truncate: int = DEFAULT_TRUNCATE,
+        truncate: int | None = None,
         window_overlap: int = DEFAULT_WINDOW_OVERLAP,
         per_token: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -100,6 +100,7 @@ class Embedder:
             raise ConfigError(f"long_sequences={long_sequences!r} is not available; use one of {LONG_SEQUENCES}")
         if pooling not in ("mean", "bos"):
             raise ConfigError(f"pooling={pooling!r}: use 'mean' or 'bos'")
+        truncate = resolve_truncate(str(model), truncate)
         if truncate < 1 or batch_size < 1 or chunk_size < 1:
             raise ConfigError("truncate, batch_size and chunk_size must be at least 1")
         if isinstance(layers, str):  # "6,-1", as --layers takes them

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from importlib import resources
+from pathlib import Path
 
 import torch
 from transformers import EsmConfig, EsmTokenizer
+
+from esm2cli.errors import ConfigError
 
 # The six ESM-2 sizes: alias -> (layers, hidden size, attention heads). The feed-forward is 4x hidden.
 ARCHITECTURES: dict[str, tuple[int, int, int]] = {
@@ -25,6 +30,7 @@ ESMC_ARCHITECTURES: dict[str, tuple[str, int, int, int, int]] = {
 # Residues a protein may have in one forward: the training context less <cls> and <eos>.
 ESM2_CONTEXT = 1022
 ESMC_CONTEXT = 2046
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,3 +87,50 @@ def esmc_alias(model: str) -> str | None:
 def context_of(family: str) -> int:
     """Residues a protein may have in one forward of a model family (its training context)."""
     return ESMC_CONTEXT if family == "esmc" else ESM2_CONTEXT
+
+
+def model_family(model: str) -> str:
+    """ "esmc" or "esm2" for a model as named, without loading it: an alias, or the ``model_type`` of a local
+    directory's config.json or of a hub model's config in the cache (a hub model not cached yet: "esm2",
+    and its loading says otherwise once it is read)."""
+    if esmc_alias(model) is not None:
+        return "esmc"
+    if resolve_source(model) != model:  # an ESM-2 alias
+        return "esm2"
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file() and _REPO_ID.match(model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            from esm2cli.model.hub import cache_dir
+
+            found = try_to_load_from_cache(model, "config.json", cache_dir=cache_dir())
+        except Exception:  # a name the hub client refuses is not a cached model either
+            found = None
+        config = Path(found) if isinstance(found, str) else config
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return "esmc" if model_type == "esmc" else "esm2"
+
+
+def resolve_truncate(model: str, truncate: int | None) -> int:
+    """The residues kept per protein: ``truncate`` as given, else the model's own context (1,022 for ESM-2,
+    2,046 for ESM C).
+
+    ESM-2's rotary positions extend past its context (a longer --truncate embeds the protein whole, as
+    transformers does); ESM C's context is refused past 2,046 residues, the length it was trained on.
+
+    Raises:
+        ConfigError: ``truncate`` is over ESM C's context.
+    """
+    family = model_family(model)
+    if truncate is None:
+        return context_of(family)
+    if family == "esmc" and truncate > ESMC_CONTEXT:
+        raise ConfigError(
+            f"--truncate {truncate} is over ESM C's context of {ESMC_CONTEXT} residues ({model}): "
+            f"use --truncate {ESMC_CONTEXT} or less, or --long-sequences window"
+        )
+    return truncate

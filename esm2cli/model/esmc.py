@@ -134,7 +134,8 @@ class PackedEsmc(PackedEsm2):
         scale = model.head_dim**-0.5  # the softmax scale, folded into the query norm (rotary is linear)
         for i, layer in enumerate(model.layers):
             w = _LayerWeights(weights, f"layers.{i}.")
-            layer.ln1_w, layer.ln1_b = _param(w["input_layernorm.weight"], dtype), _param(w["input_layernorm.bias"], dtype)
+            layer.ln1_w = _param(w["input_layernorm.weight"], dtype)
+            layer.ln1_b = _param(w["input_layernorm.bias"], dtype)
             qkv = [w[f"self_attn.{p}_proj.weight"].float() for p in "qkv"]
             layer.qkv_w = _param(torch.cat(qkv), dtype)
             norms = torch.stack([w["self_attn.q_norm.weight"].float() * scale, w["self_attn.k_norm.weight"].float()])
@@ -167,7 +168,8 @@ class PackedEsmc(PackedEsm2):
         qkv = F.linear(h, lw.qkv_w)
         # Queries and keys normalised over the full width at once, each with its own scale.
         qk = F.layer_norm(qkv[:, : 2 * hidden].view(-1, 2, hidden), (hidden,), None, None, self.eps) * lw.qk_norm_w
-        qkv = torch.cat([qk, qkv[:, 2 * hidden :].view(-1, 1, hidden)], dim=1).view(-1, 3, self.num_heads, self.head_dim)
+        qkv = torch.cat([qk, qkv[:, 2 * hidden :].view(-1, 1, hidden)], dim=1)
+        qkv = qkv.view(-1, 3, self.num_heads, self.head_dim)
         a = self._attend(self._rotate(qkv, cos, sin), db)
         x = F.linear(a, lw.out_w).add_(x)
         h = F.layer_norm(x, (hidden,), lw.ln2_w, lw.ln2_b, self.eps)

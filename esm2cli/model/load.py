@@ -21,8 +21,7 @@ from transformers.utils import logging as hf_logging
 from esm2cli.config import ModelConfig
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.io.fasta import RESIDUES
-from esm2cli.model import fair_esm
-from esm2cli.model import esmc_load
+from esm2cli.model import esmc_load, fair_esm
 from esm2cli.model.architecture import (
     ARCHITECTURES,
     DTYPES,
@@ -62,7 +61,7 @@ class LoadedModel:
     name: str
     source: str
     config: Any
-    forward: PackedEsm2 | None
+    forward: PackedEsm2 | PackedEsmc | None
     token_lut: np.ndarray
     cls_id: int
     eos_id: int
