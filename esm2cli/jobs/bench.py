@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -159,7 +160,7 @@ def _time_box(engine: Engine, batches: list[list[str]], duration: float | None, 
     """
     start = time.perf_counter()  # before submitting: submit blocks while the queue is full
     deadline = None if duration is None else start + duration
-    pending: deque[tuple[list[str], object]] = deque()
+    pending: deque[tuple[list[str], Future]] = deque()
     sequences = residues = 0
     next_tick = start + 2.0
 
@@ -230,7 +231,8 @@ def run_bench(
     loaded, dtype = setup.model, setup.dtype
     say(f"{gpus} {'CUDA' if cuda else 'simulated'} device(s), {dtype}; measuring the matmul peak ({peak_seconds:g} s)")
     peak = measure_matmul_peak(setup.devices[0].torch_device, dtype, peak_seconds)
-    max_tokens, choices = setup.batch.max_tokens, []
+    max_tokens: int = setup.batch.max_tokens or 0  # set by build_engine for the devices
+    choices: list[str] = []
     if fit_to_box and not cuda and duration:
         fitted = _cpu_batch_tokens(peak, loaded, gpus, duration)
         if fitted < max_tokens:

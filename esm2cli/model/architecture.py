@@ -6,6 +6,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import EsmConfig, EsmTokenizer
@@ -46,7 +47,7 @@ def resolve_source(model: str) -> str:
 
 def esm2_architecture(layers: int, hidden: int, heads: int, **overrides) -> EsmConfig:
     """An ESM-2 config of any size: rotary positions, token dropout, a 4x feed-forward, the 33-token vocabulary."""
-    params = dict(
+    params: dict[str, Any] = dict(
         vocab_size=33,
         hidden_size=hidden,
         num_hidden_layers=layers,

@@ -93,7 +93,7 @@ class PackedEsmc(PackedEsm2):
         self.residual_scale = math.sqrt(num_layers / 36)
         with torch.device("meta"):
             self.layers = nn.ModuleList([_EsmcLayer(hidden_size, ffn_size) for _ in range(num_layers)])
-        self.final_ln_b = None  # ESM C's final LayerNorm has no bias
+        self.register_parameter("final_ln_b", None)  # ESM C's final LayerNorm has no bias
 
     @classmethod
     def from_state_dict(
@@ -154,7 +154,6 @@ class PackedEsmc(PackedEsm2):
             names = {"dense_w": "dense.weight", "dense_b": "dense.bias", "ln_w": "layer_norm.weight",
                      "ln_b": "layer_norm.bias", "decoder": "decoder.weight", "bias": "decoder.bias"}  # fmt: skip
             model.lm = nn.ParameterDict({k: _param(weights[f"lm_head.{v}"], dtype) for k, v in names.items()})
-            model.lm_eps = EPS
         return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------------
@@ -199,7 +198,7 @@ class PackedEsmc(PackedEsm2):
         self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
         lm = self.lm
         x = F.gelu(F.linear(picked[0], lm["dense_w"], lm["dense_b"]))
-        x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], self.lm_eps)
+        x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], EPS)
         return torch.log_softmax(F.linear(x, lm["decoder"], lm["bias"]).float(), dim=-1)
 
 

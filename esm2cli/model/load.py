@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ def _load_config(source: str):
 
 def _load_tokenizer(source: str) -> EsmTokenizer:
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return cast(EsmTokenizer, AutoTokenizer.from_pretrained(source))
     except Exception as exc:  # a directory saved without its tokenizer still holds a usable model
         log.warning("no tokenizer in %s (%s); using the bundled ESM-2 vocabulary", source, _first_line(exc))
         return bundled_tokenizer()
@@ -183,7 +183,10 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
     """Loads the encoder (and, when asked, the LM head) of a checkpoint; checks the heads asked for are in it."""
     try:
         if lm_head:
-            full, info = EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True)
+            full, info = cast(
+                tuple[EsmForMaskedLM, dict],
+                EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True),
+            )
             if missing := _missing(info, "lm_head."):
                 raise ModelLoadError(
                     f"{source} has no masked-LM head (missing {missing}): it was saved as an encoder only"
@@ -191,8 +194,9 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
             model, head = full.esm, full.lm_head
             prefix = "esm.contact_head."
         else:
-            model, info = EsmModel.from_pretrained(
-                source, config=config, add_pooling_layer=False, output_loading_info=True
+            model, info = cast(
+                tuple[EsmModel, dict],
+                EsmModel.from_pretrained(source, config=config, add_pooling_layer=False, output_loading_info=True),
             )
             head, prefix = None, "contact_head."
     except ModelLoadError:
@@ -236,7 +240,7 @@ def random_model(config: EsmConfig, seed: int = 0, dtype: torch.dtype = torch.fl
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
 
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(_POOL, generator=generator).mul_(0.02).to(dtype)
@@ -350,8 +354,8 @@ def load_model(
             tokenizer = _load_tokenizer(folder)
         dummy = False
     if not contact_head:
-        model.contact_head = None  # HF builds it into every encoder; it is unused unless asked for
-    model = model.to(dtype).eval().requires_grad_(False)
+        model.contact_head = None  # type: ignore[assignment]  # HF builds it into every encoder; unused unless asked
+    model = model.to(dtype).eval().requires_grad_(False)  # type: ignore[arg-type]
     if head is not None:
         head = head.to(dtype).eval().requires_grad_(False)
     # esm2cli's forward copies (and fuses) the weights; the transformers modules are only read here.

@@ -126,8 +126,7 @@ def test_contacts_with_esmc_is_a_config_error(tiny_esmc_dir):
 def test_a_directory_of_another_architecture_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
-        tmp_path / "bert"
-    )  # fmt: skip
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelLoadError, match="not an ESM-2 or ESM C encoder .model_type='bert'."):
         load_model(ModelConfig(model=str(tmp_path / "bert"), dtype="float32"))
