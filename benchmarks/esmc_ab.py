@@ -55,7 +55,8 @@ class RefForward:
             model = EsmcModel(config)
         weights = random_weights(config, lm_head=False, dtype=dtype)  # the same seeded draw as the dummy load
         model.load_state_dict(weights, strict=True, assign=True)
-        model.rotary_emb.inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
+        inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
+        model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
         self.model = model.to(device).eval()
         self.loaded, self.device = loaded, device
         self.host_s: list[float] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from esm2cli.config import EmbedConfig, ModelConfig
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.devices import cuda_device_count
@@ -26,14 +26,17 @@ def main() -> None:
     seqs = [seq[:1022] for _, seq in synthetic_sequences(args.sequences, seed=0)]
     residues = sum(map(len, seqs))
     devices = args.devices or ("cuda:0" if cuda_device_count() else "cpu")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    # Graphs up to the largest budget: under the default one a 65,536-token batch finds no bucket and runs eagerly.
+    sizes = BatchConfig(batch_size=64, max_tokens=max(budgets))
     for n, dtype in enumerate(args.dtypes.split(",")):
         setup = build_engine(ModelConfig(model=args.model, load_format="dummy", dtype=dtype, devices=devices),
-                             EmbedConfig())  # fmt: skip
+                             EmbedConfig(), sizes)  # fmt: skip
         replica = setup.replicas[0]
         if n == 0:
             print(f"{args.model}, {args.sequences} proteins, {residues:,} residues, on {replica.device.name}")
         replica.embed_batch(seqs[:4])  # warm-up
-        for budget in map(int, args.budgets.split(",")):
+        for budget in budgets:
             batches = plan_batches([len(s) for s in seqs], budget, 64)
             start = time.perf_counter()
             for rows in batches:

@@ -1,9 +1,32 @@
-"""Shared test helpers: a tiny random ESM C saved with transformers, and transformers' ESM C one protein at a time."""
+"""Helpers shared by test modules (fixtures stay in conftest.py): packing, random proteins, a tiny random ESM C
+saved with transformers, and transformers' ESM C one protein at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+
+from esm2cli.model.packed import PackedBatch
+
+# Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.
+MIXED_LENGTHS = [1, 5, 17, 40, 41, 120, 7, 300, 64]
+
+
+def random_seqs(lengths: Sequence[int] = MIXED_LENGTHS, seed: int = 3) -> list[str]:
+    """Random residue strings of the given lengths."""
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), n)) for n in lengths]
+
+
+def pack(loaded, seqs: Sequence[str], masked=None, token_dropout: bool = True) -> PackedBatch:
+    """Packs residue strings with a LoadedModel's tokens."""
+    return PackedBatch.from_sequences(
+        seqs, loaded.token_lut, cls_id=loaded.cls_id, eos_id=loaded.eos_id, mask_id=loaded.mask_id,
+        token_dropout=token_dropout, masked=masked,
+    )  # fmt: skip
+
 
 TINY_ESMC = dict(layers=3, hidden=64, heads=4, ffn=96)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import click
 
@@ -163,6 +164,7 @@ def serve(
 
     import uvicorn
 
+    from esm2cli.runtime.engine import build_server_engine
     from esm2cli.serve.app import create_app
     from esm2cli.serve.auth import checked_keys, read_key_file, refuse_empty_key_variables
     from esm2cli.serve.connections import fit_open_files, uvicorn_config
@@ -215,7 +217,8 @@ def serve(
         failure.append(exc)
         server.should_exit = True
 
-    app = create_app(serve_cfg, model_cfg, embed_cfg, on_load_failure=on_load_failure)
+    loader = partial(build_server_engine, model_cfg, embed_cfg, serve_cfg)  # graphs for the server's batches
+    app = create_app(serve_cfg, model_cfg, embed_cfg, loader=loader, on_load_failure=on_load_failure)
     config = uvicorn_config(app, serve_cfg, host=host, port=port, timeout_graceful_shutdown=graceful_timeout)
     server = uvicorn.Server(config)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that

@@ -27,16 +27,19 @@ layers unavailable.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esm2cli.model.invariant import mean_pool, pad_rows, tiled_linear
 from esm2cli.model.packed import (
     DeviceBatch,
     EmbedResult,
@@ -111,14 +114,29 @@ class PackedEsm2(nn.Module):
         with torch.device("meta"):  # shapes only; from_hf fills every tensor
             self.tok_embed = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
             self.layers = nn.ModuleList([_Layer(hidden_size, ffn_size, eps) for _ in range(num_layers)])
-        self.emb_ln: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Parameters and buffers, so that .to(device) moves them with the rest (None: not in this checkpoint).
+        if emb_layer_norm_before:
+            self.emb_ln_w: nn.Parameter | None = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+            self.emb_ln_b: nn.Parameter | None = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        else:
+            self.register_parameter("emb_ln_w", None)
+            self.register_parameter("emb_ln_b", None)
         self.final_ln_w = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.final_ln_b = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.lm: nn.ParameterDict | None = None
-        self.contact_w: torch.Tensor | None = None  # (layers * heads,) float32, layer-major
+        self.lm_eps = eps
+        self.lm_decoder_tied = True
+        self.contact_w: torch.Tensor | None
+        self.register_buffer("contact_w", None)  # (layers * heads,) float32, layer-major
         self.contact_b: float = 0.0
         self.emb_layer_norm_before = emb_layer_norm_before
+        # Batch-invariant (the default): a protein's numbers depend on the protein alone (esm2cli.model.invariant).
+        # False runs the batch-dependent forward it replaced, kept to measure what invariance costs.
+        self.batch_invariant = True
         self.launched_at = 0.0  # perf_counter() when the last embed had launched its work (before the copy back)
+        self.inv_freq: torch.Tensor
+        self.rot_cos: torch.Tensor
+        self.rot_sin: torch.Tensor
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         self.register_buffer("rot_cos", torch.empty(0), persistent=False)
         self.register_buffer("rot_sin", torch.empty(0), persistent=False)
@@ -140,8 +158,12 @@ class PackedEsm2(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embed.device
 
+    def blocks(self) -> list[_Layer]:
+        """The layers, typed (an nn.ModuleList yields plain Modules)."""
+        return [layer for layer in self.layers if isinstance(layer, _Layer)]
+
     @classmethod
-    def from_hf(cls, encoder: nn.Module, lm_head: nn.Module | None = None, contact_head: nn.Module | None = None):
+    def from_hf(cls, encoder: Any, lm_head: Any = None, contact_head: Any = None) -> PackedEsm2:
         """Copies (and fuses) the weights of a transformers ESM-2 encoder, on its device and in its dtype.
 
         The transformers modules are only read: they can be dropped afterwards.
@@ -176,10 +198,11 @@ class PackedEsm2(nn.Module):
         ).to_empty(device=device)
         model.to(dtype)
         _copy(model.tok_embed, emb.word_embeddings.weight)
-        if emb.layer_norm is not None:
-            model.emb_ln = (emb.layer_norm.weight.detach().clone(), emb.layer_norm.bias.detach().clone())
+        if model.emb_ln_w is not None and model.emb_ln_b is not None:
+            _copy(model.emb_ln_w, emb.layer_norm.weight)
+            _copy(model.emb_ln_b, emb.layer_norm.bias)
         scaling = model.head_dim**-0.5  # ESM scales the queries before the rotary embedding: fold it in
-        for mine, theirs in zip(model.layers, encoder.encoder.layer, strict=True):
+        for mine, theirs in zip(model.blocks(), encoder.encoder.layer, strict=True):
             att = theirs.attention
             sa = att.self
             _copy(mine.ln1_w, att.LayerNorm.weight)
@@ -199,7 +222,8 @@ class PackedEsm2(nn.Module):
         final = encoder.encoder.emb_layer_norm_after
         _copy(model.final_ln_w, final.weight)
         _copy(model.final_ln_b, final.bias)
-        model.inv_freq = encoder.rotary_embeddings.inv_freq.detach().float().to(device).clone()
+        # From the formula, in float32: a model loaded in bf16 holds its inv_freq buffer rounded to bf16.
+        model.inv_freq = rotary_inv_freq(model.head_dim, getattr(cfg, "rope_theta", None) or 10000.0).to(device)
         model._rotary_table(model.max_positions)
         if lm_head is not None:
             model.lm = nn.ParameterDict(
@@ -227,7 +251,10 @@ class PackedEsm2(nn.Module):
         return model.eval().requires_grad_(False)
 
     def _rotary_table(self, positions: int) -> None:
-        """cos and signed sin, (positions, head_dim) float32, as transformers computes them (float32)."""
+        """cos and signed sin, (positions, head_dim) float32, as transformers computes them (float32).
+
+        Built in float32 whatever the model's dtype; only the rotated q and k are cast (see _rotate).
+        """
         inv_freq = self.inv_freq
         pos = torch.arange(positions, device=inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
@@ -248,7 +275,7 @@ class PackedEsm2(nn.Module):
         """Moves a batch's indices to the model's device, with what its attention path needs."""
         if batch.max_len > self.rot_cos.shape[0]:
             self._extend_rotary(batch.max_len)
-        return to_device(batch, self.device, groups=not self.uses_varlen())
+        return to_device(batch, self.device, groups=not self.uses_varlen(), invariant=self.batch_invariant)
 
     def _extend_rotary(self, tokens: int) -> None:
         """Grows the rotary table for a protein longer than the config's positions (``--truncate`` over 1022).
@@ -265,8 +292,8 @@ class PackedEsm2(nn.Module):
         x = F.embedding(db.tokens, self.tok_embed)
         if self.token_dropout:
             x = (x.float() * db.scale[:, None]).to(self.dtype)
-        if self.emb_ln is not None:
-            x = F.layer_norm(x, (self.hidden_size,), self.emb_ln[0], self.emb_ln[1], self.eps)
+        if self.emb_ln_w is not None:
+            x = F.layer_norm(x, (self.hidden_size,), self.emb_ln_w, self.emb_ln_b, self.eps)
         return x
 
     def _rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -281,14 +308,28 @@ class PackedEsm2(nn.Module):
             return torch.cat([qk.to(qkv.dtype), qkv[:, 2:]], dim=1)
         return torch.cat([qk, qkv[:, 2:].float()], dim=1)
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.batch_invariant:
+            return tiled_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
     def _attend(self, qkv: torch.Tensor, db: DeviceBatch) -> torch.Tensor:
-        """Self-attention within each protein: (T, 3, heads, head_dim) -> (T, hidden)."""
+        """Self-attention within each protein: (rows, 3, heads, head_dim) -> (rows, hidden).
+
+        Rows past the batch's tokens (the padding of the last matmul tile) come back zero.
+        """
         t = qkv.shape[0]
-        if self.uses_varlen():
-            q, k, v = qkv.unbind(1)
-            out = _varlen()(q, k, v, db.cu_seqlens, db.cu_seqlens, db.max_len, db.max_len, scale=1.0)
-            return out.reshape(t, self.hidden_size)
+        real = db.tokens.shape[0]
+        varlen = _varlen()
+        if varlen is not None and self.uses_varlen():
+            # Flash varlen runs each (protein, head, query block) in its own thread block over the protein's
+            # keys in order, without splitting the keys by the batch's size: per protein, one fixed sum.
+            q, k, v = qkv[:real].unbind(1)
+            out = varlen(q, k, v, db.cu_seqlens, db.cu_seqlens, db.max_len, db.max_len, scale=1.0)
+            return pad_rows(out.reshape(real, self.hidden_size)) if t > real else out.reshape(t, self.hidden_size)
         out = qkv.new_empty(t, self.hidden_size)  # float32 (see _rotate)
+        if t > real:
+            out[real:] = 0
         for g in db.groups:
             n, w = g.gather.shape
             # (n, W, 3, heads, D) -> q, k, v each (n, heads, W, D)
@@ -304,9 +345,11 @@ class PackedEsm2(nn.Module):
         self, qkv: torch.Tensor, db: DeviceBatch, layer: int, logits: list[torch.Tensor]
     ) -> torch.Tensor:
         """Attention with its probabilities written out, one protein at a time, folded into contact logits."""
-        out = qkv.new_empty(qkv.shape[0], self.hidden_size, dtype=self.dtype)
+        out = qkv.new_zeros(qkv.shape[0], self.hidden_size, dtype=self.dtype)  # padding rows stay 0
         heads = self.num_heads
-        weight = self.contact_w[layer * heads : (layer + 1) * heads].to(qkv.device)
+        if self.contact_w is None or db.host is None:
+            raise RuntimeError("contacts without the contact head or the host batch; this is a bug")
+        weight = self.contact_w[layer * heads : (layer + 1) * heads]
         cu = db.host.cu_seqlens
         for i in range(db.host.num_seqs):
             a, b = int(cu[i]), int(cu[i + 1])
@@ -319,17 +362,17 @@ class PackedEsm2(nn.Module):
             logits[i] = part if logits[i] is None else logits[i] + part
         return out
 
-    def _layer(self, x: torch.Tensor, lw: _Layer, db: DeviceBatch, cos, sin, contacts=None, index=0) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, lw: _Layer, db: DeviceBatch, cos, sin, *, contacts=None, index=0) -> torch.Tensor:
         h = F.layer_norm(x, (self.hidden_size,), lw.ln1_w, lw.ln1_b, self.eps)
-        qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(-1, 3, self.num_heads, self.head_dim)
+        qkv = self._linear(h, lw.qkv_w, lw.qkv_b).view(-1, 3, self.num_heads, self.head_dim)
         qkv = self._rotate(qkv, cos, sin)
         if contacts is None:
             a = self._attend(qkv, db)
         else:
             a = self._attend_explicit(qkv, db, index, contacts)
-        x = F.linear(a, lw.out_w, lw.out_b).add_(x)
+        x = self._linear(a, lw.out_w, lw.out_b).add_(x)
         h = F.layer_norm(x, (self.hidden_size,), lw.ln2_w, lw.ln2_b, self.eps)
-        return F.linear(F.gelu(F.linear(h, lw.fc1_w, lw.fc1_b)), lw.fc2_w, lw.fc2_b).add_(x)
+        return self._linear(F.gelu(self._linear(h, lw.fc1_w, lw.fc1_b)), lw.fc2_w, lw.fc2_b).add_(x)
 
     def _run(self, db: DeviceBatch, layers: Sequence[int], visit, contacts=None) -> None:
         """Runs the forward, calling visit(index, hidden) for each hidden state in ``layers`` as it is made."""
@@ -338,12 +381,14 @@ class PackedEsm2(nn.Module):
         if contacts is not None:
             last = self.num_layers
         x = self._embeddings(db)
-        if 0 in wanted:
-            visit(0, x)
         cos = self.rot_cos[db.positions][:, None, None, :]  # (T, 1, 1, D): q and k, every head
         sin = self.rot_sin[db.positions][:, None, None, :]
-        for index, lw in enumerate(self.layers[: min(last, self.num_layers)]):
-            x = self._layer(x, lw, db, cos, sin, contacts, index)
+        if self.batch_invariant:  # whole matmul tiles from the start: every layer runs on the padded rows
+            x, cos, sin = pad_rows(x), pad_rows(cos), pad_rows(sin)
+        if 0 in wanted:
+            visit(0, x)
+        for index, lw in enumerate(self.blocks()[: min(last, self.num_layers)]):
+            x = self._layer(x, lw, db, cos, sin, contacts=contacts, index=index)
             if index + 1 in wanted and index + 1 < self.num_layers:
                 visit(index + 1, x)
         if self.num_layers in wanted:
@@ -365,7 +410,8 @@ class PackedEsm2(nn.Module):
         db = batch if isinstance(batch, DeviceBatch) else self.prepare(batch)
         check_layers(layers, self.num_layers)
         out: dict[int, torch.Tensor] = {}
-        self._run(db, layers, out.__setitem__)  # hidden states are never changed in place
+        t = db.tokens.shape[0]
+        self._run(db, layers, lambda i, h: out.__setitem__(i, h[:t]))  # hidden states are never changed in place
         return out
 
     def reduce_on_device(
@@ -380,7 +426,10 @@ class PackedEsm2(nn.Module):
 
         def visit(index: int, h: torch.Tensor) -> None:
             hf = h.float()
-            if pooling == "mean":
+            if pooling == "mean" and db.pool is not None:
+                pooled = mean_pool(hf, db.pool, db.inv_lengths)
+            elif pooling == "mean":
+                hf = hf[: db.pool_index.shape[0]]
                 sums = hf.new_zeros(b + 1, self.hidden_size).index_add_(0, db.pool_index, hf)
                 pooled = (sums * db.inv_lengths[:, None])[:b]
             else:
@@ -457,10 +506,12 @@ class PackedEsm2(nn.Module):
         picked: list[torch.Tensor] = []
         self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
         lm = self.lm
-        x = F.gelu(F.linear(picked[0], lm["dense_w"], lm["dense_b"]))
+        x = pad_rows(picked[0]) if self.batch_invariant else picked[0]  # whole tiles: the rows read vary
+        x = F.gelu(self._linear(x, lm["dense_w"], lm["dense_b"]))
         x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], self.lm_eps)
         decoder = lm["decoder"] if "decoder" in lm else self.tok_embed
-        return torch.log_softmax((F.linear(x, decoder) + lm["bias"]).float(), dim=-1)
+        logits = (self._linear(x, decoder) + lm["bias"]).float()
+        return torch.log_softmax(logits[: len(rows_t)], dim=-1)
 
 
 def _apc(x: torch.Tensor) -> torch.Tensor:
@@ -468,6 +519,11 @@ def _apc(x: torch.Tensor) -> torch.Tensor:
     a1 = x.sum(-1, keepdim=True)
     a2 = x.sum(-2, keepdim=True)
     return x - a1 * a2 / x.sum((-1, -2), keepdim=True)
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The rotary inverse frequencies, float32 on the CPU, as transformers' and fair-esm's formula."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> None:
@@ -478,12 +534,20 @@ def check_layers(layers: Sequence[int], num_layers: int) -> None:
 _VARLEN: list = []
 
 
-def _varlen():
-    """torch's varlen_attn, or None where this torch has none (looked up once)."""
+def _varlen() -> Callable[..., Any] | None:
+    """torch's varlen_attn, or None where this torch has none or one without ``scale`` (looked up once).
+
+    ``scale=`` came with torch 2.11; torch 2.10 has the function without it. The queries are already scaled
+    (folded into the QKV weight), so attention must run with scale 1: without the keyword, SDPA it is.
+    """
     if not _VARLEN:
+        found: Callable[..., Any] | None
         try:
-            from torch.nn.attention.varlen import varlen_attn
+            from torch.nn.attention.varlen import varlen_attn as found
         except ImportError:
-            varlen_attn = None
-        _VARLEN.append(varlen_attn)
+            found = None
+        if found is not None and "scale" not in inspect.signature(found).parameters:
+            log.info("this torch's varlen_attn takes no scale (torch < 2.11): attention runs through SDPA")
+            found = None
+        _VARLEN.append(found)
     return _VARLEN[0]

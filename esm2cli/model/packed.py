@@ -6,11 +6,14 @@ The forward (esm2cli.model.forward) never asks the device for a length or an off
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+from esm2cli.model.invariant import PoolPlan, pool_plan, width_groups
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token dropout: the share of masked tokens in every training run
 # Host cost of one attention group per layer (gather, SDPA call, scatter), in attention score pairs: a new
@@ -197,13 +200,15 @@ class DeviceBatch:
     Attributes:
         host: The batch described on the host (None for a CUDA graph's static inputs).
         tokens, positions, scale, cu_seqlens (int32): As the PackedBatch.
-        pool_index: (T,) int64 protein of each residue token, B for <cls> and <eos> (mean pooling).
+        pool_index: (T,) int64 protein of each residue token, B for <cls> and <eos> (mean pooling by
+            ``index_add_``, the forward that is not batch-invariant).
         inv_lengths: (B + 1,) float32 1 / residues per protein (0 for the dump row B).
         bos_rows: (B,) int64 packed row of each <cls>.
         residue_rows: (R,) int64 packed row of each residue.
         num_seqs: B, the pooled rows (a CUDA graph's: its slots).
         max_len: The widest protein in tokens.
         groups: Padded attention groups (the SDPA path only).
+        pool: Mean pooling's indices (esm2cli.model.invariant.pool_plan); None: pool by ``pool_index``.
     """
 
     host: PackedBatch | None
@@ -218,6 +223,7 @@ class DeviceBatch:
     num_seqs: int
     max_len: int
     groups: list[GroupPlan] = field(default_factory=list)
+    pool: PoolPlan | None = None  # mean pooling's fixed-order sums (the batch-invariant forward)
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -227,73 +233,210 @@ def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def plan_groups(sizes: np.ndarray, starts: np.ndarray, ints: list[np.ndarray]) -> list[tuple]:
-    """Host arrays of each attention group, appended to ``ints``; returns their shapes for slicing back.
+Buffer = TypeVar("Buffer", np.ndarray, torch.Tensor)
 
+
+@dataclass(frozen=True)
+class Layout:
+    """The named fields of one flat buffer, in order, with their sizes: the one place a buffer is cut.
+
+    A batch's indices travel to the device in one int64 and one float32 buffer; what is where in them is
+    said here once, and both the packing and the splitting read it, so that adding a field is one edit and a
+    field of the wrong size is an error instead of shifted vectors.
+    """
+
+    fields: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, sizes: Mapping[str, int]) -> Layout:
+        return cls(tuple((name, int(size)) for name, size in sizes.items()))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.fields)
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.fields)
+
+    def slices(self) -> dict[str, slice]:
+        out, at = {}, 0
+        for name, size in self.fields:
+            out[name] = slice(at, at + size)
+            at += size
+        return out
+
+    def split(self, flat: Buffer) -> dict[str, Buffer]:
+        """Views of each field of a buffer laid out by this layout (numpy or torch)."""
+        if len(flat) != self.total:
+            raise ValueError(f"a buffer of {len(flat)} values for a layout of {self.total}; this is a bug")
+        return {name: flat[cut] for name, cut in self.slices().items()}
+
+    def pack(self, arrays: Mapping[str, np.ndarray], dtype: type | np.dtype) -> np.ndarray:
+        """One flat host array of the fields, each checked against its size."""
+        if tuple(arrays) != self.names:
+            raise ValueError(f"fields {list(arrays)} for a layout of {list(self.names)}; this is a bug")
+        for name, size in self.fields:
+            if len(arrays[name]) != size:
+                raise ValueError(f"field {name} has {len(arrays[name])} values, its layout {size}; this is a bug")
+        if not self.fields:
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate([np.asarray(arrays[name], dtype=dtype) for name in self.names])
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each index of a batch sits in its two device buffers (int64 and float32).
+
+    Attributes:
+        ints: tokens, positions (T each), cu_seqlens (segments + 1), pool_index (T), bos_rows (B),
+            residue_rows (R), then ``extra`` int fields (a CUDA graph's ``keep`` rows, attention groups).
+        floats: scale (T), inv_lengths (B + 1).
+    """
+
+    ints: Layout
+    floats: Layout
+
+    @classmethod
+    def sized(
+        cls, *, tokens: int, seqs: int, segments: int, residues: int, extra: Mapping[str, int] | None = None
+    ) -> BatchLayout:
+        """The layout of a batch of ``tokens`` tokens, ``seqs`` pooled rows, ``segments`` attention segments."""
+        ints = {
+            "tokens": tokens,
+            "positions": tokens,
+            "cu_seqlens": segments + 1,
+            "pool_index": tokens,
+            "bos_rows": seqs,
+            "residue_rows": residues,
+            **(extra or {}),
+        }
+        return cls(Layout.of(ints), Layout.of({"scale": tokens, "inv_lengths": seqs + 1}))
+
+
+def plan_groups(
+    sizes: np.ndarray, starts: np.ndarray, *, invariant: bool = True
+) -> tuple[dict[str, np.ndarray], list[tuple]]:
+    """Host arrays of each attention group, as named int fields, and their shapes for reading them back.
+
+    Batch-invariant (the default): proteins of one attention-width rung together, each padded to that rung
+    (``invariant.width_groups``), so that a protein's attention shape is fixed by its own length. Otherwise
+    the groups that cost least for this batch (``attention_groups``), padded to their widest member.
     Segments of zero tokens (unused slots of a CUDA graph's batch) are left out.
     """
-    shapes = []
+    shapes, fields = [], {}
     used = np.flatnonzero(sizes > 0)
-    for members in attention_groups(sizes[used]):
-        members = used[members]
-        n, widest = len(members), int(sizes[members].max())
+    if invariant:
+        plan = width_groups(sizes)
+    else:
+        plan = [(int(sizes[used[m]].max()), used[m]) for m in attention_groups(sizes[used])]
+    for g, (widest, members) in enumerate(plan):
+        n = len(members)
         offs = np.arange(widest)
         valid = offs[None, :] < sizes[members][:, None]  # (n, W)
         gather = np.where(valid, starts[members][:, None] + offs[None, :], starts[members][:, None])
         padded = not valid.all()
         slots = np.flatnonzero(valid.reshape(-1))
-        ints += [gather.reshape(-1), valid.reshape(-1).astype(np.int64), gather.reshape(-1)[slots]]
+        fields[f"group{g}.gather"] = gather.reshape(-1)
+        fields[f"group{g}.valid"] = valid.reshape(-1).astype(np.int64)
+        fields[f"group{g}.dest"] = gather.reshape(-1)[slots]
         if padded:
-            ints.append(slots)
-        shapes.append((n, widest, padded, len(slots)))
-    return shapes
+            fields[f"group{g}.slots"] = slots
+        shapes.append((n, widest, padded))
+    return fields, shapes
 
 
-def unpack_groups(pieces, shapes: list[tuple]) -> list[GroupPlan]:
+def pool_fields(batch: PackedBatch, **static: int) -> dict[str, np.ndarray]:
+    """Mean pooling's fixed-order sums as named int fields (``static``: a CUDA graph's chunks and width)."""
+    plan = pool_plan(batch.cu_seqlens[:-1] + 1, batch.lengths, **static)
+    return {f"pool.{name}": values for name, values in plan.items()}
+
+
+def unpack_pool(parts: Mapping[str, torch.Tensor], seqs: int) -> PoolPlan | None:
+    """The PoolPlan of a batch's fields (None when it has none)."""
+    if "pool.rows" not in parts:
+        return None
+    return PoolPlan.of(parts["pool.rows"], parts["pool.valid"], parts["pool.chunks"], seqs)
+
+
+def unpack_groups(parts: Mapping[str, torch.Tensor], shapes: list[tuple]) -> list[GroupPlan]:
     groups = []
-    for n, widest, padded, _ in shapes:
-        gather, valid, dest = next(pieces), next(pieces), next(pieces)
-        slots = next(pieces) if padded else None
+    for g, (n, widest, padded) in enumerate(shapes):
+        valid = parts[f"group{g}.valid"]
         key_mask = valid.view(n, 1, 1, widest).bool() if padded else None
-        groups.append(GroupPlan(gather.view(n, widest), key_mask, slots, dest))
+        slots = parts[f"group{g}.slots"] if padded else None
+        groups.append(GroupPlan(parts[f"group{g}.gather"].view(n, widest), key_mask, slots, parts[f"group{g}.dest"]))
     return groups
 
 
-def to_device(batch: PackedBatch, device: torch.device | str, *, groups: bool) -> DeviceBatch:
+def device_batch(
+    host: PackedBatch | None,
+    ints: Mapping[str, torch.Tensor],
+    floats: Mapping[str, torch.Tensor],
+    *,
+    num_seqs: int,
+    max_len: int,
+    groups: list[GroupPlan] | None = None,
+) -> DeviceBatch:
+    """A DeviceBatch over the fields of its two buffers (split by their BatchLayout), pooling plan included."""
+    return DeviceBatch(
+        host=host,
+        tokens=ints["tokens"],
+        positions=ints["positions"],
+        scale=floats["scale"],
+        cu_seqlens=ints["cu_seqlens"].to(torch.int32),
+        pool_index=ints["pool_index"],
+        inv_lengths=floats["inv_lengths"],
+        bos_rows=ints["bos_rows"],
+        residue_rows=ints["residue_rows"],
+        num_seqs=num_seqs,
+        max_len=max_len,
+        groups=groups or [],
+        pool=unpack_pool(ints, num_seqs),
+    )
+
+
+def to_device(batch: PackedBatch, device: torch.device | str, *, groups: bool, invariant: bool = True) -> DeviceBatch:
     """Moves a batch's indices to ``device``: one int64 and one float32 transfer (pinned, non-blocking on CUDA).
 
     Args:
         batch: The packed batch.
         device: Where the model is.
         groups: Also plan padded attention groups (the SDPA attention path).
+        invariant: Plan them, and mean pooling, batch-invariantly (see plan_groups, invariant.mean_pool).
     """
     device = torch.device(device)
     b, t = batch.num_seqs, batch.num_tokens
     pool_index = np.full(t, b, dtype=np.int64)
     residue_rows = batch.residue_rows()
     pool_index[residue_rows] = np.repeat(np.arange(b), batch.lengths)
-    ints = [batch.tokens, batch.positions, batch.cu_seqlens, pool_index, batch.cu_seqlens[:-1], residue_rows]
-    shapes = plan_groups(batch.seq_tokens, batch.cu_seqlens[:-1], ints) if groups else []
+    group_fields: dict[str, np.ndarray] = {}
+    shapes: list[tuple] = []
+    if groups:
+        group_fields, shapes = plan_groups(batch.seq_tokens, batch.cu_seqlens[:-1], invariant=invariant)
+    if invariant:
+        group_fields.update(pool_fields(batch))
+    layout = BatchLayout.sized(
+        tokens=t, seqs=b, segments=b, residues=len(residue_rows), extra={k: len(v) for k, v in group_fields.items()}
+    )
     inv_lengths = np.zeros(b + 1, dtype=np.float32)
     inv_lengths[:b] = 1.0 / np.maximum(batch.lengths, 1)
-    flat_i = host_to_device(np.concatenate(ints), device)
-    flat_f = host_to_device(np.concatenate([batch.scale, inv_lengths]), device)
-    pieces = iter(torch.split(flat_i, [len(a) for a in ints]))
-    out = DeviceBatch(
-        host=batch,
-        tokens=next(pieces),
-        positions=next(pieces),
-        cu_seqlens=next(pieces).to(torch.int32),
-        pool_index=next(pieces),
-        bos_rows=next(pieces),
-        residue_rows=next(pieces),
-        scale=flat_f[:t],
-        inv_lengths=flat_f[t:],
-        num_seqs=b,
-        max_len=batch.max_len,
-    )
-    out.groups = unpack_groups(pieces, shapes)
-    return out
+    ints = {
+        "tokens": batch.tokens,
+        "positions": batch.positions,
+        "cu_seqlens": batch.cu_seqlens,
+        "pool_index": pool_index,
+        "bos_rows": batch.cu_seqlens[:-1],
+        "residue_rows": residue_rows,
+        **group_fields,
+    }
+    flat_i = host_to_device(layout.ints.pack(ints, np.int64), device)
+    flat_f = host_to_device(layout.floats.pack({"scale": batch.scale, "inv_lengths": inv_lengths}, np.float32), device)
+    parts = layout.ints.split(flat_i)
+    return device_batch(
+        batch, parts, layout.floats.split(flat_f), num_seqs=b, max_len=batch.max_len,
+        groups=unpack_groups(parts, shapes),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

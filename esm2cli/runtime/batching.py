@@ -19,6 +19,9 @@ WIDTH_STEPS_PER_OCTAVE = 16
 # Packed batches (sequences laid end to end, no padding) have a token count instead of a width: a coarser
 # ladder of 4 steps an octave (at most 25% of extra tokens, ~12% on average) keeps the number of shapes (or graphs) low.
 TOKEN_STEPS_PER_OCTAVE = 4
+# The CUDA graphs' smallest token bucket for batch jobs, which fill their budget: smaller ones would only add
+# captures (the server starts lower, for its short requests: esm2cli.runtime.engine.SERVER_SMALLEST_BUCKET).
+SMALLEST_TOKEN_BUCKET = 1024
 
 
 def ladder(n: int, step: int, per_octave: int) -> int:
@@ -60,7 +63,7 @@ def token_bucket(tokens: int, budget: int | None = None, per_octave: int = TOKEN
     return max(tokens, min(rung, budget)) if budget else rung
 
 
-def token_buckets(budget: int, smallest: int = 1024) -> list[int]:
+def token_buckets(budget: int, smallest: int = SMALLEST_TOKEN_BUCKET) -> list[int]:
     """Every rung of the packed-token ladder from ``smallest`` up to ``budget``: the CUDA graphs a replica captures.
 
     A batch runs in the smallest bucket that holds it (its tokens padded with a dummy segment), so the

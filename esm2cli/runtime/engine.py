@@ -7,17 +7,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.errors import BatchError, ConfigError, EngineError
+from esm2cli.runtime.batching import SMALLEST_TOKEN_BUCKET
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 _PUT_POLL_S = 0.1  # how often a blocked submit re-checks that the workers are still alive
+SERVER_SMALLEST_BUCKET = 256  # the server's CUDA graphs start here (a single short request is its common batch)
 _WARM_UP_TIMEOUT_S = 600.0  # a replica's first batch may compile kernels or fill caches: minutes, not hours
 
 
@@ -105,6 +107,8 @@ def build_engine(
     queue_depth: int = 2,
     lm_head: bool = False,
     placement: Placement | None = None,
+    *,
+    smallest_bucket: int = SMALLEST_TOKEN_BUCKET,
 ) -> EngineSetup:
     """Assembles the runtime once: devices, dtype, model, replicas and token budget.
 
@@ -120,6 +124,8 @@ def build_engine(
         queue_depth: Batches waiting per replica at most (the shared queue holds depth x replicas).
         lm_head: Also load the masked-LM head (esm2cli score).
         placement: Devices and dtype already resolved by resolve_placement (None: resolved here).
+        smallest_bucket: The CUDA graphs' smallest token bucket; the graphs hold batches of up to
+            ``batch.batch_size`` sequences.
 
     Raises:
         DeviceError, ConfigError, ModelLoadError: The devices, options or model are unusable.
@@ -150,25 +156,44 @@ def build_engine(
     layers = resolve_layers(embed.layers, loaded.num_layers)
     # The one place the token budget is decided: every command reads setup.batch.
     batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
+    replicas: Sequence[Embedder]
     if model.simulate:
         from esm2cli.runtime.modeled import build_modeled_replicas
 
         replicas = build_modeled_replicas(loaded, devices, embed, model.simulate, dtype)
     else:
-        replicas = build_replicas(loaded, devices, embed, batch)
+        replicas = build_replicas(loaded, devices, embed, batch, smallest_bucket=smallest_bucket)
         _capture_graphs(replicas)
     engine = Engine(replicas, queue_depth=queue_depth)
     return EngineSetup(engine, loaded, layers, devices, dtype, batch, list(replicas))
 
 
+def build_server_engine(model: ModelConfig, embed: EmbedConfig, serve: ServeConfig) -> EngineSetup:
+    """build_engine for esm2cli serve: CUDA graphs for the server's batches and its short requests.
+
+    The graphs hold the batches the server's batcher submits (``--max-batch-size`` sequences, or
+    ``--max-client-batch`` without dynamic batching): a larger batch than the graphs hold would run eagerly.
+    Their buckets start at SERVER_SMALLEST_BUCKET tokens, so that a 300-residue request computes a
+    320-token bucket, not a 1,024-token one.
+    """
+    size = serve.max_batch_size if serve.batching else serve.max_client_batch
+    batch = BatchConfig(batch_size=size, max_tokens=serve.max_tokens)
+    return build_engine(model, embed, batch, smallest_bucket=SERVER_SMALLEST_BUCKET)
+
+
 def _capture_graphs(replicas: Sequence[Any]) -> None:
-    """Captures every CUDA replica's graphs before the first batch, the replicas side by side."""
+    """Captures every CUDA replica's graphs before the first batch, one replica after another.
+
+    Not side by side: torch allows one capture at a time in a process (a capture's start synchronises and empties
+    the caching allocator, and in the default mode any other thread's CUDA call breaks it), and each replica
+    captures on its own device's stream (esm2cli.model.graphs.capture_stream).
+    """
     cuda = [r for r in replicas if getattr(r, "graphs", None) is not None]
     if not cuda:
         return
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(cuda)) as pool:
-        list(pool.map(lambda r: r.warm_up(), cuda))
+    for replica in cuda:
+        replica.warm_up()
     log.info("CUDA graphs ready on %d device(s) in %.1f s", len(cuda), time.perf_counter() - start)
 
 
@@ -319,7 +344,7 @@ class Engine:
 
     def _drain(self) -> list[_Job]:
         """Takes every job still queued (not the stop markers)."""
-        jobs = []
+        jobs: list[_Job] = []
         while True:
             try:
                 job = self._jobs.get_nowait()

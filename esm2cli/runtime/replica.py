@@ -16,7 +16,7 @@ from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import LoadedModel
 from esm2cli.model.packed import PackedBatch
-from esm2cli.runtime.batching import token_buckets
+from esm2cli.runtime.batching import SMALLEST_TOKEN_BUCKET, token_buckets
 from esm2cli.runtime.devices import Device
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Replica:
         forward: PackedEsm2,
         cpu_threads: int | None = None,
         batch: BatchConfig | None = None,
+        *,
+        smallest_bucket: int = SMALLEST_TOKEN_BUCKET,
     ):
         self.device = device
         self.cpu_threads = cpu_threads
@@ -99,10 +101,13 @@ class Replica:
         self.contacts = embed.contacts
         if self.contacts and not forward.has_contact_head:
             raise RuntimeError("contacts asked of a model loaded without its contact head; this is a bug")
-        self.graphs = self._graph_runner(embed, batch) if device.is_cuda else None
+        self.graphs = self._graph_runner(embed, batch, smallest_bucket) if device.is_cuda else None
 
-    def _graph_runner(self, embed: EmbedConfig, batch: BatchConfig | None) -> GraphRunner | None:
-        """Graphs for the embeddings of this replica's batches (varlen attention on CUDA, no contacts)."""
+    def _graph_runner(self, embed: EmbedConfig, batch: BatchConfig | None, smallest: int) -> GraphRunner | None:
+        """Graphs for the embeddings of this replica's batches (varlen attention on CUDA, no contacts).
+
+        One a token bucket from ``smallest`` to the token budget, for batches of up to the batch size.
+        """
         if batch is None or batch.max_tokens is None or self.contacts or not self.forward.uses_varlen():
             return None
         if embed.per_token:
@@ -112,7 +117,7 @@ class Replica:
         else:
             modes = (False,)
         return GraphRunner(
-            self.forward, self.layers, self.pooling, buckets=token_buckets(batch.max_tokens),
+            self.forward, self.layers, self.pooling, buckets=token_buckets(batch.max_tokens, smallest),
             max_seqs=batch.batch_size, per_token_modes=modes,
         )  # fmt: skip
 
@@ -209,7 +214,12 @@ class Replica:
 
 
 def build_replicas(
-    loaded: LoadedModel, devices: Sequence[Device], embed: EmbedConfig, batch: BatchConfig | None = None
+    loaded: LoadedModel,
+    devices: Sequence[Device],
+    embed: EmbedConfig,
+    batch: BatchConfig | None = None,
+    *,
+    smallest_bucket: int = SMALLEST_TOKEN_BUCKET,
 ) -> list[Replica]:
     """Places one replica on each device, copying the weights loaded once.
 
@@ -220,7 +230,8 @@ def build_replicas(
         loaded: The model, loaded once on the CPU.
         devices: One replica each.
         embed: Layers, pooling, per-token output and contacts.
-        batch: The batch settings (the token budget sizes the CUDA graphs' buckets).
+        batch: The batch settings (the token budget and the batch size size the CUDA graphs' buckets).
+        smallest_bucket: The CUDA graphs' smallest token bucket (the server's short requests want small ones).
 
     Raises:
         ConfigError: A layer index is out of range.
@@ -233,7 +244,7 @@ def build_replicas(
     for device in devices:
         if device.is_cuda:
             forward = copy.deepcopy(loaded.forward).to(device.torch_device)
-            replicas.append(Replica(loaded, device, embed, forward, batch=batch))
+            replicas.append(Replica(loaded, device, embed, forward, batch=batch, smallest_bucket=smallest_bucket))
         else:
             replicas.append(Replica(loaded, device, embed, loaded.forward, cpu_threads=threads))
     return replicas

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import load_model
-from esm2cli.model.packed import PackedBatch, attention_groups
-from esm2cli.runtime.batching import token_buckets
+from esm2cli.model.packed import PackedBatch
 from reference import cosine
 
 # Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.
@@ -124,9 +122,23 @@ def test_a_protein_does_not_depend_on_its_batch_mates(tiny):
     together = packed.embed(_pack(loaded, seqs), (1, 3), per_token=True)
     for i, seq in enumerate(seqs):
         alone = packed.embed(_pack(loaded, [seq]), (1, 3), per_token=True)
-        for layer in (1, 3):
-            np.testing.assert_allclose(together.pooled[layer][i], alone.pooled[layer][0], atol=1e-5, rtol=0)
-            np.testing.assert_allclose(together.per_token[layer][i], alone.per_token[layer][0], atol=1e-5, rtol=0)
+        for layer in (1, 3):  # bit for bit (tests/model/test_invariant.py covers more compositions and dtypes)
+            assert np.array_equal(together.pooled[layer][i], alone.pooled[layer][0])
+            assert np.array_equal(together.per_token[layer][i], alone.per_token[layer][0])
+
+
+def test_the_batch_dependent_forward_agrees_within_rounding(tiny):
+    """``batch_invariant = False`` (kept to measure what invariance costs) computes the same maths."""
+    loaded, packed = tiny
+    batch = _pack(loaded, _seqs())
+    want = packed.embed(batch, (1, 3), per_token=True)
+    packed.batch_invariant = False
+    try:
+        got = packed.embed(batch, (1, 3), per_token=True)
+    finally:
+        packed.batch_invariant = True
+    for layer in (1, 3):
+        np.testing.assert_allclose(got.pooled[layer], want.pooled[layer], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "bos"])
@@ -166,15 +178,6 @@ def test_lm_log_probs_equal_transformers_masked_lm(tiny, hf_tiny):
         at += len(seq)
 
 
-def test_token_dropout_scales_by_the_mask_share_of_each_protein(tiny):
-    loaded, _ = tiny
-    batch = _pack(loaded, ["MKVL", "AC"], masked=[1, None])
-    # protein 0: 6 tokens, one masked; protein 1: none masked
-    np.testing.assert_allclose(batch.scale[:6], [0.88 / (1 - 1 / 6)] * 2 + [0] + [0.88 / (1 - 1 / 6)] * 3, rtol=1e-6)
-    np.testing.assert_allclose(batch.scale[6:], [0.88] * 4, rtol=1e-6)
-    assert np.all(_pack(loaded, ["MKVL"], masked=[1], token_dropout=False).scale == 1)
-
-
 def test_contacts_equal_transformers_predict_contacts(tiny, hf_tiny):
     loaded, packed = tiny
     seqs = _seqs()
@@ -196,7 +199,7 @@ def test_bfloat16_within_bounds_of_float32(tiny_model_dir, tiny):
     fp32 = packed.embed(_pack(loaded, seqs), (3,)).pooled[3]
     low = packed16.embed(_pack(bf16, seqs), (3,)).pooled[3]
     assert low.dtype == np.float32
-    assert cosine(low, fp32).min() >= 0.999  # the bounds tests/test_model.py holds today's path to
+    assert cosine(low, fp32).min() >= 0.999  # the bounds tests/runtime/test_replica.py holds replicas to
     centre = fp32.mean(0)
     assert cosine(low - centre, fp32 - centre).min() >= 0.99
 
@@ -217,59 +220,6 @@ def test_never_calls_transformers_esm_modules(tiny, monkeypatch):
     runner = GraphRunner(packed, (3,), "mean", buckets=[2048], max_seqs=16, capture=False)
     runner.warmup()
     assert np.isfinite(runner.embed(batch).pooled[3]).all()
-
-
-def test_attention_groups_cover_every_protein_once():
-    assert [len(g) for g in attention_groups(np.array([100, 101, 100, 99]))] == [4]  # uniform: one call
-    sizes = np.array([900, 5, 7, 300, 6, 310])
-    groups = attention_groups(sizes)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(len(sizes)))
-    assert len(groups) > 1  # the 900-token protein does not pad the 5-token ones
-    assert all(sizes[g].max() - sizes[g].min() < 100 for g in groups)
-
-
-@pytest.mark.parametrize("per_token", [False, True])
-def test_bucketed_inputs_give_the_eager_result(tiny, per_token):
-    """The graph runner's layout (dummy segments up to the bucket, empty slots), run eagerly on the CPU."""
-    loaded, packed = tiny
-    seqs = _seqs()
-    runner = GraphRunner(packed, (3, 1), "mean", buckets=[512, 1024], max_seqs=12, per_token_modes=(per_token,))
-    assert not runner.capture  # the CPU: no graphs, the same buffers
-    runner.warmup()
-    small = _seqs([5, 9, 30], seed=8)
-    for batch_seqs, bucket in ((seqs, 1024), (small, 512)):
-        batch = _pack(loaded, batch_seqs)
-        assert runner.bucket_for(batch, per_token) == bucket
-        got = runner.embed(batch, per_token=per_token)
-        want = packed.embed(batch, (3, 1), per_token=per_token)
-        for layer in (3, 1):
-            np.testing.assert_allclose(got.pooled[layer], want.pooled[layer], atol=1e-5, rtol=0)
-            if per_token:
-                for g, w in zip(got.per_token[layer], want.per_token[layer], strict=True):
-                    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
-    assert runner.graph_batches == 2 and runner.eager_batches == 0
-    too_many = _pack(loaded, _seqs([4] * 13))  # more proteins than slots: eager
-    assert runner.bucket_for(too_many, per_token) is None
-    runner.embed(too_many, per_token=per_token)
-    assert runner.eager_batches == 1
-
-
-def test_a_failed_capture_warns_once_and_runs_eagerly(tiny, monkeypatch):
-    loaded, packed = tiny
-    runner = GraphRunner(packed, (3,), "mean", buckets=[1024], max_seqs=8, capture=True)
-
-    def broken(st, per_token):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(runner, "_capture", broken)
-    with pytest.warns(UserWarning, match="capture failed.*running eagerly"):
-        runner.warmup()
-    batch = _pack(loaded, _seqs([5, 9]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        out = runner.embed(batch)
-    np.testing.assert_array_equal(out.pooled[3], packed.embed(batch, (3,)).pooled[3])
-    assert runner.failed and runner.eager_batches == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,22 +245,58 @@ def test_cuda_varlen_bf16_agrees_with_cpu_fp32(cuda_models):
     assert cosine(got - centre, want - centre).min() >= 0.98
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("per_token", [False, True])
-def test_cuda_graphs_replay_the_eager_forward(cuda_models, per_token):
-    loaded, _, gpu = cuda_models
-    runner = GraphRunner(gpu, (6, 12), "mean", buckets=token_buckets(8192), max_seqs=64,
-                         per_token_modes=(per_token,))  # fmt: skip
-    assert runner.capture
-    runner.warmup()
-    assert not runner.failed
-    seqs = [s for _, s in synthetic_sequences(60, seed=6, max_length=1022)]
-    for chunk in (seqs[:3], seqs[3:20], seqs[20:21]):
-        batch = _pack(loaded, chunk)
-        got, want = runner.embed(batch, per_token), gpu.embed(batch, (6, 12), per_token=per_token)
-        for layer in (6, 12):
-            assert cosine(got.pooled[layer], want.pooled[layer]).min() >= 0.9999
-            if per_token:
-                for g, w in zip(got.per_token[layer], want.per_token[layer], strict=True):
-                    assert cosine(g, w).min() >= 0.999
-    assert runner.graph_batches == 3
+def test_bf16_rotary_table_is_the_float32_formula():
+    """In bf16 the table comes from the formula in float32, not from the model's bf16-rounded inv_freq."""
+    bf16 = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="bfloat16"))
+    packed = bf16.forward
+    assert packed.dtype == torch.bfloat16 and packed.rot_cos.dtype == torch.float32
+    d = packed.head_dim
+    angles = 1025 * (1.0 / 10000 ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    want_cos = np.cos(np.concatenate([angles, angles]))
+    want_sin = np.sin(np.concatenate([angles, angles])) * np.repeat([-1.0, 1.0], d // 2)
+    np.testing.assert_allclose(packed.rot_cos[1025].numpy(), want_cos, atol=2e-4)
+    np.testing.assert_allclose(packed.rot_sin[1025].numpy(), want_sin, atol=2e-4)
+
+
+def test_varlen_attention_needs_a_scale_keyword(monkeypatch):
+    """torch 2.10's varlen_attn has no scale=: the forward must not call it (SDPA instead)."""
+    from torch.nn.attention import varlen
+
+    from esm2cli.model import forward
+
+    def without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None):
+        raise AssertionError("called")
+
+    def with_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None):
+        raise AssertionError("called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", without_scale)
+    monkeypatch.setattr(forward, "_VARLEN", [])
+    assert forward._varlen() is None
+    monkeypatch.setattr(varlen, "varlen_attn", with_scale)
+    monkeypatch.setattr(forward, "_VARLEN", [])
+    assert forward._varlen() is with_scale
+
+
+def test_every_tensor_moves_with_the_model_emb_layer_norm_and_contact_weights():
+    """emb_layer_norm_before checkpoints and the contact head: .to() moves their weights too."""
+    import copy
+
+    from esm2cli.model.architecture import esm2_architecture
+
+    torch.manual_seed(1)
+    encoder = EsmModel(esm2_architecture(2, 32, 4, emb_layer_norm_before=True), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        encoder.embeddings.layer_norm.weight.add_(torch.randn(32) * 0.5)  # a norm that shows when skipped
+    packed = PackedEsm2.from_hf(encoder)
+    assert packed.emb_ln_w is not None and packed.contact_w is not None
+    ids = [0, 5, 8, 13, 9, 2]
+    got = packed.forward(PackedBatch.from_token_ids([np.array(ids)], mask_id=32), (0, 2))
+    want = _hf_hidden(encoder, ids)
+    _assert_close(got[0].numpy(), want[0])
+    _assert_close(got[2].numpy(), want[2])
+    moved = copy.deepcopy(packed).to("meta")
+    assert moved.emb_ln_w.device.type == "meta" and moved.contact_w.device.type == "meta"
+    assert {t.device.type for t in [*moved.parameters(), *moved.buffers()]} == {"meta"}
+    half = copy.deepcopy(packed).to(torch.float16)
+    assert half.emb_ln_w.dtype == torch.float16

@@ -303,3 +303,31 @@ def test_chunks_close_after_about_commit_seconds_of_compute():
     assert limit.full(10, 150_000) and not limit.full(10, 149_999)
     bounded = ChunkLimit(BatchConfig(chunk_bytes=1000), bytes_per_residue=10, bytes_per_record=0)
     assert bounded.full(1, 100) and not bounded.full(1, 99)
+
+
+def test_cuda_replicas_capture_their_graphs_one_after_another():
+    """Graph captures are never concurrent: torch allows one at a time in a process."""
+    from esm2cli.runtime.engine import _capture_graphs
+
+    spans: list[tuple[float, float, str]] = []
+
+    class Capturing:
+        graphs = object()  # a CUDA replica: it has a graph runner
+
+        def __init__(self, name):
+            self.name = name
+
+        def warm_up(self):
+            start = time.perf_counter()
+            time.sleep(0.05)
+            spans.append((start, time.perf_counter(), self.name))
+
+    class CpuReplica:
+        graphs = None
+
+        def warm_up(self):
+            raise AssertionError("a replica without graphs has nothing to capture")
+
+    _capture_graphs([Capturing("cuda:0"), CpuReplica(), Capturing("cuda:1"), Capturing("cuda:2")])
+    assert [name for _, _, name in spans] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans

@@ -1,15 +1,16 @@
+"""Replicas (esm2cli.runtime.replica): embed_batch against transformers, layers, OOM splits, the CUDA graphs a
+replica plans, and the server's engine."""
+
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, EsmModel
 
-from esm2cli.config import EmbedConfig, ModelConfig
-from esm2cli.errors import ConfigError, ModelLoadError
-from esm2cli.model.architecture import ARCHITECTURES, esm2_config, resolve_source
-from esm2cli.model.forward import PackedEsm2
-from esm2cli.model.load import architecture_of, load_model
+from esm2cli.config import BatchConfig, EmbedConfig, ModelConfig, ServeConfig
+from esm2cli.errors import ConfigError
+from esm2cli.model.load import load_model
 from esm2cli.runtime.devices import Device
-from esm2cli.runtime.replica import build_replicas, resolve_layers
+from esm2cli.runtime.engine import SERVER_SMALLEST_BUCKET, build_server_engine
+from esm2cli.runtime.replica import Replica, build_replicas, resolve_layers
 from reference import DirectReference, cosine
 
 CPU = Device("cpu", "cpu")
@@ -27,50 +28,6 @@ def loaded(tiny_model_dir):
 
 def replica(loaded, **embed):
     return build_replicas(loaded, [CPU], EmbedConfig(**embed))[0]
-
-
-def test_aliases_map_to_hub_ids():
-    assert resolve_source("esm2_t33_650M") == "facebook/esm2_t33_650M_UR50D"
-    assert resolve_source("esm2_t6_8M_UR50D") == "facebook/esm2_t6_8M_UR50D"
-    assert resolve_source("someone/my-esm") == "someone/my-esm"
-    assert architecture_of("facebook/esm2_t36_3B_UR50D") == "esm2_t36_3B"
-    assert architecture_of("/models/esm2_t12_35M_UR50D/") == "esm2_t12_35M"
-    assert architecture_of("someone/my-esm") is None
-
-
-@pytest.mark.parametrize(
-    "alias, nominal",
-    [
-        ("esm2_t6_8M", 8e6),
-        ("esm2_t12_35M", 35e6),
-        ("esm2_t30_150M", 150e6),
-        ("esm2_t33_650M", 650e6),
-        ("esm2_t36_3B", 3e9),
-        ("esm2_t48_15B", 15e9),
-    ],
-)
-def test_dummy_architectures_have_the_named_size(alias, nominal):
-    with torch.device("meta"):
-        model = EsmModel(esm2_config(alias), add_pooling_layer=False)
-    params = sum(p.numel() for p in model.parameters())
-    assert abs(params - nominal) / nominal < 0.1, params
-    assert model.config.num_hidden_layers == ARCHITECTURES[alias][0]
-
-
-def test_dummy_weights_are_random_but_repeatable():
-    a = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
-    b = load_model(ModelConfig(model="esm2_t6_8M", load_format="dummy", dtype="float32"))
-    assert a.dummy and a.num_layers == 6 and a.hidden_size == 320
-    for (name, pa), pb in zip(a.forward.state_dict().items(), b.forward.state_dict().values(), strict=True):
-        assert torch.equal(pa, pb), name
-
-
-def test_loads_only_the_encoder_in_inference_mode(loaded):
-    assert isinstance(loaded.forward, PackedEsm2) and loaded.reference is None  # the weights are held once
-    assert not loaded.forward.has_lm_head and not loaded.forward.has_contact_head
-    assert not loaded.forward.training
-    assert not any(p.requires_grad for p in loaded.forward.parameters())
-    assert not loaded.dummy
 
 
 def test_dtype_is_converted_once(tiny_model_dir):
@@ -132,40 +89,6 @@ def test_layers_are_normalised_and_checked():
         resolve_layers((-35,), 33)
 
 
-def test_missing_directory(tmp_path):
-    with pytest.raises(ModelLoadError, match="no such model directory"):
-        load_model(ModelConfig(model=str(tmp_path / "nope"), dtype="float32"))
-
-
-def test_not_an_esm_model(tmp_path):
-    BertModel(
-        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
-    ).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="not an ESM-2 or ESM C encoder .*bert"):
-        load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
-
-
-def test_directory_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(esm2_config("esm2_t6_8M").to_json_string())
-    with pytest.raises(ModelLoadError, match="cannot load the weights"):
-        load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
-
-
-def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
-    # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on this machine; empty caches
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(ModelLoadError, match="esm2_t6_8M_UR50D is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
-        load_model(ModelConfig(model="esm2_t6_8M", dtype="float32"))
-
-
-def test_unknown_dtype_and_format():
-    with pytest.raises(ConfigError, match="dtype"):
-        load_model(ModelConfig(model="esm2_t6_8M", dtype="int8"))
-    with pytest.raises(ConfigError, match="load format"):
-        load_model(ModelConfig(model="esm2_t6_8M", load_format="magic", dtype="float32"))
-
-
 @pytest.mark.gpu
 def test_cuda_replica_matches_cpu(loaded, proteins):
     seqs = [seq[:500] for _, seq in proteins[:16]]
@@ -205,3 +128,23 @@ def test_bfloat16_agrees_with_float32(tiny_model_dir, loaded, proteins):
     assert cosine(bf16, fp32).min() >= 0.999
     centre = fp32.mean(0)
     assert cosine(bf16 - centre, fp32 - centre).min() >= 0.99
+
+
+def test_a_cuda_replica_plans_graphs_for_its_batch_size_and_smallest_bucket(loaded, monkeypatch):
+    """The graphs hold the configured batch size (a server's 100 is not cut to 64) from the smallest bucket up."""
+    monkeypatch.setattr(type(loaded.forward), "uses_varlen", lambda self: True)  # as on CUDA in bf16
+    cuda = Device("cuda:0", "cuda:0")
+    batch = BatchConfig(batch_size=100, max_tokens=32768)
+    rep = Replica(loaded, cuda, EmbedConfig(), loaded.forward, batch=batch, smallest_bucket=SERVER_SMALLEST_BUCKET)
+    assert rep.graphs is not None and rep.graphs.max_seqs == 100
+    assert rep.graphs.buckets[0] == SERVER_SMALLEST_BUCKET and rep.graphs.buckets[-1] == 32768
+    assert min(b for b in rep.graphs.buckets if b >= 300 + 2) == 320  # a 300-residue request: 320 tokens
+    default = Replica(loaded, cuda, EmbedConfig(), loaded.forward, batch=batch)
+    assert default.graphs is not None and default.graphs.buckets[0] == 1024
+
+
+@pytest.mark.parametrize("batching, size", [(True, 100), (False, 80)])
+def test_the_server_engine_batches_as_the_server_does(tiny_model_dir, batching, size):
+    serve = ServeConfig(batching=batching, max_batch_size=100, max_client_batch=80, max_tokens=4096)
+    setup = build_server_engine(ModelConfig(model=tiny_model_dir, dtype="float32"), EmbedConfig(), serve)
+    assert setup.batch.batch_size == size and setup.batch.max_tokens == 4096
