@@ -15,7 +15,9 @@ a decoder of its own (not tied to the embeddings), with biases.
 Folded into the weights once, at load: head_dim^-0.5 into the query norm's scale, 1/s into the output and
 down projections. Everything else (packing, flash varlen on CUDA and SDPA groups elsewhere, the rotary table,
 pooling and per-token rows on the device, one copy back, CUDA graphs per token bucket) is the ESM-2 forward's
-machinery (esm2cli.model.forward.PackedEsm2), which this class extends.
+machinery (esm2cli.model.forward.PackedEsm2), which this class extends; so is batch invariance
+(esm2cli.model.invariant): every matmul on fixed row tiles, attention at each protein's own width rung,
+mean pooling in a fixed order, so that a protein's numbers are bitwise the same alone or in any batch.
 
 Hidden-state indices are transformers' ``hidden_states``: 0 the token embeddings, k (1..n-1) the raw output of
 layer k, n the output after the final LayerNorm (``last_hidden_state``).
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esm2cli.model.forward import PackedEsm2
+from esm2cli.model.invariant import pad_rows
 from esm2cli.model.packed import DeviceBatch, PackedBatch, host_to_device
 
 EPS = 1e-5  # torch's LayerNorm default, which every ESM C LayerNorm uses
@@ -159,21 +162,25 @@ class PackedEsmc(PackedEsm2):
     # ------------------------------------------------------------------------------------------------------
     # The forward (the rest is PackedEsm2's)
 
-    def _layer(self, x, lw, db: DeviceBatch, cos, sin, contacts=None, index=0) -> torch.Tensor:
+    def blocks(self) -> list[_EsmcLayer]:  # type: ignore[override]
+        """The layers, typed (an nn.ModuleList yields plain Modules)."""
+        return [layer for layer in self.layers if isinstance(layer, _EsmcLayer)]
+
+    def _layer(self, x, lw, db: DeviceBatch, cos, sin, *, contacts=None, index=0) -> torch.Tensor:
         if contacts is not None:
             raise RuntimeError("contacts asked of ESM C, which has no contact head; this is a bug")
         hidden = self.hidden_size
         h = F.layer_norm(x, (hidden,), lw.ln1_w, lw.ln1_b, self.eps)
-        qkv = F.linear(h, lw.qkv_w)
+        qkv = self._linear(h, lw.qkv_w)
         # Queries and keys normalised over the full width at once, each with its own scale.
         qk = F.layer_norm(qkv[:, : 2 * hidden].view(-1, 2, hidden), (hidden,), None, None, self.eps) * lw.qk_norm_w
         qkv = torch.cat([qk, qkv[:, 2 * hidden :].view(-1, 1, hidden)], dim=1)
         qkv = qkv.view(-1, 3, self.num_heads, self.head_dim)
         a = self._attend(self._rotate(qkv, cos, sin), db)
-        x = F.linear(a, lw.out_w).add_(x)
+        x = self._linear(a, lw.out_w).add_(x)
         h = F.layer_norm(x, (hidden,), lw.ln2_w, lw.ln2_b, self.eps)
-        gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, lw.down_w).add_(x)
+        gate, up = self._linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, lw.down_w).add_(x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """ESM C's final LayerNorm (``norm``, no bias)."""
@@ -197,9 +204,11 @@ class PackedEsmc(PackedEsm2):
         picked: list[torch.Tensor] = []
         self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
         lm = self.lm
-        x = F.gelu(F.linear(picked[0], lm["dense_w"], lm["dense_b"]))
+        x = pad_rows(picked[0]) if self.batch_invariant else picked[0]  # whole tiles: the rows read vary
+        x = F.gelu(self._linear(x, lm["dense_w"], lm["dense_b"]))
         x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], EPS)
-        return torch.log_softmax(F.linear(x, lm["decoder"], lm["bias"]).float(), dim=-1)
+        logits = self._linear(x, lm["decoder"], lm["bias"]).float()
+        return torch.log_softmax(logits[: len(rows_t)], dim=-1)
 
 
 class _LayerWeights:

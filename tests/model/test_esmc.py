@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import EsmcReference, build_tiny_esmc
+from helpers import EsmcReference, build_tiny_esmc, random_seqs
 
 from esm2cli.config import ModelConfig
 from esm2cli.model.esmc import PackedEsmc
@@ -64,14 +64,21 @@ def test_pooling_and_per_token_rows_match_transformers(loaded, ref):
         np.testing.assert_allclose(bos.pooled[last][i], ref.bos(seq), rtol=0, atol=1e-5)
 
 
-def test_a_protein_does_not_depend_on_its_batch_mates(loaded):
-    last = loaded.num_layers
-    alone = [loaded.forward.embed(pack(loaded, [s]), [last], per_token=True) for s in SEQS]
-    together = loaded.forward.embed(pack(loaded, SEQS[::-1]), [last], per_token=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_protein_is_bitwise_the_same_alone_and_in_any_batch(tiny_esmc_dir, dtype):
+    model = load_model(ModelConfig(model=tiny_esmc_dir, dtype=dtype), lm_head=True)
+    last, seqs = model.num_layers, [*SEQS, *random_seqs()]
+    alone = [model.forward.embed(pack(model, [s]), [1, last], per_token=True) for s in seqs]
+    together = model.forward.embed(pack(model, seqs[::-1]), [1, last], per_token=True)
     for i, single in enumerate(alone):
-        j = len(SEQS) - 1 - i
-        np.testing.assert_allclose(together.pooled[last][j], single.pooled[last][0], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(together.per_token[last][j], single.per_token[last][0], rtol=0, atol=1e-5)
+        j = len(seqs) - 1 - i
+        for layer in (1, last):
+            np.testing.assert_array_equal(together.pooled[layer][j], single.pooled[layer][0])
+            np.testing.assert_array_equal(together.per_token[layer][j], single.per_token[layer][0])
+    masked = pack(model, seqs, masked=[0] * len(seqs))
+    batched = model.forward.lm_log_probs(masked, masked.rows(2, [0, 1]))
+    one = pack(model, [seqs[2]], masked=[0])
+    np.testing.assert_array_equal(batched.numpy(), model.forward.lm_log_probs(one, one.rows(0, [0, 1])).numpy())
 
 
 def test_lm_log_probs_match_esmc_for_masked_lm(loaded, ref):
