@@ -35,7 +35,7 @@ from esm2cli.config import (
 from esm2cli.errors import ConfigError, EngineError, InputError
 from esm2cli.io.chunks import Chunk
 from esm2cli.io.fasta import FastaScan, check_sequence, normalise, read_records, scan_fasta
-from esm2cli.io.identity import model_identity
+from esm2cli.io.identity import stamp_weights
 from esm2cli.io.records import Record
 from esm2cli.io.schema import METADATA_KEY, Rows, build_schema, record_batch
 from esm2cli.jobs import pipeline
@@ -120,13 +120,19 @@ class Embedder:
             long_sequences=long_sequences, window_overlap=window_overlap,
         )  # fmt: skip
         batch = BatchConfig(batch_size=batch_size, max_tokens=max_tokens, chunk_size=chunk_size)
+        # The weights are named by the bytes this Embedder loads, not by what the folder holds when it writes.
+        stamp = stamp_weights(resolve_source(self.model_config.model), load_format)
         self._setup = build_engine(self.model_config, self.embed_config, batch)
+        try:
+            self._weights = stamp.confirm(self._setup.model.source, self._setup.model.config.to_dict())
+        except BaseException:
+            self._setup.engine.close()
+            raise
         self._setup.engine.start()
         # Without `with` or close() (a notebook, a short script), the engine is closed when the Embedder
         # is collected or, at the latest, when the interpreter exits.
         self._finalizer = weakref.finalize(self, self._setup.engine.close)
         self.batch_config = self._setup.batch
-        self._weights: str | None = None  # the weights' identity, hashed once when a table needs it
         self.reuse = [str(path) for path in reuse]
 
     # What was loaded, for the caller.
@@ -262,17 +268,11 @@ class Embedder:
             overwrite=overwrite,
             setup=self._setup,
             reuse=self.reuse,
+            weights=self._weights,
         )
 
     def _schema(self, source: str, scan: FastaScan, inputs: InputConfig) -> pa.Schema:
         """The schema of the CLI's file for this input, with the same metadata (the run's identity included)."""
-        if self._weights is None:
-            load_format, loaded = self.model_config.load_format, self._setup.model
-            self._weights = (
-                model_identity(resolve_source(self.model_config.model), load_format)
-                or model_identity(loaded.source, load_format)
-                or f"unresolved:{loaded.source}"
-            )
         identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig())
         model = replace(self.model_config, dtype=self.dtype)
         metadata = pipeline.run_metadata(source, model, self.embed_config, self._setup, identity)

@@ -37,7 +37,7 @@ def build_tiny_esm2(path, seed: int = 7) -> str:
     """Saves a small ESM-2 (real architecture and tokenizer, random weights) with save_pretrained.
 
     The weights are drawn wider than the default init so that embeddings of different sequences
-    differ clearly and a comparison can fail.
+    differ clearly and a comparison can fail; the LM head's bias is nonzero for the same reason.
     """
     from transformers import EsmForMaskedLM
 
@@ -49,6 +49,8 @@ def build_tiny_esm2(path, seed: int = 7) -> str:
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)  # non-trivial norms, so that a skipped norm shows
+        # The LM head's output bias starts at zero; a nonzero one makes a score test fail when it is dropped.
+        model.lm_head.bias.add_(torch.randn_like(model.lm_head.bias) * 0.5)
     model.save_pretrained(path)
     bundled_tokenizer().save_pretrained(path)
     return str(path)

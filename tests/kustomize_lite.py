@@ -71,7 +71,7 @@ def _generate_config_map(objects: list[dict], generated: set[str], generator: di
     name, behavior = generator["name"], generator.get("behavior", "create")
     if behavior == "merge":
         (existing,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
-        existing["data"].update(data)
+        existing.setdefault("data", {}).update(data)
         return
     if behavior != "create" or name in generated:
         raise NotImplementedError(f"configMapGenerator {name}: behavior {behavior}")
@@ -81,13 +81,15 @@ def _generate_config_map(objects: list[dict], generated: set[str], generator: di
         raise NotImplementedError(f"configMapGenerator options {sorted(options)}")
     if "labels" in options:
         metadata["labels"] = dict(options["labels"])
-    objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    # kustomize leaves out the data of a ConfigMap generated without any (base/, whose overlays add it)
+    objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, **({"data": data} if data else {})})
     generated.add(name)
 
 
 def _config_map_hash(obj: dict) -> str:
     """kustomize's name suffix: SHA-256 of the data as Go marshals it (keys sorted, name left empty)."""
-    encoded = json.dumps({"data": obj["data"], "kind": "ConfigMap", "name": ""}, sort_keys=True,
+    # (no data marshals as the empty string)
+    encoded = json.dumps({"data": obj.get("data") or "", "kind": "ConfigMap", "name": ""}, sort_keys=True,
                          separators=(",", ":"), ensure_ascii=False)  # fmt: skip
     encoded = encoded.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")  # Go's HTML escaping
     return hashlib.sha256(encoded.encode()).hexdigest()[:10].translate(str.maketrans("013ae", "ghkmt"))

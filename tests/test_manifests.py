@@ -104,7 +104,19 @@ def test_the_overlay_sets_namespace_image_and_bucket_in_one_place():
         assert _config_env(docs, embed) == literals  # the bucket and prefix, from this file only
     for path in (K8S / "base").glob("*.yaml"):  # no base file names the namespace, a registry or a bucket
         text = path.read_text()
-        assert "namespace: esm2cli" not in text and "s3://" not in text or path.name == "kustomization.yaml", path
+        assert "s3://" not in text, path
+        assert "namespace: esm2cli" not in text or path.name == "kustomization.yaml", path
+
+
+def test_the_bucket_is_named_in_one_place_per_overlay():
+    for name in OVERLAYS:  # what an overlay renders from: base/ and its own folder
+        files = [*(K8S / "base").glob("*.yaml"), *(K8S / "overlays" / name).glob("*.yaml")]
+        naming = {path: text.count("s3://") for path in files if (text := path.read_text()).count("s3://")}
+        assert list(naming) == [K8S / "overlays" / name / "kustomization.yaml"], naming
+        (generator,) = _overlay(name)["configMapGenerator"]
+        urls = [line for line in generator["literals"] if "s3://" in line]
+        assert [url.split("=")[0] for url in urls] == ["ESM2CLI_INPUT", "ESM2CLI_OUTPUT"]
+        assert sum(naming.values()) == len(urls)  # the two settings, and nothing else naming the bucket
 
 
 def test_aws_overlay_uses_irsa_and_aws_s3_and_minio_overlay_its_endpoint():

@@ -9,6 +9,7 @@ import re
 import pyarrow.parquet as pq
 
 from esm2cli.errors import OutputExistsError, PartsError
+from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
 from esm2cli.io.storage import exists, is_url, join, listdir, open_input
@@ -56,7 +57,13 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
         PartsError: Parts are missing, of different shard counts, or of different runs (named).
         OutputExistsError: The output is one of the parts or lies under the prefix, or it holds
             something else and overwrite is False.
+        OutputLockedError: Another live run writes the same output.
     """
+    with OutputLock(output):  # one run at a time toward one output, as embed and score
+        return _merge_parts(prefix, output, overwrite)
+
+
+def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     from esm2cli.io.identity import describe_changes, same_file
 
     parts = find_parts(prefix)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -179,7 +180,7 @@ def join(base: str | os.PathLike, *names: str) -> str:
 class AtomicFile:
     """A file that appears at its final path only when commit() succeeds.
 
-    Locally it is written as ``.<name>.tmp`` beside the target and renamed; on object stores the
+    Locally it is written as ``.<name>.<pid>-<random>.tmp`` beside the target and renamed; on object stores the
     upload completes at commit (an object is never visible half-written) and abort() discards it.
     """
 
@@ -193,7 +194,8 @@ class AtomicFile:
             else:
                 directory, name = os.path.split(os.path.abspath(self.url))
                 os.makedirs(directory, exist_ok=True)
-                self.tmp = os.path.join(directory, f".{name}.tmp")
+                # Unique to the writer: two runs toward one path never write into one temporary file.
+                self.tmp = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
                 try:
                     self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
                 except BaseException:  # a signal just after the file appeared: leave nothing behind

@@ -25,7 +25,7 @@ from esm2cli.errors import ConfigError, Interrupted, OutputExistsError
 from esm2cli.io import hdf5, storage
 from esm2cli.io.chunks import Chunk, ChunkStore
 from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, read_records, scan_fasta, spool_stdin
-from esm2cli.io.identity import describe_changes, model_identity, same_file, stdin_is
+from esm2cli.io.identity import describe_changes, embed_identity, same_file, same_run, stamp_weights, stdin_is
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
 from esm2cli.io.records import Record, chunk_digest, hash_records
@@ -184,18 +184,9 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
                  shard: ShardConfig) -> dict:  # fmt: skip
-    """What decides a run's numbers: the input's content, the weights, and every option that changes them.
-
-    Devices, batch sizes and token budgets are left out: they change the numbers only by rounding.
-    """
-    return {
-        "input_sha256": scan.sha256, "input_records": scan.records, "model_identity": model_identity,
-        "dtype": dtype, "layers": list(embed.layers), "pooling": embed.pooling, "per_token": embed.per_token,
-        "truncate": embed.truncate, "skip_invalid": inputs.skip_invalid, "shard": [shard.index, shard.count],
-        "long_sequences": embed.long_sequences,
-        "window_overlap": embed.window_overlap if embed.long_sequences == "window" else None,
-        **({"contacts": True} if embed.contacts else {}),
-    }  # fmt: skip
+    """The run's identity (io.identity.embed_identity) for this scan of the input."""
+    return embed_identity(input_sha256=scan.sha256, input_records=scan.records, weights=model_identity, dtype=dtype,
+                          embed=embed, inputs=inputs, shard=shard)  # fmt: skip
 
 
 def chunk_options(identity: dict) -> dict:
@@ -252,7 +243,7 @@ def is_complete(target: str, identity: dict, overwrite: bool) -> bool:
     if not storage.exists(target):
         return False
     metadata = read_metadata(target)
-    if metadata.get("identity") == identity:
+    if same_run(metadata.get("identity"), identity):
         return True
     if overwrite:
         return False  # replaced, atomically, once the new output is complete
@@ -277,6 +268,7 @@ def embed_fasta(
     progress_factory: Callable[[int, int], ProgressFn] | None = None,
     setup: EngineSetup | None = None,
     reuse: Sequence[str] = (),
+    weights: str | None = None,
 ) -> EmbedSummary:
     """Embeds the records of a FASTA file (or of one shard of it) into one Parquet file.
 
@@ -296,6 +288,8 @@ def embed_fasta(
         setup: An engine already built for ``model`` and ``embed`` (the Python API's): used, left running.
         reuse: Earlier outputs (files, directories or prefixes of parts): rows of theirs made with these
             weights and options are copied for the records whose sequence they hold, not computed.
+        weights: The identity of the weights ``setup`` loaded, taken when it loaded them (the Python API's);
+            None: hashed here before loading and confirmed after.
 
     Returns:
         The run's summary.
@@ -327,14 +321,16 @@ def embed_fasta(
         placement = setup.placement if setup is not None else resolve_placement(model)
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
-        weights = model_identity(resolve_source(model.model), model.load_format)
-        if weights is not None and is_complete(target, run_identity(scan, weights, dtype, embed, inputs, shard_cfg),
-                                               overwrite):  # fmt: skip
+        stamp = None if weights else stamp_weights(resolve_source(model.model), model.load_format)
+        known = weights or (stamp.identity if stamp else None)
+        if known is not None and is_complete(target, run_identity(scan, known, dtype, embed, inputs, shard_cfg),
+                                             overwrite):  # fmt: skip
             return EmbedSummary(already_complete=True)
         owned = setup is None
         setup = build_engine(model, embed, batch, placement=placement) if owned else setup
-        if weights is None:  # a hub model that was not cached before loading
-            weights = model_identity(setup.model.source, model.load_format) or f"unresolved:{setup.model.source}"
+        if stamp is not None:  # the bytes hashed are the bytes loaded, or the run stops here
+            weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
+        assert weights is not None
         identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg)
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)

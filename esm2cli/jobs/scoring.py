@@ -30,7 +30,8 @@ from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConf
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta, spool_stdin
-from esm2cli.io.identity import model_identity, same_file
+from esm2cli.io.identity import same_file, same_run, score_identity, stamp_weights
+from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
@@ -458,22 +459,27 @@ def score_fasta(
     Raises:
         FastaError, MutantError: The input is unreadable or holds records or mutants that cannot be scored.
         ConfigError: Mode or method unknown; OutputExistsError: the output exists and overwrite is False.
+        OutputLockedError: Another live run writes the same output.
         ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
     output = str(output)
     _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
     summary = ScoreSummary(mode=score.mode)
-    with _readable(str(fasta)) as source:
+    with OutputLock(output), _readable(str(fasta)) as source:  # one run at a time toward one output
         proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
         placement = resolve_placement(model)
-        identity = _run_identity(source, input_sha256, model, placement.dtype, score)
+        stamp = stamp_weights(resolve_source(model.model), model.load_format)
+        hashes = _input_hashes(source, input_sha256, score)
+        identity = _run_identity(hashes, stamp.identity, placement.dtype, score)
         if storage.exists(output):
-            if identity is not None and read_metadata(output).get("identity") == identity:
+            if identity is not None and same_run(read_metadata(output).get("identity"), identity):
                 return ScoreSummary(mode=score.mode, already_complete=True)
             if not overwrite:
                 raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
         setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True, placement=placement)
+        weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())  # the bytes loaded are the ones named
+        identity = _run_identity(hashes, weights, placement.dtype, score)
         batch = setup.batch
         progress = progress_factory(total) if progress_factory else None
         start = time.perf_counter()
@@ -492,26 +498,31 @@ def score_fasta(
     return summary
 
 
-def _run_identity(
-    source: str, input_sha256: str | None, model: ModelConfig, dtype: str, score: ScoreConfig
-) -> dict | None:
-    """What makes a rerun the same run: the records and mutants read, the weights, and what changes the numbers.
+def _input_hashes(source: str, input_sha256: str | None, score: ScoreConfig) -> tuple[str, str | None] | None:
+    """(the records' hash, the mutant list's) for the identity; None for a list read from stdin (read only once).
 
     ``input_sha256`` is the check pass's hash of the records where _plan made one (None: hashed here).
-    None where the weights cannot be named before loading (a hub model not cached yet): never complete then.
     """
-    weights = model_identity(resolve_source(model.model), model.load_format)
-    if weights is None or score.mutations == "-":  # a list read from stdin cannot be read again to be hashed
+    if score.mutations == "-":
         return None
     mutants = None
     if score.mutations:
         with storage.open_input(score.mutations) as handle:
             mutants = hashlib.file_digest(handle, "sha256").hexdigest()
-    return {
-        "input_sha256": input_sha256 or scan_fasta(source).sha256, "mutations_sha256": mutants,
-        "model_identity": weights, "dtype": dtype, "mode": score.mode, "method": score.method, "window": score.window,
-        "skip_invalid": score.skip_invalid,
-    }  # fmt: skip
+    return input_sha256 or scan_fasta(source).sha256, mutants
+
+
+def _run_identity(hashes: tuple[str, str | None] | None, weights: str | None, dtype: str,
+                  score: ScoreConfig) -> dict | None:  # fmt: skip
+    """What makes a rerun the same run: the records and mutants read, the weights, and what changes the numbers.
+
+    None where the weights are not named yet (a hub model not cached before loading) or the inputs cannot be
+    hashed: never complete then.
+    """
+    if hashes is None or weights is None:
+        return None
+    return score_identity(input_sha256=hashes[0], mutations_sha256=hashes[1], weights=weights, dtype=dtype,
+                          score=score)  # fmt: skip
 
 
 def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 SUFFIX = ".pt"
 # What a fair-esm ESM-2 checkpoint needs beyond tensors and plain containers. Nothing else is unpickled.
 ALLOWED_GLOBALS = (argparse.Namespace,)
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch names the global it refused in one of two ways (an unknown class; a function of a blocked module).
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+# Only what a plain weights file holds is unpickled: said in every refusal instead of torch's weights_only advice.
+_PLAIN = "only plain weights load (tensors, containers and argparse.Namespace); none of its code was run"
 _PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 # fair-esm name (prefixes removed) -> transformers EsmModel name.
 _RENAMES = [
@@ -115,26 +118,40 @@ def safe_load(path: Path) -> object:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:
-        text = str(exc)
-        found = _UNSUPPORTED_GLOBAL.search(text)
-        if found and not _exists(found.group(1)):  # a name cut short: the file ends inside its pickle
-            raise ModelLoadError(
-                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: it names {found.group(1)!r}, "
-                "which is no Python global); download it again"
-            ) from None
-        if found:
-            allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS)
-            raise ModelLoadError(
-                f"{path}: refused: it needs the Python global {found.group(1)}, which a fair-esm checkpoint "
-                f"does not (only {allowed} is allowed); none of its code was run"
-            ) from None
-        detail = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), "").strip()
-        if "Weights only load failed" in text and detail.removeprefix("WeightsUnpickler error:").strip():
-            raise ModelLoadError(f"{path}: refused: not a plain weights file ({detail})") from None
-        raise ModelLoadError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
-        ) from exc
+    except (
+        Exception
+    ) as exc:  # torch's advice to load with weights_only=False (running the file's code) is not passed on
+        raise _refusal(path, exc) from exc
+
+
+def _refusal(path: Path, exc: Exception) -> ModelLoadError:
+    """One line for a checkpoint torch would not load: the global refused, or why the file is unreadable."""
+    text = str(exc)
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    # A class of the script that saved the file (__main__.X) is a whole name; any other name of a loaded
+    # module that does not exist is half of one: the file ends inside its pickle.
+    if found and not _exists(found.group(1)) and not found.group(1).startswith("__main__."):
+        return ModelLoadError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: it names {found.group(1)!r}, "
+            "which is no Python global); download it again"
+        )
+    if found:
+        return ModelLoadError(f"{path}: refused: it needs the Python global {found.group(1)}; {_PLAIN}")
+    reason = _reason(text)
+    if "Weights only load failed" in text and reason:
+        return ModelLoadError(f"{path}: refused: not a plain weights file ({reason}); {_PLAIN}")
+    return ModelLoadError(
+        f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason or type(exc).__name__}"
+    )
+
+
+def _reason(text: str) -> str:
+    """The line of a torch error that says what is wrong, without its advice on weights_only."""
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and "weights_only" not in line and not line.startswith(("Weights only load failed", "Check the doc")):
+            return line
+    return ""
 
 
 def _model_args(data: object, path: Path) -> object:

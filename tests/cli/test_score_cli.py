@@ -200,11 +200,10 @@ def test_sigterm_leaves_the_earlier_output_and_no_temporary(tmp_path, reap):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     reap(proc)
-    tmp = tmp_path / ".o.parquet.tmp"
     deadline = time.time() + 180
-    while not tmp.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(tmp_path.glob(".o.parquet.*.tmp")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert tmp.exists(), proc.poll()
+    (tmp,) = tmp_path.glob(".o.parquet.*.tmp")  # the run's own temporary file
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr

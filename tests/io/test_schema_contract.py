@@ -27,7 +27,7 @@ METADATA_KEYS = {
     "esm2cli_version", "identity",
 }  # fmt: skip
 IDENTITY_KEYS = {
-    "input_sha256", "input_records", "model_identity", "dtype", "layers", "pooling", "per_token", "truncate",
+    "input_sha256", "input_records", "model_identity", "model_family", "dtype", "layers", "pooling", "per_token", "truncate",
     "skip_invalid", "shard", "long_sequences", "window_overlap",
 }  # fmt: skip
 

@@ -36,7 +36,7 @@ def test_chunks_are_written_in_the_background_and_merged_in_order(tmp_path):
     table = pq.read_table(out)
     assert table["id"].to_pylist() == [f"{k}-{i}" for k in range(5) for i in range(3)]
     assert read_metadata(out) == {"model": "m", "run": {"run": 1}}
-    assert not (tmp_path / ".o.parquet.tmp").exists() and not (tmp_path / "_o.parquet.parts").exists()
+    assert not list(tmp_path.glob(".o.parquet*.tmp")) and not (tmp_path / "_o.parquet.parts").exists()
 
 
 def test_finished_chunks_survive_and_are_reported_to_a_rerun(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import esm
@@ -178,3 +180,31 @@ def test_a_checkpoint_cut_anywhere_is_called_truncated_never_refused_for_half_a_
         assert "truncated or corrupt" in message and "refused" not in message, (size, message)
         assert "()" not in message
     assert capfd.readouterr().err == ""  # no torch warning text
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _a_script_class(monkeypatch):
+    """A class as a training script defines it: pickled as __main__.Design."""
+    design = type("Design", (), {"__module__": "__main__"})
+    monkeypatch.setattr(sys.modules["__main__"], "Design", design, raising=False)
+    return design()
+
+
+@pytest.mark.parametrize("kind", ["script class", "blocked function"])
+def test_a_refused_global_is_named_never_called_corrupt_nor_torch_advice(tmp_path, monkeypatch, fasta, kind):
+    path = tmp_path / "esm2_custom_UR50D.pt"
+    payload = _a_script_class(monkeypatch) if kind == "script class" else _System()
+    torch.save({"model": {}, "cfg": {"model": payload}}, path)
+    monkeypatch.delattr(sys.modules["__main__"], "Design", raising=False)  # the loading process has no such class
+    glob = "__main__.Design" if kind == "script class" else f"{os.system.__module__}.system"
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=str(path), dtype="float32"))
+    message = str(info.value)
+    assert f"refused: it needs the Python global {glob}; only plain weights load" in message, message
+    assert "corrupt" not in message and "weights_only" not in message, message
+    result = embed([fasta, "-o", str(tmp_path / "o.parquet"), "-m", str(path)], expect=1)
+    assert len(result.output.strip().splitlines()) == 1 and "weights_only" not in result.output, result.output
