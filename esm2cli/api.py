@@ -273,7 +273,8 @@ class Embedder:
 
     def _schema(self, source: str, scan: FastaScan, inputs: InputConfig) -> pa.Schema:
         """The schema of the CLI's file for this input, with the same metadata (the run's identity included)."""
-        identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig())
+        identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig(),
+                                         family=self._setup.model.family)  # fmt: skip
         model = replace(self.model_config, dtype=self.dtype)
         metadata = pipeline.run_metadata(source, model, self.embed_config, self._setup, identity)
         return build_schema(self.hidden_size, self.layers, self.embed_config.per_token, metadata)

@@ -183,10 +183,10 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
-                 shard: ShardConfig) -> dict:  # fmt: skip
-    """The run's identity (io.identity.embed_identity) for this scan of the input."""
+                 shard: ShardConfig, *, family: str = "esm2") -> dict:  # fmt: skip
+    """The run's identity (io.identity.embed_identity) for this scan of the input; ``family``: esm2 or esmc."""
     return embed_identity(input_sha256=scan.sha256, input_records=scan.records, weights=model_identity, dtype=dtype,
-                          embed=embed, inputs=inputs, shard=shard)  # fmt: skip
+                          embed=embed, inputs=inputs, shard=shard, model_family=family)  # fmt: skip
 
 
 def chunk_options(identity: dict) -> dict:
@@ -302,7 +302,7 @@ def embed_fasta(
         OutputError, StorageError: The output cannot be written.
         EngineError: A replica failed.
     """
-    from esm2cli.model.architecture import resolve_source
+    from esm2cli.model.architecture import model_family, resolve_source
 
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
@@ -323,15 +323,17 @@ def embed_fasta(
         model = replace(model, dtype=dtype)
         stamp = None if weights else stamp_weights(resolve_source(model.model), model.load_format)
         known = weights or (stamp.identity if stamp else None)
-        if known is not None and is_complete(target, run_identity(scan, known, dtype, embed, inputs, shard_cfg),
-                                             overwrite):  # fmt: skip
+        family = model_family(model.model)  # as named; confirmed by the model loaded below
+        if known is not None and is_complete(
+            target, run_identity(scan, known, dtype, embed, inputs, shard_cfg, family=family), overwrite
+        ):
             return EmbedSummary(already_complete=True)
         owned = setup is None
         setup = build_engine(model, embed, batch, placement=placement) if owned else setup
         if stamp is not None:  # the bytes hashed are the bytes loaded, or the run stops here
             weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
         assert weights is not None
-        identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg)
+        identity = run_identity(scan, weights, dtype, embed, inputs, shard_cfg, family=setup.model.family)
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
         return _embed_into(source, str(fasta), target, scan, setup, identity, model, embed, batch, inputs, shard,

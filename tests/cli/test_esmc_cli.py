@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,8 +85,11 @@ def test_an_esm2_output_is_not_reused_for_esmc(tmp_path, fasta, tiny_esmc_dir, t
     run = CliRunner().invoke(cli, ["embed", fasta, "-o", str(new), "-m", tiny_esmc_dir, "--dtype", "float32",
                                    "--reuse", str(old)])  # fmt: skip
     assert run.exit_code == 0, run.output
-    assert "was made with other weights" in run.stderr and "every row is computed" in run.stderr
+    assert "was made with model_family 'esm2' (this run: 'esmc'); other weights" in run.stderr
+    assert "every row is computed" in run.stderr
     assert vectors(new).shape[1] == 64
+    families = [json.loads(pq.read_schema(p).metadata[b"esm2cli"])["identity"]["model_family"] for p in (old, new)]
+    assert families == ["esm2", "esmc"]
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import EsmcReference, build_tiny_esmc, random_seqs
 
 from esm2cli.config import ModelConfig
 from esm2cli.model.esmc import PackedEsmc
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
+from helpers import EsmcReference, build_tiny_esmc, random_seqs
 from reference import cosine
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMKVLAAGIVGLLLA", "MKV", "W" * 40 + "ACDEFGHIKLMNPQRSTVWYXBUZO" * 3]
