@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from helpers import build_tiny_esmc
 from safetensors.torch import load_file, save_file
 
 from esm2cli.config import ModelConfig
@@ -14,6 +13,7 @@ from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.model.architecture import model_family, resolve_source, resolve_truncate
 from esm2cli.model.esmc_load import VOCABULARY, esmc_config, expected_keys, token_lut
 from esm2cli.model.load import load_model
+from helpers import build_tiny_esmc
 
 
 @pytest.mark.parametrize(
