@@ -172,11 +172,16 @@ class PackedEsmc(PackedEsm2):
         hidden = self.hidden_size
         h = F.layer_norm(x, (hidden,), lw.ln1_w, lw.ln1_b, self.eps)
         qkv = self._linear(h, lw.qkv_w)
-        # Queries and keys normalised over the full width at once, each with its own scale.
-        qk = F.layer_norm(qkv[:, : 2 * hidden].view(-1, 2, hidden), (hidden,), None, None, self.eps) * lw.qk_norm_w
-        qkv = torch.cat([qk, qkv[:, 2 * hidden :].view(-1, 1, hidden)], dim=1)
-        qkv = qkv.view(-1, 3, self.num_heads, self.head_dim)
-        a = self._attend(self._rotate(qkv, cos, sin), db)
+        # Queries and keys normalised over the full width at once, each with its own scale; then rotated (float32
+        # as transformers' rotary where attention is padded SDPA, see PackedEsm2._rotate) and joined to v once.
+        qk = F.layer_norm(qkv[:, : 2 * hidden].view(-1, 2, hidden), (hidden,), None, None, self.eps)
+        qk = qk.mul_(lw.qk_norm_w).view(-1, 2, self.num_heads, self.head_dim)
+        v = qkv[:, 2 * hidden :].view(-1, 1, self.num_heads, self.head_dim)
+        qk = qk.float()
+        rotated = torch.roll(qk, self.head_dim // 2, dims=-1).mul_(sin).add_(qk * cos)
+        # flash varlen takes the model's dtype; padded SDPA stays in float32 (faster and more exact on the CPU)
+        joined = [rotated.to(v.dtype), v] if self.uses_varlen() else [rotated, v.float()]
+        a = self._attend(torch.cat(joined, dim=1), db)
         x = self._linear(a, lw.out_w).add_(x)
         h = F.layer_norm(x, (hidden,), lw.ln2_w, lw.ln2_b, self.eps)
         gate, up = self._linear(h, lw.gate_up_w).chunk(2, dim=-1)
