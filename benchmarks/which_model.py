@@ -4,7 +4,7 @@ for the sizes named in --measure) residues/s of esm2cli's own forward on this ma
 GFLOP a residue is model_flops (esm2cli.runtime.modeled) of a 300-residue protein over its residues: the
 projections, the feed-forward (4h GELU for ESM-2, SwiGLU for ESM C) and attention at that length. Weights are
 the encoder's parameters (no LM head) in bfloat16 (2 bytes each; float32 doubles them). Residues/s: one
-replica, float32, the same 8 synthetic proteins (median 300 residues) for every size, random weights
+replica, float32, the same 4 synthetic proteins (median 300 residues) for every size, random weights
 (--load-format dummy: the compute is that of the trained weights), after one warm-up batch.
 
     python benchmarks/which_model.py --measure esm2_t6_8M,esm2_t33_650M,esmc_300m,esmc_600m
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", default="", help="aliases to time on the CPU, comma-separated")
     args = parser.parse_args()
-    seqs = [s for _, s in synthetic_sequences(8, seed=5, max_length=600)]
+    seqs = [s for _, s in synthetic_sequences(4, seed=5, max_length=600)]
     rates = {alias: measure(alias, seqs) for alias in filter(None, args.measure.split(","))}
     print(f"CPU: {torch.get_num_threads()} threads; {len(seqs)} proteins, {sum(map(len, seqs)):,} residues")
     print("| model | family | width | layers | context (residues) | GFLOP a residue | weights (bf16) "
