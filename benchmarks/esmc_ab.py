@@ -149,6 +149,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1022)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--own-only", action="store_true", help="only esm2cli's forward (no transformers copy)")
+    parser.add_argument(
+        "--batch-dependent",
+        action="store_true",
+        help="esm2cli's forward without batch invariance (plain matmuls), to see what invariance costs",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
@@ -160,6 +165,7 @@ def main() -> None:
     start = time.perf_counter()
     loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype))
     load_s = time.perf_counter() - start
+    loaded.forward.batch_invariant = not args.batch_dependent
     row = run(loaded, esmc_alias(args.model), Device(name, name), seqs, budget=budget, rounds=args.rounds,
               own_only=args.own_only)  # fmt: skip
     card = _card_name(torch.device(name)) if cuda else None
@@ -174,7 +180,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    line = f"{args.model} {dtype} on {name} ({card or 'CPU'}), {n} proteins, {row['residues']:,} residues: "
+    line = f"{args.model} {dtype} on {name} ({card or 'CPU'}), {n} proteins, {row['residues']:,} residues"
+    line += " (batch-dependent): " if args.batch_dependent else ": "
     line += f"own {row['own_residues_per_s']:,.1f} residues/s"
     if "ref_residues_per_s" in row:
         line += f", transformers {row['ref_residues_per_s']:,.1f}, own/ref {row['own_over_ref']:.2f}x"
