@@ -2,7 +2,10 @@
 
 "old" is transformers' ``EsmModel`` on padded batches (SDPA, mean pooled on the device, one copy back), as
 esm2cli ran it before; "new" is a runtime replica with esm2cli's packed forward (CUDA graphs per token bucket
-on a GPU in bf16/fp16). Both get the same batches of the same random-weight model, planned as the pipeline
+on a GPU in bf16/fp16), batch-invariant as it runs by default; "dep" the same replica with
+``batch_invariant = False`` (plain matmuls over every packed row, attention groups padded to their widest
+member, pooling by ``index_add_``): the batch-dependent forward it replaced, to price invariance.
+All three get the same batches of the same random-weight model, planned as the pipeline
 plans them (sorted by length, token budget), and run in turn batch by batch so that a busy machine slows
 both alike. Printed per token budget: real residues/s of each, new/old, MFU counted on real residues (model
 FLOPs: 2 x parameters + attention a residue) over the card's published dense peak and over the matmul peak
@@ -81,15 +84,18 @@ class OldForward:
 class NewForward:
     """A runtime replica of esm2cli's packed forward (graphs captured first on a GPU)."""
 
-    def __init__(self, loaded: LoadedModel, device: Device, budget: int):
+    def __init__(self, loaded: LoadedModel, device: Device, budget: int, invariant: bool = True):
         batch = BatchConfig(max_tokens=budget)
         (self.replica,) = build_replicas(loaded, [device], EmbedConfig(), batch)
+        self.invariant = invariant
+        self.replica.forward.batch_invariant = invariant  # before graphs are captured
         self.replica.warm_up()
         self.layer = loaded.num_layers
         self.host_s: list[float] = []
 
     def __call__(self, seqs: list[str]) -> np.ndarray:
         start = time.perf_counter()
+        self.replica.forward.batch_invariant = self.invariant  # CPU replicas share one model
         out = self.replica.embed_batch(seqs).pooled[self.layer]
         launched = self.replica.forward.launched_at if self.replica.graphs is None else self.replica.graphs.launched_at
         self.host_s.append(launched - start)
@@ -100,27 +106,35 @@ def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int
     torch_device = torch.device(device.torch_device)
     batches = [[seqs[i] for i in b] for b in plan_batches([len(s) for s in seqs], budget, batch_size)]
     old, new = OldForward(loaded, torch_device), NewForward(loaded, device, budget)
+    dep = NewForward(loaded, device, budget, invariant=False)
+    runners = (("old", old), ("new", new), ("dep", dep))
     for b in batches[:2]:  # first calls allocate and pick kernels
-        old(b), new(b)
-    old.host_s.clear(), new.host_s.clear()
-    seconds = {"old": 0.0, "new": 0.0}
-    worst = 1.0
+        for _, fn in runners:
+            fn(b)
+    for _, fn in runners:
+        fn.host_s.clear()
+    seconds = {"old": 0.0, "new": 0.0, "dep": 0.0}
+    worst, drift = 1.0, 0.0
     for _ in range(rounds):
         for b in batches:
             outs = {}
-            for name, fn in (("old", old), ("new", new)):
+            for name, fn in runners:
                 start = time.perf_counter()
                 outs[name] = fn(b)
                 seconds[name] += time.perf_counter() - start
             a, c = outs["old"].astype(np.float64), outs["new"].astype(np.float64)
             cos = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
             worst = min(worst, float(cos.min()))
+            drift = max(drift, float(np.abs(outs["new"] - outs["dep"]).max()))
     residues = rounds * sum(len(s) for s in seqs)
     flops = rounds * model_flops([len(s) for s in seqs], loaded.num_layers, loaded.hidden_size)
     return {
         "budget": budget, "batches": len(batches), "residues": residues,
         "old_residues_per_s": residues / seconds["old"], "new_residues_per_s": residues / seconds["new"],
         "new_over_old": seconds["old"] / seconds["new"],
+        "dep_residues_per_s": residues / seconds["dep"],
+        "invariant_cost": seconds["new"] / seconds["dep"] - 1,  # the invariant forward's extra time
+        "invariant_vs_dependent_max_abs_diff": drift,
         "old_flops_per_s": flops / seconds["old"], "new_flops_per_s": flops / seconds["new"],
         "old_host_ms": 1e3 * statistics.median(old.host_s), "new_host_ms": 1e3 * statistics.median(new.host_s),
         "graph_batches": new.replica.graphs.graph_batches if new.replica.graphs else 0,
@@ -171,6 +185,10 @@ def main() -> None:
               f" residues/s  new/old {r['new_over_old']:.2f}x  new MFU {mfu}{r['new_mfu_measured']:.1%} of measured"
               f"  host ms/forward old {r['old_host_ms']:.2f} new {r['new_host_ms']:.2f}"
               f"  lowest cos {r['lowest_cosine']:.6f}")  # fmt: skip
+        print(f"      batch-invariant {r['new_residues_per_s']:>10,.0f}"
+              f"  batch-dependent {r['dep_residues_per_s']:>10,.0f}"
+              f" residues/s: invariance costs {r['invariant_cost']:+.1%}"
+              f" (max |diff| between them {r['invariant_vs_dependent_max_abs_diff']:.2e})")  # fmt: skip
 
 
 def _card_name(device: torch.device) -> str | None:

@@ -111,6 +111,8 @@ for x in r['rows']:
 fi
 
 part esmc && { timeout 300 "$PY" benchmarks/esmc_gpu.py --out "$OUT" 2>> "$LOG" | tee -a "$SUMMARY"; record "esmc 600M (beside transformers) and 6B, bf16" "${PIPESTATUS[0]}"; }
+# Batch invariance: one protein in 3 batch compositions bit for bit, and residues/s of the invariant and the batch-dependent forward.
+if [[ -z "${GPU_CHECK_PARTS:-}" ]] || part invariance; then timeout 90 "$PY" benchmarks/invariance_check.py 2>> "$LOG" | tee -a "$SUMMARY"; record "batch invariance" "${PIPESTATUS[0]}"; fi
 
 if part latency; then
     timeout 80 "$PY" benchmarks/serve_bench.py --model esm2_t33_650M --clients 1 --requests 100 --length 300 \
@@ -134,7 +136,7 @@ fi
 
 if part tests; then
     timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_replica.py tests/model/test_forward.py \
-        tests/model/test_graphs.py tests/runtime/test_gpu.py 2>&1 | tee -a "$LOG" | tail -n 3 | tee -a "$SUMMARY"
+        tests/model/test_graphs.py tests/model/test_invariant.py tests/runtime/test_gpu.py 2>&1 | tee -a "$LOG" | tail -n 3 | tee -a "$SUMMARY"
     record "GPU tests" $?
 fi
 

@@ -175,3 +175,14 @@ def test_the_8m_architecture_in_float32_gives_the_clean_vectors(tmp_path):
     shuffled = records[::-1]
     _assert_bitwise(_embed(tmp_path, "shuffled", shuffled, *model, "--max-tokens", "1024", "--batch-size", "3"), want)
     _assert_bitwise(_embed(tmp_path, "one", records, *model, "--batch-size", "1"), want)
+
+
+def test_the_file_records_what_bit_identity_holds_for(tmp_path, tiny_model_dir):
+    import torch
+
+    from esm2cli.io.parquet import read_metadata
+
+    _embed(tmp_path, "meta", RECORDS[:3], "-m", tiny_model_dir, "--dtype", "bfloat16", "--devices", "sim:2")
+    meta = read_metadata(tmp_path / "meta.parquet")
+    assert meta["dtype"] == "bfloat16"
+    assert meta["numerics"] == {"torch": torch.__version__, "device_type": ["cpu"], "batch_invariant": True}

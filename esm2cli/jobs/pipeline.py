@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import time
@@ -212,6 +213,13 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
         ),  # fmt: skip
         "input": fasta,
         "esm2cli_version": __version__,
+        # Bit-identical vectors are guaranteed for one device type, dtype and torch version (the forward is
+        # batch-invariant): what a rerun must match to reproduce this file bit for bit.
+        "numerics": {
+            "torch": importlib.metadata.version("torch"),
+            "device_type": sorted({"cuda" if d.is_cuda else "cpu" for d in setup.devices}),
+            "batch_invariant": True,
+        },
         "identity": identity,
     }
 

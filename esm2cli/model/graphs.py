@@ -218,9 +218,9 @@ class GraphRunner:
             ints["pool.rows"][:], ints["pool.valid"][:] = sums["pool.rows"], sums["pool.valid"]
         if self.sdpa_groups:
             fields, shapes = plan_groups(np.diff(cu), cu[:-1], invariant=self.model.batch_invariant)
-            plan = Layout.of({name: len(a) for name, a in fields.items()})
-            flat = host_to_device(plan.pack(fields, np.int64), self.model.device)
-            st.groups = unpack_groups(plan.split(flat), shapes)
+            groups = Layout.of({name: len(a) for name, a in fields.items()})
+            flat = host_to_device(groups.pack(fields, np.int64), self.model.device)
+            st.groups = unpack_groups(groups.split(flat), shapes)
         if copy:
             st.ints.copy_(st.host_ints, non_blocking=True)
             st.floats.copy_(st.host_floats, non_blocking=True)
@@ -297,6 +297,8 @@ class GraphRunner:
             self._give_up(exc)
             return
         if self.capture:
+            with torch.cuda.device(self.model.device):  # what the checks against eager held, back to the card
+                torch.cuda.empty_cache()
             kept = sum(st.graph is not None for st in self._static.values())
             log.info(
                 "captured %d CUDA graphs of %d (token buckets %s) on %s in %.1f s", kept, len(self._static),

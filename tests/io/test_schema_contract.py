@@ -24,7 +24,7 @@ HEADERS = {"p1": "first protein", "p2": ""}
 # The README's metadata (`esm2cli` key): what every output records about how it was made.
 METADATA_KEYS = {
     "model", "model_source", "random_weights", "layers", "pooling", "dtype", "truncate", "long_sequences", "input",
-    "esm2cli_version", "identity",
+    "esm2cli_version", "numerics", "identity",
 }  # fmt: skip
 IDENTITY_KEYS = {
     "input_sha256", "input_records", "model_identity", "model_family", "dtype", "layers", "pooling", "per_token", "truncate",
