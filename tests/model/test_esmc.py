@@ -120,3 +120,23 @@ def test_a_300m_shaped_esmc_matches_transformers(tmp_path):
     for i, seq in enumerate(seqs):
         assert cosine(out.per_token[30][i], ref.per_token(seq)).min() >= 0.99999
         np.testing.assert_allclose(out.per_token[30][i], ref.per_token(seq), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_the_cuda_graph_layout_gives_the_eager_vectors(loaded, per_token):
+    """The buckets' static layout (dummy segments, empty slots) run eagerly on the CPU: the same bits as eager."""
+    from esm2cli.model.graphs import GraphRunner
+
+    last = loaded.num_layers
+    runner = GraphRunner(loaded.forward, (last, 1), "mean", buckets=[512, 1024], max_seqs=12,
+                         per_token_modes=(per_token,))  # fmt: skip
+    runner.warmup()
+    batch = pack(loaded, SEQS)
+    got = runner.embed(batch, per_token)
+    want = loaded.forward.embed(batch, (last, 1), "mean", per_token)
+    assert runner.graph_batches == 1
+    for layer in (last, 1):
+        np.testing.assert_array_equal(got.pooled[layer], want.pooled[layer])
+        if per_token:
+            for a, b in zip(got.per_token[layer], want.per_token[layer], strict=True):
+                np.testing.assert_array_equal(a, b)
