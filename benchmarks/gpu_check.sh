@@ -15,6 +15,7 @@
 #    beside it, so that the model of the card is checked against the card.
 # Optional steps: serve (16 clients, dynamic batching on and off, the engine alone), tokens (residues/s across
 # token budgets), score (batched masked copies against one per pass).
+# Optional step esmc: ESM C 600M (beside transformers' EsmcModel) and 6B in bf16, benchmarks/esmc_gpu.py (5 min at most).
 # GPU_CHECK_PARTS picks steps (default: forward latency gil tests bench modeled, 7.3 min at most; serve, tokens
 # and score add 2 minutes); BENCH_DTYPES the bench's dtypes (default: bfloat16); TOKEN_BUDGETS those of tokens;
 # PYTHON the interpreter (default: python3).
@@ -109,6 +110,7 @@ for x in r['rows']:
 " "$OUT/forward-650M.json" 2>> "$LOG" | tee -a "$SUMMARY"
 fi
 
+part esmc && { timeout 300 "$PY" benchmarks/esmc_gpu.py --out "$OUT" 2>> "$LOG" | tee -a "$SUMMARY"; record "esmc 600M (beside transformers) and 6B, bf16" "${PIPESTATUS[0]}"; }
 # Batch invariance: one protein in 3 batch compositions bit for bit, and residues/s of the invariant and the batch-dependent forward.
 if [[ -z "${GPU_CHECK_PARTS:-}" ]] || part invariance; then timeout 90 "$PY" benchmarks/invariance_check.py 2>> "$LOG" | tee -a "$SUMMARY"; record "batch invariance" "${PIPESTATUS[0]}"; fi
 

@@ -27,7 +27,6 @@ from esm2cli.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
-    DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
     OUTPUT_DTYPES,
     BatchConfig,
@@ -44,7 +43,7 @@ from esm2cli.io.records import Record
 from esm2cli.io.schema import METADATA_KEY, Rows, build_schema, record_batch
 from esm2cli.jobs import pipeline
 from esm2cli.jobs.reuse import ChunkReuse, open_reuse, reuse_stamps
-from esm2cli.model.architecture import resolve_source
+from esm2cli.model.architecture import resolve_source, resolve_truncate
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.windows import check_overlap
 
@@ -68,7 +67,8 @@ class Embedder:
         pooling: "mean" over residues, or "bos" (the <cls> token).
         long_sequences: Sequences over ``truncate`` residues: "truncate" (flagged ``truncated``), "window"
             (embedded whole in overlapping windows, as --long-sequences window) or "error" (refused).
-        truncate: Residues kept per sequence (the window width in window mode).
+        truncate: Residues kept per sequence (the window width in window mode); None: the model's context
+            (1,022 residues for ESM-2, 2,046 for ESM C).
         window_overlap: Residues shared by consecutive windows (as --window-overlap).
         per_token: Also compute per-residue vectors (in embed_fasta's tables and files).
         batch_size, max_tokens: Batch bounds (as --batch-size and --max-tokens; None: by device).
@@ -92,7 +92,7 @@ class Embedder:
         layers: int | Sequence[int] = -1,
         pooling: str = "mean",
         long_sequences: str = "truncate",
-        truncate: int = DEFAULT_TRUNCATE,
+        truncate: int | None = None,
         window_overlap: int = DEFAULT_WINDOW_OVERLAP,
         per_token: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -108,6 +108,7 @@ class Embedder:
             raise ConfigError(f"pooling={pooling!r}: use 'mean' or 'bos'")
         if output_dtype not in OUTPUT_DTYPES:
             raise ConfigError(f"output_dtype={output_dtype!r}: use one of {', '.join(OUTPUT_DTYPES)}")
+        truncate = resolve_truncate(str(model), truncate)
         if truncate < 1 or batch_size < 1 or chunk_size < 1:
             raise ConfigError("truncate, batch_size and chunk_size must be at least 1")
         if isinstance(layers, str):  # "6,-1", as --layers takes them
@@ -284,7 +285,8 @@ class Embedder:
 
     def _schema(self, source: str, scan: FastaScan, inputs: InputConfig) -> pa.Schema:
         """The schema of the CLI's file for this input, with the same metadata (the run's identity included)."""
-        identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig())
+        identity = pipeline.run_identity(scan, self._weights, self.dtype, self.embed_config, inputs, ShardConfig(),
+                                         family=self._setup.model.family)  # fmt: skip
         model = replace(self.model_config, dtype=self.dtype)
         metadata = pipeline.run_metadata(source, model, self.embed_config, self._setup, identity)
         return build_schema(

@@ -115,6 +115,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_esmc_dir(tmp_path_factory) -> str:
+    """A tiny random ESM C (with its LM head) saved by transformers' EsmcForMaskedLM."""
+    from helpers import build_tiny_esmc
+
+    return build_tiny_esmc(tmp_path_factory.mktemp("tiny-esmc"))
+
+
+@pytest.fixture(scope="session")
 def proteins() -> list[tuple[str, str]]:
     """Synthetic proteins of realistic lengths (a few over 1022 residues)."""
     from esm2cli.jobs.workload import synthetic_sequences

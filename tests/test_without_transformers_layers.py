@@ -70,3 +70,54 @@ def test_serve_runs_without_transformers_layers(tiny_model_dir, expected, no_esm
         wait_healthy(client)
         body = client.post("/predict", json={"sequence": SEQS[0]}).json()
     assert cosine(np.array([body["embedding"]]), expected[:1]).min() >= 0.9999
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ESM C: transformers' EsmcModel and EsmcForMaskedLM are the reference only
+
+ESMC_MODULES = ("EsmcModel", "EsmcForMaskedLM", "EsmcLayer", "EsmcAttention", "EsmcMLP", "EsmcLayerNorm",
+                "EsmcRotaryEmbedding", "EsmcMaskedLMHead")  # fmt: skip
+
+
+@pytest.fixture
+def esmc_expected(tiny_esmc_dir):
+    """Each sequence alone through transformers' ESM C, and its PLL, computed before its layers are disabled."""
+    from helpers import EsmcReference
+
+    ref = EsmcReference(tiny_esmc_dir)
+    means = np.stack([ref.mean(seq) for seq in SEQS])
+    plls = [sum(ref.log_probs(s, i)[i, ref.token(s[i])] for i in range(len(s))) for s in SEQS[:3]]
+    return means, plls
+
+
+@pytest.fixture
+def no_esmc_layers(monkeypatch, esmc_expected):
+    from transformers.models.esmc import modeling_esmc
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"transformers' {type(self).__name__} was run")
+
+    for name in ESMC_MODULES:
+        monkeypatch.setattr(getattr(modeling_esmc, name), "forward", refuse)
+
+
+def test_esmc_embed_score_and_serve_run_without_transformers_layers(tmp_path, tiny_esmc_dir, esmc_expected,
+                                                                   no_esmc_layers):  # fmt: skip
+    means, plls = esmc_expected
+    fa = write_fasta(tmp_path / "in.fa", [(f"p{i}", seq) for i, seq in enumerate(SEQS)])
+    for devices in ("cpu", "sim:4"):
+        out = tmp_path / f"o-{devices.replace(':', '')}.parquet"
+        run = CliRunner().invoke(cli, ["embed", fa, "-o", str(out), "-m", tiny_esmc_dir, "--dtype", "float32",
+                                       "--devices", devices, "-q"])  # fmt: skip
+        assert run.exit_code == 0, run.output
+        got = np.array(pq.read_table(out)["embedding"].to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(got, means, rtol=0, atol=1e-5)
+    pll_fa = write_fasta(tmp_path / "pll.fa", [(f"p{i}", seq) for i, seq in enumerate(SEQS[:3])])
+    score = CliRunner().invoke(cli, ["score", pll_fa, "--pll", "-o", str(tmp_path / "s.parquet"), "-m", tiny_esmc_dir,
+                                     "--dtype", "float32", "-q"])  # fmt: skip
+    assert score.exit_code == 0, score.output
+    np.testing.assert_allclose(pq.read_table(tmp_path / "s.parquet")["pll"].to_pylist(), plls, rtol=0, atol=1e-4)
+    with live_server(make_app(tiny_esmc_dir)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        body = client.post("/predict", json={"sequence": SEQS[0]}).json()
+    np.testing.assert_allclose(body["embedding"], means[0], rtol=0, atol=1e-5)

@@ -107,3 +107,13 @@ def _interruptible(message: str = "interrupted: rerun the same command to resume
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _model_truncate(model: str, truncate: int | None) -> int:
+    """--truncate as given, else the model's own context; one line (exit 2) when it is over ESM C's."""
+    from esm2cli.model.architecture import resolve_truncate
+
+    try:
+        return resolve_truncate(model, truncate)
+    except Esm2Error as exc:
+        raise _to_click(exc) from exc

@@ -6,7 +6,15 @@ import os
 
 import click
 
-from esm2cli.cli.console import _interruptible, _progress_factory, _setup_logging, _to_click, _use_s3_endpoint, log
+from esm2cli.cli.console import (
+    _interruptible,
+    _model_truncate,
+    _progress_factory,
+    _setup_logging,
+    _to_click,
+    _use_s3_endpoint,
+    log,
+)
 from esm2cli.cli.options import (
     embedding_options,
     log_options,
@@ -243,6 +251,7 @@ def embed(
             shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
         elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
             raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
+        truncate = _model_truncate(model, truncate)
         configs = dict(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
             embed=EmbedConfig(

@@ -11,7 +11,6 @@ from esm2cli.config import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
-    DEFAULT_TRUNCATE,
     DEFAULT_WINDOW_OVERLAP,
     OUTPUT_DTYPES,
     EmbedConfig,
@@ -100,8 +99,8 @@ def embedding_options(func):
         click.option(
             "--truncate",
             type=click.IntRange(min=1),
-            default=DEFAULT_TRUNCATE,
-            show_default=True,
+            default=None,
+            show_default="the model's context: 1022 for ESM-2, 2046 for ESM C",
             envvar="ESM2CLI_TRUNCATE",
             help="Residues kept per sequence; longer ones are truncated and flagged.",
         ),

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import click
 
-from esm2cli.cli.console import _interruptible, _progress_factory, _setup_logging, _to_click, _use_s3_endpoint, log
+from esm2cli.cli.console import (
+    _interruptible,
+    _model_truncate,
+    _progress_factory,
+    _setup_logging,
+    _to_click,
+    _use_s3_endpoint,
+    log,
+)
 from esm2cli.cli.embed import _device_list
 from esm2cli.cli.options import log_options, max_tokens_option, model_options
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_TRUNCATE,
     BatchConfig,
     ModelConfig,
 )
@@ -62,8 +69,8 @@ def _score_summary_line(summary, output) -> str:
 @click.option(
     "--truncate",
     type=click.IntRange(min=1),
-    default=DEFAULT_TRUNCATE,
-    show_default=True,
+    default=None,
+    show_default="the model's context: 1022 for ESM-2, 2046 for ESM C",
     envvar="ESM2CLI_TRUNCATE",
     help="Window: residues per forward pass. A position of a longer protein is scored in the window of this "
     "many residues that centres it.",
@@ -130,6 +137,7 @@ def score(
         raise click.UsageError("give exactly one of --pll, --mutations CSV, --all-substitutions")
     if pll and method:
         raise click.BadParameter("a pseudo-log-likelihood always masks; --method is for mutants", param_hint="--method")
+    truncate = _model_truncate(model, truncate)
     mode = {"--pll": "pll", "--mutations": "mutations", "--all-substitutions": "all-substitutions"}[modes[0]]
     cfg = ScoreConfig(
         mode=mode, method=method or "masked-marginal", mutations=mutations, window=truncate, skip_invalid=skip_invalid

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from esm2cli.cli.console import _setup_logging, _to_click, log
+from esm2cli.cli.console import _model_truncate, _setup_logging, _to_click, log
 from esm2cli.cli.options import (
     embedding_options,
     log_options,
@@ -195,6 +195,7 @@ def serve(
         cache_size=cache_size,
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
+    truncate = _model_truncate(model, truncate)
     embed_cfg = EmbedConfig(
         layers=layers, pooling=pooling, truncate=truncate, long_sequences=long_sequences, window_overlap=window_overlap
     )

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -159,7 +160,7 @@ def _time_box(engine: Engine, batches: list[list[str]], duration: float | None, 
     """
     start = time.perf_counter()  # before submitting: submit blocks while the queue is full
     deadline = None if duration is None else start + duration
-    pending: deque[tuple[list[str], object]] = deque()
+    pending: deque[tuple[list[str], Future]] = deque()
     sequences = residues = 0
     next_tick = start + 2.0
 
@@ -190,9 +191,9 @@ def _time_box(engine: Engine, batches: list[list[str]], duration: float | None, 
     return time.perf_counter() - start, sequences, residues
 
 
-def _cpu_batch_tokens(peak: float, layers: int, hidden: int, replicas: int, duration: float) -> int:
+def _cpu_batch_tokens(peak: float, loaded, replicas: int, duration: float) -> int:
     """Padded tokens a batch may hold so that one of ``replicas`` CPU replicas finishes it well inside the box."""
-    per_token = model_flops([1], layers, hidden)  # ~ the cost of one more token
+    per_token = _token_flops(loaded)  # ~ the cost of one more token
     tokens_per_s = peak * _CPU_MFU_GUESS / per_token / replicas
     return max(SPECIAL_TOKENS + 8, int(tokens_per_s * duration / _BATCHES_PER_BOX))
 
@@ -230,13 +231,14 @@ def run_bench(
     loaded, dtype = setup.model, setup.dtype
     say(f"{gpus} {'CUDA' if cuda else 'simulated'} device(s), {dtype}; measuring the matmul peak ({peak_seconds:g} s)")
     peak = measure_matmul_peak(setup.devices[0].torch_device, dtype, peak_seconds)
-    max_tokens, choices = setup.batch.max_tokens, []
+    max_tokens: int = setup.batch.max_tokens or 0  # set by build_engine for the devices
+    choices: list[str] = []
     if fit_to_box and not cuda and duration:
-        fitted = _cpu_batch_tokens(peak, loaded.num_layers, loaded.hidden_size, gpus, duration)
+        fitted = _cpu_batch_tokens(peak, loaded, gpus, duration)
         if fitted < max_tokens:
             max_tokens = fitted
             seqs = [s[: max_tokens - SPECIAL_TOKENS] for s in seqs]
-            rate = peak * _CPU_MFU_GUESS / model_flops([1], loaded.num_layers, loaded.hidden_size)
+            rate = peak * _CPU_MFU_GUESS / _token_flops(loaded)
             choices.append(
                 f"the CPU runs {model.model} at about {rate:,.0f} tokens/s in all; so that {gpus} replicas "
                 f"sharing it finish batches inside a {duration:g} s box, batches hold at most {max_tokens} tokens "
@@ -266,7 +268,7 @@ def run_bench(
                 warm = engine.busy_seconds()
                 seconds, done, residues = _time_box(engine, batches, duration, say)
                 busy = {d: (s - warm[d]) / seconds for d, s in engine.busy_seconds().items()}
-            flops = _flops_of(batches, done, loaded.num_layers, loaded.hidden_size)
+            flops = _flops_of(batches, done, loaded)
             # Simulated devices share one CPU: MFU is against that one CPU's peak, and ideal scaling is flat.
             row = BenchRow(
                 devices=k, seconds=seconds, sequences=done, residues=residues, sequences_per_s=done / seconds,
@@ -298,10 +300,15 @@ def _cuda_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def _flops_of(batches: list[list[str]], sequences: int, layers: int, hidden: int) -> float:
+def _token_flops(loaded) -> float:
+    """Model FLOPs of a one-residue protein: about the cost of one more token."""
+    return model_flops([1], loaded.num_layers, loaded.hidden_size, ffn_weights=loaded.ffn_weights)
+
+
+def _flops_of(batches: list[list[str]], sequences: int, loaded) -> float:
     """Model FLOPs of the first ``sequences`` sequences of the cycled batches (an estimate: the mix repeats)."""
     lengths = [len(s) for b in batches for s in b]
-    per_cycle = model_flops(lengths, layers, hidden)
+    per_cycle = model_flops(lengths, loaded.num_layers, loaded.hidden_size, ffn_weights=loaded.ffn_weights)
     return per_cycle * sequences / len(lengths)
 
 
@@ -310,7 +317,10 @@ def _predicted_rate(batches: list[list[str]], k: int, card: str, dtype: str, loa
     from esm2cli.config import ModeledGPU
 
     gpu = ModeledGPU(card=card)
-    seconds = sum(call_seconds([len(s) for s in b], loaded.num_layers, loaded.hidden_size, gpu, dtype) for b in batches)
+    shape = (loaded.num_layers, loaded.hidden_size)
+    seconds = sum(
+        call_seconds([len(s) for s in b], *shape, gpu, dtype, ffn_weights=loaded.ffn_weights) for b in batches
+    )
     return sum(len(s) for b in batches for s in b) / (seconds / k)
 
 

@@ -213,11 +213,11 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
-                 shard: ShardConfig, *, source_slice: InputSlice | None = None) -> dict:  # fmt: skip
-    """The run's identity (io.identity.embed_identity) for this scan of the input; a shard of an input split by
-    bytes covers its own slice (its records, its byte range, the file's size and stamp)."""
+                 shard: ShardConfig, *, source_slice: InputSlice | None = None, family: str = "esm2") -> dict:  # fmt: skip
+    """The run's identity (io.identity.embed_identity) for this scan of the input; ``family``: esm2 or esmc. A shard
+    of an input split by bytes covers its own slice (its records, its byte range, the file's size and stamp)."""
     return embed_identity(input_sha256=scan.sha256, input_records=scan.records, weights=model_identity, dtype=dtype,
-                          embed=embed, inputs=inputs, shard=shard,
+                          embed=embed, inputs=inputs, shard=shard, model_family=family,
                           input_slice=source_slice.identity() if source_slice is not None else None)  # fmt: skip
 
 
@@ -344,7 +344,7 @@ def embed_fasta(
         OutputError, StorageError: The output cannot be written.
         EngineError: A replica failed.
     """
-    from esm2cli.model.architecture import resolve_source
+    from esm2cli.model.architecture import model_family, resolve_source
 
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
@@ -364,12 +364,15 @@ def embed_fasta(
         dtype = placement.dtype
         model = replace(model, dtype=dtype)
 
-        def identity_of(weights: str) -> dict:
-            return run_identity(scan, weights, dtype, embed, inputs, shard_cfg, source_slice=source.slice)
+        def identity_of(weights: str, family: str) -> dict:
+            return run_identity(
+                scan, weights, dtype, embed, inputs, shard_cfg, source_slice=source.slice, family=family
+            )
 
         stamp = None if weights else stamp_weights(resolve_source(model.model), model.load_format)
         known = weights or (stamp.identity if stamp else None)
-        if known is not None and is_complete(target, identity_of(known), overwrite):
+        family = model_family(model.model)  # as named; confirmed by the model loaded below
+        if known is not None and is_complete(target, identity_of(known, family), overwrite):
             return EmbedSummary(already_complete=True)
         owned = setup is None
         if setup is None:
@@ -377,7 +380,7 @@ def embed_fasta(
         if stamp is not None:  # the bytes hashed are the bytes loaded, or the run stops here
             weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
         assert weights is not None
-        identity = identity_of(weights)
+        identity = identity_of(weights, setup.model.family)
         if is_complete(target, identity, overwrite):
             return EmbedSummary(already_complete=True)
         plan = EmbedPlan(

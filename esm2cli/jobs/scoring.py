@@ -36,7 +36,7 @@ from esm2cli.io.parquet import WRITE_OPTIONS, read_metadata
 from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 from esm2cli.jobs.pipeline import readable_source
-from esm2cli.model.architecture import resolve_source
+from esm2cli.model.architecture import model_family, resolve_source
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, build_engine, resolve_placement
 
@@ -466,7 +466,7 @@ def score_fasta(
         placement = resolve_placement(model)
         stamp = stamp_weights(resolve_source(model.model), model.load_format)
         hashes = _input_hashes(source, input_sha256, score)
-        identity = _run_identity(hashes, stamp.identity, placement.dtype, score)
+        identity = _run_identity(hashes, stamp.identity, placement.dtype, score, model_family(model.model))
         if storage.exists(output):
             if identity is not None and same_run(read_metadata(output).get("identity"), identity):
                 return ScoreSummary(mode=score.mode, already_complete=True)
@@ -474,7 +474,7 @@ def score_fasta(
                 raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
         setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True, placement=placement)
         weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())  # the bytes loaded are the ones named
-        identity = _run_identity(hashes, weights, placement.dtype, score)
+        identity = _run_identity(hashes, weights, placement.dtype, score, setup.model.family)
         batch = setup.batch
         progress = progress_factory(total) if progress_factory else None
         start = time.perf_counter()
@@ -512,7 +512,7 @@ def _input_hashes(source: str, input_sha256: str | None, score: ScoreConfig) -> 
 
 
 def _run_identity(hashes: tuple[str, str | None] | None, weights: str | None, dtype: str,
-                  score: ScoreConfig) -> dict | None:  # fmt: skip
+                  score: ScoreConfig, family: str) -> dict | None:  # fmt: skip
     """What makes a rerun the same run: the records and mutants read, the weights, and what changes the numbers.
 
     None where the weights are not named yet (a hub model not cached before loading) or the inputs cannot be
@@ -521,7 +521,7 @@ def _run_identity(hashes: tuple[str, str | None] | None, weights: str | None, dt
     if hashes is None or weights is None:
         return None
     return score_identity(input_sha256=hashes[0], mutations_sha256=hashes[1], weights=weights, dtype=dtype,
-                          score=score)  # fmt: skip
+                          score=score, model_family=family)  # fmt: skip
 
 
 def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ from esm2cli.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 # What an encoder needs from a model repository; one weights format, not every format the repo offers.
-_META = ["config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]
+_META = ["config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "tokenizer.json"]
 # One weights format, each as: the single file, the index of a sharded set, the shards.
 _SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 _PYTORCH = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]

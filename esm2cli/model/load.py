@@ -1,4 +1,8 @@
-"""Model loading: hub id, local directory, fair-esm checkpoint or dummy weights, once, on the CPU."""
+"""Model loading: hub id, local directory, fair-esm checkpoint or dummy weights, once, on the CPU.
+
+Two families: ESM-2 (read through transformers' EsmModel) and ESM C (read strictly, tensor by tensor, by
+esm2cli.model.esmc_load). Either ends as esm2cli's own packed forward.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,8 +21,17 @@ from transformers.utils import logging as hf_logging
 from esm2cli.config import ModelConfig
 from esm2cli.errors import ConfigError, ModelLoadError
 from esm2cli.io.fasta import RESIDUES
-from esm2cli.model import fair_esm
-from esm2cli.model.architecture import ARCHITECTURES, DTYPES, bundled_tokenizer, esm2_config, resolve_source
+from esm2cli.model import esmc_load, fair_esm
+from esm2cli.model.architecture import (
+    ARCHITECTURES,
+    DTYPES,
+    bundled_tokenizer,
+    context_of,
+    esm2_config,
+    esmc_alias,
+    resolve_source,
+)
+from esm2cli.model.esmc import PackedEsmc
 from esm2cli.model.forward import PackedEsm2
 
 log = logging.getLogger(__name__)
@@ -25,13 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """An ESM-2 model loaded once on the CPU: esm2cli's own forward, and what replicas need to tokenise.
+    """An ESM-2 or ESM C model loaded once on the CPU: esm2cli's own forward, and what replicas need to tokenise.
 
     Attributes:
         name: The model as the user named it.
         source: The hub id or directory it was loaded from.
-        config: The transformers config (architecture, special tokens).
-        forward: esm2cli's packed forward (esm2cli.model.forward.PackedEsm2), in eval mode, in its final
+        config: The transformers config (architecture, special tokens): EsmConfig or EsmcConfig.
+        forward: esm2cli's packed forward (esm2cli.model.forward.PackedEsm2, or its ESM C extension
+            esm2cli.model.esmc.PackedEsmc), in eval mode, in its final
             dtype, on the CPU, with the LM head and the contact head when asked for; None when built without
             weights (modeled GPUs need only the shape).
         token_lut: Maps an ASCII code to its token id (only residue letters are used).
@@ -39,12 +54,14 @@ class LoadedModel:
         dummy: True when the weights are random.
         reference: The transformers encoder the weights were read from (and ``reference_lm_head``), kept only
             when asked (tests and benchmarks compare against it); else dropped, so the weights are held once.
+            ESM-2 only: ESM C is never built as transformers modules.
+        family: "esm2" or "esmc".
     """
 
     name: str
     source: str
-    config: EsmConfig
-    forward: PackedEsm2 | None
+    config: Any
+    forward: PackedEsm2 | PackedEsmc | None
     token_lut: np.ndarray
     cls_id: int
     eos_id: int
@@ -53,6 +70,7 @@ class LoadedModel:
     mask_id: int = 32
     reference: EsmModel | None = None
     reference_lm_head: EsmLMHead | None = None
+    family: str = "esm2"
 
     @property
     def num_layers(self) -> int:
@@ -61,6 +79,17 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def context(self) -> int:
+        """Residues a protein may have in one forward: 1,022 for ESM-2, 2,046 for ESM C."""
+        return context_of(self.family)
+
+    @property
+    def ffn_weights(self) -> int:
+        """Weights of one layer's feed-forward (a 4x GELU MLP for ESM-2, SwiGLU's three matrices for ESM C)."""
+        h, f = self.config.hidden_size, self.config.intermediate_size
+        return 3 * h * f if self.family == "esmc" else 2 * h * f
 
 
 def architecture_of(model: str) -> str | None:
@@ -80,7 +109,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _load_config(source: str) -> EsmConfig:
+def _load_config(source: str):
     if _is_local(source) and not Path(source).expanduser().is_dir():
         raise ModelLoadError(f"{source}: no such model directory")
     try:
@@ -88,14 +117,14 @@ def _load_config(source: str) -> EsmConfig:
     except Exception as exc:  # hub, network, JSON and file errors all end the same way
         where = "the directory" if _is_local(source) else "the Hugging Face hub (or its local cache)"
         raise ModelLoadError(f"cannot load {source} from {where}: {_first_line(exc)}") from exc
-    if config.model_type != "esm" or getattr(config, "is_folding_model", False):
-        raise ModelLoadError(f"{source} is not an ESM-2 encoder (model_type={config.model_type!r})")
+    if config.model_type not in ("esm", "esmc") or getattr(config, "is_folding_model", False):
+        raise ModelLoadError(f"{source} is not an ESM-2 or ESM C encoder (model_type={config.model_type!r})")
     return config
 
 
 def _load_tokenizer(source: str) -> EsmTokenizer:
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return cast(EsmTokenizer, AutoTokenizer.from_pretrained(source))
     except Exception as exc:  # a directory saved without its tokenizer still holds a usable model
         log.warning("no tokenizer in %s (%s); using the bundled ESM-2 vocabulary", source, _first_line(exc))
         return bundled_tokenizer()
@@ -154,7 +183,10 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
     """Loads the encoder (and, when asked, the LM head) of a checkpoint; checks the heads asked for are in it."""
     try:
         if lm_head:
-            full, info = EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True)
+            full, info = cast(
+                tuple[EsmForMaskedLM, dict],
+                EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True),
+            )
             if missing := _missing(info, "lm_head."):
                 raise ModelLoadError(
                     f"{source} has no masked-LM head (missing {missing}): it was saved as an encoder only"
@@ -162,8 +194,9 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
             model, head = full.esm, full.lm_head
             prefix = "esm.contact_head."
         else:
-            model, info = EsmModel.from_pretrained(
-                source, config=config, add_pooling_layer=False, output_loading_info=True
+            model, info = cast(
+                tuple[EsmModel, dict],
+                EsmModel.from_pretrained(source, config=config, add_pooling_layer=False, output_loading_info=True),
             )
             head, prefix = None, "contact_head."
     except ModelLoadError:
@@ -207,7 +240,7 @@ def random_model(config: EsmConfig, seed: int = 0, dtype: torch.dtype = torch.fl
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
 
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(_POOL, generator=generator).mul_(0.02).to(dtype)
@@ -285,6 +318,10 @@ def load_model(
     hf_logging.set_verbosity_error()  # the unused LM-head weights warning is expected
     hf_logging.disable_progress_bar()
     dtype = DTYPES[cfg.dtype]
+    if cfg.load_format not in ("auto", "dummy"):
+        raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
+    if (esmc := _esmc_config(source, cfg.load_format, weights)) is not None:
+        return _load_esmc(cfg, source, esmc, lm_head=lm_head, contact_head=contact_head, weights=weights)
     if cfg.load_format == "dummy":
         alias = architecture_of(source)
         if alias:
@@ -316,11 +353,9 @@ def load_model(
             model, head = _load_pretrained(folder, config, lm_head, contact_head)
             tokenizer = _load_tokenizer(folder)
         dummy = False
-    else:
-        raise ConfigError(f"unknown load format {cfg.load_format!r}; use auto or dummy")
     if not contact_head:
-        model.contact_head = None  # HF builds it into every encoder; it is unused unless asked for
-    model = model.to(dtype).eval().requires_grad_(False)
+        model.contact_head = None  # type: ignore[assignment]  # HF builds it into every encoder; unused unless asked
+    model = model.to(dtype).eval().requires_grad_(False)  # type: ignore[arg-type]
     if head is not None:
         head = head.to(dtype).eval().requires_grad_(False)
     # esm2cli's forward copies (and fuses) the weights; the transformers modules are only read here.
@@ -339,3 +374,45 @@ def load_model(
         reference=model if keep_reference else None,
         reference_lm_head=head if keep_reference else None,
     )
+
+
+def _esmc_config(source: str, load_format: str, weights: bool) -> Any:
+    """The config when ``source`` is an ESM C, else None: an alias (or hub id) of its three sizes, or a local
+    directory or hub model whose config says ``model_type: esmc``. None for an alias size's real weights is
+    never returned: their config is read from the folder they are fetched into (_FETCH)."""
+    if (alias := esmc_alias(source)) is not None:
+        return esmc_load.esmc_config(alias) if load_format == "dummy" or not weights else _FETCH
+    if architecture_of(source) or fair_esm.is_checkpoint(source):
+        return None
+    where = _local_weights(source, source) if load_format == "auto" and weights else source
+    config = _load_config(where)
+    return config if config.model_type == "esmc" else None
+
+
+_FETCH = "fetch"  # an ESM C size's real weights: the config comes with them
+
+
+def _load_esmc(cfg: ModelConfig, source: str, config: Any, *, lm_head: bool, contact_head: bool, weights: bool):
+    """Loads an ESM C (real or dummy weights, or only its shape) as esm2cli's own forward."""
+    if contact_head:
+        raise esmc_load.refuse_contacts(cfg.model)
+    dtype = DTYPES[cfg.dtype]
+    tensors = None
+    if cfg.load_format == "dummy" or not weights:
+        if weights:
+            log.warning("--load-format dummy: %s with RANDOM weights; its embeddings are meaningless", source)
+            tensors = esmc_load.random_weights(config, lm_head=lm_head, dtype=dtype)
+        dummy = True
+    else:
+        folder = Path(_local_weights(source, cfg.model))
+        if config is _FETCH:
+            config = _load_config(str(folder))
+        esmc_load.check_config(config, source)
+        tensors = esmc_load.read_checkpoint(folder, config.num_hidden_layers, lm_head)
+        dummy = False
+    forward = esmc_load.build_forward(config, tensors, dtype=dtype, lm_head=lm_head) if tensors is not None else None
+    return LoadedModel(
+        name=cfg.model, source=source, config=config, forward=forward, token_lut=esmc_load.token_lut(),
+        cls_id=esmc_load.CLS_ID, eos_id=esmc_load.EOS_ID, pad_id=esmc_load.PAD_ID, dummy=dummy,
+        mask_id=esmc_load.MASK_ID, family="esmc",
+    )  # fmt: skip

@@ -151,6 +151,8 @@ def build_engine(
     loaded = load_model(
         replace(model, dtype=dtype), lm_head=lm_head, contact_head=embed.contacts, weights=model.simulate is None
     )
+    if loaded.family == "esmc" and embed.truncate > loaded.context:  # ESM-2's rotary positions extend; not ESM C's
+        raise ConfigError(f"--truncate {embed.truncate} is over ESM C's context of {loaded.context} residues")
     layers = resolve_layers(embed.layers, loaded.num_layers)
     # The one place the token budget is decided: every command reads setup.batch.
     batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))

@@ -23,28 +23,35 @@ from esm2cli.runtime.batching import SPECIAL_TOKENS
 _OUTPUT_ROWS = 251  # distinct placeholder vectors (a prime: rows of different lengths rarely repeat)
 
 
-def model_flops(lengths: Sequence[int], layers: int, hidden: int) -> float:
-    """Forward FLOPs of ESM-2 on these sequences (<cls> and <eos> counted, padding not).
+def model_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights: int | None = None) -> float:
+    """Forward FLOPs on these sequences (<cls> and <eos> counted, padding not).
 
-    Per layer and sequence of T tokens: 24·h²·T for the projections and the 4h feed-forward,
-    plus 4·h·T² for the attention scores and their weighted sum.
+    Per layer and sequence of T tokens: 2·(4·h² + F)·T for the four attention projections and the
+    feed-forward's F weights, plus 4·h·T² for the attention scores and their weighted sum. ESM-2's 4h GELU
+    feed-forward has F = 8·h² (24·h²·T in all, the default); ESM C's SwiGLU block has F = 3·h·f (gate, up and
+    down projections of its hidden size f: LoadedModel.ffn_weights).
     """
+    ffn = 8 * hidden * hidden if ffn_weights is None else ffn_weights
     total = 0.0
     for n in lengths:
         t = n + SPECIAL_TOKENS
-        total += layers * (24 * hidden * hidden * t + 4 * hidden * t * t)
+        total += layers * (2 * (4 * hidden * hidden + ffn) * t + 4 * hidden * t * t)
     return total
 
 
-def padded_flops(lengths: Sequence[int], layers: int, hidden: int) -> float:
+def padded_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights: int | None = None) -> float:
     """FLOPs a device spends on a batch: every sequence padded to the widest one."""
-    return model_flops([max(lengths)] * len(lengths), layers, hidden) if lengths else 0.0
+    padded = [max(lengths)] * len(lengths) if lengths else []
+    return model_flops(padded, layers, hidden, ffn_weights=ffn_weights) if lengths else 0.0
 
 
-def call_seconds(lengths: Sequence[int], layers: int, hidden: int, gpu: ModeledGPU, dtype: str) -> float:
+def call_seconds(
+    lengths: Sequence[int], layers: int, hidden: int, gpu: ModeledGPU, dtype: str, *, ffn_weights: int | None = None
+) -> float:
     """How long the modeled card holds one batch: padded FLOPs / (peak x MFU) + overhead."""
     peak = GPU_PEAKS[gpu.card][dtype]
-    return padded_flops(lengths, layers, hidden) / (peak * gpu.mfu) + gpu.overhead_ms / 1000
+    flops = padded_flops(lengths, layers, hidden, ffn_weights=ffn_weights)
+    return flops / (peak * gpu.mfu) + gpu.overhead_ms / 1000
 
 
 def _hold_gil(seconds: float) -> None:
@@ -89,7 +96,10 @@ class ModeledReplica:
 
     def seconds(self, lengths: Sequence[int]) -> float:
         """The modeled device time of a batch of sequences of these lengths."""
-        return call_seconds(lengths, self.loaded.num_layers, self.loaded.hidden_size, self.gpu, self.dtype)
+        loaded = self.loaded
+        return call_seconds(
+            lengths, loaded.num_layers, loaded.hidden_size, self.gpu, self.dtype, ffn_weights=loaded.ffn_weights
+        )
 
     def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None):
         """Tokenises the batch, holds it for the card's modeled time, and returns placeholder embeddings.
@@ -120,7 +130,9 @@ class ModeledReplica:
         self.last_end = time.perf_counter()
         self.calls += 1
         self.held_s += hold
-        self.flops += model_flops(lengths, self.loaded.num_layers, self.loaded.hidden_size)
+        self.flops += model_flops(
+            lengths, self.loaded.num_layers, self.loaded.hidden_size, ffn_weights=self.loaded.ffn_weights
+        )
         picks = np.asarray(lengths) % _OUTPUT_ROWS
         pooled = {layer: self._rows[picks] for layer in self.layers}  # fancy indexing: a fresh copy
         tokens = {}

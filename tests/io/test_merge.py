@@ -8,10 +8,10 @@ import os
 
 import pyarrow.parquet as pq
 from click.testing import CliRunner
-from helpers import byte_shard_sizes
 
 from conftest import write_fasta
 from esm2cli.cli import cli
+from helpers import byte_shard_sizes
 
 
 def _embed(fasta, out, model, *extra):

@@ -10,10 +10,10 @@ import fsspec
 import pytest
 from Bio import bgzf
 from fsspec.implementations.local import LocalFileSystem
-from helpers import header_offsets
 
 from esm2cli.io.fasta import read_records
 from esm2cli.io.split import detect_format, open_slice, slice_range
+from helpers import header_offsets
 
 
 class CountingFileSystem(LocalFileSystem):

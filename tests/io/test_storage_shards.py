@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from click.testing import CliRunner
-from helpers import byte_shard_sizes
 
 from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.errors import StorageError
 from esm2cli.io.storage import describe
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import byte_shard_sizes
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

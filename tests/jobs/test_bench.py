@@ -37,6 +37,21 @@ def test_model_flops_match_torchs_flop_counter(tiny_model_dir):
         )
 
 
+def test_model_flops_of_a_swiglu_block_match_torchs_flop_counter(tiny_esmc_dir):
+    """ESM C: four projections and SwiGLU's three matrices a layer (LoadedModel.ffn_weights = 3·h·f)."""
+    from transformers import EsmcModel
+
+    loaded = load_model(ModelConfig(model=tiny_esmc_dir, dtype="float32"))
+    reference = EsmcModel.from_pretrained(tiny_esmc_dir, attn_implementation="eager").eval()
+    assert loaded.ffn_weights == 3 * 64 * 96
+    for length in (10, 200):
+        ids = torch.tensor([[loaded.cls_id] + [int(loaded.token_lut[ord("M")])] * length + [loaded.eos_id]])
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            reference(input_ids=ids)
+        got = model_flops([length], loaded.num_layers, loaded.hidden_size, ffn_weights=loaded.ffn_weights)
+        assert got == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
 def test_bench_scales_over_simulated_devices(tiny_model_dir):
     seqs = ["M" * n for n in (30, 50, 70, 90, 110, 130)]
     report = run_bench(

@@ -189,3 +189,19 @@ def test_a_cached_snapshot_without_weights_is_not_used(caches, monkeypatch, hub_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache"):
         load_model(ModelConfig(model="esm2_t6_8M", dtype="float32"))
+
+
+def test_download_esmc_by_alias_then_embed_it_offline_by_alias(tmp_path, caches, fasta, tiny_esmc_dir, monkeypatch):
+    """ESM C is fetched like ESM-2 (biohub/ESMC-300M here serves the tiny ESM C) and then read from the cache."""
+    repo = tmp_path / "esmc-repo"
+    shutil.copytree(tiny_esmc_dir, repo)
+    (repo / "tokenizer.json").write_text("{}")
+    with FakeHub({"biohub/ESMC-300M": repo}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        folder = Path(run("download", "esmc_300m").stdout.strip())
+        fetched = sorted(p.rsplit("/", 1)[1] for method, p in hub.requests if method == "GET" and "/resolve/" in p)
+    assert folder.is_relative_to(caches) and fetched == ["config.json", "model.safetensors", "tokenizer.json"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run("embed", fasta, "-o", str(tmp_path / "hub.parquet"), "-m", "esmc_300m", "--dtype", "float32", "-q")
+    run("embed", fasta, "-o", str(tmp_path / "dir.parquet"), "-m", tiny_esmc_dir, "--dtype", "float32", "-q")
+    np.testing.assert_array_equal(embeddings(tmp_path / "hub.parquet"), embeddings(tmp_path / "dir.parquet"))

@@ -69,7 +69,7 @@ def test_not_an_esm_model(tmp_path):
     BertModel(
         BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="not an ESM-2 encoder .*bert"):
+    with pytest.raises(ModelLoadError, match="not an ESM-2 or ESM C encoder .*bert"):
         load_model(ModelConfig(model=str(tmp_path), dtype="float32"))
 
 
