@@ -213,7 +213,8 @@ def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
-                 shard: ShardConfig, *, source_slice: InputSlice | None = None, family: str = "esm2") -> dict:  # fmt: skip
+                 shard: ShardConfig, *, source_slice: InputSlice | None = None,
+                 family: str = "esm2") -> dict:  # fmt: skip
     """The run's identity (io.identity.embed_identity) for this scan of the input; ``family``: esm2 or esmc. A shard
     of an input split by bytes covers its own slice (its records, its byte range, the file's size and stamp)."""
     return embed_identity(input_sha256=scan.sha256, input_records=scan.records, weights=model_identity, dtype=dtype,
