@@ -143,6 +143,13 @@ class BatchConfig:
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
     chunk_bytes: int = CHUNK_BYTES
 
+    @property
+    def token_budget(self) -> int:
+        """max_tokens once decided (for_devices, build_engine): asking before is a bug."""
+        if self.max_tokens is None:
+            raise ValueError("the token budget is asked for before it is decided; this is a bug")
+        return self.max_tokens
+
     def for_devices(self, on_cuda: bool) -> BatchConfig:
         """This config with max_tokens decided: the device kind's default when not set."""
         if self.max_tokens is not None:

@@ -136,7 +136,7 @@ class _Span(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         view = memoryview(buffer)[: self.left]
         count = self.handle.readinto(view) or 0
         self.left -= count

@@ -329,7 +329,7 @@ def _predicted_rate(batches: list[list[str]], k: int, card: str, dtype: str, loa
 
 def _seconds_per_residue(seqs: Sequence[str], setup: EngineSetup) -> float:
     """Modeled device seconds per residue on a sample of the workload, batched as embed batches it."""
-    planned = plan_batches([len(s) for s in seqs], setup.batch.max_tokens, setup.batch.batch_size)
+    planned = plan_batches([len(s) for s in seqs], setup.batch.token_budget, setup.batch.batch_size)
     replica = setup.replicas[0]
     held = sum(replica.seconds([len(seqs[i]) for i in rows]) for rows in planned)
     return held / sum(map(len, seqs))
@@ -376,15 +376,15 @@ def run_modeled_bench(
     mean_length = sum(map(len, sample)) / len(sample)
     report = BenchReport(
         model=model.model, random_weights=True, dtype=probe.dtype, device_kind="modeled",
-        duration_s=None if input_fasta or sequences else duration, max_tokens=probe.batch.max_tokens,
+        duration_s=None if input_fasta or sequences else duration, max_tokens=probe.batch.token_budget,
         batch_size=probe.batch.batch_size, max_length=max_length, padding_fraction=_padding(sample, probe.batch),
         peak_gflops=_peak(probe.devices[0].card, probe.dtype) / 1e9, card=probe.devices[0].card,
         mfu_assumed=gpu.mfu, overhead_ms=gpu.overhead_ms, launch_ms=gpu.launch_ms,
     )  # fmt: skip
     one = 1 / per_residue
     report.choices.append(
-        f"a MODEL of {report.card.upper()} GPUs, not a measurement of one: each batch is held for its FLOPs over "
-        f"{_peak(report.card, report.dtype) / 1e12:,.0f} TFLOP/s ({report.dtype} peak) x MFU {gpu.mfu:g} + "
+        f"a MODEL of {gpu.card.upper()} GPUs, not a measurement of one: each batch is held for its FLOPs over "
+        f"{_peak(gpu.card, report.dtype) / 1e12:,.0f} TFLOP/s ({report.dtype} peak) x MFU {gpu.mfu:g} + "
         f"{gpu.overhead_ms:g} ms; one card embeds about {one:,.0f} residues/s of this workload"
     )
     if gpu.launch_ms:
@@ -404,7 +404,7 @@ def run_modeled_bench(
                 count = sequences or max(k * 64, int(rate * duration / mean_length))
                 fasta.write_text(fasta_text(draw_sequences(count, seed=seed + k, max_length=max_length)))
                 source = str(fasta)
-            say(f"[{n}/{len(counts)}] {k} modeled {report.card.upper()}: embedding {Path(source).name}")
+            say(f"[{n}/{len(counts)}] {k} modeled {gpu.card.upper()}: embedding {Path(source).name}")
             setup = build_engine(replace(model, simulate=replace(gpu, count=k)), embed, batch)
             begin = time.perf_counter()
             with setup.engine:  # embed_fasta runs a setup it is given, and leaves it to its owner
@@ -417,7 +417,7 @@ def run_modeled_bench(
             host_rate = row.residues_per_s / k
             report.rows.append(row)
             say(
-                f"    {k} modeled {report.card.upper()}: {row.residues_per_s:,.0f} residues/s, host efficiency "
+                f"    {k} modeled {gpu.card.upper()}: {row.residues_per_s:,.0f} residues/s, host efficiency "
                 f"{row.host_efficiency:.0%} (startup {row.startup_s:.1f} s, finish {row.finish_s:.1f} s)"
             )
             fasta.unlink(missing_ok=True)
@@ -432,7 +432,7 @@ def _peak(card: str, dtype: str) -> float:
 
 
 def _padding(seqs: Sequence[str], batch: BatchConfig) -> float:
-    planned = plan_batches([len(s) for s in seqs], batch.max_tokens, batch.batch_size)
+    planned = plan_batches([len(s) for s in seqs], batch.token_budget, batch.batch_size)
     real = sum(len(s) + SPECIAL_TOKENS for s in seqs)
     return 1 - real / sum(padded_tokens([len(seqs[i]) for i in rows]) for rows in planned)
 
@@ -581,7 +581,7 @@ def plot_report(report: BenchReport, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(counts, [r.residues_per_s for r in report.rows], marker="o", label="measured")
     if report.device_kind == "modeled":
-        ideal = [r.modeled_residues_per_s for r in report.rows]
+        ideal = [r.modeled_residues_per_s or 0.0 for r in report.rows]
     else:
         ideal = [report.rows[0].residues_per_s * (k if report.device_kind == "cuda" else 1) for k in counts]
     ax.plot(counts, ideal, linestyle="--", label="modeled ideal" if report.device_kind == "modeled" else "ideal")

@@ -120,8 +120,10 @@ def overlap_warning(width: int, overlap: int) -> str | None:
 def stitch_pooled(pooling: str, stitched: np.ndarray | None, window_pooled: Sequence[np.ndarray]) -> np.ndarray:
     """The protein's pooled vector: the mean of its stitched residues, or of its windows' <cls> vectors."""
     if pooling == "mean":
-        return stitched.mean(axis=0, dtype=np.float64).astype(np.float32)
-    return np.mean(np.stack(window_pooled), axis=0, dtype=np.float64).astype(np.float32)
+        if stitched is None:
+            raise ValueError("mean pooling of windows without their stitched residues; this is a bug")
+        return np.asarray(stitched.mean(axis=0, dtype=np.float64), dtype=np.float32)
+    return np.asarray(np.mean(np.stack(window_pooled), axis=0, dtype=np.float64), dtype=np.float32)
 
 
 def computed_residues(length: int, embed) -> int:
