@@ -28,7 +28,9 @@ from esm2cli.config import (
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
     DEFAULT_WINDOW_OVERLAP,
+    LONG_SEQUENCES,
     OUTPUT_DTYPES,
+    POOLINGS,
     BatchConfig,
     EmbedConfig,
     InputConfig,
@@ -47,7 +49,6 @@ from esm2cli.model.architecture import resolve_source, resolve_truncate
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.windows import check_overlap
 
-LONG_SEQUENCES = ("truncate", "window", "error")
 _DONE = object()
 
 
@@ -104,8 +105,8 @@ class Embedder:
     ):
         if long_sequences not in LONG_SEQUENCES:
             raise ConfigError(f"long_sequences={long_sequences!r} is not available; use one of {LONG_SEQUENCES}")
-        if pooling not in ("mean", "bos"):
-            raise ConfigError(f"pooling={pooling!r}: use 'mean' or 'bos'")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling={pooling!r}: use one of {POOLINGS}")
         if output_dtype not in OUTPUT_DTYPES:
             raise ConfigError(f"output_dtype={output_dtype!r}: use one of {', '.join(OUTPUT_DTYPES)}")
         truncate = resolve_truncate(str(model), truncate)

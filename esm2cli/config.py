@@ -13,6 +13,15 @@ DEFAULT_BATCH_SIZE = 64
 # 32,768 ran 1.27x faster than 16,384 and 65,536 1.12x faster again; 32,768 leaves room for the larger
 # models on smaller cards (a batch that does not fit is split and retried, at a cost).
 DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 32768}
+# The choices of the options that pick a mode: Click's choices, the API's checks and the docs read these.
+POOLINGS = ("mean", "bos")
+LONG_SEQUENCES = ("truncate", "window", "error")
+SCORE_MODES = ("pll", "mutations", "all-substitutions")
+SCORE_METHODS = ("masked-marginal", "wt-marginal")
+# A short protein every replica embeds once before it takes work (captures, kernel choices, first-call costs).
+WARMUP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
+# esm2cli serve: seconds that requests in flight may take after SIGTERM (Kubernetes' grace period is 30 s too).
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_TRUNCATE = 1022  # ESM-2 was trained on 1024 tokens: 1022 residues plus <cls> and <eos>
 DEFAULT_WINDOW_OVERLAP = 256
 OUTPUT_DTYPES = ("float32", "float16")  # stored vectors; float16 halves the storage, rounding to ~1e-3 relative

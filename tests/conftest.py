@@ -156,7 +156,7 @@ class FakeEmbedder:
     def embed_batch(self, seqs):
         import time
 
-        from esm2cli.runtime.replica import BatchEmbeddings
+        from esm2cli.io.schema import Embeddings
 
         if self.delay:
             time.sleep(self.delay)
@@ -166,4 +166,4 @@ class FakeEmbedder:
         out = np.zeros((len(seqs), self.hidden), dtype=np.float32)
         out[:, 0] = [len(s) for s in seqs]
         out[:, 1] = [sum(map(ord, s)) % 1000 for s in seqs]
-        return BatchEmbeddings({0: out}, {})
+        return Embeddings({0: out}, {})

@@ -106,3 +106,13 @@ def test_demo_installs_the_runtime_only_and_test_the_dev_tools():
     assert '-c constraints.txt -e ".[dev]"' in test
     cpu = _make_dry_run("demo", f"TORCH_INDEX_URL={CPU_INDEX}")
     assert f"--index-url {CPU_INDEX}" in cpu and "torch==" in cpu  # the pinned torch, from the CPU index
+
+
+def test_the_chunk_figures_in_the_docs_are_the_configured_ones():
+    """The chunk bound is written once (config.CHUNK_BYTES); the pages that quote it say the same figure."""
+    from esm2cli.config import CHUNK_BYTES, DEFAULT_CHUNK_SIZE
+
+    embed = (ROOT / "docs" / "embed.md").read_text()
+    quoted = set(re.findall(r"(\d+) MB of embeddings", embed))
+    assert quoted == {str(CHUNK_BYTES >> 20)}, quoted
+    assert f"`--chunk-size` ({DEFAULT_CHUNK_SIZE:,})" in embed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from esm2cli.cli.console import _setup_logging, _to_click
+from esm2cli.cli.console import setup_logging, to_click
 from esm2cli.cli.options import log_options
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
@@ -152,7 +152,7 @@ def bench(
     """
     import json
 
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     given = {
         name for name in ("mfu", "overhead_ms", "launch_ms")
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
@@ -181,7 +181,7 @@ def bench(
                                 max_length, batch, say)
         )  # fmt: skip
     except Esm2Error as exc:
-        raise _to_click(exc) from exc
+        raise to_click(exc) from exc
     except KeyboardInterrupt:
         click.echo("interrupted before the first device count finished: no result", err=True)
         sys.exit(130)
@@ -225,7 +225,7 @@ def _bench_devices(ctx, gpus, duration, model, load_format, dtype, input_fasta, 
         try:
             seqs = [r.sequence[:max_length] for r in read_records(input_fasta) if r.problem is None]
         except Esm2Error as exc:
-            raise _to_click(exc) from exc
+            raise to_click(exc) from exc
         if not seqs:
             raise click.BadParameter("no valid sequences", param_hint="--input")
     else:

@@ -14,7 +14,7 @@ from esm2cli.errors import Esm2Error, Interrupted, exit_code
 log = logging.getLogger("esm2cli")
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
     # Other libraries (botocore, werkzeug, httpx, ...) speak only at WARNING and up unless -vv.
     logging.basicConfig(
@@ -26,7 +26,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("huggingface_hub").propagate = False
 
 
-def _use_s3_endpoint(url: str | None) -> None:
+def use_s3_endpoint(url: str | None) -> None:
     """Hands --s3-endpoint-url to esm2cli.io.storage, which reads it for s3:// URLs."""
     if url:
         import os
@@ -34,22 +34,22 @@ def _use_s3_endpoint(url: str | None) -> None:
         os.environ["ESM2CLI_S3_ENDPOINT_URL"] = url
 
 
-class _Refused(click.ClickException):
+class Refused(click.ClickException):
     """A domain error the user must fix (bad input, an output in the way): one message, exit 2, no usage text."""
 
     exit_code = 2
 
 
-def _to_click(exc: Esm2Error) -> click.ClickException:
+def to_click(exc: Esm2Error) -> click.ClickException:
     """Translates a domain error into Click's: exit 2 for bad input or options, 1 otherwise.
 
     Option values Click itself rejects keep Click's usage text; our own findings (which name the file,
     record or option) are the message alone.
     """
-    return _Refused(str(exc)) if exit_code(exc) == 2 else click.ClickException(str(exc))
+    return Refused(str(exc)) if exit_code(exc) == 2 else click.ClickException(str(exc))
 
 
-def _progress_factory(quiet: bool, unit: str = "seq"):
+def progress_factory(quiet: bool, unit: str = "seq"):
     def factory(total: int, residues_total: int | None = None):
         """A bar over ``total`` items; given ``residues_total``, over residues, so that its ETA holds while the
         longest proteins come last in each chunk (items sorted by length)."""
@@ -86,7 +86,7 @@ def _progress_factory(quiet: bool, unit: str = "seq"):
 
 
 @contextmanager
-def _interruptible(message: str = "interrupted: rerun the same command to resume"):
+def interruptible(message: str = "interrupted: rerun the same command to resume"):
     """SIGINT and SIGTERM (a preempted pod) unwind the run: finished chunks stay, the exit is 130 or 143.
 
     A second signal during that unwinding exits at once: every committed chunk is already safe on disk.
@@ -109,11 +109,11 @@ def _interruptible(message: str = "interrupted: rerun the same command to resume
             signal.signal(sig, handler)
 
 
-def _model_truncate(model: str, truncate: int | None) -> int:
+def model_truncate(model: str, truncate: int | None) -> int:
     """--truncate as given, else the model's own context; one line (exit 2) when it is over ESM C's."""
     from esm2cli.model.architecture import resolve_truncate
 
     try:
         return resolve_truncate(model, truncate)
     except Esm2Error as exc:
-        raise _to_click(exc) from exc
+        raise to_click(exc) from exc

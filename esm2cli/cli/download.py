@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from esm2cli.cli.console import _setup_logging, _to_click
+from esm2cli.cli.console import setup_logging, to_click
 from esm2cli.cli.options import log_options
 from esm2cli.errors import Esm2Error
 
@@ -36,14 +36,14 @@ def download(model, to, verbose, quiet):
     from esm2cli.model import hub
     from esm2cli.model.architecture import resolve_source
 
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     repo_id = resolve_source(model)
     if not hub.is_repo_id(repo_id):
         raise click.BadParameter(f"{model!r} is not an ESM-2 alias or a hub id (owner/name)", param_hint="MODEL")
     try:
         folder = hub.download(repo_id, to, alias=model)
     except Esm2Error as exc:
-        raise _to_click(exc) from exc
+        raise to_click(exc) from exc
     click.echo(str(folder))
     if not quiet:
         click.echo(f"{repo_id} is in {folder}", err=True)

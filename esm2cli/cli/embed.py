@@ -7,13 +7,13 @@ import os
 import click
 
 from esm2cli.cli.console import (
-    _interruptible,
-    _model_truncate,
-    _progress_factory,
-    _setup_logging,
-    _to_click,
-    _use_s3_endpoint,
+    interruptible,
     log,
+    model_truncate,
+    progress_factory,
+    setup_logging,
+    to_click,
+    use_s3_endpoint,
 )
 from esm2cli.cli.options import (
     embedding_options,
@@ -25,6 +25,7 @@ from esm2cli.cli.options import (
     slurm_shard,
 )
 from esm2cli.config import (
+    CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMMIT_SECONDS,
@@ -163,7 +164,8 @@ def _reused_note(summary) -> str:
     show_default=True,
     envvar="ESM2CLI_CHUNK_SIZE",
     help="Records sorted and committed together at most. A chunk is also committed after about "
-    f"{DEFAULT_COMMIT_SECONDS:.0f} s of compute (and 128 MB of embeddings): what an interruption loses.",
+    f"{DEFAULT_COMMIT_SECONDS:.0f} s of compute (and {CHUNK_BYTES >> 20} MB of embeddings): what an interruption "
+    "loses.",
 )
 @click.option(
     "--reuse",
@@ -227,12 +229,12 @@ def embed(
       esm2cli embed release-2.fasta -o release-2.parquet --reuse release-1.parquet
     """
     # From the first statement: a signal while the heavy imports run exits as cleanly as one mid-run.
-    with _interruptible():
-        _setup_logging(verbose, quiet)
+    with interruptible():
+        setup_logging(verbose, quiet)
         from esm2cli.io.hdf5 import is_hdf5
         from esm2cli.jobs.pipeline import embed_fasta
 
-        _use_s3_endpoint(s3_endpoint_url)
+        use_s3_endpoint(s3_endpoint_url)
         shard = None
         if shard_index is None and (slurm := slurm_shard(os.environ)) is not None:
             shard_index, slurm_count, read = slurm
@@ -251,7 +253,7 @@ def embed(
             shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
         elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
             raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
-        truncate = _model_truncate(model, truncate)
+        truncate = model_truncate(model, truncate)
         configs = dict(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
             embed=EmbedConfig(
@@ -272,9 +274,9 @@ def embed(
             log.debug("%s: %s", name, value)
         try:
             summary = embed_fasta(
-                fasta, output, overwrite=overwrite, progress_factory=_progress_factory(quiet), reuse=reuse, **configs
+                fasta, output, overwrite=overwrite, progress_factory=progress_factory(quiet), reuse=reuse, **configs
             )
         except Esm2Error as exc:
-            raise _to_click(exc) from exc
+            raise to_click(exc) from exc
         if not quiet:
             click.echo(_summary_line(summary, output, shard), err=True)

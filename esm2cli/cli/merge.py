@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from esm2cli.cli.console import _setup_logging, _to_click, _use_s3_endpoint
+from esm2cli.cli.console import setup_logging, to_click, use_s3_endpoint
 from esm2cli.cli.options import log_options
 from esm2cli.errors import Esm2Error
 
@@ -30,12 +30,12 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
 
     from esm2cli.io.merge import merge_parts
 
-    _setup_logging(verbose, quiet)
-    _use_s3_endpoint(s3_endpoint_url)
+    setup_logging(verbose, quiet)
+    use_s3_endpoint(s3_endpoint_url)
     try:
         rows = merge_parts(prefix, output, overwrite)  # checks the parts and the output; replaces atomically
     except Esm2Error as exc:
-        raise _to_click(exc) from exc
+        raise to_click(exc) from exc
     if not quiet:
         done = f"merged {rows:,} rows -> {output}" if rows is not None else f"{output} is already complete"
         click.echo(done, err=True)

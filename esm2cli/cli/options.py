@@ -12,7 +12,9 @@ from esm2cli.config import (
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
     DEFAULT_WINDOW_OVERLAP,
+    LONG_SEQUENCES,
     OUTPUT_DTYPES,
+    POOLINGS,
     EmbedConfig,
     ModelConfig,
     ServeConfig,
@@ -90,7 +92,7 @@ def embedding_options(func):
         ),
         click.option(
             "--pooling",
-            type=click.Choice(["mean", "bos"]),
+            type=click.Choice(POOLINGS),
             default=EmbedConfig.pooling,
             show_default=True,
             envvar="ESM2CLI_POOLING",
@@ -122,7 +124,7 @@ def long_sequence_options(func):
     )(func)
     return click.option(
         "--long-sequences",
-        type=click.Choice(["truncate", "window", "error"]),
+        type=click.Choice(LONG_SEQUENCES),
         default=EmbedConfig.long_sequences,
         show_default=True,
         envvar="ESM2CLI_LONG_SEQUENCES",

@@ -5,18 +5,19 @@ from __future__ import annotations
 import click
 
 from esm2cli.cli.console import (
-    _interruptible,
-    _model_truncate,
-    _progress_factory,
-    _setup_logging,
-    _to_click,
-    _use_s3_endpoint,
+    interruptible,
     log,
+    model_truncate,
+    progress_factory,
+    setup_logging,
+    to_click,
+    use_s3_endpoint,
 )
 from esm2cli.cli.embed import _device_list
 from esm2cli.cli.options import log_options, max_tokens_option, model_options
 from esm2cli.config import (
     DEFAULT_BATCH_SIZE,
+    SCORE_METHODS,
     BatchConfig,
     ModelConfig,
 )
@@ -61,7 +62,7 @@ def _score_summary_line(summary, output) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(["masked-marginal", "wt-marginal"]),
+    type=click.Choice(SCORE_METHODS),
     default=None,
     help="Mutant scores from the wild type with the position masked, or unmasked.  [default: masked-marginal]",
 )
@@ -123,11 +124,11 @@ def score(
       esm2cli score wt.fasta --mutations muts.csv -o scores.parquet
       esm2cli score wt.fasta --all-substitutions --method wt-marginal -o dms.parquet
     """
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     from esm2cli.config import ScoreConfig
     from esm2cli.jobs.scoring import score_fasta
 
-    _use_s3_endpoint(s3_endpoint_url)
+    use_s3_endpoint(s3_endpoint_url)
     modes = [
         name
         for name, on in [("--pll", pll), ("--mutations", mutations), ("--all-substitutions", all_substitutions)]
@@ -137,14 +138,14 @@ def score(
         raise click.UsageError("give exactly one of --pll, --mutations CSV, --all-substitutions")
     if pll and method:
         raise click.BadParameter("a pseudo-log-likelihood always masks; --method is for mutants", param_hint="--method")
-    truncate = _model_truncate(model, truncate)
+    truncate = model_truncate(model, truncate)
     mode = {"--pll": "pll", "--mutations": "mutations", "--all-substitutions": "all-substitutions"}[modes[0]]
     cfg = ScoreConfig(
         mode=mode, method=method or "masked-marginal", mutations=mutations, window=truncate, skip_invalid=skip_invalid
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
     log.debug("score: %s; model: %s", cfg, model_cfg)
-    with _interruptible("interrupted: the output was not written (an earlier one is left as it was)"):
+    with interruptible("interrupted: the output was not written (an earlier one is left as it was)"):
         try:
             summary = score_fasta(
                 fasta,
@@ -153,9 +154,9 @@ def score(
                 score=cfg,
                 batch=BatchConfig(batch_size=batch_size, max_tokens=max_tokens),
                 overwrite=overwrite,
-                progress_factory=_progress_factory(quiet, unit="pos"),
+                progress_factory=progress_factory(quiet, unit="pos"),
             )
         except Esm2Error as exc:  # the message names the file, row or record
-            raise _to_click(exc) from exc
+            raise to_click(exc) from exc
     if not quiet:
         click.echo(_score_summary_line(summary, output), err=True)

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from esm2cli.cli.console import _model_truncate, _setup_logging, _to_click, log
+from esm2cli.cli.console import log, model_truncate, setup_logging, to_click
 from esm2cli.cli.options import (
     embedding_options,
     log_options,
@@ -17,6 +17,7 @@ from esm2cli.cli.options import (
     serve_security_options,
 )
 from esm2cli.config import (
+    DEFAULT_GRACEFUL_TIMEOUT,
     EmbedConfig,
     ModelConfig,
     ServeConfig,
@@ -97,7 +98,7 @@ from esm2cli.errors import ConfigError, Esm2Error
 @click.option(
     "--graceful-timeout",
     type=click.FloatRange(min=0),
-    default=30.0,
+    default=DEFAULT_GRACEFUL_TIMEOUT,
     show_default=True,
     envvar="ESM2CLI_GRACEFUL_TIMEOUT",
     help="On SIGTERM, seconds that requests in flight may take.",
@@ -168,14 +169,14 @@ def serve(
     from esm2cli.serve.auth import checked_keys, read_key_file, refuse_empty_key_variables
     from esm2cli.serve.connections import fit_open_files, uvicorn_config
 
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     logging.getLogger("uvicorn").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         if not api_keys and not api_key_file:  # keys asked for through the environment, and none came
             refuse_empty_key_variables(os.environ)
         keys = checked_keys([*api_keys, *(read_key_file(api_key_file) if api_key_file else [])])
     except ConfigError as exc:
-        raise _to_click(exc) from exc
+        raise to_click(exc) from exc
     serve_cfg = ServeConfig(
         batching=batching,
         max_batch_size=max_batch_size,
@@ -195,7 +196,7 @@ def serve(
         cache_size=cache_size,
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
-    truncate = _model_truncate(model, truncate)
+    truncate = model_truncate(model, truncate)
     embed_cfg = EmbedConfig(
         layers=layers, pooling=pooling, truncate=truncate, long_sequences=long_sequences, window_overlap=window_overlap
     )
@@ -205,7 +206,7 @@ def serve(
         try:
             check_overlap(truncate, window_overlap)
         except ConfigError as exc:
-            raise _to_click(exc) from exc
+            raise to_click(exc) from exc
         if warning := overlap_warning(truncate, window_overlap):
             log.warning("%s", warning)
     log.info("serve: %s", describe(serve_cfg))
@@ -226,6 +227,6 @@ def serve(
         signal.signal(sig, lambda *_: None)
     server.run()
     if failure and isinstance(failure[0], Esm2Error):
-        raise _to_click(failure[0]) from failure[0]
+        raise to_click(failure[0]) from failure[0]
     if failure:  # not one of ours: a bug, raised as it is so that its traceback shows (exit 1)
         raise failure[0]

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from esm2cli.config import EmbedConfig
 from esm2cli.errors import ConfigError, DamagedFileError, OutputError
 from esm2cli.io.identity import numbers_identity
-from esm2cli.io.schema import embedding_columns
+from esm2cli.io.schema import Embeddings, embedding_columns
 from esm2cli.io.storage import exists, file_stamp, is_url, join, listdir, open_input
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,6 @@ def _is_file(path: str) -> bool:
 def fingerprints(files: Sequence[str]) -> list[dict]:
     """What identifies each file's version (path, size, modification): recorded with a resumable run's chunks."""
     return [{"path": path, **file_stamp(path)} for path in files]
-
-
-@dataclass
-class Vectors:
-    """The vectors of some rows of earlier outputs, in the order they were asked for."""
-
-    pooled: dict[int, np.ndarray]
-    per_token: dict[int, list[np.ndarray]]
-    contacts: list[np.ndarray] | None
 
 
 @dataclass(frozen=True)
@@ -207,13 +198,13 @@ class _ParquetSource:
                 raise DamagedFileError(self.path) from exc
             raise
 
-    def take(self, table: pa.Table, rows: np.ndarray) -> tuple[list[str], Vectors]:
+    def take(self, table: pa.Table, rows: np.ndarray) -> tuple[list[str], Embeddings]:
         """Rows of a decoded row group (numbers within the group): their hashes and vectors."""
         part = table.take(pa.array(rows, pa.int64())).combine_chunks()
         hidden = self.wanted.hidden
         pooled: dict[int, np.ndarray] = {}
         per_token: dict[int, list[np.ndarray]] = {}
-        contacts = None
+        contacts: list[np.ndarray] = []
         for name, (kind, found) in self.wanted.columns().items():
             column = part.column(name).chunk(0) if part.num_rows else part.column(name).combine_chunks()
             layer = int(found) if found is not None else -1  # contacts have no layer
@@ -224,7 +215,7 @@ class _ParquetSource:
                                     for v in _lists(column)]  # fmt: skip
             else:
                 contacts = [_flat(v, len(v)) if len(v) else np.zeros((0, 0), np.float32) for v in _lists(column)]
-        return part.column(HASH_COLUMN).to_pylist(), Vectors(pooled, per_token, contacts)
+        return part.column(HASH_COLUMN).to_pylist(), Embeddings(pooled, per_token, contacts)
 
 
 class _Hdf5Source:
@@ -253,7 +244,7 @@ class _Hdf5Source:
         found = [self.file[k].attrs.get(HASH_COLUMN) for k in self.keys]
         yield 0, pa.array([h.decode() if isinstance(h, bytes) else h for h in found], pa.string())
 
-    def take_rows(self, rows: np.ndarray) -> tuple[list[str], Vectors]:
+    def take_rows(self, rows: np.ndarray) -> tuple[list[str], Embeddings]:
         from esm2cli.io import hdf5
 
         several = len(self.wanted.layers) > 1
@@ -273,7 +264,7 @@ class _Hdf5Source:
             if self.wanted.per_token
             else {}
         )
-        return hashes, Vectors(pooled, per_token, None)
+        return hashes, Embeddings(pooled, per_token, [])
 
 
 class ReuseIndex:
@@ -383,14 +374,14 @@ class ReuseIndex:
             i += 1
         return False
 
-    def read(self, locs: np.ndarray, hashes: Sequence[str]) -> Vectors:
+    def read(self, locs: np.ndarray, hashes: Sequence[str]) -> Embeddings:
         """The vectors of rows at ``locs`` (lookup's), in that order; each row's hash is checked.
 
         Raises:
             OutputError: A row no longer holds the sequence it held when the index was built.
         """
         order = np.argsort(locs, kind="stable")  # file by file, row groups in order: each decoded once
-        got: list[tuple[int, list[str], Vectors]] = []  # (first position in ``order``, hashes, vectors)
+        got: list[tuple[int, list[str], Embeddings]] = []  # (first position in ``order``, hashes, vectors)
         files = locs[order] >> _ROW_BITS
         rows = locs[order] & ((1 << _ROW_BITS) - 1)
         start = 0
@@ -413,7 +404,7 @@ class ReuseIndex:
             self.counts[self.sources[int(f)].path] += 1
         return vectors
 
-    def _read_file(self, f: int, rows: np.ndarray, first: int) -> list[tuple[int, list[str], Vectors]]:
+    def _read_file(self, f: int, rows: np.ndarray, first: int) -> list[tuple[int, list[str], Embeddings]]:
         source = self.sources[f]
         if isinstance(source, _Hdf5Source):
             return [(first, *source.take_rows(rows))]
@@ -475,18 +466,18 @@ def _sorted_unique(his: list, los: list, locs: list) -> tuple[np.ndarray, np.nda
     return hi[keep], lo[keep], loc[keep]
 
 
-def _concat(parts: list[Vectors], wanted: Wanted) -> Vectors:
+def _concat(parts: list[Embeddings], wanted: Wanted) -> Embeddings:
     pooled = {layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in wanted.layers}
     per_token = (
         {layer: [a for p in parts for a in p.per_token[layer]] for layer in wanted.layers} if wanted.per_token else {}
     )
-    contacts = [a for p in parts for a in p.contacts or []] if wanted.contacts else None
-    return Vectors(pooled, per_token, contacts)
+    contacts = [a for p in parts for a in p.contacts] if wanted.contacts else []
+    return Embeddings(pooled, per_token, contacts)
 
 
-def _take(vectors: Vectors, index: np.ndarray) -> Vectors:
-    return Vectors(
+def _take(vectors: Embeddings, index: np.ndarray) -> Embeddings:
+    return Embeddings(
         {layer: m[index] for layer, m in vectors.pooled.items()},
         {layer: [arrays[i] for i in index] for layer, arrays in vectors.per_token.items()},
-        [vectors.contacts[i] for i in index] if vectors.contacts is not None else None,
+        [vectors.contacts[i] for i in index] if vectors.contacts else [],
     )

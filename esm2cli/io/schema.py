@@ -4,13 +4,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"esm2cli"
 ROW_GROUP_BYTES = 32 << 20  # embeddings per row group at most: bounds what a reader or the merge holds
+
+
+@dataclass
+class Embeddings:
+    """The vectors of some proteins on the host, in a known order: what a batch gives back (float32, from the
+    forward, a replica or a modeled card) and what is read back from earlier outputs (--reuse).
+
+    Attributes:
+        pooled: Layer -> array of shape (proteins, hidden).
+        per_token: Layer -> one (residues, hidden) array per protein; empty unless asked.
+        contacts: One (residues, residues) array of contact probabilities per protein; empty unless asked.
+    """
+
+    pooled: dict[int, np.ndarray]
+    per_token: dict[int, list[np.ndarray]]
+    contacts: list[np.ndarray] = field(default_factory=list)
+
+    @staticmethod
+    def concat(parts: Sequence[Embeddings]) -> Embeddings:
+        """Joins the vectors of consecutive parts, in order (the parts hold the same layers)."""
+        pooled = {layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in parts[0].pooled}
+        per_token = {layer: [a for p in parts for a in p.per_token[layer]] for layer in parts[0].per_token}
+        return Embeddings(pooled, per_token, [a for p in parts for a in p.contacts])
 
 
 @dataclass

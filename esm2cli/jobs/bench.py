@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
+from esm2cli.config import WARMUP_SEQUENCE, BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.runtime.batching import SPECIAL_TOKENS, padded_tokens, plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, build_engine
 from esm2cli.runtime.modeled import call_seconds, model_flops
@@ -33,7 +33,6 @@ Say = Callable[[str], None]  # progress and choices, one line each (the CLI prin
 # bf16): what the bench assumes when it sizes batches to finish inside the time box.
 _CPU_MFU_GUESS = 0.5
 _BATCHES_PER_BOX = 4  # a batch should take at most this fraction of the box on the slowest count
-_WARM_UP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
 # A benchmark times the records it can embed: invalid ones and repeated ids in --input are skipped, not refused.
 _BENCH_INPUTS = InputConfig(skip_invalid=True, allow_duplicate_ids=True)
 
@@ -264,7 +263,7 @@ def run_bench(
             # CPU replicas size their threads by how many share the cores: build them for this count.
             replicas = setup.replicas[:k] if cuda else build_replicas(loaded, setup.devices[:k], EmbedConfig())
             with Engine(replicas) as engine:
-                engine.warm_up([_WARM_UP_SEQUENCE])
+                engine.warm_up([WARMUP_SEQUENCE])
                 warm = engine.busy_seconds()
                 seconds, done, residues = _time_box(engine, batches, duration, say)
                 busy = {d: (s - warm[d]) / seconds for d, s in engine.busy_seconds().items()}

@@ -16,9 +16,8 @@ from esm2cli.config import (
 )
 from esm2cli.io.chunks import Chunk
 from esm2cli.io.records import Record
-from esm2cli.io.schema import Rows
+from esm2cli.io.schema import Embeddings, Rows
 from esm2cli.jobs.reuse import ReusedRows, row_hashes
-from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WindowSums,
     computed_residues,
@@ -79,13 +78,16 @@ class WindowStitcher:
 
     embed: EmbedConfig
     lengths: list[int]  # residues a row
+    starts: list[list[int] | None]  # a windowed row's window starts (None: a row of one item)
     sums: dict[int, WindowSums] = field(default_factory=dict)  # windowed row -> its sums, until complete
     stitched: dict[int, dict] = field(default_factory=dict)  # windowed row -> {layer: (pooled, tokens or None)}
 
     def add(self, layer: int, uses: list[tuple[int, int]], array: np.ndarray) -> None:
         """One window item's per-token vectors, added at once to the sums of every row that uses it."""
         for row, begin in uses:
-            self.sums.setdefault(row, WindowSums(self.lengths[row])).add(layer, begin, array)
+            if row not in self.sums:
+                self.sums[row] = WindowSums(self.lengths[row], self.starts[row] or [0])
+            self.sums[row].add(layer, begin, array)
 
     def holds(self, row: int) -> bool:
         return row in self.sums
@@ -164,7 +166,7 @@ class ChunkWork:
     @classmethod
     def of(cls, chunk: Chunk, records: list[Record], embed: EmbedConfig) -> ChunkWork:
         plan = Deduplicated.of(records, embed)
-        results = ChunkResults(WindowStitcher(embed, [len(r.sequence) for r in records]))
+        results = ChunkResults(WindowStitcher(embed, [len(r.sequence) for r in records], plan.starts))
         row_missing = [len(set(ids)) for ids in plan.parts]
         return cls(chunk, records, embed, plan, results, missing=len(plan.items), row_missing=row_missing)
 
@@ -189,7 +191,7 @@ class ChunkWork:
     def windowed_records(self) -> int:
         return sum(s is not None for s in self.plan.starts)
 
-    def fill(self, items: list[int], result: BatchEmbeddings) -> tuple[int, int]:
+    def fill(self, items: list[int], result: Embeddings) -> tuple[int, int]:
         """Stores a batch's results; returns (rows now complete, residues embedded for rows)."""
         plan, results = self.plan, self.results
         for layer, matrix in result.pooled.items():

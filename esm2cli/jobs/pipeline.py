@@ -32,14 +32,13 @@ from esm2cli.io.identity import describe_changes, embed_identity, same_file, sam
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter, read_metadata
 from esm2cli.io.records import Record, chunk_digest, hash_records
-from esm2cli.io.schema import Rows, build_schema
+from esm2cli.io.schema import Embeddings, Rows, build_schema
 from esm2cli.io.split import InputSlice, InputSource, shard_source
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, build_engine, resolve_placement
 from esm2cli.runtime.memory import release_free_memory
-from esm2cli.runtime.replica import BatchEmbeddings
 from esm2cli.runtime.windows import (
     WINDOW_RULE,
     check_overlap,
@@ -162,7 +161,7 @@ def embed_records(
         summary.deduplicated += sum(len(p) for p in work.parts) - len(work.items)
         if not work.items:
             if pending:  # behind the chunks still computing, so that every sink sees chunks in order
-                pending.append((work, [], done_future(BatchEmbeddings({}, {}))))
+                pending.append((work, [], done_future(Embeddings({}, {}))))
             else:
                 sink.write(chunk, work.rows())
             continue

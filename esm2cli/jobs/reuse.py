@@ -16,9 +16,9 @@ import numpy as np
 
 from esm2cli.config import EmbedConfig
 from esm2cli.io.records import Record
-from esm2cli.io.reuse import ReuseIndex, Vectors, Wanted, embedded_sequence, expand_sources, fingerprints
+from esm2cli.io.reuse import ReuseIndex, Wanted, embedded_sequence, expand_sources, fingerprints
 from esm2cli.io.reuse import sequence_sha256 as _sha256
-from esm2cli.io.schema import Rows
+from esm2cli.io.schema import Embeddings, Rows
 from esm2cli.runtime.windows import window_starts
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ChunkReuse:
         rest = [r for i, r in enumerate(records) if locs[i] < 0]
         return rest, ReusedRows(hits, self._rows([records[i] for i in hits], found, vectors), len(records))
 
-    def _rows(self, records: list[Record], hashes: list[str], vectors: Vectors) -> Rows:
+    def _rows(self, records: list[Record], hashes: list[str], vectors: Embeddings) -> Rows:
         shapes = [row_shape(r, self.embed) for r in records]
         return Rows(
             ids=[r.id for r in records],

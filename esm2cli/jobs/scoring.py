@@ -26,7 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esm2cli.config import DEFAULT_TRUNCATE, BatchConfig, EmbedConfig, ModelConfig, ScoreConfig, __version__
+from esm2cli.config import (
+    DEFAULT_TRUNCATE,
+    SCORE_METHODS,
+    SCORE_MODES,
+    BatchConfig,
+    EmbedConfig,
+    ModelConfig,
+    ScoreConfig,
+    __version__,
+)
 from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta
@@ -42,8 +51,6 @@ from esm2cli.runtime.engine import Engine, build_engine, resolve_placement
 
 log = logging.getLogger(__name__)
 
-MODES = ("pll", "mutations", "all-substitutions")
-METHODS = ("masked-marginal", "wt-marginal")
 CHUNK_POSITIONS = 1 << 15  # positions planned, computed and released together: bounds memory on any input
 ROW_GROUP_ROWS = 1 << 16
 METADATA_KEY = b"esm2cli"
@@ -526,7 +533,7 @@ def _run_identity(hashes: tuple[str, str | None] | None, weights: str | None, dt
 
 def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:
     """Refuses, before anything is read, options that cannot work and an output that must not be written."""
-    if score.mode not in MODES or score.method not in METHODS:
+    if score.mode not in SCORE_MODES or score.method not in SCORE_METHODS:
         raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
     if score.mode == "mutations" and not score.mutations:
         raise ConfigError("mode mutations needs a mutant list; this is a bug")

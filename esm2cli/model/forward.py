@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esm2cli.config import POOLINGS
+from esm2cli.io.schema import Embeddings
 from esm2cli.model.invariant import mean_pool, pad_rows, tiled_linear
 from esm2cli.model.packed import (
     DeviceBatch,
-    EmbedResult,
     PackedBatch,
     host_to_device,
     split_host,
@@ -453,7 +454,7 @@ class PackedEsm2(nn.Module):
         pooling: str = "mean",
         per_token: bool = False,
         contacts: bool = False,
-    ) -> EmbedResult:
+    ) -> Embeddings:
         """Embeds a packed batch: pooled vectors (and per-residue rows, contact maps) on the host, float32.
 
         One device-to-host copy per batch of only what is returned (two with contacts).
@@ -467,10 +468,10 @@ class PackedEsm2(nn.Module):
                 out, so this path is slower).
 
         Returns:
-            EmbedResult with arrays in the batch's order.
+            Embeddings with arrays in the batch's order.
         """
         check_layers(layers, self.num_layers)
-        if pooling not in ("mean", "bos"):
+        if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}")
         if contacts and not self.has_contact_head:
             raise RuntimeError("contacts asked of a model without its contact head; this is a bug")

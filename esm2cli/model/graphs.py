@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from esm2cli.io.schema import Embeddings
 from esm2cli.model.forward import PackedEsm2, check_layers
 from esm2cli.model.invariant import POOL_CHUNK
 from esm2cli.model.packed import (
     BatchLayout,
-    EmbedResult,
     GroupPlan,
     Layout,
     PackedBatch,
@@ -323,7 +323,7 @@ class GraphRunner:
         return None
 
     @torch.inference_mode()
-    def embed(self, batch: PackedBatch, per_token: bool = False) -> EmbedResult:
+    def embed(self, batch: PackedBatch, per_token: bool = False) -> Embeddings:
         """Embeds a batch from its bucket's graph (or eagerly when none holds it); as PackedEsm2.embed."""
         tokens = self.bucket_for(batch, per_token)
         if tokens is None:

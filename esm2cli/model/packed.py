@@ -13,6 +13,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from esm2cli.io.schema import Embeddings
 from esm2cli.model.invariant import PoolPlan, pool_plan, width_groups
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token dropout: the share of masked tokens in every training run
@@ -443,24 +444,9 @@ def to_device(batch: PackedBatch, device: torch.device | str, *, groups: bool, i
 # What a batch gives back
 
 
-@dataclass
-class EmbedResult:
-    """A batch's outputs on the host, float32, in the batch's order (the fields of model.BatchEmbeddings).
-
-    Attributes:
-        pooled: Layer -> (B, hidden) array.
-        per_token: Layer -> one (residues, hidden) array per protein; empty unless asked.
-        contacts: One (residues, residues) contact-probability array per protein; empty unless asked.
-    """
-
-    pooled: dict[int, np.ndarray]
-    per_token: dict[int, list[np.ndarray]]
-    contacts: list[np.ndarray] = field(default_factory=list)
-
-
 def split_host(
     flat: np.ndarray, batch: PackedBatch, layers: Sequence[int], per_token: bool, contacts: list[np.ndarray]
-) -> EmbedResult:
+) -> Embeddings:
     """Splits the one host copy made by ``reduce_on_device`` into pooled and per-token arrays (views)."""
     b, r = batch.num_seqs, int(batch.lengths.sum())
     pooled, tokens, at = {}, {}, 0
@@ -471,4 +457,4 @@ def split_host(
         if per_token:
             tokens[layer] = np.split(flat[at : at + r], bounds)
             at += r
-    return EmbedResult(pooled, tokens, contacts)
+    return Embeddings(pooled, tokens, contacts)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
-from typing import TypeVar
-
-T = TypeVar("T")
+from collections.abc import Sequence
 
 SPECIAL_TOKENS = 2  # ESM-2 adds <cls> and <eos> to every sequence
 # Every forward's width comes from a small ladder: the multiples of WIDTH_BUCKET up to 1,024 tokens, then
@@ -115,10 +111,3 @@ def plan_batches(
 def padded_tokens(lengths: Sequence[int], specials: int = SPECIAL_TOKENS) -> int:
     """Tokens a batch of these lengths computes once padded (to the width bucket of its widest member)."""
     return padded_width(max(lengths), specials) * len(lengths) if lengths else 0
-
-
-def windows(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Yields consecutive lists of at most ``size`` items, so that sorting stays bounded in memory."""
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk

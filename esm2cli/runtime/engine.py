@@ -23,7 +23,7 @@ SERVER_SMALLEST_BUCKET = 256  # the server's CUDA graphs start here (a single sh
 _WARM_UP_TIMEOUT_S = 600.0  # a replica's first batch may compile kernels or fill caches: minutes, not hours
 
 
-class Embedder(Protocol):
+class BatchRunner(Protocol):
     """What the engine needs of a replica: a device with a name, and embed_batch."""
 
     device: Any
@@ -43,7 +43,7 @@ class _Job:
 
 @dataclass
 class _Worker:
-    replica: Embedder
+    replica: BatchRunner
     alive: bool = True
     error: BaseException | None = None
     busy_s: float = 0.0
@@ -156,7 +156,7 @@ def build_engine(
     layers = resolve_layers(embed.layers, loaded.num_layers)
     # The one place the token budget is decided: every command reads setup.batch.
     batch = (batch or BatchConfig()).for_devices(any(d.is_gpu for d in devices))
-    replicas: Sequence[Embedder]
+    replicas: Sequence[BatchRunner]
     if model.simulate:
         from esm2cli.runtime.modeled import build_modeled_replicas
 
@@ -208,7 +208,7 @@ class Engine:
     Use it as a context manager, or call start() and close().
     """
 
-    def __init__(self, replicas: Sequence[Embedder], queue_depth: int = 2):
+    def __init__(self, replicas: Sequence[BatchRunner], queue_depth: int = 2):
         if not replicas:
             raise ValueError("an Engine needs at least one replica; this is a bug")
         self._workers = [_Worker(r) for r in replicas]

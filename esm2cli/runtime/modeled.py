@@ -109,11 +109,11 @@ class ModeledReplica:
             per_token: Also return per-residue vectors (None: as the EmbedConfig says).
 
         Returns:
-            BatchEmbeddings of the real shapes (float32, on the CPU); row values depend on the length only.
+            Embeddings of the real shapes (float32, on the CPU); row values depend on the length only.
         """
+        from esm2cli.io.schema import Embeddings
         from esm2cli.model.load import token_ids
         from esm2cli.runtime.batching import padded_width
-        from esm2cli.runtime.replica import BatchEmbeddings
 
         # The host work a real replica does before its forward.
         token_ids(self.loaded, seqs, padded_width(max(map(len, seqs))))
@@ -138,7 +138,7 @@ class ModeledReplica:
         tokens = {}
         if self.per_token if per_token is None else per_token:
             tokens = {layer: [self._rows[np.arange(n) % _OUTPUT_ROWS] for n in lengths] for layer in self.layers}
-        return BatchEmbeddings(pooled, tokens)
+        return Embeddings(pooled, tokens)
 
 
 def build_modeled_replicas(loaded, devices, embed: EmbedConfig, gpu: ModeledGPU, dtype: str) -> list[ModeledReplica]:

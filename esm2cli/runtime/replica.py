@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.errors import ConfigError
+from esm2cli.io.schema import Embeddings
 from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import LoadedModel
@@ -22,28 +22,6 @@ from esm2cli.runtime.devices import Device
 log = logging.getLogger(__name__)
 
 _CPU_THREADS = torch.get_num_threads()  # torch's default (the cores), before any replica changes it
-
-
-@dataclass
-class BatchEmbeddings:
-    """What one batch gives back, always on the CPU in float32.
-
-    Attributes:
-        pooled: Layer -> array of shape (batch, hidden).
-        per_token: Layer -> one (residues, hidden) array per sequence; empty unless asked.
-        contacts: One (residues, residues) array of contact probabilities per sequence; empty unless asked.
-    """
-
-    pooled: dict[int, np.ndarray]
-    per_token: dict[int, list[np.ndarray]]
-    contacts: list[np.ndarray] = field(default_factory=list)
-
-    @staticmethod
-    def concat(parts: Sequence[BatchEmbeddings]) -> BatchEmbeddings:
-        """Joins the results of consecutive sub-batches, in order."""
-        pooled = {layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in parts[0].pooled}
-        per_token = {layer: [a for p in parts for a in p.per_token[layer]] for layer in parts[0].per_token}
-        return BatchEmbeddings(pooled, per_token, [a for p in parts for a in p.contacts])
 
 
 def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -134,7 +112,7 @@ class Replica:
             token_dropout=self.forward.token_dropout, masked=masked,
         )  # fmt: skip
 
-    def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None) -> BatchEmbeddings:
+    def embed_batch(self, seqs: Sequence[str], per_token: bool | None = None) -> Embeddings:
         """Embeds a batch of validated, already truncated sequences.
 
         A CUDA out-of-memory error splits the batch in two and retries each half (recursively),
@@ -153,7 +131,7 @@ class Replica:
         """
         self._set_threads()
         per_token = self.per_token if per_token is None else per_token
-        return self._split_on_oom(lambda part: self._forward(part, per_token), seqs, BatchEmbeddings.concat)
+        return self._split_on_oom(lambda part: self._forward(part, per_token), seqs, Embeddings.concat)
 
     def lm_log_probs(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
         """The masked-LM head's log-probabilities for a batch of (optionally masked) sequences.
@@ -197,13 +175,13 @@ class Replica:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True
 
-    def _forward(self, seqs: Sequence[str], per_token: bool) -> BatchEmbeddings:
+    def _forward(self, seqs: Sequence[str], per_token: bool) -> Embeddings:
         batch = self.pack(seqs)
         if self.graphs is not None:
             out = self.graphs.embed(batch, per_token)
         else:
             out = self.forward.embed(batch, self.layers, self.pooling, per_token, self.contacts)
-        return BatchEmbeddings(out.pooled, out.per_token, out.contacts)
+        return Embeddings(out.pooled, out.per_token, out.contacts)
 
     def _lm_forward(self, items: Sequence[tuple[str, int | None, Sequence[int]]]) -> list[np.ndarray]:
         batch = self.pack([seq for seq, _, _ in items], masked=[masked for _, masked, _ in items])

@@ -16,7 +16,6 @@ import numpy as np
 
 from esm2cli.errors import ConfigError
 
-LONG_SEQUENCE_MODES = ("truncate", "window", "error")
 WINDOW_RULE = (
     "windows of W residues start at 0, S, 2S, ... (S = W - overlap) while start + W < L, plus one ending at L; "
     "a residue's vector is the mean over the windows holding it; mean = the mean of those over L; "
@@ -50,25 +49,36 @@ def window_count(length: int, width: int, overlap: int) -> int:
     return -(-(length - width) // (width - overlap)) + 1
 
 
-def split_windows(sequence: str, width: int, overlap: int) -> list[str]:
-    """The windows of a sequence, in order."""
-    return [sequence[s : s + width] for s in window_starts(len(sequence), width, overlap)]
-
-
 class WindowSums:
     """A long protein's per-residue sums and counts, filled window by window as results arrive.
 
+    Windows are summed in the order of their starts, whatever order their batches finish in: a float sum
+    depends on the order of its terms, and a protein's vectors must not depend on how its windows were batched
+    (three windows holding one residue could otherwise round differently). A window that comes back before
+    its turn waits; the windows of a protein sit in one chunk, sorted together, so few ever wait.
     Memory is L x hidden per layer whatever the number of windows: a large overlap multiplies the
     windows (and the compute), never what is held for one protein.
     """
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, starts: Sequence[int]):
         self.length = length
+        self._order = sorted(starts)
+        self._next: dict = {}  # layer -> position in _order of the next window to sum
+        self._early: dict = {}  # layer -> {start: window} of windows back before their turn
         self._total: dict = {}
         self._count: dict = {}
 
     def add(self, layer, start: int, window: np.ndarray) -> None:
         """Adds one window's per-residue vectors (window residues, hidden), starting at residue ``start``."""
+        early = self._early.setdefault(layer, {})
+        early[start] = window
+        turn = self._next.get(layer, 0)
+        while turn < len(self._order) and self._order[turn] in early:
+            self._sum(layer, self._order[turn], early.pop(self._order[turn]))
+            turn += 1
+        self._next[layer] = turn
+
+    def _sum(self, layer, start: int, window: np.ndarray) -> None:
         if layer not in self._total:
             self._total[layer] = np.zeros((self.length, window.shape[1]), dtype=np.float64)
             self._count[layer] = np.zeros(self.length, dtype=np.float64)
@@ -76,7 +86,9 @@ class WindowSums:
         self._count[layer][start : start + len(window)] += 1
 
     def tokens(self, layer) -> np.ndarray:
-        """Float32 (L, hidden): each residue's mean over the windows added that hold it."""
+        """Float32 (L, hidden): each residue's mean over the windows that hold it (all of them added)."""
+        if self._early.get(layer) or self._next.get(layer, 0) != len(self._order):
+            raise ValueError("a protein stitched before all its windows were added; this is a bug")
         return (self._total[layer] / self._count[layer][:, None]).astype(np.float32)
 
 
@@ -91,7 +103,7 @@ def stitch_tokens(length: int, starts: Sequence[int], tokens: Sequence[np.ndarra
     Returns:
         Float32 array of shape (L, hidden).
     """
-    sums = WindowSums(length)
+    sums = WindowSums(length, starts)
     for start, window in zip(starts, tokens, strict=True):
         sums.add(0, start, window)
     return sums.tokens(0)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig, __version__
+from esm2cli.config import WARMUP_SEQUENCE, EmbedConfig, ModelConfig, ServeConfig, __version__
 from esm2cli.errors import (
     ClientDisconnectedError,
     EngineError,
@@ -37,7 +37,6 @@ from esm2cli.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-WARMUP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
 
 Row = dict[Any, Any]  # {layer: pooled vector} of one sequence
 _T = TypeVar("_T")

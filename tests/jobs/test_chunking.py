@@ -7,8 +7,8 @@ import numpy as np
 from esm2cli.config import EmbedConfig
 from esm2cli.io.chunks import Chunk
 from esm2cli.io.records import Record
+from esm2cli.io.schema import Embeddings
 from esm2cli.jobs.chunking import ChunkWork, Deduplicated
-from esm2cli.runtime.replica import BatchEmbeddings
 
 WINDOW = EmbedConfig(truncate=4, long_sequences="window", window_overlap=2, per_token=True)
 
@@ -35,7 +35,7 @@ def test_results_filled_in_any_order_give_rows_in_input_order_with_windows_stitc
     order = list(reversed(range(len(work.items))))
     for i in order:  # one item a batch, the last first
         tokens = _token_vectors(work.items[i])
-        work.fill([i], BatchEmbeddings({-1: tokens.mean(axis=0, keepdims=True)}, {-1: [tokens]}))
+        work.fill([i], Embeddings({-1: tokens.mean(axis=0, keepdims=True)}, {-1: [tokens]}))
     assert work.missing == 0
     rows = work.rows()
     assert rows.ids == ["r0", "r1", "r2", "r3"] and rows.windows == [1, 2, 1, 1]

@@ -18,7 +18,7 @@ from live_server import (
 )
 
 from esm2cli.errors import EngineError
-from esm2cli.runtime.replica import BatchEmbeddings
+from esm2cli.io.schema import Embeddings
 from esm2cli.serve.batcher import DynamicBatcher, Slots
 from reference import DirectReference, cosine
 
@@ -157,7 +157,7 @@ class FakeEngine:
     def answer(self, k: int) -> None:
         seqs = self.batches[k]
         pooled = np.array([[len(s), sum(map(ord, s))] for s in seqs], np.float32)
-        self.futures[k].set_result(BatchEmbeddings({0: pooled}, {}))
+        self.futures[k].set_result(Embeddings({0: pooled}, {}))
 
 
 def make_batcher(engine: FakeEngine, **options) -> DynamicBatcher:

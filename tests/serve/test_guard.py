@@ -22,7 +22,7 @@ from live_server import (
     wait_healthy,
 )
 
-from esm2cli.runtime.replica import BatchEmbeddings
+from esm2cli.io.schema import Embeddings
 from esm2cli.serve.auth import KeyChecker
 from esm2cli.serve.cache import OPEN_PARTITION
 from esm2cli.serve.guard import CLIENT_SCOPE_KEY, RequestGuard
@@ -119,7 +119,7 @@ def test_a_trickled_body_gets_408_and_is_counted(guarded):
 def _broken_answers(setup):
     # A replica that answers without the layer the server asked for: a bug in the server's terms.
     for worker in setup.engine._workers:
-        worker.replica.embed_batch = lambda seqs: BatchEmbeddings({99: None}, {})
+        worker.replica.embed_batch = lambda seqs: Embeddings({99: None}, {})
     return setup
 
 
