@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli import Embedder
 from esm2cli.cli import cli
 from esm2cli.errors import ConfigError, EngineError, FastaError, InputError
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import write_fasta
 from reference import DirectReference
 
 OPTIONS = dict(devices="cpu", dtype="float32")

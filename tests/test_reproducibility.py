@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 from live_server import live_server, wait_healthy
 
-from conftest import write_fasta
 from esm2cli.cli import cli
+from helpers import write_fasta
 
 LENGTHS = [1, 4, 9, 17, 30, 31, 33, 60, 64, 100, 130, 250, 7, 45, 12, 300, 80, 2, 21, 160]
 

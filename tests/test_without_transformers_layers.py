@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from live_server import live_server, make_app, wait_healthy
 from transformers.models.esm import modeling_esm
 
-from conftest import write_fasta
 from esm2cli.cli import cli
+from helpers import write_fasta
 from reference import cosine
 
 ESM_MODULES = ("EsmModel", "EsmForMaskedLM", "EsmEmbeddings", "EsmEncoder", "EsmLayer", "EsmAttention",

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.io.parquet import read_metadata
+from helpers import write_fasta
 from reference import DirectReference, cosine
 
 

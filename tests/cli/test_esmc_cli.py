@@ -11,10 +11,9 @@ import pytest
 from click.testing import CliRunner
 from live_server import live_server, make_app, wait_healthy
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.jobs.workload import synthetic_sequences
-from helpers import EsmcReference
+from helpers import EsmcReference, write_fasta
 from reference import cosine
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMKVLAAGIVGLLLA", "MKV", "W" * 40 + "ACDEFGHIKLMNPQRSTVWYXBUZO" * 3]

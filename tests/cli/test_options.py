@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.cli.options import slurm_shard
+from helpers import write_fasta
 
 
 def test_a_slurm_array_task_is_its_id_less_the_minimum():

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from test_storage_shards import s3, s3_endpoint  # noqa: F401 - the moto server fixtures
 
-from conftest import write_fasta
 from esm2cli import Embedder
 from esm2cli.cli import cli
 from esm2cli.io.hdf5 import PER_TOKEN_GROUP, id_of, key_of
+from helpers import write_fasta
 
 RECORDS = [
     ("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHF"),

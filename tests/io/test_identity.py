@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_tiny_esm2, write_fasta
 from esm2cli.api import Embedder
 from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig, InputConfig, ScoreConfig, ShardConfig
@@ -38,6 +37,7 @@ from esm2cli.io.identity import (
 )
 from esm2cli.io.parquet import read_metadata
 from esm2cli.io.records import Record, hash_records
+from helpers import build_tiny_esm2, write_fasta
 
 SEQS = ["MKTAYIAKQRQ", "GSHMLEDPV", "MVLSPADKTNV", "MKVLAW", "WWPPGG", "ACDEFGHIK"]
 EVERY_KEY = EmbedConfig(contacts=True, long_sequences="window", per_token=True)  # every optional key present
@@ -244,7 +244,7 @@ def test_an_embedder_names_the_weights_it_loaded_not_those_there_when_it_writes(
 
 
 def test_random_weights_of_a_checkpoint_are_named_by_its_architecture(tmp_path):
-    from conftest import write_fair_esm_checkpoint
+    from helpers import write_fair_esm_checkpoint
 
     pt = write_fair_esm_checkpoint(tmp_path / "a", layers=2, hidden=32)
     assert model_identity(str(pt), "dummy") is None  # named once its cfg is read, not by its path

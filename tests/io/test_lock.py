@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.errors import OutputLockedError
 from esm2cli.io.lock import OutputLock, lock_path
 from esm2cli.io.storage import AtomicFile
+from helpers import write_fasta
 
 HOLD = """
 import sys, time

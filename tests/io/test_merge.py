@@ -9,9 +9,8 @@ import os
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
-from helpers import byte_shard_sizes
+from helpers import byte_shard_sizes, write_fasta
 
 
 def _embed(fasta, out, model, *extra):

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.io import parquet, schema, storage
 from esm2cli.jobs import scoring
+from helpers import write_fasta
 
 WT = [("p1", "MKTAYIAKQRQISFVKSHFSRQ" * 8), ("p2", "GSHMKVLAAGIVGL" * 8)]
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.io.chunks import ChunkStore
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import write_fasta
 
 SEQS = list(synthetic_sequences(24, seed=3, max_length=200))
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.io.schema import build_schema, vector_dtype
+from helpers import write_fasta
 
 RECORDS = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"[: 4 + (i * 7) % 29]) for i in range(12)]
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY
 from esm2cli.cli import cli
 from esm2cli.io.hdf5 import PER_TOKEN_GROUP
+from helpers import TINY
 
 HIDDEN = TINY["hidden"]
 RECORDS = [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMLEDPV")]

@@ -8,10 +8,9 @@ import pytest
 from click.testing import CliRunner
 from test_storage_shards import read_s3_table, s3, s3_endpoint  # noqa: F401 - the moto server fixtures
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ShardConfig
-from helpers import byte_shard_sizes
+from helpers import byte_shard_sizes, write_fasta
 
 CASES = [(7, 2), (10, 3), (3, 5)]  # a remainder, a remainder over several shards, more shards than records
 

@@ -16,12 +16,11 @@ import pytest
 import s3fs
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.errors import StorageError
 from esm2cli.io.storage import describe
 from esm2cli.jobs.workload import synthetic_sequences
-from helpers import byte_shard_sizes
+from helpers import byte_shard_sizes, write_fasta
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_tiny_esm2, write_fasta
 from esm2cli.api import Embedder
 from esm2cli.cli import cli
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.errors import Interrupted
 from esm2cli.io.parquet import read_metadata
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import build_tiny_esm2, write_fasta
 
 
 def embed(*args):

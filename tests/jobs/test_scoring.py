@@ -17,13 +17,13 @@ from benchmarks.fair_esm_reference import (
     pseudo_log_likelihood,
     unmasked_log_probs,
 )
-from conftest import FakeDevice, write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import BatchConfig
 from esm2cli.jobs.mutants import AMINO_ACIDS
 from esm2cli.jobs.scoring import _Protein, chunked, log_prob_chunks, window_start
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.runtime.engine import Engine
+from helpers import FakeDevice, write_fasta
 
 LONG = (
     "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRL"

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.errors import Interrupted
 from esm2cli.io.parquet import read_metadata
+from helpers import write_fasta
 from reference import DirectReference, cosine
 
 SEQS = [
@@ -101,7 +101,7 @@ def test_options_that_change_the_numbers_are_named(tmp_path, tiny_model_dir):
 def test_other_weights_in_the_same_directory_are_not_complete(tmp_path, tiny_model_dir):
     import shutil
 
-    from conftest import build_tiny_esm2
+    from helpers import build_tiny_esm2
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from transformers import EsmModel
 
 from benchmarks.fair_esm_reference import contacts, fair_esm_model
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import write_fasta
 
 TRUNCATE = 50
 PROTEINS = [(f"p{i}", s) for i, (_, s) in enumerate(synthetic_sequences(8, seed=9, max_length=70))] + [

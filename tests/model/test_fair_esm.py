@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 
 from benchmarks.fair_esm_reference import extract_mean
-from conftest import FAIR_ESM_NAME, write_fair_esm_checkpoint, write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ModelConfig
 from esm2cli.errors import ModelLoadError
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import bundled_tokenizer
 from esm2cli.model.load import load_model
+from helpers import FAIR_ESM_NAME, write_fair_esm_checkpoint, write_fasta
 from reference import cosine
 
 

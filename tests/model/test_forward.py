@@ -10,13 +10,13 @@ import torch
 from transformers import EsmForMaskedLM, EsmModel
 from transformers.models.esm import modeling_esm
 
-from conftest import write_fair_esm_checkpoint
 from esm2cli.config import ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
+from helpers import write_fair_esm_checkpoint
 from reference import cosine
 
 # Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 from fake_hub import FakeHub
 
-from conftest import write_fair_esm_checkpoint, write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ModelConfig
 from esm2cli.errors import ModelLoadError
 from esm2cli.model.load import load_model
+from helpers import write_fair_esm_checkpoint, write_fasta
 
 REPO = "facebook/esm2_t6_8M_UR50D"  # served by the fake hub with the tiny model's weights
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from transformers import EsmModel
 
 from benchmarks.fair_esm_reference import extract_mean, fair_esm_model
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.jobs.workload import synthetic_sequences
+from helpers import write_fasta
 from reference import cosine
 
 

@@ -5,12 +5,12 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from conftest import FakeEmbedder
 from esm2cli.config import BatchConfig, EmbedConfig
 from esm2cli.errors import BatchError, EngineError
 from esm2cli.io.records import Record
 from esm2cli.jobs.pipeline import embed_records
 from esm2cli.runtime.engine import Engine
+from helpers import FakeEmbedder
 
 
 class MemoryWriter:

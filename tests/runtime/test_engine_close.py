@@ -8,9 +8,9 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from conftest import FakeEmbedder
 from esm2cli.errors import EngineError
 from esm2cli.runtime.engine import Engine
+from helpers import FakeEmbedder
 
 
 class Held(FakeEmbedder):

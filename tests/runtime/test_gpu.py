@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
+from helpers import write_fasta
 from reference import DirectReference, cosine
 
 pytestmark = pytest.mark.gpu

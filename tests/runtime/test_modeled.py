@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_fasta
 from esm2cli.config import GPU_PEAKS, BatchConfig, EmbedConfig, InputConfig, ModelConfig, ModeledGPU
 from esm2cli.errors import DeviceError
 from esm2cli.jobs.pipeline import embed_fasta
@@ -17,6 +16,7 @@ from esm2cli.model.load import load_model
 from esm2cli.runtime.devices import modeled_devices
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.modeled import ModeledReplica
+from helpers import write_fasta
 
 
 @pytest.fixture(scope="module")

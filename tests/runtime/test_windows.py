@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from transformers import EsmModel
 
 from benchmarks.fair_esm_reference import fair_esm_model
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.runtime.windows import window_starts
+from helpers import write_fasta
 
 W, OVERLAP = 1022, 256
 S = W - OVERLAP
