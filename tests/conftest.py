@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real ESM-2 and ESM C built by the session, proteins, a clean environment (helpers.py holds the rest)."""
+"""Shared fixtures: a tiny ESM-2 and ESM C built once a session, proteins, a clean environment (helpers: helpers.py)."""
 
 from __future__ import annotations
 

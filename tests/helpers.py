@@ -4,6 +4,7 @@ saved with transformers, and transformers' ESM C one protein at a time."""
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,3 +216,9 @@ class FakeEmbedder:
         out[:, 0] = [len(s) for s in seqs]
         out[:, 1] = [sum(map(ord, s)) % 1000 for s in seqs]
         return Embeddings({0: out}, {})
+
+
+def random_protein(n: int) -> str:
+    """A random protein of ``n`` residues, the same for the same ``n``."""
+    rng = random.Random(n)
+    return "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(n))

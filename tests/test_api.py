@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -208,8 +213,6 @@ def test_layers_as_the_cli_writes_them(tiny_model_dir):
 
 @pytest.mark.parametrize("devices", ["sim:2"])  # two worker threads
 def test_a_script_that_never_closes_its_embedder_exits(tiny_model_dir, devices):
-    import subprocess
-    import sys
 
     script = (
         "from esm2cli import Embedder\n"
@@ -222,3 +225,32 @@ def test_a_script_that_never_closes_its_embedder_exits(tiny_model_dir, devices):
         pytest.fail("the interpreter hung at exit with an Embedder left open")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("(2, ")
+
+
+def test_embed_refuses_a_dataframe(embedder):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"sequence": ["MKTAYIAKQR", "GSHMLEDPV", "MKV"]})
+    # Iterating a DataFrame yields its column labels, as iterating a dict yields its keys (which is refused).
+    with pytest.raises(InputError, match="DataFrame"):
+        embedder.embed(frame)
+
+
+def test_embed_of_a_zero_dimensional_array_is_one_sequence_or_input_error(embedder):
+    try:
+        vector = embedder.embed(np.array("MKTAYIAKQR"))
+    except InputError:
+        return
+    assert vector.shape == (embedder.hidden_size,)
+
+
+def test_embed_fasta_to_a_file_after_close_leaves_nothing(tiny_model_dir, tmp_path):
+    from esm2cli import Embedder
+
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nMKTAYIAKQR\n")
+    embedder = Embedder(tiny_model_dir, devices="cpu", dtype="float32")
+    embedder.close()
+    with pytest.raises(EngineError):
+        embedder.embed_fasta(fasta, tmp_path / "out.parquet")
+    left = sorted(p.name for p in Path(tmp_path).iterdir() if not re.fullmatch(r"in\.fa", p.name))
+    assert left == [], left

@@ -1,6 +1,8 @@
 """The app over real HTTP on loopback: readiness, answers against independent computations, validation
 and error shapes, routes, and generated requests from its own OpenAPI schema."""
 
+from __future__ import annotations
+
 import json
 import threading
 import time
@@ -26,6 +28,7 @@ from live_server import (
 from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.serve.app import create_app
+from helpers import random_protein
 from reference import DirectReference, cosine
 
 
@@ -249,3 +252,22 @@ def test_no_generated_request_gets_a_server_error(api_schema, path, method):
 
     check()
     assert seen
+
+
+def test_a_utf16_body_is_422_as_documented(tiny_model_dir):
+    app = make_app(tiny_model_dir, max_wait_ms=1)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        body = '{"sequence": "MKTAYIAKQR"}'.encode("utf-16")  # a BOM, then UTF-16-LE
+        answer = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 422, answer.text
+        assert "UTF-8" in answer.json()["error"]
+
+
+def test_serve_with_truncate_over_the_model_positions_never_answers_500(tiny_model_dir):
+    app = make_app(tiny_model_dir, embed=EmbedConfig(truncate=2000), max_wait_ms=1)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        answer = client.post("/predict", json={"sequence": random_protein(1500)})
+        # a configuration problem is the operator's (refuse to start) or the request's (422), never a 500
+        assert answer.status_code in (200, 422), answer.text

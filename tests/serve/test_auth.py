@@ -1,9 +1,14 @@
 """API keys on a live server: which routes need one, the 401 answer, keys never in the logs."""
 
+from __future__ import annotations
+
 import hashlib
 import os
 import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -204,3 +209,31 @@ def test_the_startup_log_line_is_readable_and_holds_no_key():
         describe(ModelConfig(model="esm2_t6_8M"))
         == "model=esm2_t6_8M, load_format=auto, dtype=auto, devices=auto, simulate=-"
     )
+
+
+def test_an_empty_api_keys_variable_refuses_to_serve(tiny_model_dir, tmp_path, reap):
+    # A Kubernetes Secret whose key is empty renders ESM2CLI_API_KEYS="" (the variable is set): the user
+    # asked for keys, as with an empty --api-key-file, which exits 2. Here the server starts without any.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "ESM2CLI_API_KEYS": ""}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "esm2cli", "serve", "-m", tiny_model_dir, "--devices", "cpu", "--port", "0"],
+            stderr=log, env=env,
+        )  # fmt: skip
+    reap(proc)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        if "Uvicorn running" in log_path.read_text():
+            break  # it serves: the defect
+        time.sleep(0.05)
+    assert proc.poll() == 2, f"the server started without keys: {log_path.read_text()[-500:]}"
+
+
+def test_a_key_file_with_a_byte_order_mark_gives_its_key(tmp_path):
+    from esm2cli.serve.auth import checked_keys, read_key_file
+
+    key = "k3y-" + "a" * 28
+    path = tmp_path / "keys"
+    path.write_bytes(b"\xef\xbb\xbf" + key.encode() + b"\r\n")  # as Windows editors save it
+    assert checked_keys(read_key_file(path)) == (key,)

@@ -1,7 +1,10 @@
+from __future__ import annotations
+
 import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
+from esm2cli.config import EmbedConfig
 from esm2cli.io.parquet import read_metadata
-from helpers import write_fasta
+from helpers import random_protein, write_fasta
 from reference import DirectReference, cosine
 
 
@@ -309,7 +313,7 @@ def test_the_summary_line_and_the_metadata_name_the_model_and_the_resolved_dtype
 
 
 def test_the_progress_bar_counts_residues_so_its_eta_holds(tmp_path, tiny_model_dir):
-    from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
+    from esm2cli.config import BatchConfig, InputConfig, ModelConfig
     from esm2cli.jobs.pipeline import embed_fasta
 
     seen = []
@@ -324,3 +328,20 @@ def test_the_progress_bar_counts_residues_so_its_eta_holds(tmp_path, tiny_model_
     (total, residues), *updates = seen
     assert total == 3 and residues == 50 + 30 + 1022  # residues as computed: the long one truncated
     assert sum(r for _, r in updates) == residues and sum(n for n, _ in updates) == 3
+
+
+def test_truncate_over_the_model_positions_embeds_or_is_refused_up_front(tiny_model_dir, tmp_path):
+    seq = random_protein(1500)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(f">long\n{seq}\n")
+    out = tmp_path / "out.parquet"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-m", "esm2cli", "embed", str(fasta), "-o", str(out), "-m", tiny_model_dir]
+    args += ["--devices", "cpu", "--dtype", "float32", "--truncate", "2000", "-q"]
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    # Rotary ESM-2 embeds it whole, as transformers' EsmModel does (the rotary table grows past 1,026).
+    assert run.returncode == 0, run.stderr
+    table = pq.read_table(out).to_pydict()
+    assert table["length"] == [1500] and table["truncated"] == [False]
+    want = DirectReference(tiny_model_dir).mean(seq)
+    np.testing.assert_allclose(np.asarray(table["embedding"][0]), want, atol=1e-4)
