@@ -215,7 +215,7 @@ def test_shard_options_are_checked(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "not below --shard-count 2" in result.output
 
 
-def _kill_when_chunks(proc, work: Path, chunks: int, timeout: float = 240) -> int:
+def _kill_when_chunks(proc, work: Path, chunks: int, timeout: float = 240, log: Path | None = None) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         done = len(list(work.glob("chunk-*.parquet"))) if work.exists() else 0
@@ -224,7 +224,8 @@ def _kill_when_chunks(proc, work: Path, chunks: int, timeout: float = 240) -> in
             proc.wait()
             return done
         time.sleep(0.05)
-    raise AssertionError(f"the run ended or stalled before {chunks} chunks: {proc.poll()}")
+    said = log.read_text()[-2000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"the run ended or stalled before {chunks} chunks: {proc.poll()}\n{said}")
 
 
 def _summary(stderr: str) -> str:
@@ -252,9 +253,11 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, shard
     fresh_target = (tmp_path / "fresh" / "part-00001-of-00002.parquet") if sharded else tmp_path / "fresh"
     fresh_table = pq.read_table(fresh_target)
 
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
     reap(proc)
-    kept = _kill_when_chunks(proc, work, chunks=3)
+    kept = _kill_when_chunks(proc, work, chunks=3, log=log)
     assert not target.exists()
     rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
