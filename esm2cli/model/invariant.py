@@ -62,7 +62,12 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     xp = pad_rows(x)
     tiles = xp.shape[0] // ROW_TILE
     x3 = xp.reshape(tiles, ROW_TILE, k)
-    wt = weight.t().expand(tiles, k, weight.shape[0])
+    wt = weight.t()
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        # oneDNN's half-precision batched gemm reads a transposed, stride-0 weight slowly: a (K, N) copy once
+        # a call costs a weight's bytes and saves ~10% of the matmul (benchmarks/forward_ab.py, bfloat16).
+        wt = wt.contiguous()
+    wt = wt.expand(tiles, k, weight.shape[0])
     out = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias, x3, wt)
     out = out.reshape(tiles * ROW_TILE, weight.shape[0])
     return out if out.shape[0] == m else out[:m]

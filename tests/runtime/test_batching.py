@@ -11,7 +11,6 @@ from esm2cli.runtime.batching import (
     padded_width,
     plan_batches,
     token_bucket,
-    windows,
 )
 
 
@@ -51,11 +50,6 @@ def test_specials_are_counted():
 
 def test_empty():
     assert plan_batches([], 100, 4) == []
-
-
-def test_windows():
-    assert list(windows(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(windows([], 3)) == []
 
 
 def test_widths_come_from_a_small_ladder_and_fit():
