@@ -233,3 +233,21 @@ def test_merge_of_a_renamed_part_blames_the_file_not_esm2cli(tmp_path, tiny_mode
     result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
     assert result.exit_code == 2
     assert "bug" not in result.output, result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a --truncate over ESM C's context is refused with the remedy 'or --long-sequences window', also by "
+    "score (which has no such option) and also when --long-sequences window was given: the advice cannot work",
+)
+@pytest.mark.parametrize("command", [["score", "--pll"], ["embed", "--long-sequences", "window"]])
+def test_esmc_truncate_refusal_suggests_only_what_can_work(tmp_path, tiny_esmc_dir, command):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    name, *options = command
+    result = CliRunner().invoke(
+        cli,
+        [name, fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_esmc_dir, "--devices", "cpu", "--truncate",
+         "3000", *options],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--long-sequences window" not in result.output, result.output
