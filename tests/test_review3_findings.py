@@ -251,3 +251,20 @@ def test_esmc_truncate_refusal_suggests_only_what_can_work(tmp_path, tiny_esmc_d
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "--long-sequences window" not in result.output, result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="--shard-index without --shard-count (a shard count forgotten in a job template) is silently "
+    "ignored: every task embeds the whole input into a plain output, exit 0, instead of one line that the "
+    "count is missing",
+)
+def test_shard_index_without_count_is_refused(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
+    result = CliRunner().invoke(
+        cli,
+        ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_model_dir, "--devices", "cpu",
+         "--shard-index", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--shard-count" in result.output
