@@ -291,3 +291,30 @@ def test_contacts_into_hdf5_are_written_or_refused(tmp_path, tiny_model_dir):
         assert any("contact" in name for name in names), names
     else:
         assert result.exit_code == 2 and "--contacts" in result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a Parquet file whose 'esm2cli' metadata is valid JSON but not an object (or whose identity is not "
+    "one) crashes embed (as the existing output or a --reuse source) and merge with AttributeError/TypeError "
+    "tracebacks instead of 'not written by esm2cli' in one line",
+)
+@pytest.mark.parametrize("role", ["output", "reuse", "merge"])
+def test_foreign_metadata_is_one_line(tmp_path, tiny_model_dir, role):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    foreign = pa.table({"id": ["p1"]}).replace_schema_metadata({b"esm2cli": b"[1, 2]"})
+    path = tmp_path / ("parts/part-00000-of-00001.parquet" if role == "merge" else "other.parquet")
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(foreign, path)
+    base = ["-m", tiny_model_dir, "--devices", "cpu"]
+    args = {
+        "output": ["embed", fasta, "-o", str(path), *base],
+        "reuse": ["embed", fasta, "-o", str(tmp_path / "new.parquet"), *base, "--reuse", str(path)],
+        "merge": ["merge", str(path.parent), "-o", str(tmp_path / "all.parquet")],
+    }[role]
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code in (0, 2), result.output
