@@ -318,3 +318,25 @@ def test_foreign_metadata_is_one_line(tmp_path, tiny_model_dir, role):
     result = CliRunner().invoke(cli, args)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code in (0, 2), result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design risk: inside any Slurm job array (the usual one-input-file-per-task array too), an embed "
+    "with no shard option silently becomes shard ID-MIN of COUNT: '-o out_3.parquet' turns into a directory "
+    "holding a part with a tenth of the input, exit 0; a file-like output name is not taken as 'no shards'",
+)
+def test_slurm_array_task_with_a_file_output_is_not_silently_sharded(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 6 + i]) for i in range(10)]
+    fasta = write_fasta(tmp_path / "in_3.fa", records)
+    out = tmp_path / "out_3.parquet"
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "10"}
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(out), "-m", tiny_model_dir, "--devices", "cpu"], env=env
+    )
+    if result.exit_code == 0:
+        assert out.is_file() and pq.read_table(out).num_rows == len(records), result.output
+    else:
+        assert result.exit_code == 2 and "SLURM" in result.output
