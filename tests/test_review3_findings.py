@@ -431,3 +431,30 @@ def test_merge_into_hdf5_names_ids_repeated_across_shards(tmp_path, tiny_model_d
     assert parquet.exit_code == 2 and "shards 0, 1" in parquet.output
     hdf5 = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.h5")])
     assert hdf5.exit_code == 2 and "shards 0, 1" in hdf5.output, hdf5.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ESM-2 loading is not strict: a checkpoint missing a tensor (here layer 1's query weight) loads with "
+    "that tensor freshly random-initialised by transformers, without a word even at -v, so each run embeds with "
+    "other random numbers (two runs differ by ~0.7) under an identity that calls them the same weights; ESM C "
+    "refuses the same damage with the key named",
+)
+def test_esm2_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "missing"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in sorted(tensors) if "layer.1.attention.self.query.weight" in k)
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", str(folder), "--devices", "cpu"]
+    )
+    assert result.exit_code != 0, result.output
+    assert "query" in result.output
+    assert not (tmp_path / "o.parquet").exists()
