@@ -458,3 +458,29 @@ def test_esm2_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_model_dir):
     assert result.exit_code != 0, result.output
     assert "query" in result.output
     assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an ESM-2 directory with a tensor of the wrong shape is refused with transformers' last line only: "
+    "'You set `ignore_mismatched_sizes` to `False`, thus raising an error. For details look at the above "
+    "report!', where no report is shown and the tensor is not named",
+)
+def test_esm2_tensor_of_wrong_shape_is_named(tmp_path, tiny_model_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "shape"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in sorted(tensors) if "layer.1.attention.self.query.weight" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", str(folder), "--devices", "cpu"]
+    )
+    assert result.exit_code != 0
+    assert "query" in result.output and "above report" not in result.output, result.output
