@@ -1,5 +1,22 @@
 """Adversarial review 3 of byte-range shards, Slurm arrays, float16 storage, ESM C and the trust fixes: defects
 found, as strict xfails (each passes while the defect exists and fails once it is fixed).
+
+Every other attack tried gave a correct answer and is not listed here: byte-range shards of plain and BGZF files
+(LF, CRLF, CRLF with 7-wide lines, no trailing newline, BOM, blank lines, '>' inside headers, 1-wide lines, leading
+blank lines, many small BGZF blocks, concatenated BGZF files with EOF blocks and empty blocks in the middle, 1 to
+400 shards, memory:// URLs) against the unsharded read; plain gzip and gzip on stdin by record count; bytes read
+per shard (plain: slice + 4 KiB; BGZF: slice + <= 164 KB); kill -9, SIGINT and SIGTERM mid-shard then a rerun on
+other devices (rows and vectors equal to a clean run); a damaged resume chunk; merge of parts of another input,
+another --output-dtype, a truncated part, a part with a damaged page (Parquet output), an input edited between
+shards (also same size with the mtime put back: the content check catches it); bit-identical vectors (float32
+and bfloat16, tiny ESM-2, tiny ESM C and the 8M architecture) alone, shuffled, --batch-size 1, --max-tokens,
+--chunk-size 1, sim:4, the Embedder, serve's three routes, per-token, windows, bos/mean, several layers; score
+(PLL, masked and wt marginal) likewise; float16 round trip and --reuse between float16/float32 Parquet and HDF5;
+ESM C missing/unexpected keys, extra layers in the config, truncated safetensors, --contacts, --truncate over
+2046, X/B/U/Z/O in embed and score against transformers; the serve cache and /metrics per API key; two score
+runs onto one output; the Embedder after its folder is re-saved (ESM-2 and ESM C); --reuse of a Parquet with a
+flipped page; a .pt needing datetime; --load-format dummy after the .pt's cfg was edited; gpu_check.sh with a
+bare venv, a missing interpreter and an import that hangs (exit 3 in 0.1 s, 0.02 s and 25 s).
 """
 
 from __future__ import annotations
