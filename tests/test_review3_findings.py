@@ -24,10 +24,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ShardConfig
 from esm2cli.io.split import shard_source
+from helpers import write_fasta
 
 
 def shard_ids(path: str, count: int) -> list[str]:
