@@ -16,7 +16,7 @@ from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
 from esm2cli.io.storage import exists, is_url, join, listdir, open_input
 
-_PART = re.compile(r"^part-(\d{5})-of-(\d{5})(\.parquet|\.h5)$")
+_PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})(\.parquet|\.h5)$")  # as ShardConfig.part_name, for any count
 
 
 def find_parts(prefix: str) -> list[str]:
@@ -87,14 +87,14 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
         if not hdf5.is_hdf5(output):
             raise PartsError(f"{prefix} holds HDF5 parts: name an .h5 output to merge them")
         return hdf5.merge(parts, output)
-    if hdf5.is_hdf5(output):
-        return hdf5.from_parquet(parts, output)
-    if not all(meta.get("allow_duplicate_ids") for meta in metas):
-        check_ids_across(parts)
-    with open_input(parts[0]) as handle:
-        schema = pq.read_schema(handle)
-    metadata = {**first, "identity": identity, "parts": len(parts)}
+    if hdf5.is_hdf5(output) or not all(meta.get("allow_duplicate_ids") for meta in metas):
+        check_ids_across(parts)  # HDF5 keys are the ids: repeats can never be kept there
     try:
+        if hdf5.is_hdf5(output):
+            return hdf5.from_parquet(parts, output)
+        with open_input(parts[0]) as handle:
+            schema = pq.read_schema(handle)
+        metadata = {**first, "identity": identity, "parts": len(parts)}
         return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
     except DamagedFileError as exc:
         raise PartsError(f"{exc}: rerun that shard") from exc
@@ -149,7 +149,10 @@ def _check_same_file(parts: list[str], slices: list[dict]) -> None:
             )
         expected = [index * first["size"] // len(parts), (index + 1) * first["size"] // len(parts)]
         if piece["bytes"] != expected:
-            raise PartsError(f"{part}: shard {index} covers bytes {piece['bytes']}, not {expected}; this is a bug")
+            raise PartsError(
+                f"{part}: this file covers bytes {piece['bytes']} of the input, but shard {index} of {len(parts)} "
+                f"covers {expected}: it is another shard's part (copied or renamed?); rerun shard {index}"
+            )
 
 
 def check_ids_across(parts: list[str]) -> None:

@@ -17,6 +17,7 @@ from esm2cli.io.schema import (
     ROW_GROUP_BYTES,
     Rows,
     _slices,
+    as_metadata,
     embedding_columns,
     record_batch,
     write_options,
@@ -33,7 +34,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         with open_input(path) as handle:
             metadata = pq.read_schema(handle).metadata or {}
-        return json.loads(metadata.get(METADATA_KEY, b"{}"))
+        return as_metadata(json.loads(metadata.get(METADATA_KEY, b"{}")))
     except (pa.ArrowInvalid, ValueError):
         return {}
 

@@ -407,7 +407,13 @@ class ReuseIndex:
     def _read_file(self, f: int, rows: np.ndarray, first: int) -> list[tuple[int, list[str], Embeddings]]:
         source = self.sources[f]
         if isinstance(source, _Hdf5Source):
-            return [(first, *source.take_rows(rows))]
+            try:
+                return [(first, *source.take_rows(rows))]
+            except OSError as exc:  # h5py's error for a dataset whose checksum fails, found only now
+                raise ConfigError(
+                    f"--reuse: {source.path} is damaged (a dataset fails its checksum: {exc}): run again without it, "
+                    "with --overwrite"
+                ) from exc
         groups = source.group_of(rows)
         out, start = [], 0
         while start < len(rows):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from esm2cli.errors import ConfigError
+
 METADATA_KEY = b"esm2cli"
 ROW_GROUP_BYTES = 32 << 20  # embeddings per row group at most: bounds what a reader or the merge holds
 
@@ -142,8 +144,29 @@ def write_options(schema: pa.Schema) -> dict:
     }
 
 
+def _in_range(matrix: np.ndarray, dtype: np.dtype, ids: Sequence[str], column: str) -> np.ndarray:
+    """``matrix`` cast to ``dtype``, refused where a finite value would become inf (float16 ends at 65504).
+
+    Raises:
+        ConfigError: A value is beyond the stored type's range (the record and column named).
+    """
+    values = np.asarray(matrix)
+    with np.errstate(over="ignore"):  # an overflow is refused below, naming the record
+        cast = values.astype(dtype, copy=False)
+    if dtype == _FLOAT32:
+        return cast
+    overflow = np.isinf(cast) & np.isfinite(values)
+    if overflow.any():
+        row = int(np.argwhere(overflow)[0][0]) if len(ids) > 1 else 0  # one id: per-token rows are residues
+        peak = float(np.abs(values[overflow]).max())
+        raise ConfigError(
+            f"{ids[row]}: {column} holds {peak:.4g}, beyond {dtype.name}'s range (65504): "
+            "use --output-dtype float32 to store it"
+        )
+    return cast
+
+
 def _vectors(matrix: np.ndarray, hidden: int, dtype: np.dtype = _FLOAT32) -> pa.Array:
-    # float32 -> float16 rounds to nearest; values past 65504 would be inf, far above any ESM-2 activation
     flat = pa.array(np.ascontiguousarray(matrix, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, hidden)
 
@@ -196,11 +219,23 @@ def record_batch(
         ),
     }
     for layer, name in embedding_columns(layers, "embedding").items():
-        columns[name] = _vectors(rows.pooled[layer][start:stop], hidden, vector_dtype(schema.field(name).type))
+        dtype = vector_dtype(schema.field(name).type)
+        matrix = _in_range(rows.pooled[layer][start:stop], dtype, rows.ids[start:stop], name)
+        columns[name] = _vectors(matrix, hidden, dtype)
     if rows.per_token:
         for layer, name in embedding_columns(layers, "per_token").items():
             dtype = vector_dtype(schema.field(name).type)
-            columns[name] = _token_lists(rows.per_token[layer][start:stop], hidden, dtype)
+            arrays = rows.per_token[layer][start:stop]
+            arrays = [_in_range(a, dtype, [i], name) for i, a in zip(rows.ids[start:stop], arrays, strict=True)]
+            columns[name] = _token_lists(arrays, hidden, dtype)
     if rows.contacts is not None:
         columns["contacts"] = _contact_lists(rows.contacts[start:stop])
     return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def as_metadata(value: object) -> dict:
+    """Metadata as esm2cli writes it, or {}: JSON under our key that is not an object (with an object as its
+    identity) was written by something else, and is treated as no metadata at all."""
+    if not isinstance(value, dict) or not isinstance(value.get("identity", {}), dict):
+        return {}
+    return value

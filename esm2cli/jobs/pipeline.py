@@ -358,7 +358,7 @@ def embed_fasta(
         scan = scan_fasta(source.path, embed.truncate, embed.max_length, source.span)
         check_scan(scan, str(fasta), inputs, allow_empty=source.slice is not None)  # a shard may hold no record
         if hdf5.is_hdf5(target):
-            hdf5.check_run(target, scan)  # h5py there, ids unique: before any compute
+            hdf5.check_run(target, scan, contacts=embed.contacts)  # h5py there, ids unique: before any compute
         sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads
         placement = setup.placement if setup is not None else resolve_placement(model)
         dtype = placement.dtype

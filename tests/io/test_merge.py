@@ -110,3 +110,78 @@ def test_plain_gzip_with_shards_warns_once_with_the_cost_and_the_remedy_then_run
         parts.append(pq.read_table(tmp_path / "emb" / f"part-{index:05d}-of-00002.parquet"))
     assert [rec_id for part in parts for rec_id in part["id"].to_pylist()] == [rec_id for rec_id, _ in RECORDS]
     assert _merge(tmp_path / "emb", tmp_path / "all.parquet").exit_code == 0
+
+
+def test_merge_into_hdf5_refuses_a_damaged_part(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQGGSSLLKKVVAA"[: 8 + 2 * i]) for i in range(8)]
+    fasta = write_fasta(tmp_path / "a.fa", records)
+    parts = tmp_path / "parts"
+    for index in range(2):
+        result = CliRunner().invoke(
+            cli,
+            ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
+             "--shard-count", "2", "--shard-index", str(index)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    part = parts / "part-00001-of-00002.parquet"
+    column = pq.ParquetFile(part).metadata.row_group(0).column(pq.read_schema(part).get_field_index("embedding"))
+    at = column.data_page_offset + column.total_compressed_size - 40  # inside the vectors' values
+    raw = bytearray(part.read_bytes())
+    raw[at : at + 8] = bytes(b ^ 0x5A for b in raw[at : at + 8])
+    part.write_bytes(bytes(raw))
+    refused = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
+    assert refused.exit_code == 2 and "damaged" in refused.output  # the Parquet merge sees it
+    result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.h5")])
+    assert result.exit_code == 2 and "damaged" in result.output, result.output
+
+
+def test_merge_of_a_renamed_part_blames_the_file_not_esm2cli(tmp_path, tiny_model_dir):
+    import shutil
+
+    fasta = write_fasta(tmp_path / "a.fa", [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 6 + i]) for i in range(6)])
+    parts = tmp_path / "parts"
+    for index in (0, 1):
+        result = CliRunner().invoke(
+            cli,
+            ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
+             "--shard-count", "2", "--shard-index", str(index)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    shutil.copy(parts / "part-00000-of-00002.parquet", parts / "part-00001-of-00002.parquet")
+    result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 2
+    assert "bug" not in result.output, result.output
+
+
+def test_parts_of_a_six_digit_shard_count_are_found_by_merge(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
+    parts = tmp_path / "parts"
+    result = CliRunner().invoke(
+        cli,
+        ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--shard-count", "100000",
+         "--shard-index", "99999"],
+    )  # fmt: skip
+    if result.exit_code == 2:  # a count refused up front is a fix too
+        return
+    assert result.exit_code == 0, result.output
+    merged = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
+    assert "not finished" in merged.output, merged.output  # 99,999 shards are missing, and merge must say so
+
+
+def test_merge_into_hdf5_names_ids_repeated_across_shards(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GGSSLLKKVVAA"),
+                                            ("p1", "MKVLLLAAAGGSSLLKKVVAA"), ("p4", "MKV")])  # fmt: skip
+    parts = tmp_path / "parts"
+    for index in range(2):
+        result = CliRunner().invoke(
+            cli,
+            ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--shard-count", "2",
+             "--shard-index", str(index)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    parquet = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
+    assert parquet.exit_code == 2 and "shards 0, 1" in parquet.output
+    hdf5 = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.h5")])
+    assert hdf5.exit_code == 2 and "shards 0, 1" in hdf5.output, hdf5.output

@@ -97,3 +97,51 @@ def test_the_python_api_writes_float16_tables_and_returns_float32_arrays(tmp_pat
     assert table.schema.field("embedding").type.value_type == pa.float16() and arrays.dtype == np.float32
     stored = np.array(table["embedding"].to_pylist(), np.float32)
     np.testing.assert_allclose(stored, arrays, rtol=1e-3, atol=1e-3)
+
+
+def test_float16_output_refuses_or_reports_values_out_of_range(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import EsmForMaskedLM
+
+    from helpers import build_tiny_esm2
+
+    model_dir = build_tiny_esm2(tmp_path / "big")
+    model = EsmForMaskedLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.esm.embeddings.word_embeddings.weight.mul_(1e6)  # layer 0 (the embeddings) holds values ~1e5
+    model.save_pretrained(model_dir)
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(
+        cli,
+        ["embed", fasta, "-o", str(out), "-m", model_dir, "--devices", "cpu", "--dtype", "float32",
+         "--layers", "0", "--output-dtype", "float16"],
+    )  # fmt: skip
+    if result.exit_code == 0:  # a run that writes must keep every value finite
+        vectors = np.asarray(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float64)
+        assert np.isfinite(vectors).all()
+    else:
+        assert result.exit_code == 2 and "float16" in result.output
+
+
+@pytest.mark.parametrize("role", ["output", "reuse", "merge"])
+def test_foreign_metadata_is_one_line(tmp_path, tiny_model_dir, role):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    foreign = pa.table({"id": ["p1"]}).replace_schema_metadata({b"esm2cli": b"[1, 2]"})
+    path = tmp_path / ("parts/part-00000-of-00001.parquet" if role == "merge" else "other.parquet")
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(foreign, path)
+    base = ["-m", tiny_model_dir, "--devices", "cpu"]
+    args = {
+        "output": ["embed", fasta, "-o", str(path), *base],
+        "reuse": ["embed", fasta, "-o", str(tmp_path / "new.parquet"), *base, "--reuse", str(path)],
+        "merge": ["merge", str(path.parent), "-o", str(tmp_path / "all.parquet")],
+    }[role]
+    result = CliRunner().invoke(cli, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)  # no trace
+    assert result.exit_code in (0, 2), result.output  # reuse skips the file with a line; output and merge refuse
