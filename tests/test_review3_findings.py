@@ -24,8 +24,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
+from helpers import write_fasta
 
 
 @pytest.mark.xfail(
