@@ -25,42 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
-from esm2cli.config import ShardConfig
-from esm2cli.io.split import shard_source
 from helpers import write_fasta
-
-
-def shard_ids(path: str, count: int) -> list[str]:
-    ids = []
-    for index in range(count):
-        with shard_source(path, path, ShardConfig(index=index, count=count)) as source:
-            ids += [record.id for record in source.records()]
-    return ids
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="with more shards than bytes, every shard whose slice starts at byte 0 (even an empty slice [0, 0)) "
-    "takes the first record: it is embedded by several shards, against 'every record in exactly one shard'",
-)
-def test_more_shards_than_bytes_hold_every_record_once(tmp_path):
-    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])  # 22 bytes
-    assert sorted(shard_ids(fasta, 50)) == ["p1", "p2"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Slurm task whose SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN gives shard -1, which is not "
-    "checked: the run dies with an OSError traceback (seek to a negative offset) instead of one line",
-)
-def test_slurm_task_id_below_min_is_one_line(tmp_path, tiny_model_dir):
-    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
-    env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
-    result = CliRunner().invoke(
-        cli, ["embed", fasta, "-o", str(tmp_path / "out"), "-m", tiny_model_dir, "--devices", "cpu"], env=env
-    )
-    assert result.exit_code == 2, result.output
-    assert "SLURM_ARRAY_TASK_ID" in result.output
 
 
 def _esmc_with_tensor(tmp_path, source: str, part: str, shape_of) -> str:
@@ -112,32 +77,6 @@ def test_esmc_norm_of_wrong_shape_is_refused_at_load(tmp_path, tiny_esmc_dir):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a byte-range shard of stdin records the stamp (mtime) of its own spooled copy as the input's: the "
-    "same bytes piped to each shard look like a changed input, so merge always refuses ('the input changed "
-    "between shards') and a rerun of a finished shard is 'made by another run' instead of already complete",
-)
-def test_shards_of_stdin_merge(tmp_path, tiny_model_dir):
-    import pyarrow.parquet as pq
-
-    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 5 + i]) for i in range(6)]
-    data = open(write_fasta(tmp_path / "a.fa", records)).read()
-    parts = tmp_path / "parts"
-    for index in range(2):
-        result = CliRunner().invoke(
-            cli,
-            ["embed", "-", "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-             "--shard-count", "2", "--shard-index", str(index)],
-            input=data,
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
-    merged = tmp_path / "all.parquet"
-    result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(merged)])
-    assert result.exit_code == 0, result.output
-    assert pq.read_table(merged).column("id").to_pylist() == [r[0] for r in records]
-
-
-@pytest.mark.xfail(
-    strict=True,
     reason="a --truncate over ESM C's context is refused with the remedy 'or --long-sequences window', also by "
     "score (which has no such option) and also when --long-sequences window was given: the advice cannot work",
 )
@@ -152,92 +91,6 @@ def test_esmc_truncate_refusal_suggests_only_what_can_work(tmp_path, tiny_esmc_d
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "--long-sequences window" not in result.output, result.output
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="--shard-index without --shard-count (a shard count forgotten in a job template) is silently "
-    "ignored: every task embeds the whole input into a plain output, exit 0, instead of one line that the "
-    "count is missing",
-)
-def test_shard_index_without_count_is_refused(tmp_path, tiny_model_dir):
-    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
-    result = CliRunner().invoke(
-        cli,
-        ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_model_dir, "--devices", "cpu",
-         "--shard-index", "3"],
-    )  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert "--shard-count" in result.output
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="design risk: inside any Slurm job array (the usual one-input-file-per-task array too), an embed "
-    "with no shard option silently becomes shard ID-MIN of COUNT: '-o out_3.parquet' turns into a directory "
-    "holding a part with a tenth of the input, exit 0; a file-like output name is not taken as 'no shards'",
-)
-def test_slurm_array_task_with_a_file_output_is_not_silently_sharded(tmp_path, tiny_model_dir):
-    import pyarrow.parquet as pq
-
-    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 6 + i]) for i in range(10)]
-    fasta = write_fasta(tmp_path / "in_3.fa", records)
-    out = tmp_path / "out_3.parquet"
-    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "10"}
-    result = CliRunner().invoke(
-        cli, ["embed", fasta, "-o", str(out), "-m", tiny_model_dir, "--devices", "cpu"], env=env
-    )
-    if result.exit_code == 0:
-        assert out.is_file() and pq.read_table(out).num_rows == len(records), result.output
-    else:
-        assert result.exit_code == 2 and "SLURM" in result.output
-
-
-def _bgzf_cut_at_a_block_boundary(tmp_path, records) -> str:
-    """A BGZF copy of ``records`` cut at a block boundary inside a sequence (as a bgzip killed mid-way leaves it:
-    whole blocks, no end-of-file marker)."""
-    from Bio import bgzf
-
-    from esm2cli.io.split import bgzf_block_size
-
-    plain = open(write_fasta(tmp_path / "a.fa", records), "rb").read()
-    path = tmp_path / "a.fa.gz"
-    with bgzf.BgzfWriter(str(path), "wb") as out:
-        for at in range(0, len(plain), 50):
-            out.write(plain[at : at + 50])
-            out.flush()
-    data = path.read_bytes()
-    starts, at = [], 0
-    while at < len(data):
-        starts.append(at)
-        at += bgzf_block_size(data, at)
-    path.write_bytes(data[: starts[3]])  # 150 bytes of text: inside the second record's sequence
-    return str(path)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a BGZF input cut at a block boundary (no end-of-file marker: a bgzip or a download stopped mid-way) "
-    "is read without a word: its last record is embedded with part of its sequence, exit 0; BGZF's EOF block "
-    "exists to detect this (htslib warns), and the split code already parses the blocks",
-)
-@pytest.mark.parametrize("sharded", [False, True])
-def test_bgzf_without_its_eof_marker_is_not_silently_short(tmp_path, tiny_model_dir, sharded):
-    import pyarrow.parquet as pq
-
-    records = [("p1", "MKTAYIAKQRQISFVKSHFSRQ" * 3), ("p2", "GGSSLLKKVVAA" * 12)]
-    source = _bgzf_cut_at_a_block_boundary(tmp_path, records)
-    out = tmp_path / "out"
-    shard = ["--shard-count", "1", "--shard-index", "0"] if sharded else []
-    result = CliRunner().invoke(
-        cli, ["embed", source, "-o", str(out), "-m", tiny_model_dir, "--devices", "cpu", *shard]
-    )
-    if result.exit_code == 0:
-        table = pq.read_table(out / "part-00000-of-00001.parquet" if sharded else out)
-        lengths = dict(zip(table.column("id").to_pylist(), table.column("length").to_pylist(), strict=True))
-        assert lengths.get("p2") in (None, len(records[1][1])), (lengths, result.output)
-    else:
-        assert result.exit_code == 2
 
 
 @pytest.mark.xfail(

@@ -21,6 +21,7 @@ from esm2cli.cli.options import (
     long_sequence_options,
     max_tokens_option,
     model_options,
+    names_a_file,
     output_dtype_option,
     slurm_shard,
 )
@@ -76,6 +77,15 @@ def _reused_note(summary) -> str:
         return ""
     files = ", ".join(f"{path} ({n:,})" for path, n in summary.reused_from.items())
     return f"{summary.reused:,} reused from {files}, {summary.sequences:,} computed"
+
+
+def _index_asked(ctx: click.Context) -> bool:
+    """--shard-index or $ESM2CLI_SHARD_INDEX was given; $JOB_COMPLETION_INDEX alone is every Indexed Job's, so
+    without --shard-count it is no request to shard."""
+    from click.core import ParameterSource
+
+    given = ctx.get_parameter_source("shard_index") is ParameterSource.COMMANDLINE
+    return given or "ESM2CLI_SHARD_INDEX" in os.environ
 
 
 @click.command()
@@ -236,7 +246,14 @@ def embed(
 
         use_s3_endpoint(s3_endpoint_url)
         shard = None
-        if shard_index is None and (slurm := slurm_shard(os.environ)) is not None:
+        if shard_index is not None and shard_count is None and _index_asked(click.get_current_context()):
+            raise click.BadParameter(
+                "needs --shard-count (how many shards split the input)", param_hint="--shard-index"
+            )
+        if shard_index is None and shard_count is None and "SLURM_ARRAY_TASK_ID" in os.environ and names_a_file(output):
+            # One input file per array task is the usual array: a file name is no cue to shard.
+            log.info("%s names a file: the Slurm array variables are ignored (add --shard-count to shard)", output)
+        elif shard_index is None and (slurm := slurm_shard(os.environ)) is not None:
             shard_index, slurm_count, read = slurm
             shard_count = shard_count or slurm_count
             log.info("shard %d of %d from the Slurm job array (%s)", shard_index, shard_count, read)

@@ -173,7 +173,18 @@ def slurm_shard(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
             f"submit a dense array such as --array=0-{count - 1} or --array=1-{count}, or pass --shard-index "
             "and --shard-count"
         )
+    if not 0 <= task - low < count:
+        raise click.UsageError(
+            f"SLURM_ARRAY_TASK_ID is outside its array ({_shown(environ, names)}): pass --shard-index and --shard-count"
+        )
     return task - low, count, _shown(environ, names)
+
+
+def names_a_file(output: str) -> bool:
+    """An output with an extension embed writes (out_3.parquet) names one file, not a directory of parts."""
+    from esm2cli.io.storage import OUTPUT_SUFFIXES, output_suffix
+
+    return not str(output).endswith("/") and output_suffix(output) in OUTPUT_SUFFIXES
 
 
 def _shown(environ: Mapping[str, str], names: list[str]) -> str:

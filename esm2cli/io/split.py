@@ -13,6 +13,7 @@ cannot be split: it is read whole (see ``detect_format``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -35,6 +36,11 @@ _FIRST_READ_PAST = 4 << 10
 _BGZF_MAX_BLOCK = 1 << 16  # BSIZE is 16 bits: no block is larger
 _BGZF_HEADER = b"\x1f\x8b\x08\x04"  # gzip magic, deflate, FEXTRA set
 _GZIP_MAGIC = b"\x1f\x8b"
+# The empty block bgzip ends a file with (SAM/BAM spec 4.1.2): a file without it was cut short.
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+# The byte "before" a slice that starts at byte 0 in a shard other than 0 (more shards than bytes): it opens no
+# line, so only shard 0 owns the first record (and a byte-order mark before it).
+_NOT_FILE_START = b"\0"
 
 Piece = tuple[bytes, bool]  # bytes of the (decompressed) text, and whether they lie in the shard's slice
 
@@ -172,8 +178,10 @@ def _plain_pieces(source: _Counted, start: int, stop: int, size: int) -> Iterato
         offset += len(data)
 
 
-def _plain_before(source: _Counted, start: int) -> bytes:
-    return b"" if start == 0 else source.read_at(start - 1, 1)
+def _plain_before(source: _Counted, start: int, index: int) -> bytes:
+    if start == 0:
+        return b"" if index == 0 else _NOT_FILE_START
+    return source.read_at(start - 1, 1)
 
 
 def _is_block(source: _Counted, at: int, size: int, header: bytes) -> bool:
@@ -207,10 +215,10 @@ def _inflate(block: bytes, where: str) -> bytes:
         raise FastaError(f"{where}: a BGZF block cannot be decompressed ({exc})") from exc
 
 
-def _bgzf_before(source: _Counted, first: int, size: int, where: str) -> bytes:
-    """The last byte of text before the block at ``first`` (b"" at the start of the file)."""
+def _bgzf_before(source: _Counted, first: int, size: int, where: str, index: int = 0) -> bytes:
+    """The last byte of text before the block at ``first`` (b"" at the start of the file, for shard 0)."""
     if first == 0:
-        return b""
+        return b"" if index == 0 else _NOT_FILE_START
     begin = max(0, first - _BGZF_MAX_BLOCK)
     window = source.read_at(begin, first - begin)
     at = window.find(_BGZF_HEADER)
@@ -236,7 +244,7 @@ def _bgzf_pieces(source: _Counted, first: int, stop: int, size: int, where: str)
 
 
 @contextmanager
-def open_slice(source: str, index: int, count: int, fmt: str) -> Iterator[InputSlice]:
+def open_slice(source: str, index: int, count: int, fmt: str, *, stamp: str | None = None) -> Iterator[InputSlice]:
     """The records of shard ``index`` of ``count`` of a plain or BGZF FASTA (local or any fsspec URL).
 
     A local plain file is parsed in place; a URL's slice, and a BGZF slice decompressed, are copied once to a
@@ -246,31 +254,34 @@ def open_slice(source: str, index: int, count: int, fmt: str) -> Iterator[InputS
         source: A path or URL.
         index, count: The shard.
         fmt: "plain" or "bgzf" (see detect_format).
+        stamp: What identifies this version of the input (default: its modification time or ETag).
 
     Raises:
         FastaError: The file cannot be read, or a BGZF file holds a block that is not BGZF.
     """
     try:
-        stamp = file_stamp(source)
+        found = file_stamp(source)
     except StorageError as exc:
         raise FastaError(str(exc)) from exc
-    size = int(stamp["size"])
+    size = int(found["size"])
+    version = stamp if stamp is not None else str(found["modified"])
     start, stop = slice_range(size, index, count)
     if fmt == "plain" and not is_url(source):
         with _opened(source) as counted:
-            bounds = _find_bounds(counted, start, stop, size)
-        yield InputSlice(source, bounds, (start, stop), size, str(stamp["modified"]), fmt, counted.count)
+            bounds = _find_bounds(counted, start, stop, size, index)
+        yield InputSlice(source, bounds, (start, stop), size, version, fmt, counted.count)
         return
     with _local_copy() as (path, out):
         with _opened(source) as counted:
             if fmt == "plain":
-                own_records(_plain_pieces(counted, start, stop, size), _plain_before(counted, start), out.write)
+                before = _plain_before(counted, start, index)
+                own_records(_plain_pieces(counted, start, stop, size), before, out.write)
             else:
                 first = _next_block(counted, start, size)
-                before = _bgzf_before(counted, first, size, source)
+                before = _bgzf_before(counted, first, size, source, index)
                 own_records(_bgzf_pieces(counted, first, stop, size, source), before, out.write)
         out.close()
-        yield InputSlice(path, None, (start, stop), size, str(stamp["modified"]), fmt, counted.count)
+        yield InputSlice(path, None, (start, stop), size, version, fmt, counted.count)
 
 
 @contextmanager
@@ -283,9 +294,9 @@ def _opened(source: str) -> Iterator[_Counted]:
         raise FastaError(str(exc)) from exc
 
 
-def _find_bounds(source: _Counted, start: int, stop: int, size: int) -> tuple[int, int]:
-    """Where a local plain file's records of the slice [start, stop) begin and end."""
-    found = own_records(_plain_pieces(source, start, stop, size), _plain_before(source, start))
+def _find_bounds(source: _Counted, start: int, stop: int, size: int, index: int) -> tuple[int, int]:
+    """Where a local plain file's records of shard ``index``'s slice [start, stop) begin and end."""
+    found = own_records(_plain_pieces(source, start, stop, size), _plain_before(source, start, index))
     return (start + found[0], start + found[1]) if found else (stop, stop)
 
 
@@ -332,17 +343,50 @@ def sniff_format(source: str) -> str:
         return detect_format(counted.read(18))
 
 
+def check_bgzf_end(source: str, name: str) -> None:
+    """Refuses a BGZF file that does not end with bgzip's end-of-file block: it was cut short (a bgzip or a
+    copy stopped mid-way), and its last record would be read with part of its sequence.
+
+    Raises:
+        FastaError: The file cannot be read or lacks the end-of-file block.
+    """
+    try:
+        size = int(file_stamp(source)["size"])
+    except StorageError as exc:
+        raise FastaError(str(exc)) from exc
+    with _opened(source) as counted:
+        tail = counted.read_at(max(0, size - len(BGZF_EOF)), len(BGZF_EOF))
+    if tail != BGZF_EOF:
+        raise FastaError(
+            f"{name}: BGZF without its end-of-file block: the file was cut short (a bgzip or a copy stopped "
+            "mid-way); recreate it"
+        )
+
+
+def _content_stamp(path: str) -> str:
+    """The stamp of a spooled copy of stdin: its content, since its copy's modification time is new each run."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
 @contextmanager
 def shard_source(path: str, name: str, shard: ShardConfig | None) -> Iterator[InputSource]:
     """The source of a run: the whole input, or shard ``shard``'s byte range of it.
 
     A plain gzip cannot be split: it is read whole, as by a run without shards, after one warning that says
-    what that costs and how to avoid it.
+    what that costs and how to avoid it. A BGZF file cut short (no end-of-file block) is refused, sharded or not.
     """
     if shard is None:
+        if (is_url(path) or os.path.isfile(path)) and sniff_format(path) == "bgzf":  # a pipe is read once only
+            check_bgzf_end(path, name)
         yield InputSource(name, path)
         return
     fmt = sniff_format(path)
+    if fmt == "bgzf":
+        check_bgzf_end(path, name)
     if fmt == "gzip":
         size = int(file_stamp(path)["size"])
         log.warning(
@@ -353,7 +397,8 @@ def shard_source(path: str, name: str, shard: ShardConfig | None) -> Iterator[In
         )  # fmt: skip
         yield InputSource(name, path)
         return
-    with open_slice(path, shard.index, shard.count, fmt) as piece:
+    stamp = _content_stamp(path) if name == "-" else None  # stdin: the same bytes piped to every shard
+    with open_slice(path, shard.index, shard.count, fmt, stamp=stamp) as piece:
         log.info(
             "shard %d of %d: bytes %d..%d of %s (%s, %d bytes; %d read to find its records)",
             shard.index, shard.count, piece.range[0], piece.range[1], name, fmt, piece.size, piece.bytes_read,

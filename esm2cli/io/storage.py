@@ -33,13 +33,18 @@ def check_output_name(output: str | os.PathLike, sharded: bool) -> None:
         )
     if sharded:
         return  # a directory or prefix: the parts get their own names
-    base = name.rstrip("/").rsplit("/", 1)[-1]
-    suffix = "." + base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
+    suffix = output_suffix(name)
     if suffix and suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(
             f"{name}: embed writes Parquet (.parquet, .pq) or HDF5 (.h5, .hdf5), not {suffix}; "
             "name the output with one of those extensions"
         )
+
+
+def output_suffix(output: str | os.PathLike) -> str:
+    """The extension of an output's last name, lower-cased ('.parquet'); '' for none (a directory or prefix)."""
+    base = str(output).rstrip("/").rsplit("/", 1)[-1]
+    return "." + base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
 
 
 def storage_options(url: str) -> dict:

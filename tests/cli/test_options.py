@@ -57,3 +57,38 @@ def test_a_sparse_slurm_array_is_one_line_and_exit_2(tmp_path, tiny_model_dir):
     result = _embed(fasta, tmp_path / "out", tiny_model_dir, env=env)
     assert result.exit_code == 2 and "stepped or sparse" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_slurm_task_id_below_min_is_one_line(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
+    env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(tmp_path / "out"), "-m", tiny_model_dir, "--devices", "cpu"], env=env
+    )
+    assert result.exit_code == 2, result.output
+    assert "SLURM_ARRAY_TASK_ID" in result.output
+
+
+def test_shard_index_without_count_is_refused(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
+    result = CliRunner().invoke(
+        cli,
+        ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_model_dir, "--devices", "cpu",
+         "--shard-index", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--shard-count" in result.output
+
+
+def test_slurm_array_task_with_a_file_output_is_not_silently_sharded(tmp_path, tiny_model_dir):
+    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 6 + i]) for i in range(10)]
+    fasta = write_fasta(tmp_path / "in_3.fa", records)
+    out = tmp_path / "out_3.parquet"
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "10"}
+    result = CliRunner().invoke(
+        cli, ["embed", fasta, "-o", str(out), "-m", tiny_model_dir, "--devices", "cpu"], env=env
+    )
+    if result.exit_code == 0:
+        assert out.is_file() and pq.read_table(out).num_rows == len(records), result.output
+    else:
+        assert result.exit_code == 2 and "SLURM" in result.output

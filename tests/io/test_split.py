@@ -9,11 +9,14 @@ import random
 import fsspec
 import pytest
 from Bio import bgzf
+from click.testing import CliRunner
 from fsspec.implementations.local import LocalFileSystem
 
+from esm2cli.cli import cli
+from esm2cli.config import ShardConfig
 from esm2cli.io.fasta import read_records
-from esm2cli.io.split import detect_format, open_slice, slice_range
-from helpers import header_offsets
+from esm2cli.io.split import detect_format, open_slice, shard_source, slice_range
+from helpers import header_offsets, write_fasta
 
 
 class CountingFileSystem(LocalFileSystem):
@@ -143,3 +146,75 @@ def test_a_bgzf_shard_reads_its_slice_and_a_few_blocks_more(tmp_path):
             got += [(r.id, r.sequence) for r in read_records(piece.path)]
         assert CountingFileSystem.bytes_read <= size // count + 4 * (1 << 16) + 100, index  # 64 KiB blocks at most
     assert got == records
+
+
+def shard_ids(path: str, count: int) -> list[str]:
+    ids = []
+    for index in range(count):
+        with shard_source(path, path, ShardConfig(index=index, count=count)) as source:
+            ids += [record.id for record in source.records()]
+    return ids
+
+
+def test_more_shards_than_bytes_hold_every_record_once(tmp_path):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])  # 22 bytes
+    assert sorted(shard_ids(fasta, 50)) == ["p1", "p2"]
+
+
+def test_shards_of_stdin_merge(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    records = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 5 + i]) for i in range(6)]
+    data = open(write_fasta(tmp_path / "a.fa", records)).read()
+    parts = tmp_path / "parts"
+    for index in range(2):
+        result = CliRunner().invoke(
+            cli,
+            ["embed", "-", "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
+             "--shard-count", "2", "--shard-index", str(index)],
+            input=data,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "all.parquet"
+    result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(merged).column("id").to_pylist() == [r[0] for r in records]
+
+
+def _bgzf_cut_at_a_block_boundary(tmp_path, records) -> str:
+    """A BGZF copy of ``records`` cut at a block boundary inside a sequence (as a bgzip killed mid-way leaves it:
+    whole blocks, no end-of-file marker)."""
+    from esm2cli.io.split import bgzf_block_size
+
+    plain = open(write_fasta(tmp_path / "a.fa", records), "rb").read()
+    path = tmp_path / "a.fa.gz"
+    with bgzf.BgzfWriter(str(path), "wb") as out:
+        for at in range(0, len(plain), 50):
+            out.write(plain[at : at + 50])
+            out.flush()
+    data = path.read_bytes()
+    starts, at = [], 0
+    while at < len(data):
+        starts.append(at)
+        at += bgzf_block_size(data, at)
+    path.write_bytes(data[: starts[3]])  # 150 bytes of text: inside the second record's sequence
+    return str(path)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bgzf_without_its_eof_marker_is_not_silently_short(tmp_path, tiny_model_dir, sharded):
+    import pyarrow.parquet as pq
+
+    records = [("p1", "MKTAYIAKQRQISFVKSHFSRQ" * 3), ("p2", "GGSSLLKKVVAA" * 12)]
+    source = _bgzf_cut_at_a_block_boundary(tmp_path, records)
+    out = tmp_path / "out"
+    shard = ["--shard-count", "1", "--shard-index", "0"] if sharded else []
+    result = CliRunner().invoke(
+        cli, ["embed", source, "-o", str(out), "-m", tiny_model_dir, "--devices", "cpu", *shard]
+    )
+    if result.exit_code == 0:
+        table = pq.read_table(out / "part-00000-of-00001.parquet" if sharded else out)
+        lengths = dict(zip(table.column("id").to_pylist(), table.column("length").to_pylist(), strict=True))
+        assert lengths.get("p2") in (None, len(records[1][1])), (lengths, result.output)
+    else:
+        assert result.exit_code == 2
