@@ -24,10 +24,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_fasta
 from esm2cli.cli import cli
 from esm2cli.config import ShardConfig
 from esm2cli.io.split import shard_source
+from helpers import write_fasta
 
 
 def shard_ids(path: str, count: int) -> list[str]:
@@ -75,7 +75,7 @@ def test_float16_output_refuses_or_reports_values_out_of_range(tmp_path):
     import torch
     from transformers import EsmForMaskedLM
 
-    from conftest import build_tiny_esm2
+    from helpers import build_tiny_esm2
 
     model_dir = build_tiny_esm2(tmp_path / "big")
     model = EsmForMaskedLM.from_pretrained(model_dir)
