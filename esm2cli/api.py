@@ -109,7 +109,8 @@ class Embedder:
             raise ConfigError(f"pooling={pooling!r}: use one of {POOLINGS}")
         if output_dtype not in OUTPUT_DTYPES:
             raise ConfigError(f"output_dtype={output_dtype!r}: use one of {', '.join(OUTPUT_DTYPES)}")
-        truncate = resolve_truncate(str(model), truncate)
+        window = 'long_sequences="window"' if long_sequences != "window" else None
+        truncate = resolve_truncate(str(model), truncate, window=window)
         if truncate < 1 or batch_size < 1 or chunk_size < 1:
             raise ConfigError("truncate, batch_size and chunk_size must be at least 1")
         if isinstance(layers, str):  # "6,-1", as --layers takes them

@@ -109,11 +109,16 @@ def interruptible(message: str = "interrupted: rerun the same command to resume"
             signal.signal(sig, handler)
 
 
-def model_truncate(model: str, truncate: int | None) -> int:
-    """--truncate as given, else the model's own context; one line (exit 2) when it is over ESM C's."""
+def model_truncate(model: str, truncate: int | None, *, long_sequences: str | None = None) -> int:
+    """--truncate as given, else the model's own context; one line (exit 2) when it is over ESM C's.
+
+    ``long_sequences`` is the command's --long-sequences (None for a command without it): windows are suggested
+    only where they can be asked for and were not.
+    """
     from esm2cli.model.architecture import resolve_truncate
 
+    window = "--long-sequences window" if long_sequences not in (None, "window") else None
     try:
-        return resolve_truncate(model, truncate)
+        return resolve_truncate(model, truncate, window=window)
     except Esm2Error as exc:
         raise to_click(exc) from exc

@@ -270,7 +270,7 @@ def embed(
             shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
         elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
             raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
-        truncate = model_truncate(model, truncate)
+        truncate = model_truncate(model, truncate, long_sequences=long_sequences)
         configs = dict(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),
             embed=EmbedConfig(

@@ -196,7 +196,7 @@ def serve(
         cache_size=cache_size,
     )
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
-    truncate = model_truncate(model, truncate)
+    truncate = model_truncate(model, truncate, long_sequences=long_sequences)
     embed_cfg = EmbedConfig(
         layers=layers, pooling=pooling, truncate=truncate, long_sequences=long_sequences, window_overlap=window_overlap
     )

@@ -116,9 +116,13 @@ def model_family(model: str) -> str:
     return "esmc" if model_type == "esmc" else "esm2"
 
 
-def resolve_truncate(model: str, truncate: int | None) -> int:
+def resolve_truncate(model: str, truncate: int | None, *, window: str | None = None) -> int:
     """The residues kept per protein: ``truncate`` as given, else the model's own context (1,022 for ESM-2,
     2,046 for ESM C).
+
+    ``window`` is how the caller's user asks for windows (``--long-sequences window``), named in the refusal as
+    the other remedy; None where windows are not available or already asked for (advice that cannot work is
+    worse than none).
 
     ESM-2's rotary positions extend past its context (a longer --truncate embeds the protein whole, as
     transformers does); ESM C's context is refused past 2,046 residues, the length it was trained on.
@@ -130,8 +134,9 @@ def resolve_truncate(model: str, truncate: int | None) -> int:
     if truncate is None:
         return context_of(family)
     if family == "esmc" and truncate > ESMC_CONTEXT:
+        remedy = f", or {window}" if window else ""
         raise ConfigError(
             f"--truncate {truncate} is over ESM C's context of {ESMC_CONTEXT} residues ({model}): "
-            f"use --truncate {ESMC_CONTEXT} or less, or --long-sequences window"
+            f"use --truncate {ESMC_CONTEXT} or less{remedy}"
         )
     return truncate

@@ -86,6 +86,24 @@ def expected_keys(layers: int, lm_head: bool) -> set[str]:
     return keys
 
 
+def expected_shapes(config, lm_head: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor ESM C of ``config`` needs (see expected_keys)."""
+    h, f, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
+    for key in sorted(expected_keys(config.num_hidden_layers, lm_head) - shapes.keys()):
+        if key.endswith(("gate_proj.weight", "up_proj.weight")):
+            shapes[key] = (f, h)
+        elif key.endswith("down_proj.weight"):
+            shapes[key] = (h, f)
+        elif key.startswith("lm_head.decoder"):
+            shapes[key] = (vocab, h) if key.endswith("weight") else (vocab,)
+        elif key.endswith(("proj.weight", "dense.weight")):
+            shapes[key] = (h, h)
+        else:
+            shapes[key] = (h,)
+    return shapes
+
+
 def _named(keys: set[str]) -> str:
     shown = sorted(keys)[:_SHOWN_KEYS]
     more = f" and {len(keys) - len(shown)} more" if len(keys) > len(shown) else ""
@@ -115,15 +133,17 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
-def read_checkpoint(folder: Path, layers: int, lm_head: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under ``EsmcModel`` names, checked strictly against the architecture.
+def read_checkpoint(folder: Path, config, lm_head: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under ``EsmcModel`` names, checked strictly against the architecture of
+    ``config``: names and shapes.
 
     Both layouts are read: ``EsmcForMaskedLM`` (``esmc.*`` and ``lm_head.*``) and ``EsmcModel`` (no prefix).
     The LM head's keys are expected only when asked for (an encoder-only checkpoint embeds).
 
     Raises:
-        ModelLoadError: Unreadable, keys missing, or keys ESM C has no place for.
+        ModelLoadError: Unreadable, keys missing, keys ESM C has no place for, or a tensor of another shape.
     """
+    layers = config.num_hidden_layers
     try:
         tensors = {key.removeprefix("esmc."): value for key, value in _read_tensors(_weight_files(folder))}
     except ModelLoadError:
@@ -142,7 +162,20 @@ def read_checkpoint(folder: Path, layers: int, lm_head: bool) -> dict[str, torch
             [f"unexpected {_named(unexpected)}"] if unexpected else []
         )
         raise ModelLoadError(f"{folder} does not match an ESM C of {layers} layers: {'; '.join(parts)}")
+    _check_shapes(folder, tensors, expected_shapes(config, lm_head))
     return {k: v for k, v in tensors.items() if k in needed}
+
+
+def _check_shapes(folder: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuses a tensor whose shape is not the config's: it would fail (or broadcast) only inside a batch."""
+    wrong = [
+        f"{key} is {tuple(tensors[key].shape)}, not {shape}"
+        for key, shape in sorted(shapes.items())
+        if tuple(tensors[key].shape) != shape
+    ]
+    if wrong:
+        more = f" and {len(wrong) - _SHOWN_KEYS} more" if len(wrong) > _SHOWN_KEYS else ""
+        raise ModelLoadError(f"{folder} does not match its config: {'; '.join(wrong[:_SHOWN_KEYS])}{more}")
 
 
 _POOL = 1_000_003  # random values drawn per dummy model: a prime, so that no weight row repeats another
@@ -155,19 +188,7 @@ def random_weights(config, *, lm_head: bool, seed: int = 0, dtype: torch.dtype =
     """
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(_POOL, generator=generator).mul_(0.02).to(dtype)
-    h, f, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
-    for key in sorted(expected_keys(config.num_hidden_layers, lm_head) - shapes.keys()):
-        if key.endswith(("gate_proj.weight", "up_proj.weight")):
-            shapes[key] = (f, h)
-        elif key.endswith("down_proj.weight"):
-            shapes[key] = (h, f)
-        elif key.startswith("lm_head.decoder"):
-            shapes[key] = (vocab, h) if key.endswith("weight") else (vocab,)
-        elif key.endswith(("proj.weight", "dense.weight")):
-            shapes[key] = (h, h)
-        else:
-            shapes[key] = (h,)
+    shapes = expected_shapes(config, lm_head)
     weights = {}
     for key, shape in shapes.items():
         if key.endswith("bias"):

@@ -179,13 +179,45 @@ def _missing(info: dict, prefix: str) -> str:
     return ", ".join(sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix) and "decoder" not in k))
 
 
+# Tensors a valid checkpoint may lack: buffers transformers rebuilds (position ids, rotary frequencies), the
+# LM head's decoder (tied to the token embeddings) and the heads, which are checked only when asked for.
+_MAY_LACK = ("position_ids", "inv_freq", "lm_head.", "contact_head.", "pooler.")
+_SHOWN_KEYS = 8  # keys named in an error at most (then a count)
+
+
+def _check_loading(source: str, info: dict) -> None:
+    """Refuses a checkpoint that lacks a tensor the encoder needs or holds one of another shape: transformers
+    would fill the first with fresh random numbers (other ones each run) and name neither in one line.
+
+    Raises:
+        ModelLoadError: Keys missing, or tensors whose shape is not the config's.
+    """
+    missing = sorted(k for k in info.get("missing_keys", ()) if not any(part in k for part in _MAY_LACK))
+    wrong = sorted(
+        f"{key} is {tuple(found)}, not {tuple(wanted)}" for key, found, wanted in info.get("mismatched_keys", ())
+    )
+    problems = [f"missing {_shown(missing)}"] if missing else []
+    problems += [_shown(wrong, sep="; ")] if wrong else []
+    if problems:
+        raise ModelLoadError(f"{source} does not match its config: {'; '.join(problems)}")
+
+
+def _shown(items: list[str], sep: str = ", ") -> str:
+    more = f" and {len(items) - _SHOWN_KEYS} more" if len(items) > _SHOWN_KEYS else ""
+    return sep.join(items[:_SHOWN_KEYS]) + more
+
+
 def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head: bool):
-    """Loads the encoder (and, when asked, the LM head) of a checkpoint; checks the heads asked for are in it."""
+    """Loads the encoder (and, when asked, the LM head) of a checkpoint, strictly: a tensor missing or of
+    another shape is refused (see _check_loading), and so is a head asked for that is not in it."""
+    # Mismatched sizes are let through transformers so that its loading info names them; _check_loading refuses.
     try:
         if lm_head:
             full, info = cast(
                 tuple[EsmForMaskedLM, dict],
-                EsmForMaskedLM.from_pretrained(source, config=config, output_loading_info=True),
+                EsmForMaskedLM.from_pretrained(
+                    source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+                ),
             )
             if missing := _missing(info, "lm_head."):
                 raise ModelLoadError(
@@ -196,13 +228,20 @@ def _load_pretrained(source: str, config: EsmConfig, lm_head: bool, contact_head
         else:
             model, info = cast(
                 tuple[EsmModel, dict],
-                EsmModel.from_pretrained(source, config=config, add_pooling_layer=False, output_loading_info=True),
+                EsmModel.from_pretrained(
+                    source,
+                    config=config,
+                    add_pooling_layer=False,
+                    output_loading_info=True,
+                    ignore_mismatched_sizes=True,
+                ),  # fmt: skip
             )
             head, prefix = None, "contact_head."
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {source}: {_first_line(exc)}") from exc
+    _check_loading(source, info)
     if contact_head and (missing := _missing(info, prefix)):
         raise ModelLoadError(f"{source} has no contact head (missing {missing})")
     return model, head
@@ -408,7 +447,7 @@ def _load_esmc(cfg: ModelConfig, source: str, config: Any, *, lm_head: bool, con
         if config is _FETCH:
             config = _load_config(str(folder))
         esmc_load.check_config(config, source)
-        tensors = esmc_load.read_checkpoint(folder, config.num_hidden_layers, lm_head)
+        tensors = esmc_load.read_checkpoint(folder, config, lm_head)
         dummy = False
     forward = esmc_load.build_forward(config, tensors, dtype=dtype, lm_head=lm_head) if tensors is not None else None
     return LoadedModel(

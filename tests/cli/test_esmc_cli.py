@@ -167,3 +167,26 @@ def test_serve_routes_answer_with_esmc(tiny_esmc_dir, ref):
     np.testing.assert_allclose(single["embedding"], ref.mean(SEQS[0]), rtol=0, atol=1e-5)
     got = np.array([d["embedding"] for d in openai["data"]], dtype=np.float32)
     np.testing.assert_allclose(got, np.stack([ref.mean(s) for s in SEQS[:2]]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", [["score", "--pll"], ["embed", "--long-sequences", "window"]])
+def test_esmc_truncate_refusal_suggests_only_what_can_work(tmp_path, tiny_esmc_dir, command):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    name, *options = command
+    result = CliRunner().invoke(
+        cli,
+        [name, fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_esmc_dir, "--devices", "cpu", "--truncate",
+         "3000", *options],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--long-sequences window" not in result.output, result.output
+
+
+def test_esmc_truncate_refusal_suggests_windows_where_they_can_be_asked_for(tmp_path, tiny_esmc_dir):
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK")])
+    result = CliRunner().invoke(
+        cli,
+        ["embed", fasta, "-o", str(tmp_path / "o.parquet"), "-m", tiny_esmc_dir, "--devices", "cpu", "--truncate",
+         "3000"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "use --truncate 2046 or less, or --long-sequences window" in result.output

@@ -130,3 +130,34 @@ def test_a_directory_of_another_architecture_is_refused(tmp_path):
     BertModel(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelLoadError, match="not an ESM-2 or ESM C encoder .model_type='bert'."):
         load_model(ModelConfig(model=str(tmp_path / "bert"), dtype="float32"))
+
+
+def _esmc_with_tensor(tmp_path, source: str, part: str, shape_of) -> str:
+    """A copy of an ESM C checkpoint whose first tensor named ``part`` is replaced by zeros of another shape."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in sorted(tensors) if part in k)
+    tensors[key] = torch.zeros(shape_of(tensors[key].shape))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_esmc_projection_of_wrong_shape_is_one_line(tmp_path, tiny_esmc_dir):
+    # it died with a RuntimeError traceback from torch.cat while the forward was packed
+    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "q_proj", lambda s: (s[0], s[1] + 1))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=model_dir, dtype="float32"))
+    message = str(info.value)
+    assert "layers.0.self_attn.q_proj.weight is" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_esmc_norm_of_wrong_shape_is_refused_at_load(tmp_path, tiny_esmc_dir, lm_head):
+    # it loaded without a word and failed only inside the first batch, blamed on the device
+    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "input_layernorm.weight", lambda s: (7,))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=model_dir, dtype="float32"), lm_head=lm_head)
+    assert "layers.0.input_layernorm.weight is (7,), not" in str(info.value), str(info.value)

@@ -92,3 +92,46 @@ def test_unknown_dtype_and_format():
         load_model(ModelConfig(model="esm2_t6_8M", dtype="int8"))
     with pytest.raises(ConfigError, match="load format"):
         load_model(ModelConfig(model="esm2_t6_8M", load_format="magic", dtype="float32"))
+
+
+def _esm2_edited(tmp_path, source: str, edit) -> str:
+    """A copy of an ESM-2 checkpoint with layer 1's query weight passed through ``edit`` (None deletes it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "edited"
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in sorted(tensors) if "layer.1.attention.self.query.weight" in k)
+    if (edited := edit(tensors[key])) is None:
+        del tensors[key]
+    else:
+        tensors[key] = edited
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_esm2_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_model_dir, lm_head):
+    # transformers would fill it with fresh random numbers: other embeddings each run under the same identity
+    folder = _esm2_edited(tmp_path, tiny_model_dir, lambda t: None)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=folder, dtype="float32"), lm_head=lm_head)
+    message = str(info.value)
+    assert "missing" in message and "layer.1.attention.self.query.weight" in message and "\n" not in message
+
+
+def test_esm2_tensor_of_wrong_shape_is_named(tmp_path, tiny_model_dir):
+    folder = _esm2_edited(tmp_path, tiny_model_dir, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=folder, dtype="float32"))
+    message = str(info.value)
+    assert "layer.1.attention.self.query.weight is (32, 33), not (32, 32)" in message, message
+    assert "above report" not in message and "\n" not in message
+
+
+def test_tiny_checkpoint_loads_with_every_head(tiny_model_dir):
+    # the strict check must not refuse a valid save_pretrained directory (its decoder is tied, not stored)
+    loaded = load_model(ModelConfig(model=tiny_model_dir, dtype="float32"), lm_head=True, contact_head=True)
+    assert loaded.forward is not None
