@@ -26,8 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm2cli.errors import ConfigError, DamagedFileError, OutputError
-from esm2cli.io.parquet import is_damage, open_parquet
-from esm2cli.io.schema import METADATA_KEY, as_metadata, embedding_columns
+from esm2cli.io.schema import METADATA_KEY, as_metadata, embedding_columns, is_damage, open_parquet
 from esm2cli.io.storage import AtomicFile, is_url, open_input
 
 if TYPE_CHECKING:

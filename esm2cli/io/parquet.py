@@ -19,6 +19,8 @@ from esm2cli.io.schema import (
     _slices,
     as_metadata,
     embedding_columns,
+    is_damage,
+    open_parquet,
     record_batch,
     write_options,
 )
@@ -42,16 +44,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 # Every page carries a CRC: a flipped byte in stored vectors is found when the file is read again (resume, merge,
 # --reuse), never copied on as numbers.
 WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
-
-
-def open_parquet(handle) -> pq.ParquetFile:
-    """A Parquet file whose pages are checked against their checksums as they are read (see read_checked)."""
-    return pq.ParquetFile(handle, page_checksum_verification=True)
-
-
-def is_damage(exc: BaseException) -> bool:
-    """True for the error pyarrow raises on a page whose checksum does not match."""
-    return isinstance(exc, OSError) and "checksum" in str(exc).lower()
 
 
 def _os_error(path: str, exc: OSError) -> OutputError:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from esm2cli.errors import ConfigError
 
@@ -239,3 +240,13 @@ def as_metadata(value: object) -> dict:
     if not isinstance(value, dict) or not isinstance(value.get("identity", {}), dict):
         return {}
     return value
+
+
+def open_parquet(handle) -> pq.ParquetFile:
+    """A Parquet file whose pages are checked against their checksums as they are read (see read_checked)."""
+    return pq.ParquetFile(handle, page_checksum_verification=True)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True for the error pyarrow raises on a page whose checksum does not match."""
+    return isinstance(exc, OSError) and "checksum" in str(exc).lower()
