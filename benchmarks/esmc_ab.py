@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.ab_runs import card_name, lowest_cosine, matmul_peak, side_by_side
 from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import esmc_alias
@@ -36,11 +37,6 @@ from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.modeled import model_flops
 from esm2cli.runtime.replica import build_replicas
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RefForward:
@@ -103,23 +99,13 @@ def run(loaded, alias, device: Device, seqs: list[str], *, budget: int, rounds: 
             fn(b)
     for fn in forwards.values():
         fn.host_s.clear()
-    seconds = dict.fromkeys(forwards, 0.0)
-    worst = 1.0
-    order = list(forwards.items())
-    for r in range(rounds):
-        for i, b in enumerate(batches):
-            outs = {}
-            # Each forward goes first in turn: the one after another finds the caches warm (or the machine busy).
-            shift = (r * len(batches) + i) % len(order)
-            for name, fn in order[shift:] + order[:shift]:
-                _sync(torch_device)
-                start = time.perf_counter()
-                outs[name] = fn(b)
-                seconds[name] += time.perf_counter() - start
-            if "ref" in outs:
-                a, c = outs["ref"].astype(np.float64), outs["own"].astype(np.float64)
-                cos = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
-                worst = min(worst, float(cos.min()))
+    worst = [1.0]
+
+    def compare(outs: dict[str, np.ndarray]) -> None:
+        if "ref" in outs:
+            worst.append(lowest_cosine(outs["ref"], outs["own"]))
+
+    seconds = side_by_side(forwards, batches, rounds=rounds, device=torch_device, compare=compare)
     residues = rounds * sum(len(s) for s in seqs)
     flops = rounds * model_flops(
         [len(s) for s in seqs], loaded.num_layers, loaded.hidden_size, ffn_weights=loaded.ffn_weights
@@ -131,15 +117,10 @@ def run(loaded, alias, device: Device, seqs: list[str], *, budget: int, rounds: 
         row[f"{name}_host_ms"] = 1e3 * statistics.median(fn.host_s)
     if not own_only:
         row["own_over_ref"] = seconds["ref"] / seconds["own"]
-        row["lowest_cosine"] = worst
+        row["lowest_cosine"] = min(worst)
     graphs = forwards["own"].replica.graphs
     row["graph_batches"] = graphs.graph_batches if graphs is not None else 0
     return row
-
-
-def _card_name(device: torch.device) -> str | None:
-    name = torch.cuda.get_device_name(device).lower()
-    return next((key for key in GPU_PEAKS if key in name), None)
 
 
 def main() -> None:
@@ -171,14 +152,18 @@ def main() -> None:
     loaded.forward.batch_invariant = not args.batch_dependent
     row = run(loaded, esmc_alias(args.model), Device(name, name), seqs, budget=budget, rounds=args.rounds,
               own_only=args.own_only)  # fmt: skip
-    card = _card_name(torch.device(name)) if cuda else None
+    card = card_name(torch.device(name)) if cuda else None
     published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
-    if published:
-        for which in ("own", "ref"):
-            if f"{which}_flops_per_s" in row:
+    # The measured peak bounds what any forward can gain: own/ref can be at most peak / ref's FLOP/s.
+    peak = matmul_peak(torch.device(name), loaded.forward.dtype)
+    for which in ("own", "ref"):
+        if f"{which}_flops_per_s" in row:
+            row[f"{which}_mfu_measured"] = row[f"{which}_flops_per_s"] / peak
+            if published:
                 row[f"{which}_mfu_published"] = row[f"{which}_flops_per_s"] / published
     report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n,
               "threads": torch.get_num_threads(), "load_s": load_s, "published_peak_flops": published,
+              "matmul_peak_flops": peak,
               **row}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
@@ -189,6 +174,8 @@ def main() -> None:
     if "ref_residues_per_s" in row:
         line += f", transformers {row['ref_residues_per_s']:,.1f}, own/ref {row['own_over_ref']:.2f}x"
         line += f", lowest cos {row['lowest_cosine']:.6f}"
+        line += f"; MFU over the measured {peak / 1e9:,.0f} GFLOP/s matmul peak: own {row['own_mfu_measured']:.1%},"
+        line += f" transformers {row['ref_mfu_measured']:.1%} (own/ref at most {1 / row['ref_mfu_measured']:.2f}x)"
     if published:
         line += f"; own MFU {row['own_mfu_published']:.1%} of the published {dtype} peak"
     line += f"; host ms a forward own {row['own_host_ms']:.2f}"

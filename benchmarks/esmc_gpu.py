@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from esmc_ab import _card_name, run
 
+from benchmarks.ab_runs import card_name
+from benchmarks.esmc_ab import run
 from esm2cli.config import GPU_PEAKS, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.load import load_model
@@ -35,7 +36,7 @@ def one(alias: str, n: int, budget: int, with_ref: bool, out: Path) -> str:
     loaded = load_model(ModelConfig(model=alias, load_format="dummy", dtype="bfloat16"))
     load_s = time.perf_counter() - start
     row = run(loaded, alias, Device("cuda:0", "cuda:0"), seqs, budget=budget, rounds=1, own_only=not with_ref)
-    card = _card_name(torch.device("cuda:0"))
+    card = card_name(torch.device("cuda:0"))
     peak = GPU_PEAKS.get(card or "", {}).get("bfloat16")
     for which in ("own", "ref"):
         if peak and f"{which}_flops_per_s" in row:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.ab_runs import card_name, lowest_cosine, matmul_peak, side_by_side
 from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import DTYPES
@@ -34,27 +35,6 @@ from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.modeled import model_flops
 from esm2cli.runtime.replica import build_replicas
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, rounds: int = 20) -> float:
-    """FLOP/s of a large square matmul on the device: the practical ceiling of a dense forward."""
-    if device.type != "cuda":
-        n, rounds = 1024, 5
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * rounds / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class OldForward:
@@ -113,21 +93,13 @@ def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int
             fn(b)
     for _, fn in runners:
         fn.host_s.clear()
-    seconds = {"old": 0.0, "new": 0.0, "dep": 0.0}
-    worst, drift = 1.0, 0.0
-    for r in range(rounds):
-        for i, b in enumerate(batches):
-            outs = {}
-            # Each runner goes first in turn: the one after another finds the caches warm (or the machine busy).
-            shift = (r * len(batches) + i) % len(runners)
-            for name, fn in runners[shift:] + runners[:shift]:
-                start = time.perf_counter()
-                outs[name] = fn(b)
-                seconds[name] += time.perf_counter() - start
-            a, c = outs["old"].astype(np.float64), outs["new"].astype(np.float64)
-            cos = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
-            worst = min(worst, float(cos.min()))
-            drift = max(drift, float(np.abs(outs["new"] - outs["dep"]).max()))
+    worst, drift = [1.0], [0.0]
+
+    def compare(outs: dict[str, np.ndarray]) -> None:
+        worst.append(lowest_cosine(outs["old"], outs["new"]))
+        drift.append(float(np.abs(outs["new"] - outs["dep"]).max()))
+
+    seconds = side_by_side(dict(runners), batches, rounds=rounds, device=torch_device, compare=compare)
     residues = rounds * sum(len(s) for s in seqs)
     flops = rounds * model_flops([len(s) for s in seqs], loaded.num_layers, loaded.hidden_size)
     return {
@@ -136,11 +108,11 @@ def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int
         "new_over_old": seconds["old"] / seconds["new"],
         "dep_residues_per_s": residues / seconds["dep"],
         "invariant_cost": seconds["new"] / seconds["dep"] - 1,  # the invariant forward's extra time
-        "invariant_vs_dependent_max_abs_diff": drift,
+        "invariant_vs_dependent_max_abs_diff": max(drift),
         "old_flops_per_s": flops / seconds["old"], "new_flops_per_s": flops / seconds["new"],
         "old_host_ms": 1e3 * statistics.median(old.host_s), "new_host_ms": 1e3 * statistics.median(new.host_s),
         "graph_batches": new.replica.graphs.graph_batches if new.replica.graphs else 0,
-        "lowest_cosine": worst,
+        "lowest_cosine": min(worst),
     }  # fmt: skip
 
 
@@ -166,7 +138,7 @@ def main() -> None:
     loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype), keep_reference=True)
     torch_device = torch.device(name)
     peak = matmul_peak(torch_device, DTYPES[dtype])
-    card = args.card or (_card_name(torch_device) if cuda else None)
+    card = args.card or (card_name(torch_device) if cuda else None)
     published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
     rows = [run_budget(loaded, device, seqs, b, args.rounds, DEFAULT_BATCH_SIZE) for b in budgets]
     for row in rows:
@@ -191,12 +163,6 @@ def main() -> None:
               f"  batch-dependent {r['dep_residues_per_s']:>10,.0f}"
               f" residues/s: invariance costs {r['invariant_cost']:+.1%}"
               f" (max |diff| between them {r['invariant_vs_dependent_max_abs_diff']:.2e})")  # fmt: skip
-
-
-def _card_name(device: torch.device) -> str | None:
-    """h100 or h200 (the keys of GPU_PEAKS) from the device's name."""
-    name = torch.cuda.get_device_name(device).lower()
-    return next((key for key in GPU_PEAKS if key in name), None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""What forward_ab.py and esmc_ab.py share: the matmul peak, the card's name and the side-by-side loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from esm2cli.config import GPU_PEAKS
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, rounds: int = 20) -> float:
+    """FLOP/s of a large square matmul on the device: the practical ceiling of a dense forward."""
+    if device.type != "cuda":
+        n, rounds = 1024, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        a @ b
+    sync(device)
+    return 2 * n**3 * rounds / (time.perf_counter() - start)
+
+
+def card_name(device: torch.device) -> str | None:
+    """h100 or h200 (the keys of GPU_PEAKS) from the device's name."""
+    name = torch.cuda.get_device_name(device).lower()
+    return next((key for key in GPU_PEAKS if key in name), None)
+
+
+def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest cosine between matching rows of two (n, H) arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def side_by_side(
+    forwards: dict[str, Callable[[list[str]], np.ndarray]],
+    batches: list[list[str]],
+    *,
+    rounds: int,
+    device: torch.device,
+    compare: Callable[[dict[str, np.ndarray]], None],
+) -> dict[str, float]:
+    """Seconds each forward spent on every batch, ``rounds`` times, the forwards taking turns batch by batch.
+
+    Each forward goes first in turn: the one after another finds the caches warm (or the machine busy), so a
+    fixed order would price the order. ``compare`` gets each batch's outputs by name.
+    """
+    seconds = dict.fromkeys(forwards, 0.0)
+    order = list(forwards.items())
+    for r in range(rounds):
+        for i, batch in enumerate(batches):
+            outs = {}
+            shift = (r * len(batches) + i) % len(order)
+            for name, fn in order[shift:] + order[:shift]:
+                sync(device)
+                start = time.perf_counter()
+                outs[name] = fn(batch)
+                seconds[name] += time.perf_counter() - start
+            compare(outs)
+    return seconds
