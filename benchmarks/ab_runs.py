@@ -8,7 +8,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from esm2cli.config import GPU_PEAKS
+from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS
+from esm2cli.runtime.batching import pack_batches, plan_batches
+
+# "sorted": batches of similar length (fair to a forward that pads every row to the widest); "packed": as
+# esm2cli embed plans them (longest first, gaps filled with the shortest: fewer padding rows of the last tile).
+PLANS = {"sorted": plan_batches, "packed": pack_batches}
 
 
 def sync(device: torch.device) -> None:
@@ -36,6 +41,11 @@ def card_name(device: torch.device) -> str | None:
     """h100 or h200 (the keys of GPU_PEAKS) from the device's name."""
     name = torch.cuda.get_device_name(device).lower()
     return next((key for key in GPU_PEAKS if key in name), None)
+
+
+def batches_of(seqs: list[str], budget: int, plan: str = "sorted") -> list[list[str]]:
+    """The proteins cut into batches of ``budget`` tokens by one of PLANS."""
+    return [[seqs[i] for i in b] for b in PLANS[plan]([len(s) for s in seqs], budget, DEFAULT_BATCH_SIZE)]
 
 
 def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -27,13 +27,12 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.ab_runs import card_name, lowest_cosine, matmul_peak, side_by_side
-from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
+from benchmarks.ab_runs import PLANS, batches_of, card_name, lowest_cosine, matmul_peak, side_by_side
+from esm2cli.config import GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import esmc_alias
 from esm2cli.model.esmc_load import esmc_config, random_weights
 from esm2cli.model.load import LoadedModel, load_model, token_ids
-from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.modeled import model_flops
 from esm2cli.runtime.replica import build_replicas
@@ -88,9 +87,10 @@ class OwnForward:
         return out
 
 
-def run(loaded, alias, device: Device, seqs: list[str], *, budget: int, rounds: int, own_only: bool) -> dict:
+def run(loaded, alias, device: Device, seqs: list[str], *, budget: int, rounds: int, own_only: bool,
+        plan: str = "sorted") -> dict:  # fmt: skip
     torch_device = torch.device(device.torch_device)
-    batches = [[seqs[i] for i in b] for b in plan_batches([len(s) for s in seqs], budget, DEFAULT_BATCH_SIZE)]
+    batches = batches_of(seqs, budget, plan)
     forwards = {"own": OwnForward(loaded, device, budget)}
     if not own_only:
         forwards["ref"] = RefForward(loaded, alias, torch_device, loaded.forward.dtype)
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=None, help="proteins (default: 1500 GPU, 6 CPU)")
     parser.add_argument("--max-length", type=int, default=1022)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--plan", choices=sorted(PLANS), default="sorted", help="how batches are cut (ab_runs.PLANS)")
     parser.add_argument("--own-only", action="store_true", help="only esm2cli's forward (no transformers copy)")
     parser.add_argument(
         "--batch-dependent",
@@ -151,7 +152,7 @@ def main() -> None:
     load_s = time.perf_counter() - start
     loaded.forward.batch_invariant = not args.batch_dependent
     row = run(loaded, esmc_alias(args.model), Device(name, name), seqs, budget=budget, rounds=args.rounds,
-              own_only=args.own_only)  # fmt: skip
+              own_only=args.own_only, plan=args.plan)  # fmt: skip
     card = card_name(torch.device(name)) if cuda else None
     published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
     # The measured peak bounds what any forward can gain: own/ref can be at most peak / ref's FLOP/s.
@@ -161,14 +162,15 @@ def main() -> None:
             row[f"{which}_mfu_measured"] = row[f"{which}_flops_per_s"] / peak
             if published:
                 row[f"{which}_mfu_published"] = row[f"{which}_flops_per_s"] / published
-    report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n,
+    report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n, "plan": args.plan,
               "threads": torch.get_num_threads(), "load_s": load_s, "published_peak_flops": published,
               "matmul_peak_flops": peak,
               **row}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    line = f"{args.model} {dtype} on {name} ({card or 'CPU'}), {n} proteins, {row['residues']:,} residues"
+    line = f"{args.model} {dtype} on {name} ({card or 'CPU'}), {n} proteins ({args.plan} batches), "
+    line += f"{row['residues']:,} residues"
     line += " (batch-dependent): " if args.batch_dependent else ": "
     line += f"own {row['own_residues_per_s']:,.1f} residues/s"
     if "ref_residues_per_s" in row:

@@ -26,12 +26,11 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.ab_runs import card_name, lowest_cosine, matmul_peak, side_by_side
-from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
+from benchmarks.ab_runs import PLANS, batches_of, card_name, lowest_cosine, matmul_peak, side_by_side
+from esm2cli.config import GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import DTYPES
 from esm2cli.model.load import LoadedModel, load_model, token_ids
-from esm2cli.runtime.batching import plan_batches
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.modeled import model_flops
 from esm2cli.runtime.replica import build_replicas
@@ -82,9 +81,9 @@ class NewForward:
         return out
 
 
-def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int, batch_size: int) -> dict:
+def run_budget(loaded, device: Device, seqs: list[str], budget: int, rounds: int, plan: str) -> dict:
     torch_device = torch.device(device.torch_device)
-    batches = [[seqs[i] for i in b] for b in plan_batches([len(s) for s in seqs], budget, batch_size)]
+    batches = batches_of(seqs, budget, plan)
     old, new = OldForward(loaded, torch_device), NewForward(loaded, device, budget)
     dep = NewForward(loaded, device, budget, invariant=False)
     runners = (("old", old), ("new", new), ("dep", dep))
@@ -125,6 +124,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=None, help="proteins (default: 1500 GPU, 60 CPU)")
     parser.add_argument("--max-length", type=int, default=1022)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--plan", choices=sorted(PLANS), default="sorted", help="how batches are cut (ab_runs.PLANS)")
     parser.add_argument("--card", default=None, help="a key of GPU_PEAKS for the published peak (h100, h200...)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -140,18 +140,19 @@ def main() -> None:
     peak = matmul_peak(torch_device, DTYPES[dtype])
     card = args.card or (card_name(torch_device) if cuda else None)
     published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
-    rows = [run_budget(loaded, device, seqs, b, args.rounds, DEFAULT_BATCH_SIZE) for b in budgets]
+    rows = [run_budget(loaded, device, seqs, b, args.rounds, args.plan) for b in budgets]
     for row in rows:
         for which in ("old", "new"):
             row[f"{which}_mfu_measured"] = row[f"{which}_flops_per_s"] / peak
             if published:
                 row[f"{which}_mfu_published"] = row[f"{which}_flops_per_s"] / published
-    report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n,
+    report = {"model": args.model, "dtype": dtype, "device": name, "card": card, "sequences": n, "plan": args.plan,
               "matmul_peak_flops": peak, "published_peak_flops": published, "rows": rows}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"{args.model} {dtype} on {name} ({card or 'CPU'}): {n} proteins, matmul peak {peak / 1e9:,.0f} GFLOP/s"
+    print(f"{args.model} {dtype} on {name} ({card or 'CPU'}): {n} proteins ({args.plan} batches),"
+          f" matmul peak {peak / 1e9:,.0f} GFLOP/s"
           + (f", published {published / 1e9:,.0f}" if published else ""))  # fmt: skip
     for r in rows:
         mfu = f"{r['new_mfu_published']:.1%} of published, " if published else ""

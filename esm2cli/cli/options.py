@@ -196,7 +196,7 @@ max_tokens_option = click.option(
     type=click.IntRange(min=64),
     default=None,
     envvar="ESM2CLI_MAX_TOKENS",
-    help="Padded tokens per batch at most, <cls> and <eos> included. "
+    help="Tokens per batch at most (sequences laid end to end), <cls> and <eos> included. "
     f"[default: {DEFAULT_MAX_TOKENS['cpu']} on the CPU, {DEFAULT_MAX_TOKENS['cuda']} on GPUs]",
 )
 

@@ -36,7 +36,7 @@ from esm2cli.io.schema import Embeddings, Rows, build_schema
 from esm2cli.io.split import InputSlice, InputSource, shard_source
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
-from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.batching import pack_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, build_engine, resolve_placement
 from esm2cli.runtime.memory import release_free_memory
 from esm2cli.runtime.windows import (
@@ -165,7 +165,7 @@ def embed_records(
             else:
                 sink.write(chunk, work.rows())
             continue
-        for items in plan_batches([len(s) for s in work.items], _budget(batch), batch.batch_size):
+        for items in pack_batches([len(s) for s in work.items], _budget(batch), batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
             windows = not embed.per_token and bool(work.windowed.intersection(items))
             future = (

@@ -46,7 +46,7 @@ from esm2cli.io.records import Record
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 from esm2cli.jobs.pipeline import readable_source
 from esm2cli.model.architecture import model_family, resolve_source
-from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.batching import pack_batches
 from esm2cli.runtime.engine import Engine, build_engine, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def log_prob_chunks(
             protein.plan(inputs, window, masked)
         chunk = _Chunk(proteins, inputs, [None] * len(inputs.items), len(inputs.items))
         lengths = [len(seq) for seq, _ in inputs.items]
-        for indices in plan_batches(lengths, max_tokens, batch.batch_size):
+        for indices in pack_batches(lengths, max_tokens, batch.batch_size):
             future = engine.submit([inputs.item(i) for i in indices], method="lm_log_probs")
             pending.append((chunk, indices, future))
             yield from settle(block=False)

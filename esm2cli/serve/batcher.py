@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esm2cli.errors import OverloadedError, TooLargeError
-from esm2cli.runtime.batching import plan_batches
+from esm2cli.runtime.batching import pack_batches
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class DynamicBatcher:
             for request in group:
                 self._waiting.discard(id(request))
             slots = [(request, i) for request in group for i in range(len(request.seqs))]
-            for rows in plan_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch):
+            for rows in pack_batches([len(request.seqs[i]) for request, i in slots], self.max_tokens, self.max_batch):
                 # At once for the first batch: this loop is the only taker, and a place was free.
                 slot = await self.slots.take()
                 # A request may have given up while the previous batches waited for a slot.

@@ -7,6 +7,7 @@ from esm2cli.runtime.batching import (
     WIDTH_BUCKET,
     WIDTH_STEPS_PER_OCTAVE,
     ladder,
+    pack_batches,
     padded_tokens,
     padded_width,
     plan_batches,
@@ -97,3 +98,41 @@ def test_graph_buckets_climb_the_token_ladder_to_the_budget():
         assert fit == token_bucket(tokens, 32768) or tokens <= 1024
         assert fit <= max(1024, 1.25 * tokens)
     assert token_buckets(700) == [700]  # a budget under the smallest bucket is its own bucket
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_batches_hold_every_index_once_within_the_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 1500) for _ in range(500)]
+    batches = pack_batches(lengths, max_tokens=1024, max_batch=8)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 8
+        assert len(b) == 1 or sum(lengths[i] + SPECIAL_TOKENS for i in b) <= 1024
+
+
+def test_packed_batches_fill_the_gap_with_the_shortest():
+    # 402 + 402 + 152 tokens leave 68: the 100-residue protein does not fit, the 10-residue one does
+    lengths = [400, 400, 150, 100, 10]
+    assert pack_batches(lengths, max_tokens=1024, max_batch=64) == [[0, 1, 2, 4], [3]]
+
+
+def test_packed_batches_compute_fewer_tile_rows_than_sorted_ones():
+    from esm2cli.model.invariant import padded_rows
+
+    rng = random.Random(3)
+    lengths = [rng.randint(30, 1000) for _ in range(400)]
+
+    def rows(batches):
+        return sum(padded_rows(sum(lengths[i] + SPECIAL_TOKENS for i in b)) for b in batches)
+
+    real = sum(n + SPECIAL_TOKENS for n in lengths)
+    packed, sorted_ = rows(pack_batches(lengths, 1024, 64)), rows(plan_batches(lengths, 1024, 64))
+    assert packed / real < 1.10 < sorted_ / real
+
+
+def test_packed_batches_keep_the_count_cap_and_give_a_long_sequence_its_own():
+    assert [len(b) for b in pack_batches([5] * 130, max_tokens=10**9, max_batch=64)] == [64, 64, 2]
+    assert pack_batches([3000, 10], max_tokens=1000, max_batch=64) == [[0], [1]]
+    assert pack_batches([40] * 30, max_tokens=1024, max_batch=64) == [list(range(24)), list(range(24, 30))]
+    assert pack_batches([], 100, 4) == []
