@@ -47,7 +47,7 @@ def _device_list(devices: list[str], most: int = 4) -> str:
 
 
 def _summary_line(summary, output, shard=None) -> str:
-    from esm2cli.jobs.pipeline import output_target
+    from esm2cli.io.targets import output_target
 
     target = output_target(output, shard)
     if summary.already_complete:

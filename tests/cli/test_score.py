@@ -137,7 +137,7 @@ def test_an_existing_output_is_refused_then_replaced_only_when_complete(tmp_path
     out = tmp_path / "o.parquet"
     out.write_bytes(b"precious")
     result = score(tiny_model_dir, wt, "--pll", "-o", out)
-    assert result.exit_code == 2 and "already exists (use --overwrite" in result.stderr
+    assert result.exit_code == 2 and "already exists and is not esm2cli output (add --overwrite" in result.stderr
     directory = tmp_path / "adir"
     directory.mkdir()
     result = score(tiny_model_dir, wt, "--pll", "-o", directory, "--overwrite")

@@ -76,9 +76,9 @@ def interrupted(*args, **kwargs):
 
 
 def test_a_signal_while_a_score_output_is_opened_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(scoring.pq, "ParquetWriter", interrupted)
+    monkeypatch.setattr(parquet.pq, "ParquetWriter", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        scoring.ScoreFile(str(tmp_path / "dms.parquet"), scoring._schema("pll", {}))
+        parquet.TableWriter(str(tmp_path / "dms.parquet"), scoring._schema("pll", {}))
     assert files(tmp_path) == []
 
 
