@@ -223,7 +223,8 @@ def test_an_unchanged_rerun_is_already_complete_and_a_changed_one_is_not(tmp_pat
     assert out.read_bytes() == before  # left as it was
     write_fasta(tmp_path / "in.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIW")])  # one residue
     changed = CliRunner().invoke(cli, args)
-    assert changed.exit_code == 2 and "already exists, made by another run (the input's content changed)" in changed.output
+    assert changed.exit_code == 2
+    assert "already exists, made by another run (the input's content changed)" in changed.output
     other = CliRunner().invoke(cli, [*args[:-2], "--dtype", "bfloat16", "--overwrite"])
     assert other.exit_code == 0 and "already complete" not in other.output
 
