@@ -46,16 +46,18 @@ def _os_error(path: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-ROW_GROUP_ROWS = 1 << 16  # rows a TableWriter buffers before it writes them as one row group
+ROW_GROUP_ROWS = 1 << 16  # rows of a TableWriter's row group unless its caller says otherwise
+MAX_GROUP_ROWS = 1 << 20  # pyarrow's own cap on a row group: for writers whose groups are cut by bytes
 
 
 class TableWriter:
     """A Parquet table written in row groups beside ``url`` and renamed over it on commit.
 
-    Rows are buffered and written as one row group every ``row_group_rows`` rows (or at flush()); every file is
-    written with io.schema.write_options (page checksums on). A crash, an abort or a full disk leaves no file at
-    ``url`` and no temporary file beside it, and whatever was at ``url`` before stays as it was. An OSError (a
-    full disk) becomes one line, "cannot write <url>: <reason>".
+    Rows are buffered and written in row groups of ``row_group_rows`` rows as soon as that many wait; flush()
+    writes what waits as a (last, smaller) group. Every file is written with io.schema.write_options (page
+    checksums on). A crash, an abort or a full disk leaves no file at ``url`` and no temporary file beside it,
+    and whatever was at ``url`` before stays as it was. An OSError (a full disk) becomes one line,
+    "cannot write <url>: <reason>".
     """
 
     def __init__(self, url: str | os.PathLike, schema: pa.Schema, *, row_group_rows: int = ROW_GROUP_ROWS):
@@ -74,35 +76,46 @@ class TableWriter:
                 raise _os_error(self.url, exc) from exc
             raise
 
-    def write(self, batch: pa.RecordBatch) -> None:
-        """Buffers rows; a row group is written once ``row_group_rows`` are buffered.
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the rows that wait for their row group."""
+        return sum(batch.nbytes for batch in self._buffer)
+
+    def write(self, rows: pa.RecordBatch | pa.Table) -> None:
+        """Buffers rows of the schema; every full row group is written at once.
 
         Raises:
             OutputError: The file cannot be written (a full disk, say); abort() then drops it.
         """
-        self._buffer.append(batch)
-        self._rows += batch.num_rows
+        self._buffer.extend(rows.to_batches() if isinstance(rows, pa.Table) else [rows])
+        self._rows += rows.num_rows
         if self._rows >= self.row_group_rows:
-            self.flush()
+            table = pa.Table.from_batches(self._buffer, schema=self.schema)
+            full = self._rows - self._rows % self.row_group_rows
+            self._write(table.slice(0, full))
+            rest = table.slice(full)
+            self._buffer, self._rows = [b for b in rest.to_batches() if b.num_rows], rest.num_rows
 
     def write_columns(self, columns: dict) -> None:
         """Buffers rows given as a dict of equal-length columns of the schema."""
         self.write(pa.RecordBatch.from_pydict(columns, schema=self.schema))
 
     def flush(self) -> None:
-        """Writes the buffered rows as one row group (nothing when none are buffered).
+        """Writes every buffered row now (nothing when none are buffered).
 
         Raises:
             OutputError: The file cannot be written; abort() then drops it.
         """
-        if not self._buffer:
-            return
+        if self._buffer:
+            self._write(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self._buffer, self._rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
         try:
-            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self._writer.write_table(table, row_group_size=self.row_group_rows)
         except OSError as exc:
             raise _os_error(self.url, exc) from exc
-        self.rows_written += self._rows
-        self._buffer, self._rows = [], 0
+        self.rows_written += table.num_rows
 
     def commit(self) -> None:
         """Writes what is buffered, closes the file and makes it appear at its path.
@@ -141,7 +154,7 @@ class EmbeddingWriter:
         self.hidden = hidden
         self.pooled_cols = embedding_columns(layers, "embedding")
         self.token_cols = embedding_columns(layers, "per_token")
-        self._table = TableWriter(self.path, schema)
+        self._table = TableWriter(self.path, schema, row_group_rows=MAX_GROUP_ROWS)  # groups cut by bytes
 
     def write(self, rows: Rows) -> None:
         """Writes rows as one or more row groups (a slice of at most ROW_GROUP_BYTES each).
@@ -233,6 +246,8 @@ class BackgroundWriter:
 def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_rows: int | None = None) -> int:
     """Copies the row groups of Parquet files, in order, into one new file that appears atomically.
 
+    Small row groups (one a chunk) are joined up to ROW_GROUP_BYTES.
+
     Returns:
         The number of rows written.
 
@@ -240,22 +255,8 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
         OutputError: A source's columns differ from ``schema``, or the rows are not ``expected_rows``.
         DamagedFileError: A page of a source fails its checksum (its ``path`` names the source).
     """
-    out = AtomicFile(target)
-    try:
-        writer = pq.ParquetWriter(out.handle, schema, **write_options(schema))
-    except BaseException as exc:  # a signal here too must not leave the temporary file behind
-        out.abort()
-        if isinstance(exc, OSError):
-            raise _os_error(target, exc) from exc
-        raise
+    out = TableWriter(target, schema, row_group_rows=MAX_GROUP_ROWS)
     rows = 0
-    pending: list[pa.Table] = []  # small row groups (one a chunk) are joined up to ROW_GROUP_BYTES
-
-    def flush() -> None:
-        if pending:
-            writer.write_table(pa.concat_tables(pending), row_group_size=sum(t.num_rows for t in pending))
-            pending.clear()
-
     try:
         for source_path in sources:
             with open_input(source_path) as handle:
@@ -270,21 +271,15 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
                             raise DamagedFileError(source_path) from exc
                         raise
                     rows += table.num_rows
-                    if pending and sum(t.nbytes for t in pending) + table.nbytes > ROW_GROUP_BYTES:
-                        flush()
-                    pending.append(table)
-        flush()
-        writer.close()
+                    if out.buffered_bytes and out.buffered_bytes + table.nbytes > ROW_GROUP_BYTES:
+                        out.flush()
+                    out.write(table)
         if expected_rows is not None and rows != expected_rows:
             raise OutputError(f"{len(sources)} files hold {rows} rows, expected {expected_rows}; this is a bug")
+        out.commit()
     except BaseException as exc:
-        try:
-            writer.close()
-        except OSError:  # a full disk fails the close too; the file is dropped all the same
-            pass
         out.abort()
         if isinstance(exc, OSError):
             raise _os_error(target, exc) from exc
         raise
-    out.commit()
     return rows

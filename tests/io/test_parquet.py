@@ -130,15 +130,15 @@ def test_table_writer_buffers_row_groups_and_appears_only_on_commit(tmp_path):
     out.write_bytes(b"an earlier output")
     writer = TableWriter(out, score_schema(), row_group_rows=4)
     written = []
-    for start in range(0, 9, 3):  # 3 rows a write: a group as soon as 4 or more wait
+    for start in range(0, 9, 3):  # 3 rows a write: every full group of 4 is written at once
         writer.write_columns({"id": [f"r{i}" for i in range(start, start + 3)],
                               "score": [i / 2 for i in range(start, start + 3)]})  # fmt: skip
         written.append(writer.rows_written)
     writer.write_columns({"id": ["r9"], "score": [4.5]})
-    assert written == [0, 6, 6] and out.read_bytes() == b"an earlier output"
+    assert written == [0, 4, 8] and out.read_bytes() == b"an earlier output"
     writer.commit()
     meta = pq.ParquetFile(out).metadata
-    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [6, 4]
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 4, 2]
     assert pq.read_table(out)["score"].to_pylist() == [i / 2 for i in range(10)]
     assert "BYTE_STREAM_SPLIT" in meta.row_group(0).column(1).encodings  # io.schema.write_options, as embeddings
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
