@@ -58,3 +58,29 @@ def proteins() -> list[tuple[str, str]]:
     from esm2cli.jobs.workload import synthetic_sequences
 
     return list(synthetic_sequences(40, seed=11, max_length=1200))
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model_dir):
+    """transformers' own ESM-2 over the tiny model, one protein at a time: what the server's answers must match."""
+    from reference import DirectReference
+
+    return DirectReference(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """A live server of the tiny model on loopback without a key (live_server.PLAIN): its httpx client."""
+    from live_server import PLAIN, serving
+
+    with serving(tiny_model_dir, **PLAIN) as (_, client):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model_dir):
+    """A live server of the tiny model behind API keys and bounds (live_server.GUARDED): (url, httpx client)."""
+    from live_server import GUARDED, serving
+
+    with serving(tiny_model_dir, **GUARDED) as (url, client):
+        yield url, client

@@ -179,6 +179,19 @@ def write_fair_esm_checkpoint(
     return path
 
 
+def embed_cli(fasta, out, model, *extra, check: bool = False):
+    """``esm2cli embed FASTA -o OUT -m MODEL`` in float32 on the CPU, through Click; ``check``: it must succeed."""
+    from click.testing import CliRunner
+
+    from esm2cli.cli import cli
+
+    args = ["embed", str(fasta), "-o", str(out), "-m", model, "--dtype", "float32", "--devices", "cpu"]
+    result = CliRunner().invoke(cli, [*args, *map(str, extra)])
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
+
+
 def write_fasta(path, records: Sequence[tuple[str, str]], width: int = 60) -> str:
     with open(path, "w", encoding="utf-8") as out:
         for rec_id, seq in records:

@@ -34,6 +34,13 @@ def use_s3_endpoint(url: str | None) -> None:
         os.environ["ESM2CLI_S3_ENDPOINT_URL"] = url
 
 
+def device_list(devices: list[str], most: int = 4) -> str:
+    """Names the devices, abbreviated past ``most``: 'cuda:0, cuda:1, ... cuda:7 (8 devices)'."""
+    if len(devices) <= most:
+        return ", ".join(devices)
+    return f"{devices[0]}, {devices[1]}, ... {devices[-1]} ({len(devices)} devices)"
+
+
 class Refused(click.ClickException):
     """A domain error the user must fix (bad input, an output in the way): one message, exit 2, no usage text."""
 
@@ -47,6 +54,15 @@ def to_click(exc: Esm2Error) -> click.ClickException:
     record or option) are the message alone.
     """
     return Refused(str(exc)) if exit_code(exc) == 2 else click.ClickException(str(exc))
+
+
+@contextmanager
+def one_line_errors():
+    """Domain errors leave the command as Click's (to_click): one line, exit 2 or 1; bugs keep their traceback."""
+    try:
+        yield
+    except Esm2Error as exc:  # the message names the file, row, record or option
+        raise to_click(exc) from exc
 
 
 def progress_factory(quiet: bool, unit: str = "seq"):

@@ -7,27 +7,30 @@ import os
 import click
 
 from esm2cli.cli.console import (
+    device_list,
     interruptible,
     log,
     model_truncate,
+    one_line_errors,
     progress_factory,
     setup_logging,
-    to_click,
     use_s3_endpoint,
 )
 from esm2cli.cli.options import (
+    batch_options,
     embedding_options,
     log_options,
     long_sequence_options,
-    max_tokens_option,
     model_options,
     names_a_file,
     output_dtype_option,
+    overwrite_option,
+    s3_endpoint_option,
+    skip_invalid_option,
     slurm_shard,
 )
 from esm2cli.config import (
     CHUNK_BYTES,
-    DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMMIT_SECONDS,
     BatchConfig,
@@ -36,23 +39,15 @@ from esm2cli.config import (
     ModelConfig,
     ShardConfig,
 )
-from esm2cli.errors import Esm2Error
-
-
-def _device_list(devices: list[str], most: int = 4) -> str:
-    """Names the devices, abbreviated past ``most``: 'cuda:0, cuda:1, ... cuda:7 (8 devices)'."""
-    if len(devices) <= most:
-        return ", ".join(devices)
-    return f"{devices[0]}, {devices[1]}, ... {devices[-1]} ({len(devices)} devices)"
 
 
 def _summary_line(summary, output, shard=None) -> str:
-    from esm2cli.jobs.pipeline import output_target
+    from esm2cli.io.targets import output_target
 
     target = output_target(output, shard)
     if summary.already_complete:
         return f"{target} is already complete (same input content, weights and options): nothing to do"
-    devices = _device_list(summary.devices)
+    devices = device_list(summary.devices)
     notes = [
         f"{len(summary.skipped)} skipped" if summary.skipped else "",
         f"{summary.truncated} truncated" if summary.truncated else "",
@@ -114,21 +109,10 @@ def _index_asked(ctx: click.Context) -> bool:
     envvar="ESM2CLI_CONTACTS",
     help="Also write contact probabilities from the contact head (large: residues x residues floats per sequence).",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=DEFAULT_BATCH_SIZE,
-    show_default=True,
-    envvar="ESM2CLI_BATCH_SIZE",
-    help="Sequences per batch at most.",
-)
-@max_tokens_option
+@batch_options("Sequences")
 @output_dtype_option
-@click.option(
-    "--skip-invalid",
-    is_flag=True,
-    envvar="ESM2CLI_SKIP_INVALID",
-    help="Embed the valid records and report the invalid ones instead of stopping.",
+@skip_invalid_option(
+    "Embed the valid records and report the invalid ones instead of stopping.", envvar="ESM2CLI_SKIP_INVALID"
 )
 @click.option(
     "--allow-duplicate-ids",
@@ -136,11 +120,7 @@ def _index_asked(ctx: click.Context) -> bool:
     envvar="ESM2CLI_ALLOW_DUPLICATE_IDS",
     help="Accept records that share an id (each still gets its own row).",
 )
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace an output made by another run; the old file stays until the new one is complete.",
-)
+@overwrite_option("Replace an output made by another run; the old file stays until the new one is complete.")
 @click.option(
     "--shard-index",
     type=click.IntRange(min=0),
@@ -184,11 +164,7 @@ def _index_asked(ctx: click.Context) -> bool:
     help="An earlier output (Parquet or HDF5; a path, URL, or directory/prefix of parts; repeatable): its rows "
     "made with the same weights and options are copied for the sequences it holds, the rest computed.",
 )
-@click.option(
-    "--s3-endpoint-url",
-    envvar="ESM2CLI_S3_ENDPOINT_URL",
-    help="S3-compatible endpoint (MinIO, Ceph) for s3:// URLs; credentials from the AWS variables.",
-)
+@s3_endpoint_option("S3-compatible endpoint (MinIO, Ceph) for s3:// URLs; credentials from the AWS variables.")
 @log_options
 def embed(
     fasta,
@@ -289,11 +265,9 @@ def embed(
         )
         for name, value in configs.items():
             log.debug("%s: %s", name, value)
-        try:
+        with one_line_errors():
             summary = embed_fasta(
                 fasta, output, overwrite=overwrite, progress_factory=progress_factory(quiet), reuse=reuse, **configs
             )
-        except Esm2Error as exc:
-            raise to_click(exc) from exc
         if not quiet:
             click.echo(_summary_line(summary, output, shard), err=True)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import click
 
-from esm2cli.cli.console import setup_logging, to_click, use_s3_endpoint
-from esm2cli.cli.options import log_options
-from esm2cli.errors import Esm2Error
+from esm2cli.cli.console import one_line_errors, setup_logging, use_s3_endpoint
+from esm2cli.cli.options import log_options, overwrite_option, s3_endpoint_option
 
 
 @click.command()
 @click.argument("prefix")
 @click.option("-o", "--output", required=True, help="The single Parquet (or .h5) file to write (a path or URL).")
-@click.option(
-    "--overwrite", is_flag=True, help="Replace the output if it exists; the old file stays until the new one is done."
-)
-@click.option("--s3-endpoint-url", envvar="ESM2CLI_S3_ENDPOINT_URL", help="S3-compatible endpoint for s3:// URLs.")
+@overwrite_option("Replace the output if it exists; the old file stays until the new one is done.")
+@s3_endpoint_option()
 @log_options
 def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
     """Merge the parts of a sharded run (PREFIX/part-<i>-of-<n>.parquet) into one file, in input order.
@@ -32,10 +29,8 @@ def merge(prefix, output, overwrite, s3_endpoint_url, verbose, quiet):
 
     setup_logging(verbose, quiet)
     use_s3_endpoint(s3_endpoint_url)
-    try:
+    with one_line_errors():
         rows = merge_parts(prefix, output, overwrite)  # checks the parts and the output; replaces atomically
-    except Esm2Error as exc:
-        raise to_click(exc) from exc
     if not quiet:
         done = f"merged {rows:,} rows -> {output}" if rows is not None else f"{output} is already complete"
         click.echo(done, err=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from esm2cli.config import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_OUTPUT_DTYPE,
@@ -98,18 +99,55 @@ def embedding_options(func):
             envvar="ESM2CLI_POOLING",
             help="mean: over residues only (no <cls>, <eos>, padding); bos: the <cls> token.",
         ),
-        click.option(
-            "--truncate",
-            type=click.IntRange(min=1),
-            default=None,
-            show_default="the model's context: 1022 for ESM-2, 2046 for ESM C",
-            envvar="ESM2CLI_TRUNCATE",
-            help="Residues kept per sequence; longer ones are truncated and flagged.",
-        ),
+        truncate_option("Residues kept per sequence; longer ones are truncated and flagged."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def truncate_option(help: str):
+    """--truncate, the model's context by default; ``help`` says what it means to the command."""
+    return click.option(
+        "--truncate",
+        type=click.IntRange(min=1),
+        default=None,
+        show_default="the model's context: 1022 for ESM-2, 2046 for ESM C",
+        envvar="ESM2CLI_TRUNCATE",
+        help=help,
+    )
+
+
+def batch_options(items: str):
+    """--batch-size (``items`` per batch at most) and --max-tokens, for the commands that run batches of a file."""
+
+    def decorate(func):
+        func = max_tokens_option(func)
+        return click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=DEFAULT_BATCH_SIZE,
+            show_default=True,
+            envvar="ESM2CLI_BATCH_SIZE",
+            help=f"{items} per batch at most.",
+        )(func)
+
+    return decorate
+
+
+def skip_invalid_option(help: str, envvar: str | None = None):
+    """--skip-invalid: go on past invalid records (and, for score, mutants) and report them."""
+    return click.option("--skip-invalid", is_flag=True, envvar=envvar, help=help)
+
+
+def overwrite_option(help: str):
+    """--overwrite: replace an existing output, never before the new one is complete."""
+    return click.option("--overwrite", is_flag=True, help=help)
+
+
+def s3_endpoint_option(help: str = "S3-compatible endpoint for s3:// URLs."):
+    """--s3-endpoint-url, handed to io.storage by console.use_s3_endpoint."""
+    return click.option("--s3-endpoint-url", envvar="ESM2CLI_S3_ENDPOINT_URL", help=help)
 
 
 def long_sequence_options(func):

@@ -5,23 +5,25 @@ from __future__ import annotations
 import click
 
 from esm2cli.cli.console import (
+    device_list,
     interruptible,
     log,
     model_truncate,
+    one_line_errors,
     progress_factory,
     setup_logging,
-    to_click,
     use_s3_endpoint,
 )
-from esm2cli.cli.embed import _device_list
-from esm2cli.cli.options import log_options, max_tokens_option, model_options
-from esm2cli.config import (
-    DEFAULT_BATCH_SIZE,
-    SCORE_METHODS,
-    BatchConfig,
-    ModelConfig,
+from esm2cli.cli.options import (
+    batch_options,
+    log_options,
+    model_options,
+    overwrite_option,
+    s3_endpoint_option,
+    skip_invalid_option,
+    truncate_option,
 )
-from esm2cli.errors import Esm2Error
+from esm2cli.config import SCORE_METHODS, BatchConfig, ModelConfig
 
 
 def _score_summary_line(summary, output) -> str:
@@ -42,7 +44,7 @@ def _score_summary_line(summary, output) -> str:
     rate = summary.inputs / summary.seconds if summary.seconds > 0 else 0.0
     return (
         f"scored {what}{note} -> {output}: {summary.inputs:,} distinct inputs for {summary.positions:,} positions "
-        f"in {summary.seconds:.1f} s ({rate:,.1f} inputs/s) on {_device_list(summary.devices)}{oom}"
+        f"in {summary.seconds:.1f} s ({rate:,.1f} inputs/s) on {device_list(summary.devices)}{oom}"
     )
 
 
@@ -67,27 +69,14 @@ def _score_summary_line(summary, output) -> str:
     help="Mutant scores from the wild type with the position masked, or unmasked.  [default: masked-marginal]",
 )
 @model_options
-@click.option(
-    "--truncate",
-    type=click.IntRange(min=1),
-    default=None,
-    show_default="the model's context: 1022 for ESM-2, 2046 for ESM C",
-    envvar="ESM2CLI_TRUNCATE",
-    help="Window: residues per forward pass. A position of a longer protein is scored in the window of this "
-    "many residues that centres it.",
+@truncate_option(
+    "Window: residues per forward pass. A position of a longer protein is scored in the window of this "
+    "many residues that centres it."
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=DEFAULT_BATCH_SIZE,
-    show_default=True,
-    envvar="ESM2CLI_BATCH_SIZE",
-    help="Inputs (masked copies) per batch at most.",
-)
-@max_tokens_option
-@click.option("--skip-invalid", is_flag=True, help="Score the valid records and mutants; report the others.")
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (once the new one is complete).")
-@click.option("--s3-endpoint-url", envvar="ESM2CLI_S3_ENDPOINT_URL", help="S3-compatible endpoint for s3:// URLs.")
+@batch_options("Inputs (masked copies)")
+@skip_invalid_option("Score the valid records and mutants; report the others.")
+@overwrite_option("Replace the output file if it exists (once the new one is complete).")
+@s3_endpoint_option()
 @log_options
 def score(
     fasta,
@@ -146,7 +135,7 @@ def score(
     model_cfg = ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices)
     log.debug("score: %s; model: %s", cfg, model_cfg)
     with interruptible("interrupted: the output was not written (an earlier one is left as it was)"):
-        try:
+        with one_line_errors():
             summary = score_fasta(
                 fasta,
                 output,
@@ -156,7 +145,5 @@ def score(
                 overwrite=overwrite,
                 progress_factory=progress_factory(quiet, unit="pos"),
             )
-        except Esm2Error as exc:  # the message names the file, row or record
-            raise to_click(exc) from exc
     if not quiet:
         click.echo(_score_summary_line(summary, output), err=True)

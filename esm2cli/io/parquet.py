@@ -1,4 +1,5 @@
-"""Parquet outputs: the streaming writer, its background thread, concatenation and metadata."""
+"""Parquet outputs: the one atomic table writer (TableWriter), embeddings over it, its background thread,
+concatenation and metadata."""
 
 from __future__ import annotations
 
@@ -41,19 +42,110 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return {}
 
 
-# Every page carries a CRC: a flipped byte in stored vectors is found when the file is read again (resume, merge,
-# --reuse), never copied on as numbers.
-WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
-
-
 def _os_error(path: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-class EmbeddingWriter:
-    """Streams rows to a file in row groups of at most ROW_GROUP_BYTES; the file appears at ``path`` only on commit.
+ROW_GROUP_ROWS = 1 << 16  # rows of a TableWriter's row group unless its caller says otherwise
+MAX_GROUP_ROWS = 1 << 20  # pyarrow's own cap on a row group: for writers whose groups are cut by bytes
 
-    A crash, an abort or a full disk leaves no file at ``path`` (and no temporary file beside it).
+
+class TableWriter:
+    """A Parquet table written in row groups beside ``url`` and renamed over it on commit.
+
+    Rows are buffered and written in row groups of ``row_group_rows`` rows as soon as that many wait; flush()
+    writes what waits as a (last, smaller) group. Every file is written with io.schema.write_options (page
+    checksums on). A crash, an abort or a full disk leaves no file at ``url`` and no temporary file beside it,
+    and whatever was at ``url`` before stays as it was. An OSError (a full disk) becomes one line,
+    "cannot write <url>: <reason>".
+    """
+
+    def __init__(self, url: str | os.PathLike, schema: pa.Schema, *, row_group_rows: int = ROW_GROUP_ROWS):
+        self.url = str(url)
+        self.schema = schema
+        self.row_group_rows = row_group_rows
+        self.rows_written = 0
+        self._buffer: list[pa.RecordBatch] = []
+        self._rows = 0
+        self._file = AtomicFile(self.url)
+        try:
+            self._writer = pq.ParquetWriter(self._file.handle, schema, **write_options(schema))
+        except BaseException as exc:  # a signal or an error here must not leave the temporary file behind
+            self._file.abort()
+            if isinstance(exc, OSError):
+                raise _os_error(self.url, exc) from exc
+            raise
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the rows that wait for their row group."""
+        return sum(batch.nbytes for batch in self._buffer)
+
+    def write(self, rows: pa.RecordBatch | pa.Table) -> None:
+        """Buffers rows of the schema; every full row group is written at once.
+
+        Raises:
+            OutputError: The file cannot be written (a full disk, say); abort() then drops it.
+        """
+        self._buffer.extend(rows.to_batches() if isinstance(rows, pa.Table) else [rows])
+        self._rows += rows.num_rows
+        if self._rows >= self.row_group_rows:
+            table = pa.Table.from_batches(self._buffer, schema=self.schema)
+            full = self._rows - self._rows % self.row_group_rows
+            self._write(table.slice(0, full))
+            rest = table.slice(full)
+            self._buffer, self._rows = [b for b in rest.to_batches() if b.num_rows], rest.num_rows
+
+    def write_columns(self, columns: dict) -> None:
+        """Buffers rows given as a dict of equal-length columns of the schema."""
+        self.write(pa.RecordBatch.from_pydict(columns, schema=self.schema))
+
+    def flush(self) -> None:
+        """Writes every buffered row now (nothing when none are buffered).
+
+        Raises:
+            OutputError: The file cannot be written; abort() then drops it.
+        """
+        if self._buffer:
+            self._write(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self._buffer, self._rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        try:
+            self._writer.write_table(table, row_group_size=self.row_group_rows)
+        except OSError as exc:
+            raise _os_error(self.url, exc) from exc
+        self.rows_written += table.num_rows
+
+    def commit(self) -> None:
+        """Writes what is buffered, closes the file and makes it appear at its path.
+
+        Raises:
+            OutputError: The file cannot be written; nothing is left behind and an earlier file stays.
+        """
+        try:
+            self.flush()
+            self._writer.close()
+        except (OSError, OutputError) as exc:
+            self._file.abort()
+            if isinstance(exc, OSError):
+                raise _os_error(self.url, exc) from exc
+            raise
+        self._file.commit()
+
+    def abort(self) -> None:
+        """Closes and drops the file; whatever was at the path before is left as it was."""
+        try:
+            self._writer.close()
+        except OSError:  # a full disk fails the close too; the file is dropped all the same
+            pass
+        finally:
+            self._file.abort()
+
+
+class EmbeddingWriter:
+    """Streams embedding rows to a file in row groups of at most ROW_GROUP_BYTES, through a TableWriter: the file
+    appears at ``path`` only on commit.
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, hidden: int, layers: Sequence[int]):
@@ -62,26 +154,17 @@ class EmbeddingWriter:
         self.hidden = hidden
         self.pooled_cols = embedding_columns(layers, "embedding")
         self.token_cols = embedding_columns(layers, "per_token")
-        self._file = AtomicFile(self.path)
-        try:
-            self._writer = pq.ParquetWriter(self._file.handle, schema, **write_options(schema))
-        except BaseException as exc:  # a signal here too must not leave the temporary file behind
-            self._file.abort()
-            if isinstance(exc, OSError):
-                raise _os_error(self.path, exc) from exc
-            raise
+        self._table = TableWriter(self.path, schema, row_group_rows=MAX_GROUP_ROWS)  # groups cut by bytes
 
     def write(self, rows: Rows) -> None:
-        """Writes rows as one or more row groups.
+        """Writes rows as one or more row groups (a slice of at most ROW_GROUP_BYTES each).
 
         Raises:
             OutputError: The file cannot be written (a full disk, say).
         """
         for start, stop in _slices(rows, self.hidden, ROW_GROUP_BYTES):
-            try:
-                self._writer.write_batch(self._batch(rows, start, stop))
-            except OSError as exc:
-                raise _os_error(self.path, exc) from exc
+            self._table.write(self._batch(rows, start, stop))
+            self._table.flush()
 
     def _batch(self, rows: Rows, start: int, stop: int) -> pa.RecordBatch:
         return record_batch(rows, self.schema, self.hidden, list(self.pooled_cols), start, stop)
@@ -92,21 +175,11 @@ class EmbeddingWriter:
         Raises:
             OutputError: The file cannot be written; nothing is left behind.
         """
-        try:
-            self._writer.close()
-        except OSError as exc:
-            self._file.abort()
-            raise _os_error(self.path, exc) from exc
-        self._file.commit()
+        self._table.commit()
 
     def abort(self) -> None:
         """Closes and drops the file; nothing appears at the final path."""
-        try:
-            self._writer.close()
-        except OSError:  # a full disk fails the close too; the file is dropped all the same
-            pass
-        finally:
-            self._file.abort()
+        self._table.abort()
 
 
 _DONE = object()
@@ -173,6 +246,8 @@ class BackgroundWriter:
 def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_rows: int | None = None) -> int:
     """Copies the row groups of Parquet files, in order, into one new file that appears atomically.
 
+    Small row groups (one a chunk) are joined up to ROW_GROUP_BYTES.
+
     Returns:
         The number of rows written.
 
@@ -180,22 +255,8 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
         OutputError: A source's columns differ from ``schema``, or the rows are not ``expected_rows``.
         DamagedFileError: A page of a source fails its checksum (its ``path`` names the source).
     """
-    out = AtomicFile(target)
-    try:
-        writer = pq.ParquetWriter(out.handle, schema, **write_options(schema))
-    except BaseException as exc:  # a signal here too must not leave the temporary file behind
-        out.abort()
-        if isinstance(exc, OSError):
-            raise _os_error(target, exc) from exc
-        raise
+    out = TableWriter(target, schema, row_group_rows=MAX_GROUP_ROWS)
     rows = 0
-    pending: list[pa.Table] = []  # small row groups (one a chunk) are joined up to ROW_GROUP_BYTES
-
-    def flush() -> None:
-        if pending:
-            writer.write_table(pa.concat_tables(pending), row_group_size=sum(t.num_rows for t in pending))
-            pending.clear()
-
     try:
         for source_path in sources:
             with open_input(source_path) as handle:
@@ -210,21 +271,15 @@ def concatenate(sources: list[str], target: str, schema: pa.Schema, expected_row
                             raise DamagedFileError(source_path) from exc
                         raise
                     rows += table.num_rows
-                    if pending and sum(t.nbytes for t in pending) + table.nbytes > ROW_GROUP_BYTES:
-                        flush()
-                    pending.append(table)
-        flush()
-        writer.close()
+                    if out.buffered_bytes and out.buffered_bytes + table.nbytes > ROW_GROUP_BYTES:
+                        out.flush()
+                    out.write(table)
         if expected_rows is not None and rows != expected_rows:
             raise OutputError(f"{len(sources)} files hold {rows} rows, expected {expected_rows}; this is a bug")
+        out.commit()
     except BaseException as exc:
-        try:
-            writer.close()
-        except OSError:  # a full disk fails the close too; the file is dropped all the same
-            pass
         out.abort()
         if isinstance(exc, OSError):
             raise _os_error(target, exc) from exc
         raise
-    out.commit()
     return rows

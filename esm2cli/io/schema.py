@@ -125,8 +125,14 @@ def _leaves(field: pa.Field, prefix: str = "") -> list[tuple[str, pa.DataType]]:
     return [(path, field.type)]
 
 
+# Every page carries a CRC: a flipped byte in stored vectors is found when the file is read again (resume, merge,
+# --reuse), never copied on as numbers.
+WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
+
+
 def write_options(schema: pa.Schema) -> dict:
-    """ParquetWriter options for an output: zstd; floats split by byte, never dictionary-encoded.
+    """ParquetWriter options for every output (embeddings, scores, merged parts): WRITE_OPTIONS (zstd, page
+    checksums); floats split by byte, never dictionary-encoded.
 
     Parquet's writer dictionary-encodes a column until its dictionary passes a page limit, but checks that
     limit only between rows: one protein's per-token list (35,000 residues x 320 float32, 45 MB) went whole
@@ -138,8 +144,7 @@ def write_options(schema: pa.Schema) -> dict:
     leaves = [leaf for field in schema for leaf in _leaves(field)]
     floats = [path for path, kind in leaves if pa.types.is_floating(kind)]
     return {
-        "compression": "zstd",
-        "write_page_checksum": True,  # read back with checks by --reuse, resume and merge (io.parquet)
+        **WRITE_OPTIONS,
         "use_dictionary": [path for path, kind in leaves if not pa.types.is_floating(kind)],
         "use_byte_stream_split": floats,
     }

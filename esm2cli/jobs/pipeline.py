@@ -24,16 +24,17 @@ from esm2cli.config import (
     ShardConfig,
     __version__,
 )
-from esm2cli.errors import ConfigError, Interrupted, OutputExistsError
+from esm2cli.errors import ConfigError, Interrupted
 from esm2cli.io import hdf5, storage
 from esm2cli.io.chunks import Chunk, ChunkStore
 from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, scan_fasta, spool_stdin
-from esm2cli.io.identity import describe_changes, embed_identity, same_file, same_run, stamp_weights, stdin_is
+from esm2cli.io.identity import embed_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
-from esm2cli.io.parquet import BackgroundWriter, read_metadata
+from esm2cli.io.parquet import BackgroundWriter
 from esm2cli.io.records import Record, chunk_digest, hash_records
 from esm2cli.io.schema import Embeddings, Rows, build_schema
 from esm2cli.io.split import InputSlice, InputSource, shard_source
+from esm2cli.io.targets import check_target, is_complete, output_target
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
 from esm2cli.runtime.batching import pack_batches
@@ -258,45 +259,6 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
     }
 
 
-def output_target(output: str | os.PathLike, shard: ShardConfig | None) -> str:
-    """The file this run writes: ``output`` itself, or ``<output>/part-<i>-of-<n>.parquet`` for a shard."""
-    return storage.join(output, shard.part_name()) if shard else str(output)
-
-
-def check_target(fasta: str, target: str, shard: ShardConfig | None) -> None:
-    """Refuses, before anything is touched, an output that is the input or an existing directory.
-
-    Raises:
-        ConfigError: The output names the input file, or a directory where a file is expected.
-    """
-    if same_file(fasta, target) or (fasta == "-" and stdin_is(target)):
-        raise ConfigError(f"{target} is the input file: name another output")
-    if not storage.is_url(target) and os.path.isdir(target):
-        hint = "" if shard else " (or add --shard-count to write parts into it)"
-        raise ConfigError(f"{target} is a directory: name a file{hint}")
-
-
-def is_complete(target: str, identity: dict, overwrite: bool) -> bool:
-    """True when the target already holds this very run's output.
-
-    Raises:
-        OutputExistsError: Another output is there and overwrite is False; the message names what differs.
-    """
-    if not storage.exists(target):
-        return False
-    metadata = read_metadata(target)
-    if same_run(metadata.get("identity"), identity):
-        return True
-    if overwrite:
-        return False  # replaced, atomically, once the new output is complete
-    if not metadata:
-        raise OutputExistsError(f"{target} already exists and is not esm2cli output (add --overwrite to replace it)")
-    changes = describe_changes(metadata.get("identity") or {}, identity)
-    raise OutputExistsError(
-        f"{target} already exists, made by another run ({'; '.join(changes)}): add --overwrite to replace it"
-    )
-
-
 def embed_fasta(
     fasta: str | os.PathLike,
     output: str | os.PathLike,
@@ -348,7 +310,8 @@ def embed_fasta(
 
     shard_cfg = shard or ShardConfig()
     target = output_target(output, shard)
-    check_target(str(fasta), target, shard)  # first: "is the input file" says more than a wrong extension
+    hint = "" if shard else " (or add --shard-count to write parts into it)"
+    check_target(target, {"the input file": fasta}, directory_hint=hint)  # first: says more than a wrong extension
     storage.check_output_name(output, sharded=shard is not None)
     if embed.long_sequences == "window":  # the overlap means nothing to the other modes
         check_overlap(embed.truncate, embed.window_overlap)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from esm2cli.config import (
     DEFAULT_TRUNCATE,
@@ -36,13 +35,14 @@ from esm2cli.config import (
     ScoreConfig,
     __version__,
 )
-from esm2cli.errors import ConfigError, FastaError, OutputError, OutputExistsError
+from esm2cli.errors import ConfigError, FastaError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta
-from esm2cli.io.identity import same_file, same_run, score_identity, stamp_weights
+from esm2cli.io.identity import score_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
-from esm2cli.io.parquet import WRITE_OPTIONS, read_metadata
+from esm2cli.io.parquet import TableWriter
 from esm2cli.io.records import Record
+from esm2cli.io.targets import check_target, is_complete
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 from esm2cli.jobs.pipeline import readable_source
 from esm2cli.model.architecture import model_family, resolve_source
@@ -190,67 +190,6 @@ def chunked(proteins: Iterable[_Protein], positions: int = CHUNK_POSITIONS) -> I
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-class ScoreFile:
-    """A Parquet file written in row groups beside its final path and renamed over it on commit.
-
-    An existing file at the path stays as it is until the new one is complete.
-    """
-
-    def __init__(self, url: str, schema: pa.Schema):
-        self.url = url
-        self.schema = schema
-        self._file = storage.AtomicFile(url)
-        try:
-            self._writer = pq.ParquetWriter(self._file.handle, schema, **WRITE_OPTIONS)
-        except BaseException as exc:  # a signal or an error here must not leave the temporary file behind
-            self._file.abort()
-            if isinstance(exc, OSError):
-                raise self._error(exc) from exc
-            raise
-        self._buffer: list[pa.RecordBatch] = []
-        self._rows = 0
-        self.rows_written = 0
-
-    def write(self, columns: dict) -> None:
-        """Adds rows (a dict of equal-length columns); a row group is written every ROW_GROUP_ROWS rows."""
-        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
-        self._buffer.append(batch)
-        self._rows += batch.num_rows
-        if self._rows >= ROW_GROUP_ROWS:
-            try:
-                self._flush()
-            except OSError as exc:  # a full disk: one line, and the caller's abort drops the file
-                raise self._error(exc) from exc
-
-    def _flush(self) -> None:
-        if self._buffer:
-            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
-            self.rows_written += self._rows
-            self._buffer, self._rows = [], 0
-
-    def commit(self) -> None:
-        """Writes what is buffered and makes the file appear at its path."""
-        try:
-            self._flush()
-            self._writer.close()
-        except OSError as exc:
-            self._file.abort()
-            raise self._error(exc) from exc
-        self._file.commit()
-
-    def _error(self, exc: OSError) -> OutputError:
-        return OutputError(f"cannot write {self.url}: {exc.strerror or exc}")
-
-    def abort(self) -> None:
-        """Drops the file; whatever was at the path before is left as it was."""
-        try:
-            self._writer.close()
-        except OSError:  # a full disk fails the close too; the file is dropped all the same
-            pass
-        finally:
-            self._file.abort()
 
 
 def _schema(mode: str, metadata: dict) -> pa.Schema:
@@ -466,7 +405,7 @@ def score_fasta(
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
     output = str(output)
-    _check_run(str(fasta), output, score, overwrite=True)  # an existing output is judged by its identity below
+    _check_run(str(fasta), output, score)
     summary = ScoreSummary(mode=score.mode)
     with OutputLock(output), readable_source(str(fasta)) as source:  # one run at a time toward one output
         proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
@@ -474,20 +413,20 @@ def score_fasta(
         stamp = stamp_weights(resolve_source(model.model), model.load_format)
         hashes = _input_hashes(source, input_sha256, score)
         identity = _run_identity(hashes, stamp.identity, placement.dtype, score, model_family(model.model))
-        if storage.exists(output):
-            if identity is not None and same_run(read_metadata(output).get("identity"), identity):
-                return ScoreSummary(mode=score.mode, already_complete=True)
-            if not overwrite:
-                raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+        if is_complete(output, identity, overwrite):
+            return ScoreSummary(mode=score.mode, already_complete=True)
         setup = build_engine(model, EmbedConfig(truncate=score.window), batch, lm_head=True, placement=placement)
         weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())  # the bytes loaded are the ones named
         identity = _run_identity(hashes, weights, placement.dtype, score, setup.model.family)
+        if is_complete(output, identity, overwrite):  # weights named only once loaded (a hub model not cached yet)
+            return ScoreSummary(mode=score.mode, already_complete=True)
         batch = setup.batch
         progress = progress_factory(total) if progress_factory else None
         start = time.perf_counter()
         out = None
         try:
-            out = ScoreFile(output, _schema(score.mode, {**_metadata(model, score, setup), "identity": identity}))
+            out = TableWriter(output, _schema(score.mode, {**_metadata(model, score, setup), "identity": identity}),
+                              row_group_rows=ROW_GROUP_ROWS)  # fmt: skip
             _compute(setup.engine, setup.model.token_lut, proteins, table, batch=batch, score=score, out=out,
                      summary=summary, progress=progress)  # fmt: skip
             out.commit()
@@ -531,19 +470,13 @@ def _run_identity(hashes: tuple[str, str | None] | None, weights: str | None, dt
                           score=score, model_family=family)  # fmt: skip
 
 
-def _check_run(fasta: str, output: str, score: ScoreConfig, overwrite: bool) -> None:
+def _check_run(fasta: str, output: str, score: ScoreConfig) -> None:
     """Refuses, before anything is read, options that cannot work and an output that must not be written."""
     if score.mode not in SCORE_MODES or score.method not in SCORE_METHODS:
         raise ConfigError(f"unknown score mode {score.mode!r} or method {score.method!r}; this is a bug")
     if score.mode == "mutations" and not score.mutations:
         raise ConfigError("mode mutations needs a mutant list; this is a bug")
-    for what, source in (("the FASTA", fasta), ("the mutant list", score.mutations)):
-        if source and source != "-" and same_file(source, output):
-            raise ConfigError(f"{output} is {what}: name another output")
-    if not storage.is_url(output) and os.path.isdir(output):
-        raise ConfigError(f"{output} is a directory: name a file")
-    if storage.exists(output) and not overwrite:
-        raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    check_target(output, {"the FASTA": fasta, "the mutant list": score.mutations})
 
 
 def _plan(
@@ -586,7 +519,7 @@ def _compute(engine, lut, proteins, table, *, batch, score, out, summary, progre
             summary.windowed += sum(len(p.record.sequence) > score.window for p in chunk.proteins)
             columns = scorer.columns(chunk)
             if columns is not None:
-                out.write(columns)
+                out.write_columns(columns)
         summary.oom_splits = engine.oom_splits()
     if table is not None:
-        out.write({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})
+        out.write_columns({"id": table.ids, "mutant": table.mutants, "score": scorer.scores})

@@ -19,11 +19,6 @@ from helpers import random_protein, write_fasta
 from reference import DirectReference, cosine
 
 
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
-
-
 @pytest.fixture
 def fasta(tmp_path, proteins):
     return write_fasta(tmp_path / "in.fa", proteins)

@@ -137,7 +137,7 @@ def test_an_existing_output_is_refused_then_replaced_only_when_complete(tmp_path
     out = tmp_path / "o.parquet"
     out.write_bytes(b"precious")
     result = score(tiny_model_dir, wt, "--pll", "-o", out)
-    assert result.exit_code == 2 and "already exists (use --overwrite" in result.stderr
+    assert result.exit_code == 2 and "already exists and is not esm2cli output (add --overwrite" in result.stderr
     directory = tmp_path / "adir"
     directory.mkdir()
     result = score(tiny_model_dir, wt, "--pll", "-o", directory, "--overwrite")
@@ -223,6 +223,16 @@ def test_an_unchanged_rerun_is_already_complete_and_a_changed_one_is_not(tmp_pat
     assert out.read_bytes() == before  # left as it was
     write_fasta(tmp_path / "in.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIW")])  # one residue
     changed = CliRunner().invoke(cli, args)
-    assert changed.exit_code == 2 and "already exists" in changed.output
+    assert changed.exit_code == 2
+    assert "already exists, made by another run (the input's content changed)" in changed.output
     other = CliRunner().invoke(cli, [*args[:-2], "--dtype", "bfloat16", "--overwrite"])
     assert other.exit_code == 0 and "already complete" not in other.output
+
+
+def test_an_output_stdin_is_redirected_from_is_refused(tmp_path):
+    fasta = write_fasta(tmp_path / "in.fa", WT[:1])
+    cmd = [sys.executable, "-m", "esm2cli", "score", "-", "--pll", "-o", fasta, "--overwrite", "--load-format", "dummy"]
+    with open(fasta, "rb") as stdin:
+        done = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True)
+    assert done.returncode == 2 and f"{fasta} is the FASTA: name another output" in done.stderr, done.stderr
+    assert open(fasta).read().startswith(">p1")

@@ -10,28 +10,11 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
-from helpers import byte_shard_sizes, write_fasta
-
-
-def _embed(fasta, out, model, *extra):
-    args = [
-        "embed",
-        str(fasta),
-        "-o",
-        str(out),
-        "-m",
-        model,
-        "--dtype",
-        "float32",
-        "--devices",
-        "cpu",
-        *map(str, extra),
-    ]
-    return CliRunner().invoke(cli, args)
+from helpers import byte_shard_sizes, embed_cli, write_fasta
 
 
 def _shard(fasta, out, model, index, count, *extra):
-    result = _embed(fasta, out, model, "--shard-count", count, "--shard-index", index, *extra)
+    result = embed_cli(fasta, out, model, "--shard-count", count, "--shard-index", index, *extra)
     assert result.exit_code == 0, result.output
     return result
 
@@ -59,11 +42,11 @@ def test_a_file_that_changed_between_shards_is_refused_with_the_shard_and_both_s
 def test_a_finished_shard_is_complete_until_its_file_changes(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "in.fa", RECORDS)
     _shard(fasta, tmp_path / "emb", tiny_model_dir, 1, 3)
-    again = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
+    again = embed_cli(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
     assert again.exit_code == 0 and "already complete" in again.output
     stamp = os.stat(fasta).st_mtime_ns + 10**9
     os.utime(fasta, ns=(stamp, stamp))
-    changed = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
+    changed = embed_cli(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 3, "--shard-index", 1)
     assert changed.exit_code == 2 and "input_slice" in changed.output  # another run's part: named, kept
     assert pq.read_table(tmp_path / "emb" / "part-00001-of-00003.parquet").num_rows > 0
 
@@ -85,7 +68,7 @@ def test_ids_repeated_across_shards_are_named_by_merge(tmp_path, tiny_model_dir)
 
 def test_ids_repeated_inside_a_shard_are_reported_by_that_shard(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("a", "MKW"), *RECORDS])
-    result = _embed(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 4, "--shard-index", 0)
+    result = embed_cli(fasta, tmp_path / "emb", tiny_model_dir, "--shard-count", 4, "--shard-index", 0)
     assert result.exit_code == 2 and "duplicate id 'a' (2 records)" in result.output
 
 

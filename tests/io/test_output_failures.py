@@ -76,9 +76,9 @@ def interrupted(*args, **kwargs):
 
 
 def test_a_signal_while_a_score_output_is_opened_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(scoring.pq, "ParquetWriter", interrupted)
+    monkeypatch.setattr(parquet.pq, "ParquetWriter", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        scoring.ScoreFile(str(tmp_path / "dms.parquet"), scoring._schema("pll", {}))
+        parquet.TableWriter(str(tmp_path / "dms.parquet"), scoring._schema("pll", {}))
     assert files(tmp_path) == []
 
 
@@ -106,3 +106,25 @@ def test_a_signal_just_after_the_temporary_file_appeared_leaves_no_file(tmp_path
     with pytest.raises(KeyboardInterrupt):
         storage.AtomicFile(str(tmp_path / "out.parquet"))
     assert files(tmp_path) == []
+
+
+def test_concatenate_on_a_full_disk_is_one_line_and_keeps_the_earlier_output(tmp_path):
+    from esm2cli.errors import OutputError
+
+    table_schema = schema.build_schema(64, (6,), False, {})
+    sources = []
+    for k in range(2):
+        rows = schema.Rows([f"{k}-{i}" for i in range(200)], [""] * 200, [3] * 200, [False] * 200,
+                           {6: np.random.default_rng(k).random((200, 64), dtype=np.float32)}, {})  # fmt: skip
+        source = parquet.EmbeddingWriter(tmp_path / "src" / f"c{k}.parquet", table_schema, 64, (6,))
+        source.write(rows)
+        source.commit()
+        sources.append(str(tmp_path / "src" / f"c{k}.parquet"))
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"an earlier output")
+    with file_size_cap(16 << 10), pytest.raises(OutputError) as caught:  # 400 x 64 float32: 100 kB
+        parquet.concatenate(sources, str(out), table_schema)
+    assert str(caught.value) == f"cannot write {out}: File too large"
+    assert files(tmp_path) == ["out.parquet", "src"] and out.read_bytes() == b"an earlier output"
+    assert parquet.concatenate(sources, str(out), table_schema, expected_rows=400) == 400  # the control: with room
+    assert pq.read_table(out)["id"].to_pylist() == [f"{k}-{i}" for k in range(2) for i in range(200)]

@@ -115,3 +115,75 @@ def test_a_damaged_part_is_named_by_merge(tmp_path, tiny_model_dir):
     assert result.exit_code == 2, result.output
     assert f"{damaged} is damaged (a Parquet page fails its checksum): rerun that shard" in result.output
     assert not (tmp_path / "all.parquet").exists()
+
+
+def score_schema():
+    import pyarrow as pa
+
+    return pa.schema([pa.field("id", pa.string()), pa.field("score", pa.float64())], metadata={b"esm2cli": b"{}"})
+
+
+def test_table_writer_buffers_row_groups_and_appears_only_on_commit(tmp_path):
+    from esm2cli.io.parquet import TableWriter
+
+    out = tmp_path / "scores.parquet"
+    out.write_bytes(b"an earlier output")
+    writer = TableWriter(out, score_schema(), row_group_rows=4)
+    written = []
+    for start in range(0, 9, 3):  # 3 rows a write: every full group of 4 is written at once
+        writer.write_columns({"id": [f"r{i}" for i in range(start, start + 3)],
+                              "score": [i / 2 for i in range(start, start + 3)]})  # fmt: skip
+        written.append(writer.rows_written)
+    writer.write_columns({"id": ["r9"], "score": [4.5]})
+    assert written == [0, 4, 8] and out.read_bytes() == b"an earlier output"
+    writer.commit()
+    meta = pq.ParquetFile(out).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 4, 2]
+    assert pq.read_table(out)["score"].to_pylist() == [i / 2 for i in range(10)]
+    assert "BYTE_STREAM_SPLIT" in meta.row_group(0).column(1).encodings  # io.schema.write_options, as embeddings
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+
+
+def test_table_writer_abort_leaves_the_earlier_file(tmp_path):
+    from esm2cli.io.parquet import TableWriter
+
+    out = tmp_path / "scores.parquet"
+    out.write_bytes(b"an earlier output")
+    writer = TableWriter(out, score_schema(), row_group_rows=1)
+    writer.write_columns({"id": ["a"], "score": [1.0]})
+    writer.abort()
+    assert out.read_bytes() == b"an earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+
+
+def test_table_writer_pages_carry_checksums(tmp_path):
+    from esm2cli.io.parquet import TableWriter
+
+    out = tmp_path / "scores.parquet"
+    writer = TableWriter(out, score_schema())
+    writer.write_columns({"id": [f"r{i}" for i in range(4000)], "score": [float(i) for i in range(4000)]})
+    writer.commit()
+    flip_middle(out, column="score")
+    with pytest.raises(OSError, match="CRC"):
+        pq.read_table(out, page_checksum_verification=True)
+
+
+def test_table_writer_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+    import resource
+
+    from esm2cli.errors import OutputError
+    from esm2cli.io.parquet import TableWriter
+
+    out = tmp_path / "scores.parquet"
+    writer = TableWriter(out, score_schema(), row_group_rows=1 << 30)
+    writer.write_columns({"id": [f"r{i}" for i in range(20000)], "score": np.random.default_rng(0).random(20000)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 10, hard))  # EFBIG past 8 kB, as ENOSPC would be
+    try:
+        with pytest.raises(OutputError) as caught:
+            writer.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(caught.value) == f"cannot write {out}: File too large"
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

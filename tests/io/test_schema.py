@@ -11,28 +11,9 @@ from click.testing import CliRunner
 
 from esm2cli.cli import cli
 from esm2cli.io.schema import build_schema, vector_dtype
-from helpers import write_fasta
+from helpers import embed_cli, write_fasta
 
 RECORDS = [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"[: 4 + (i * 7) % 29]) for i in range(12)]
-
-
-def _embed(fasta, out, model, *extra):
-    args = [
-        "embed",
-        str(fasta),
-        "-o",
-        str(out),
-        "-m",
-        model,
-        "--dtype",
-        "float32",
-        "--devices",
-        "cpu",
-        *map(str, extra),
-    ]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_the_schema_stores_vectors_in_the_dtype_asked_for():
@@ -45,8 +26,8 @@ def test_the_schema_stores_vectors_in_the_dtype_asked_for():
 
 def test_float16_parquet_is_halffloat_within_1e_3_of_float32(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "in.fa", RECORDS)
-    _embed(fasta, tmp_path / "f32.parquet", tiny_model_dir, "--per-token")
-    _embed(fasta, tmp_path / "f16.parquet", tiny_model_dir, "--per-token", "--output-dtype", "float16")
+    embed_cli(fasta, tmp_path / "f32.parquet", tiny_model_dir, "--per-token", check=True)
+    embed_cli(fasta, tmp_path / "f16.parquet", tiny_model_dir, "--per-token", "--output-dtype", "float16", check=True)
     full, half = pq.read_table(tmp_path / "f32.parquet"), pq.read_table(tmp_path / "f16.parquet")
     assert half.schema.field("embedding").type.value_type == pa.float16()
     want = np.array(full["embedding"].to_pylist(), np.float32)
@@ -62,8 +43,8 @@ def test_float16_parquet_is_halffloat_within_1e_3_of_float32(tmp_path, tiny_mode
 def test_float16_hdf5_datasets_are_float16(tmp_path, tiny_model_dir):
     h5py = pytest.importorskip("h5py")
     fasta = write_fasta(tmp_path / "in.fa", RECORDS)
-    _embed(fasta, tmp_path / "f32.h5", tiny_model_dir)
-    _embed(fasta, tmp_path / "f16.h5", tiny_model_dir, "--output-dtype", "float16")
+    embed_cli(fasta, tmp_path / "f32.h5", tiny_model_dir, check=True)
+    embed_cli(fasta, tmp_path / "f16.h5", tiny_model_dir, "--output-dtype", "float16", check=True)
     with h5py.File(tmp_path / "f16.h5") as half, h5py.File(tmp_path / "f32.h5") as full:
         assert half["p3"].dtype == np.float16 and full["p3"].dtype == np.float32
         np.testing.assert_allclose(half["p3"][()].astype(np.float32), full["p3"][()], rtol=1e-3, atol=1e-3)
@@ -72,16 +53,16 @@ def test_float16_hdf5_datasets_are_float16(tmp_path, tiny_model_dir):
 def test_float16_parts_merge_and_serve_as_reuse(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "in.fa", RECORDS)
     for index in range(3):
-        _embed(fasta, tmp_path / "emb", tiny_model_dir, "--output-dtype", "float16", "--shard-count", 3,
-               "--shard-index", index)  # fmt: skip
+        embed_cli(fasta, tmp_path / "emb", tiny_model_dir, "--output-dtype", "float16", "--shard-count", 3,
+                  "--shard-index", index, check=True)  # fmt: skip
     merged = CliRunner().invoke(cli, ["merge", str(tmp_path / "emb"), "-o", str(tmp_path / "all.parquet")])
     assert merged.exit_code == 0, merged.output
     table = pq.read_table(tmp_path / "all.parquet")
     assert table.schema.field("embedding").type.value_type == pa.float16()
     assert table["id"].to_pylist() == [rec_id for rec_id, _ in RECORDS]
     more = write_fasta(tmp_path / "more.fa", [*RECORDS, ("new", "MKVLW")])
-    result = _embed(more, tmp_path / "more.parquet", tiny_model_dir, "--output-dtype", "float16", "--reuse",
-                    tmp_path / "all.parquet")  # fmt: skip
+    result = embed_cli(more, tmp_path / "more.parquet", tiny_model_dir, "--output-dtype", "float16", "--reuse",
+                       tmp_path / "all.parquet", check=True)  # fmt: skip
     assert f"{len(RECORDS)} reused from" in result.output and "1 computed" in result.output
     again = pq.read_table(tmp_path / "more.parquet")
     assert again.slice(0, len(RECORDS))["embedding"].equals(table["embedding"])  # copied bit for bit

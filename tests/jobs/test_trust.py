@@ -19,7 +19,7 @@ from esm2cli.config import BatchConfig, EmbedConfig, InputConfig, ModelConfig
 from esm2cli.errors import Interrupted
 from esm2cli.io.parquet import read_metadata
 from helpers import write_fasta
-from reference import DirectReference, cosine
+from reference import cosine
 
 SEQS = [
     ("a", "MKTAYIAKQRQISFVKSHFSRQ"),
@@ -29,11 +29,6 @@ SEQS = [
     ("e", "MGSSHHHHHHSSGLVPRGSH"),
     ("f", "MDSKGSSQKGSRLLLLLVVSNLLLCQGVVS"),
 ]
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
 
 
 def embed(*args, input=None):

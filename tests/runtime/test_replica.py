@@ -11,14 +11,9 @@ from esm2cli.model.load import load_model
 from esm2cli.runtime.devices import Device
 from esm2cli.runtime.engine import SERVER_SMALLEST_BUCKET, build_server_engine
 from esm2cli.runtime.replica import Replica, build_replicas, resolve_layers
-from reference import DirectReference, cosine
+from reference import cosine
 
 CPU = Device("cpu", "cpu")
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,8 @@ import schemathesis
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from live_server import (
-    GUARDED,
-    PLAIN,
     live_server,
     make_app,
-    serving,
     wait_healthy,
 )
 
@@ -29,24 +26,7 @@ from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.serve.app import create_app
 from helpers import random_protein
-from reference import DirectReference, cosine
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with serving(tiny_model_dir, **PLAIN) as (_, client):
-        yield client
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_model_dir):
-    with serving(tiny_model_dir, **GUARDED) as (url, client):
-        yield url, client
+from reference import cosine
 
 
 def test_health_is_503_while_loading_then_200(tiny_model_dir):

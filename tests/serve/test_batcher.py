@@ -20,12 +20,7 @@ from live_server import (
 from esm2cli.errors import EngineError
 from esm2cli.io.schema import Embeddings
 from esm2cli.serve.batcher import DynamicBatcher, Slots
-from reference import DirectReference, cosine
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
+from reference import cosine
 
 
 def test_full_queue_answers_429_at_once_with_retry_after(tiny_model_dir):

@@ -15,14 +15,8 @@ from live_server import (
 
 from esm2cli.config import EmbedConfig
 from esm2cli.serve.cache import OPEN_PARTITION, CacheStats, EmbeddingCache, cache_identity
-from reference import DirectReference
 
 A, B, C = "MKTAYIAKQRQISFVKSHFSRQ", "MSTNPKPQRKTKRNTNRRPQDVKFPGG", "MDSKGSSQKGSRLLLLLVVSNLLLCQGVVS"
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
 
 
 def batches(client: httpx.Client) -> float:

@@ -8,28 +8,19 @@ import socket
 import time
 
 import httpx
-import pytest
 import uvicorn
 from live_server import (
-    GUARDED,
     json_body,
     live_server,
     make_app,
     metric,
     raw_exchange,
     serve_process,
-    serving,
     status_of,
     wait_healthy,
 )
 
 from esm2cli.serve.connections import ConnectionGuard, ConnectionLimits, H11Connection, guarded_protocol
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_model_dir):
-    with serving(tiny_model_dir, **GUARDED) as (url, client):
-        yield url, client
 
 
 def test_half_sent_headers_get_408_and_the_connection_is_closed(guarded):

@@ -10,14 +10,11 @@ import time
 import httpx
 import pytest
 from live_server import (
-    GUARDED,
-    PLAIN,
     json_body,
     live_server,
     make_app,
     metric,
     raw_exchange,
-    serving,
     status_of,
     wait_healthy,
 )
@@ -27,18 +24,6 @@ from esm2cli.serve.auth import KeyChecker
 from esm2cli.serve.cache import OPEN_PARTITION
 from esm2cli.serve.guard import CLIENT_SCOPE_KEY, RequestGuard
 from esm2cli.serve.metrics import ServerMetrics
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with serving(tiny_model_dir, **PLAIN) as (_, client):
-        yield client
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_model_dir):
-    with serving(tiny_model_dir, **GUARDED) as (url, client):
-        yield url, client
 
 
 def test_body_over_the_limit_is_422_declared_or_chunked(server):

@@ -1,22 +1,13 @@
 """Prometheus metrics of a live server: requests, latency, batches, queue, device busy time, the cache's own counts."""
 
 import numpy as np
-import pytest
 from live_server import (
-    PLAIN,
     metric,
-    serving,
 )
 
 from esm2cli.config import EmbedConfig
 from esm2cli.serve.cache import EmbeddingCache, cache_identity
 from esm2cli.serve.metrics import ServerMetrics
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with serving(tiny_model_dir, **PLAIN) as (_, client):
-        yield client
 
 
 def test_metrics_expose_requests_latency_batches_queue_and_busy_time(server):

@@ -14,13 +14,7 @@ from live_server import (
 )
 
 from esm2cli.config import EmbedConfig
-from reference import DirectReference, cosine
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
-
+from reference import cosine
 
 KEY = "k-openai-0123456789abcdef"
 

@@ -12,12 +12,10 @@ import httpx
 import openai
 import pytest
 from live_server import (
-    GUARDED,
     Gate,
     live_server,
     make_app,
     metric,
-    serving,
     slow_replicas,
     wait_healthy,
 )
@@ -27,18 +25,7 @@ from esm2cli.errors import ClientDisconnectedError, InputError, ModelLoadError, 
 from esm2cli.runtime.engine import build_engine
 from esm2cli.serve.metrics import ServerMetrics
 from esm2cli.serve.service import EmbeddingService, SequenceIn
-from reference import DirectReference, cosine
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_model_dir):
-    return DirectReference(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_model_dir):
-    with serving(tiny_model_dir, **GUARDED) as (url, client):
-        yield url, client
+from reference import cosine
 
 
 def test_a_request_that_can_never_fit_the_queue_is_413_naming_the_limit(tiny_model_dir):
