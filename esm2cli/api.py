@@ -228,19 +228,20 @@ class Embedder:
         Raises:
             FastaError: The file is unreadable or holds records that cannot be embedded.
         """
-        source = str(fasta)
+        name = str(fasta)
         inputs = InputConfig(skip_invalid=skip_invalid, allow_duplicate_ids=allow_duplicate_ids)
         max_length = self.embed_config.max_length
-        scan = scan_fasta(source, self.embed_config.truncate, max_length)
-        pipeline.check_scan(scan, source, inputs)
-        schema = self._schema(source, scan, inputs)
-        reuse = self._open_reuse(schema) if self.reuse else None
-        try:
-            for rows in self._stream(read_records(source, max_length), reuse):  # invalid records get no row
-                yield record_batch(rows, schema, self.hidden_size, self.layers)
-        finally:
-            if reuse is not None:
-                reuse.close()
+        with pipeline.readable_source(name) as source:  # a stream (a FIFO, stdin) is read twice, from a copy
+            scan = scan_fasta(source, self.embed_config.truncate, max_length)
+            pipeline.check_scan(scan, name, inputs)
+            schema = self._schema(name, scan, inputs)
+            reuse = self._open_reuse(schema) if self.reuse else None
+            try:
+                for rows in self._stream(read_records(source, max_length), reuse):  # invalid records get no row
+                    yield record_batch(rows, schema, self.hidden_size, self.layers)
+            finally:
+                if reuse is not None:
+                    reuse.close()
 
     def embed_fasta(
         self,

@@ -1,10 +1,14 @@
 """Helpers shared by test modules (fixtures stay in conftest.py): packing, random proteins, a tiny random ESM C
-saved with transformers, and transformers' ESM C one protein at a time."""
+saved with transformers, transformers' ESM C one protein at a time, and inputs that stream (FIFOs, bash's <(...))."""
 
 from __future__ import annotations
 
 import os
 import random
+import shlex
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +239,45 @@ def random_protein(n: int) -> str:
     """A random protein of ``n`` residues, the same for the same ``n``."""
     rng = random.Random(n)
     return "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(n))
+
+
+def fed_fifo(path, data: bytes) -> threading.Thread:
+    """Makes a named FIFO at ``path`` and a thread that writes ``data`` into it once (its open waits for a reader)."""
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "wb") as out:
+            out.write(data)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def run_esm2cli(*args, piped: dict[str, str] | None = None, input: str | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs ``python -m esm2cli ARGS`` in a subprocess that must end within ``timeout`` (a hang fails the test).
+
+    Args:
+        piped: Arguments to replace by a bash process substitution: ``{"@FASTA@": path}`` passes ``<(cat path)``
+            (/dev/fd/63, a pipe) where the argument @FASTA@ stands.
+        input: Text on stdin.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESM2CLI_")}
+    command = [sys.executable, "-m", "esm2cli", *map(str, args)]
+    if piped:
+        line = shlex.join(command)
+        for placeholder, path in piped.items():
+            line = line.replace(placeholder, f"<(cat {shlex.quote(str(path))})")
+        command = ["bash", "-c", line]
+    return subprocess.run(command, input=input, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def within(seconds: float, fn, *args):
+    """fn(*args) on a thread that must finish in time: a blocking open fails the test instead of hanging it."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} blocked for {seconds} s"
+    return result[0]

@@ -16,7 +16,7 @@ from esm2cli import Embedder
 from esm2cli.cli import cli
 from esm2cli.errors import ConfigError, EngineError, FastaError, InputError
 from esm2cli.jobs.workload import synthetic_sequences
-from helpers import write_fasta
+from helpers import fed_fifo, within, write_fasta
 from reference import DirectReference
 
 OPTIONS = dict(devices="cpu", dtype="float32")
@@ -92,6 +92,18 @@ def test_embed_fasta_writes_the_cli_file_with_the_loaded_model(embedder, fasta, 
     assert_same_table(pq.read_table(out), cli_table)
     assert embedder.embed_fasta(fasta, out).already_complete  # a rerun, as the CLI's
     assert embedder.embed("MKV").shape == (32,)  # the engine is still running
+
+
+def test_embed_fasta_reads_a_fifo_once(embedder, fasta, cli_table, tmp_path):
+    data = Path(fasta).read_bytes()
+    fed_fifo(tmp_path / "in.fifo", data)
+    table = within(120, embedder.embed_fasta, tmp_path / "in.fifo")  # read twice, the second open waited forever
+    assert table["id"].to_pylist() == cli_table["id"].to_pylist()
+    np.testing.assert_allclose(vectors(table), vectors(cli_table), rtol=1e-5, atol=1e-6)
+    fed_fifo(tmp_path / "again.fifo", data)
+    summary = within(120, embedder.embed_fasta, tmp_path / "again.fifo", tmp_path / "o.parquet")
+    assert summary.sequences == 30
+    np.testing.assert_array_equal(vectors(pq.read_table(tmp_path / "o.parquet")), vectors(table))
 
 
 def test_several_layers_give_a_dict_by_layer_number(tiny_model_dir, records):

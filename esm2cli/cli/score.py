@@ -125,6 +125,10 @@ def score(
     ]
     if len(modes) != 1:
         raise click.UsageError("give exactly one of --pll, --mutations CSV, --all-substitutions")
+    if fasta == "-" and mutations == "-":
+        raise click.BadParameter(
+            "the FASTA is already read from stdin; name a file for the list", param_hint="--mutations"
+        )
     if pll and method:
         raise click.BadParameter("a pseudo-log-likelihood always masks; --method is for mutants", param_hint="--method")
     truncate = model_truncate(model, truncate)

@@ -6,15 +6,12 @@ import gzip
 import io
 import itertools
 import os
-import shutil
 import sys
-import tempfile
 import unicodedata
 from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -170,7 +167,7 @@ def read_records(
     """Yields every record of a FASTA file in file order, each with its problem (or None).
 
     Args:
-        source: A path, or '-' for stdin (which can be read once only: see spool_stdin).
+        source: A path, or '-' for stdin (a stream is read once only: see esm2cli.io.storage.spool).
         max_length: Sequences longer than this are invalid (--long-sequences error); None: no limit.
         span: Only the records in bytes [start, stop) of a plain file (a shard's, see esm2cli.io.split).
 
@@ -203,7 +200,7 @@ def scan_fasta(
     """Reads a whole FASTA file once to count, check and find duplicate ids before any compute.
 
     Args:
-        source: A path (not stdin: spool it first).
+        source: A path (not a stream such as stdin: spool it first).
         truncate: Residues counted per sequence at most, for progress estimates.
         max_length: Sequences longer than this are invalid (see read_records).
         span: Only the records in these bytes of a plain file (see read_records).
@@ -232,14 +229,6 @@ def scan_fasta(
     scan.sha256 = hasher.hexdigest()
     scan.record_digests = hasher.digests if hasher.digests is not None else array("Q")
     return scan
-
-
-def spool_stdin(directory: str | None = None) -> Path:
-    """Copies stdin to a temporary file so that it can be read twice; the caller deletes it."""
-    fd, name = tempfile.mkstemp(prefix="esm2cli-stdin-", suffix=".fasta", dir=directory)
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out, length=1 << 20)
-    return Path(name)
 
 
 def describe_invalid(records: list[Record], limit: int = 20) -> str:

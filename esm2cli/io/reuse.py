@@ -27,7 +27,7 @@ from esm2cli.config import EmbedConfig
 from esm2cli.errors import ConfigError, DamagedFileError, OutputError
 from esm2cli.io.identity import numbers_identity
 from esm2cli.io.schema import Embeddings, embedding_columns
-from esm2cli.io.storage import exists, file_stamp, is_url, join, listdir, open_input
+from esm2cli.io.storage import exists, file_stamp, is_stream, is_url, join, listdir, open_input
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,15 @@ def expand_sources(paths: Iterable[str | os.PathLike]) -> list[str]:
     sharded run, say), but for names starting with '.' or '_' (temporary files, work directories).
 
     Raises:
-        ConfigError: A path is neither a file nor a directory or prefix holding outputs.
+        ConfigError: A path is a stream, or neither a file nor a directory or prefix holding outputs.
     """
     files: list[str] = []
     for path in map(str, paths):
+        if is_stream(path):
+            raise ConfigError(
+                f"--reuse {path}: a stream (a pipe or FIFO), not a file; an earlier output is read by seeking "
+                "(Parquet's footer, HDF5's index): write it to a file first"
+            )
         if _is_file(path):
             files.append(path)
             continue

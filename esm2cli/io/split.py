@@ -27,7 +27,7 @@ from esm2cli.config import ShardConfig
 from esm2cli.errors import FastaError, StorageError
 from esm2cli.io.fasta import read_records
 from esm2cli.io.records import Record
-from esm2cli.io.storage import file_stamp, is_url, open_input
+from esm2cli.io.storage import file_stamp, is_stream, is_url, open_input
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,8 @@ class InputSource:
 
     Attributes:
         name: The input as given (messages, metadata).
-        path: What to parse: the input, a spooled copy of stdin, or a local copy of a shard's records.
+        path: What to parse: the input, a spooled copy of a stream (stdin, a FIFO), or a local copy of a shard's
+            records.
         span: Bytes [start, stop) of ``path`` (a shard of a local plain file); None: all of it.
         slice: The shard's byte range, when the input was split by bytes; None: every record is read
             (no shard, or a plain gzip that cannot be split).
@@ -364,7 +365,7 @@ def check_bgzf_end(source: str, name: str) -> None:
 
 
 def _content_stamp(path: str) -> str:
-    """The stamp of a spooled copy of stdin: its content, since its copy's modification time is new each run."""
+    """The stamp of a spooled copy of a stream: its content, since its copy's modification time is new each run."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
@@ -397,7 +398,8 @@ def shard_source(path: str, name: str, shard: ShardConfig | None) -> Iterator[In
         )  # fmt: skip
         yield InputSource(name, path)
         return
-    stamp = _content_stamp(path) if name == "-" else None  # stdin: the same bytes piped to every shard
+    # A stream (stdin, a FIFO, <(zcat x.gz)) was spooled: the same bytes piped to every shard are the same input.
+    stamp = _content_stamp(path) if is_stream(name) else None
     with open_slice(path, shard.index, shard.count, fmt, stamp=stamp) as piece:
         log.info(
             "shard %d of %d: bytes %d..%d of %s (%s, %d bytes; %d read to find its records)",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import stat
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -14,6 +18,47 @@ from esm2cli.errors import ConfigError, StorageError
 def is_url(path: str | os.PathLike) -> bool:
     """True for fsspec URLs such as s3://bucket/key (a plain path is local)."""
     return "://" in str(path)
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """True for an input that can be read once only: '-' (stdin), or a local path that is not a regular file (a
+    named FIFO, bash's ``<(zcat x.gz)`` as /dev/fd/63, /dev/stdin when stdin is a pipe).
+
+    Only stat is asked: it does not block on a FIFO, where open() waits for a writer. A missing path is no stream
+    (opening it says so).
+    """
+    if str(path) == "-":
+        return True
+    if is_url(path):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def spool(source: str | os.PathLike, directory: str | None = None) -> str:
+    """Copies a stream (see is_stream) to a temporary file, read once, so that it can be read twice; the caller
+    deletes the copy.
+
+    Raises:
+        StorageError: The stream cannot be opened or read (the copy is removed).
+    """
+    fd, name = tempfile.mkstemp(prefix="esm2cli-stream-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if str(source) == "-":
+                shutil.copyfileobj(sys.stdin.buffer, out, length=1 << 20)
+            else:
+                with open_input(source) as handle:  # a FIFO: waits here for its writer, as a reader of stdin does
+                    shutil.copyfileobj(handle, out, length=1 << 20)
+    except BaseException as exc:
+        os.unlink(name)
+        if isinstance(exc, OSError):
+            raise describe(exc, str(source)) from exc
+        raise
+    return name
 
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")  # what embed writes: Parquet, or HDF5 (by the name)

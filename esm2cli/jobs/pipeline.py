@@ -24,10 +24,10 @@ from esm2cli.config import (
     ShardConfig,
     __version__,
 )
-from esm2cli.errors import ConfigError, Interrupted
+from esm2cli.errors import ConfigError, FastaError, InputError, Interrupted, StorageError
 from esm2cli.io import hdf5, storage
 from esm2cli.io.chunks import Chunk, ChunkStore
-from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, scan_fasta, spool_stdin
+from esm2cli.io.fasta import FastaScan, check_scan, describe_invalid, scan_fasta
 from esm2cli.io.identity import embed_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import BackgroundWriter
@@ -200,16 +200,28 @@ def _chunk_work(chunk: Chunk, valid: list[Record], embed: EmbedConfig, reuse: Ch
 
 
 @contextmanager
-def readable_source(fasta: str | os.PathLike) -> Iterator[str]:
-    """Yields a path or URL that can be read twice: stdin ('-') is spooled to a temporary file first."""
-    if str(fasta) != "-":
-        yield str(fasta)
+def readable_source(source: str | os.PathLike, *, error: type[InputError] = FastaError) -> Iterator[str]:
+    """Yields a path or URL that can be read twice: a stream (stdin '-', a named FIFO, bash's ``<(zcat x.gz)``)
+    is copied to a temporary file first, read once, as it arrives.
+
+    Raises:
+        FastaError (or ``error``): The stream cannot be read.
+    """
+    if not storage.is_stream(source):
+        yield str(source)
         return
-    spooled = spool_stdin()
     try:
-        yield str(spooled)
+        spooled = storage.spool(source)
+    except StorageError as exc:
+        raise error(str(exc)) from exc
+    try:
+        yield spooled
+    except InputError as exc:  # a message names the input as given, not its temporary copy
+        if spooled not in str(exc):
+            raise
+        raise type(exc)(str(exc).replace(spooled, str(source)), exc.param) from exc
     finally:
-        spooled.unlink(missing_ok=True)
+        os.unlink(spooled)
 
 
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,

@@ -20,7 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ from esm2cli.config import (
     ScoreConfig,
     __version__,
 )
-from esm2cli.errors import ConfigError, FastaError
+from esm2cli.errors import ConfigError, FastaError, MutantError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta
 from esm2cli.io.identity import score_identity, stamp_weights
@@ -407,11 +408,14 @@ def score_fasta(
     output = str(output)
     _check_run(str(fasta), output, score)
     summary = ScoreSummary(mode=score.mode)
-    with OutputLock(output), readable_source(str(fasta)) as source:  # one run at a time toward one output
-        proteins, table, total, input_sha256 = _plan(source, str(fasta), score, summary)
+    # A stream (stdin, a FIFO, <(zcat x.gz)) is read twice, from a copy: the check pass and the hash or the compute.
+    mutants = readable_source(score.mutations, error=MutantError) if score.mutations else nullcontext(None)
+    with OutputLock(output), readable_source(str(fasta)) as source, mutants as copy:  # one run at a time
+        reading = replace(score, mutations=copy)
+        proteins, table, total, input_sha256 = _plan(source, str(fasta), reading, summary)
         placement = resolve_placement(model)
         stamp = stamp_weights(resolve_source(model.model), model.load_format)
-        hashes = _input_hashes(source, input_sha256, score)
+        hashes = _input_hashes(source, input_sha256, reading)
         identity = _run_identity(hashes, stamp.identity, placement.dtype, score, model_family(model.model))
         if is_complete(output, identity, overwrite):
             return ScoreSummary(mode=score.mode, already_complete=True)
@@ -441,12 +445,10 @@ def score_fasta(
 
 
 def _input_hashes(source: str, input_sha256: str | None, score: ScoreConfig) -> tuple[str, str | None] | None:
-    """(the records' hash, the mutant list's) for the identity; None for a list read from stdin (read only once).
+    """(the records' hash, the mutant list's) for the identity (a streamed input is read from its copy).
 
     ``input_sha256`` is the check pass's hash of the records where _plan made one (None: hashed here).
     """
-    if score.mutations == "-":
-        return None
     mutants = None
     if score.mutations:
         digest = hashlib.sha256()

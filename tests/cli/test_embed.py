@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig
 from esm2cli.io.parquet import read_metadata
-from helpers import random_protein, write_fasta
+from helpers import fed_fifo, random_protein, run_esm2cli, write_fasta
 from reference import DirectReference, cosine
 
 
@@ -340,3 +340,69 @@ def test_truncate_over_the_model_positions_embeds_or_is_refused_up_front(tiny_mo
     assert table["length"] == [1500] and table["truncated"] == [False]
     want = DirectReference(tiny_model_dir).mean(seq)
     np.testing.assert_allclose(np.asarray(table["embedding"][0]), want, atol=1e-4)
+
+
+STREAMED = [("p1", "MKTAYIAK"), ("p2", "GGSS"), ("p3", "MKVLAAGIVGLLLAWQ")]
+ON_CPU = ["--devices", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture
+def streamed(tmp_path, tiny_model_dir):
+    """A FASTA to stream, and the embeddings of the file itself."""
+    fa = write_fasta(tmp_path / "in.fa", STREAMED)
+    embed_ok(fa, "-o", tmp_path / "file.parquet", "-m", tiny_model_dir, *ON_CPU)
+    return fa, tmp_path / "file.parquet"
+
+
+def assert_same_embeddings(path, reference):
+    got, want = pq.read_table(path), pq.read_table(reference)
+    assert got["id"].to_pylist() == want["id"].to_pylist() == [rec_id for rec_id, _ in STREAMED]
+    np.testing.assert_array_equal(vectors(got), vectors(want))
+
+
+def test_a_process_substitution_is_read_once_like_stdin(tmp_path, tiny_model_dir, streamed):
+    fa, reference = streamed  # '<(cat in.fa)' is /dev/fd/63, a pipe: a second open finds it empty
+    done = run_esm2cli("embed", "@FASTA@", "-o", tmp_path / "o.parquet", "-m", tiny_model_dir, *ON_CPU,
+                       piped={"@FASTA@": fa})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_embeddings(tmp_path / "o.parquet", reference)
+
+
+def test_shards_of_a_process_substitution_merge_into_the_file_s_embeddings(tmp_path, tiny_model_dir, streamed):
+    fa, reference = streamed
+    parts = tmp_path / "parts"
+    for index in (0, 1, 0):  # shard 0 twice: the same bytes piped again are the same input, by their content
+        done = run_esm2cli("embed", "@FASTA@", "-o", parts, "--shard-count", "2", "--shard-index", index,
+                           "-m", tiny_model_dir, *ON_CPU, piped={"@FASTA@": fa})  # fmt: skip
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr  # it seeked on the pipe
+    assert "part-00000-of-00002.parquet is already complete" in done.stderr
+    merged = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "merged.parquet")])
+    assert merged.exit_code == 0, merged.output
+    assert_same_embeddings(tmp_path / "merged.parquet", reference)
+
+
+@pytest.mark.parametrize("how", ["named FIFO", "/dev/stdin"])
+def test_a_fifo_or_dev_stdin_is_read_once(tmp_path, tiny_model_dir, streamed, how):
+    fa, reference = streamed
+    text = Path(fa).read_text()
+    if how == "named FIFO":  # opened to sniff, then again: the second open waited forever for a writer
+        fed_fifo(tmp_path / "in.fifo", text.encode())
+        done = run_esm2cli("embed", tmp_path / "in.fifo", "-o", tmp_path / "o.parquet", "-m", tiny_model_dir, *ON_CPU)
+    else:
+        done = run_esm2cli("embed", "/dev/stdin", "-o", tmp_path / "o.parquet", "-m", tiny_model_dir, *ON_CPU,
+                           input=text)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_embeddings(tmp_path / "o.parquet", reference)
+
+
+def test_reuse_of_a_stream_is_refused_in_one_line_without_opening_it(tmp_path, tiny_model_dir, streamed):
+    fa, _ = streamed
+    os.mkfifo(tmp_path / "earlier.parquet")  # no writer: an open would wait forever
+    done = run_esm2cli("embed", fa, "-o", tmp_path / "o.parquet", "--reuse", tmp_path / "earlier.parquet",
+                       "-m", tiny_model_dir, *ON_CPU, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: --reuse {tmp_path / 'earlier.parquet'}: a stream (a pipe or FIFO), not a file; an earlier output "
+        "is read by seeking (Parquet's footer, HDF5's index): write it to a file first"
+    )
+    assert not (tmp_path / "o.parquet").exists()

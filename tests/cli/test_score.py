@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
-from helpers import write_fasta
+from helpers import fed_fifo, run_esm2cli, write_fasta
 
 WT = [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GSHMKVLAAGIVGL")]
 
@@ -236,3 +236,47 @@ def test_an_output_stdin_is_redirected_from_is_refused(tmp_path):
         done = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True)
     assert done.returncode == 2 and f"{fasta} is the FASTA: name another output" in done.stderr, done.stderr
     assert open(fasta).read().startswith(">p1")
+
+
+def assert_same_rows(path, reference):
+    got, want = pq.read_table(path), pq.read_table(reference)
+    assert got.num_rows == want.num_rows > 0
+    assert got.to_pylist() == want.to_pylist()
+
+
+@pytest.mark.parametrize("mode", ["--pll", "--all-substitutions"])
+def test_a_fasta_through_a_process_substitution_scores_as_the_file(tmp_path, wt, tiny_model_dir, mode):
+    assert score(tiny_model_dir, wt, mode, "-o", tmp_path / "file.parquet").exit_code == 0
+    done = run_esm2cli("score", "@FASTA@", mode, "-o", tmp_path / "pipe.parquet", "-m", tiny_model_dir,
+                       "--dtype", "float32", piped={"@FASTA@": wt})  # fmt: skip
+    assert done.returncode == 0, done.stderr  # the proteins were read a second time from the empty pipe: no row
+    assert_same_rows(tmp_path / "pipe.parquet", tmp_path / "file.parquet")
+
+
+def test_a_mutant_list_from_a_fifo_is_read_once_and_known_by_its_content(tmp_path, wt, tiny_model_dir):
+    first, other = "id,mutant\np1,M1A\np2,G1W\n", "id,mutant\np1,K2A\n"
+    reference = tmp_path / "file.parquet"
+    assert score(tiny_model_dir, wt, "--mutations", csv(tmp_path, first), "-o", reference).exit_code == 0
+    fed_fifo(tmp_path / "m.fifo", first.encode())
+    out = tmp_path / "o.parquet"
+    done = run_esm2cli("score", wt, "--mutations", tmp_path / "m.fifo", "-o", out, "-m", tiny_model_dir,
+                       "--dtype", "float32")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_rows(out, tmp_path / "file.parquet")
+    # Another list through a pipe is another run (it was hashed from the emptied pipe: "already complete").
+    again = run_esm2cli("score", wt, "--mutations", "@CSV@", "-o", out, "-m", tiny_model_dir, "--dtype", "float32",
+                        piped={"@CSV@": csv(tmp_path, other, "other.csv")})  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+    assert_same_rows(out, tmp_path / "file.parquet")
+
+
+def test_a_mutant_list_on_stdin(tmp_path, wt, tiny_model_dir):
+    text = "id,mutant\np1,M1A\np2,G1W\n"
+    assert score(tiny_model_dir, wt, "--mutations", csv(tmp_path, text), "-o", tmp_path / "file.parquet").exit_code == 0
+    result = score(tiny_model_dir, wt, "--mutations", "-", "-o", tmp_path / "o.parquet", input=text)
+    assert result.exit_code == 0, result.output  # it said '-: no such file'
+    assert_same_rows(tmp_path / "o.parquet", tmp_path / "file.parquet")
+    bad = score(tiny_model_dir, wt, "--mutations", "-", "-o", tmp_path / "bad.parquet", input="id,mutant\np1,A40G\n")
+    assert bad.exit_code == 2 and "Error: -: 1 of 1 mutants cannot be scored" in bad.output  # named as given
+    both = score(tiny_model_dir, "-", "--mutations", "-", "-o", tmp_path / "both.parquet", input=">p1\nMKV\n")
+    assert both.exit_code == 2 and "the FASTA is already read from stdin; name a file for the list" in both.output

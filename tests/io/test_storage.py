@@ -1,0 +1,55 @@
+"""Local inputs that stream (FIFOs, pipes named /dev/fd/N, stdin): told apart by stat alone, copied once."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+
+import pytest
+
+from esm2cli.errors import StorageError
+from esm2cli.io.storage import is_stream, spool
+from helpers import fed_fifo, within
+
+
+def test_is_stream_tells_pipes_from_files_without_opening_them(tmp_path):
+    (tmp_path / "a.fa").write_text(">a\nMKV\n")
+    os.mkfifo(tmp_path / "in.fifo")  # no writer: an open for reading would wait forever
+    assert within(10, is_stream, tmp_path / "in.fifo") is True
+    read, write = os.pipe()
+    try:
+        assert is_stream(f"/dev/fd/{read}") is True  # bash's <(zcat x.gz)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert is_stream("-") is True
+    assert is_stream("/dev/null") is True  # a character device
+    for path in (tmp_path / "a.fa", tmp_path, tmp_path / "missing.fa", "s3://bucket/a.fa"):
+        assert is_stream(path) is False, path
+
+
+def test_spool_copies_a_fifo_a_pipe_and_stdin_once(tmp_path, monkeypatch):
+    data = b">a\nMKV\n" * 100_000  # larger than a pipe's buffer: the writer waits on the copy
+    fed_fifo(tmp_path / "in.fifo", data)
+    copies = [within(30, spool, tmp_path / "in.fifo", str(tmp_path))]
+    read, write = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write, data[:1000]), os.close(write)), daemon=True)
+    writer.start()
+    copies.append(within(30, spool, f"/dev/fd/{read}", str(tmp_path)))
+    os.close(read)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data[:7])))
+    copies.append(spool("-", str(tmp_path)))
+    for copy, want in zip(copies, [data, data[:1000], data[:7]], strict=True):
+        assert os.path.isfile(copy) and not is_stream(copy)
+        with open(copy, "rb") as handle:
+            assert handle.read() == want
+
+
+def test_spool_of_an_unreadable_stream_names_it_and_leaves_no_copy(tmp_path):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    with pytest.raises(StorageError, match="missing.fifo: no such file"):
+        spool(tmp_path / "missing.fifo", str(spool_dir))
+    assert os.listdir(spool_dir) == []
