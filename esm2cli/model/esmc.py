@@ -30,14 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from esm2cli.model.forward import PackedEsm2
-from esm2cli.model.invariant import pad_rows
-from esm2cli.model.packed import DeviceBatch, PackedBatch, host_to_device
+from esm2cli.model.packed import DeviceBatch
 
 EPS = 1e-5  # torch's LayerNorm default, which every ESM C LayerNorm uses
 
@@ -191,29 +189,11 @@ class PackedEsmc(PackedEsm2):
         """ESM C's final LayerNorm (``norm``, no bias)."""
         return F.layer_norm(x, (self.hidden_size,), self.final_ln_w, None, self.eps)
 
-    @torch.inference_mode()
-    def lm_log_probs(self, batch: PackedBatch, rows: np.ndarray) -> torch.Tensor:
-        """The masked-LM head's log-softmax over the 64-token vocabulary at packed rows of the last hidden state.
-
-        Args:
-            batch: The packed batch (mask tokens already in place).
-            rows: Packed row indices to read (see PackedBatch.rows).
-
-        Returns:
-            (len(rows), vocab) float32 on the device.
-        """
-        if self.lm is None:
-            raise RuntimeError("lm_log_probs on a model without its LM head; this is a bug")
-        db = self.prepare(batch)
-        rows_t = host_to_device(np.asarray(rows, dtype=np.int64), self.device)
-        picked: list[torch.Tensor] = []
-        self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
-        lm = self.lm
-        x = pad_rows(picked[0]) if self.batch_invariant else picked[0]  # whole tiles: the rows read vary
+    def _lm_logits(self, x: torch.Tensor, lm: nn.ParameterDict) -> torch.Tensor:
+        """ESM C's LM head on hidden rows (64-token vocabulary): its own decoder, the bias inside the matmul."""
         x = F.gelu(self._linear(x, lm["dense_w"], lm["dense_b"]))
         x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], EPS)
-        logits = self._linear(x, lm["decoder"], lm["bias"]).float()
-        return torch.log_softmax(logits[: len(rows_t)], dim=-1)
+        return self._linear(x, lm["decoder"], lm["bias"])
 
 
 class _LayerWeights:

@@ -508,11 +508,14 @@ class PackedEsm2(nn.Module):
         self._run(db, (self.num_layers,), lambda i, h: picked.append(h.index_select(0, rows_t)))
         lm = self.lm
         x = pad_rows(picked[0]) if self.batch_invariant else picked[0]  # whole tiles: the rows read vary
+        return torch.log_softmax(self._lm_logits(x, lm)[: len(rows_t)].float(), dim=-1)
+
+    def _lm_logits(self, x: torch.Tensor, lm: nn.ParameterDict) -> torch.Tensor:
+        """ESM-2's LM head on hidden rows: the decoder tied to the token embeddings, its bias added after."""
         x = F.gelu(self._linear(x, lm["dense_w"], lm["dense_b"]))
         x = F.layer_norm(x, (self.hidden_size,), lm["ln_w"], lm["ln_b"], self.lm_eps)
         decoder = lm["decoder"] if "decoder" in lm else self.tok_embed
-        logits = (self._linear(x, decoder) + lm["bias"]).float()
-        return torch.log_softmax(logits[: len(rows_t)], dim=-1)
+        return self._linear(x, decoder) + lm["bias"]
 
 
 def _apc(x: torch.Tensor) -> torch.Tensor:
