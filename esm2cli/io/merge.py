@@ -14,7 +14,8 @@ from esm2cli.errors import DamagedFileError, OutputExistsError, PartsError
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
-from esm2cli.io.storage import exists, is_url, join, listdir, open_input
+from esm2cli.io.storage import is_url, join, listdir, open_input
+from esm2cli.io.targets import is_complete
 
 _PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})(\.parquet|\.h5)$")  # as ShardConfig.part_name, for any count
 
@@ -77,12 +78,8 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     metas = [_part_metadata(part) for part in parts]
     identity = merged_identity(parts, [meta["identity"] for meta in metas])
     first = metas[0]
-    if exists(output):
-        done = read_metadata(output)
-        if done.get("identity") == identity:
-            return None
-        if not overwrite:
-            raise OutputExistsError(f"{output} already exists (use --overwrite to replace it)")
+    if is_complete(output, identity, overwrite):
+        return None
     if hdf5.is_hdf5(parts[0]):
         if not hdf5.is_hdf5(output):
             raise PartsError(f"{prefix} holds HDF5 parts: name an .h5 output to merge them")

@@ -168,3 +168,23 @@ def test_merge_into_hdf5_names_ids_repeated_across_shards(tmp_path, tiny_model_d
     assert parquet.exit_code == 2 and "shards 0, 1" in parquet.output
     hdf5 = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.h5")])
     assert hdf5.exit_code == 2 and "shards 0, 1" in hdf5.output, hdf5.output
+
+
+def test_merge_onto_another_output_names_what_differs_and_a_rerun_is_complete(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS[:6])
+    for index in range(2):
+        _shard(fasta, tmp_path / "emb", tiny_model_dir, index, 2)
+    out = tmp_path / "all.parquet"
+    assert _merge(tmp_path / "emb", out).exit_code == 0
+    again = _merge(tmp_path / "emb", out)
+    assert again.exit_code == 0 and pq.read_table(out).num_rows == 6
+    other = tmp_path / "other.parquet"
+    embed_cli(fasta, other, tiny_model_dir, "--pooling", "bos", check=True)  # another run's output
+    refused = _merge(tmp_path / "emb", other)
+    assert refused.exit_code == 2 and "already exists, made by another run (" in refused.output, refused.output
+    assert "pooling" in refused.output
+    foreign = tmp_path / "notes.parquet"
+    foreign.write_bytes(b"not esm2cli output")
+    refused = _merge(tmp_path / "emb", foreign)
+    assert refused.exit_code == 2 and "already exists and is not esm2cli output" in refused.output, refused.output
+    assert foreign.read_bytes() == b"not esm2cli output"
