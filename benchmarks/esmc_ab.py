@@ -151,12 +151,14 @@ def main() -> None:
     loaded = load_model(ModelConfig(model=args.model, load_format="dummy", dtype=dtype))
     load_s = time.perf_counter() - start
     loaded.forward.batch_invariant = not args.batch_dependent
+    before = matmul_peak(torch.device(name), loaded.forward.dtype)
     row = run(loaded, esmc_alias(args.model), Device(name, name), seqs, budget=budget, rounds=args.rounds,
               own_only=args.own_only, plan=args.plan)  # fmt: skip
     card = card_name(torch.device(name)) if cuda else None
     published = GPU_PEAKS.get(card, {}).get(dtype) if card else None
     # The measured peak bounds what any forward can gain: own/ref can be at most peak / ref's FLOP/s.
-    peak = matmul_peak(torch.device(name), loaded.forward.dtype)
+    # Measured before and after (a shared machine's load changes during a long run): the higher one.
+    peak = max(before, matmul_peak(torch.device(name), loaded.forward.dtype))
     for which in ("own", "ref"):
         if f"{which}_flops_per_s" in row:
             row[f"{which}_mfu_measured"] = row[f"{which}_flops_per_s"] / peak
