@@ -406,3 +406,17 @@ def test_reuse_of_a_stream_is_refused_in_one_line_without_opening_it(tmp_path, t
         "is read by seeking (Parquet's footer, HDF5's index): write it to a file first"
     )
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_an_output_that_is_a_fifo_or_stdout_is_refused_and_left_as_it_is(tmp_path, fasta, tiny_model_dir):
+    # A FIFO: the check of an earlier output waited for a writer for ever. A link to /proc/self/fd/1 (what
+    # /dev/stdout is): a traceback, and with --overwrite the link itself was replaced by the Parquet file.
+    fifo, link = tmp_path / "out.fifo", tmp_path / "stdout.parquet"
+    os.mkfifo(fifo)
+    os.symlink("/proc/self/fd/1", link)
+    for target, extra in [(fifo, ()), (link, ()), (link, ("--overwrite",))]:
+        done = run_esm2cli("embed", fasta, "-o", target, "-m", tiny_model_dir, "--dtype", "float32", *extra,
+                           timeout=60)  # fmt: skip
+        assert done.returncode == 2 and f"Error: {target} is not a regular file" in done.stderr, done.stderr
+    assert os.path.islink(link) and os.readlink(link) == "/proc/self/fd/1"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
