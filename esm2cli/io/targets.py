@@ -51,13 +51,14 @@ def check_target(target: str, inputs: Mapping[str, str | os.PathLike | None], *,
 
 def _is_special(target: str) -> bool:
     """True for an output that is, or links to, something other than a regular file or nothing: a FIFO (reading
-    its metadata would wait for a writer), a device, or anything under /dev or /proc (/dev/stdout links to
-    /proc/self/fd/1). The rename that commits an output would replace such a link (as root, /dev/stdout or
-    /dev/null itself), and never write through it.
+    its metadata would wait for a writer), a device, or a name in /dev or /proc (/dev/stdout links to
+    /proc/self/fd/1, /dev/fd/1 is one). The rename that commits an output would replace such a link (as root,
+    /dev/stdout or /dev/null itself), and never write through it. /dev/shm and its like hold plain files.
     """
     path = os.path.abspath(target)
     for _ in range(40):  # the kernel's own bound on a chain of links
-        if path.startswith(("/dev/", "/proc/")):
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent in ("/dev", "/proc") or parent.startswith("/proc/"):
             return True
         if not os.path.islink(path):
             break

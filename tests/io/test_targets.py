@@ -99,10 +99,12 @@ def test_an_output_that_is_no_regular_file_is_refused_before_its_metadata_is_rea
     fifo, link = tmp_path / "out.fifo", tmp_path / "out.parquet"
     os.mkfifo(fifo)
     os.symlink("/proc/self/fd/1", link)
-    for target in (fifo, link, "/dev/null", "/dev/stdout"):
+    for target in (fifo, link, "/dev/null", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
         with pytest.raises(ConfigError, match=r" is not a regular file \(a FIFO, a device, /dev/stdout\)"):
             check_target(str(target), {"the input file": str(tmp_path / "in.fa")})
     assert os.path.islink(link) and os.readlink(link) == "/proc/self/fd/1"
     os.symlink(tmp_path / "nothing-yet.parquet", tmp_path / "dangling.parquet")  # the commit creates its file
     check_target(str(tmp_path / "dangling.parquet"), {})
     check_target(str(tmp_path / "new.parquet"), {})
+    if os.path.isdir("/dev/shm"):  # a tmpfs of plain files: a fine place for an output
+        check_target("/dev/shm/esm2cli-no-such-output.parquet", {})
