@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import itertools
@@ -101,12 +102,45 @@ def parse_record(title: str, raw_sequence: str, position: int) -> Record:
     return Record(rec_id, description, sequence, position, problem)
 
 
+def _binary_stream(raw: BinaryIO | io.RawIOBase) -> BinaryIO | io.BufferedReader | gzip.GzipFile:
+    """The bytes of a stream, gunzipped when it starts with the gzip magic."""
+    buffered: io.BufferedReader = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+    return gzip.GzipFile(fileobj=buffered, mode="rb") if buffered.peek(2)[:2] == _GZIP_MAGIC else buffered
+
+
+def not_utf8(source: str | os.PathLike, exc: UnicodeDecodeError, span: tuple[int, int] | None = None) -> str:
+    """What a decoding error says, at the offset of the bad byte in the file (in its text, for gzip).
+
+    The error's own offset counts from the start of the block the text reader was decoding, not of the file;
+    the file is read again, up to the bad byte, to find it (this runs only on the way to an error).
+    """
+    where = f"byte {exc.start} of a block"
+    if str(source) != "-":
+        try:
+            where = f"byte {_first_bad_byte(source, span)}"
+        except (OSError, StorageError, EOFError, ValueError):  # the message keeps the block's offset
+            pass
+    return f"{source}: not UTF-8 text ({exc.reason} at {where})"
+
+
+def _first_bad_byte(source: str | os.PathLike, span: tuple[int, int] | None) -> int:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = span[0] if span else 0
+    with open_input(source) as raw:
+        stream = _binary_stream(_Span(raw, *span) if span else raw)  # type: ignore[arg-type]
+        while block := stream.read(1 << 16):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                return offset - pending + exc.start
+            offset += len(block)
+    raise ValueError("no undecodable byte found")
+
+
 def _text_stream(raw: BinaryIO | io.RawIOBase) -> TextIO:
     """Wraps a binary stream as UTF-8 text, gunzipping it when it starts with the gzip magic."""
-    buffered: io.BufferedReader = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
-    stream: BinaryIO | io.BufferedReader | gzip.GzipFile = buffered
-    if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        stream = gzip.GzipFile(fileobj=buffered, mode="rb")
+    stream = _binary_stream(raw)
     # utf-8-sig drops a byte-order mark before the first header (Windows editors write one).
     return io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
 
@@ -186,7 +220,7 @@ def read_records(
                     )
                 yield record
         except UnicodeDecodeError as exc:
-            raise FastaError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            raise FastaError(not_utf8(source, exc, span)) from exc
         except (gzip.BadGzipFile, EOFError, OSError) as exc:
             raise FastaError(f"{source}: cannot read ({exc})") from exc
 

@@ -337,6 +337,17 @@ def stdin_is(path: str | os.PathLike) -> bool:
         return False
 
 
+def one_stream(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two inputs are one stream: '-' twice, '-' and /dev/stdin, or one FIFO or pipe named twice.
+
+    A stream is read once: the second reader would find it drained, or (a FIFO) wait for a writer for ever.
+    """
+    a, b = str(a), str(b)
+    if a == "-" or b == "-":
+        return a == b or stdin_is(b if a == "-" else a)
+    return same_file(a, b)
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when two local paths name one file (after links and relative paths are resolved)."""
     if str(a) == "-" or str(b) == "-":

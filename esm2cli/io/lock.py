@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -93,6 +94,7 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(self._me).encode())
         self._fd = fd
+        sweep_stale_temporaries(self.target)
 
     def _take_lease(self) -> None:
         if storage.exists(self.path):
@@ -144,3 +146,42 @@ def _read_json_fd(fd: int) -> dict:
         return json.loads(os.read(fd, 4096) or b"{}")
     except (OSError, ValueError):
         return {}
+
+
+def sweep_stale_temporaries(target: str) -> list[str]:
+    """Deletes the temporary files (storage.AtomicFile's ``.<name>.<pid>-<hex>.tmp``) that runs killed before
+    their commit left beside ``target``: each may be as large as the output, and nothing else ever removes it.
+
+    Called with the output's lock held, so no live run writes toward it; a file whose process still lives is
+    kept all the same (a writer of this process, or one that does not lock).
+
+    Returns:
+        The paths deleted.
+    """
+    directory, name = os.path.split(os.path.abspath(target))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    swept = []
+    for entry in names:
+        found = pattern.fullmatch(entry)
+        if found is None or int(found.group(1)) == os.getpid() or _alive(int(found.group(1))):
+            continue
+        try:
+            os.remove(os.path.join(directory, entry))
+            swept.append(os.path.join(directory, entry))
+        except OSError:  # gone already, or not ours to delete: it stays, as before
+            pass
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True

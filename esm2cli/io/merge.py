@@ -15,7 +15,7 @@ from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
 from esm2cli.io.storage import is_url, join, listdir, open_input
-from esm2cli.io.targets import is_complete
+from esm2cli.io.targets import check_target, is_complete
 
 _PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})(\.parquet|\.h5)$")  # as ShardConfig.part_name, for any count
 
@@ -73,6 +73,7 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
     if any(same_file(part, output) for part in parts):
         raise OutputExistsError(f"{output} is one of the parts being merged: name a file outside {prefix}")
     _check_merge_output(prefix, output)
+    check_target(output, {})  # a FIFO, a device or /dev/stdout: refused before its metadata is read
     from esm2cli.io import hdf5
 
     metas = [_part_metadata(part) for part in parts]

@@ -8,6 +8,7 @@ other one is replaced only with --overwrite; the refusal names what differs from
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 
 from esm2cli.config import ShardConfig
@@ -41,6 +42,32 @@ def check_target(target: str, inputs: Mapping[str, str | os.PathLike | None], *,
             raise ConfigError(f"{target} is {what}: name another output")
     if not storage.is_url(target) and os.path.isdir(target):
         raise ConfigError(f"{target} is a directory: name a file{directory_hint}")
+    if not storage.is_url(target) and _is_special(target):
+        raise ConfigError(
+            f"{target} is not a regular file (a FIFO, a device, /dev/stdout): esm2cli writes a file beside the "
+            "output and renames it into place; name a file"
+        )
+
+
+def _is_special(target: str) -> bool:
+    """True for an output that is, or links to, something other than a regular file or nothing: a FIFO (reading
+    its metadata would wait for a writer), a device, or a name in /dev or /proc (/dev/stdout links to
+    /proc/self/fd/1, /dev/fd/1 is one). The rename that commits an output would replace such a link (as root,
+    /dev/stdout or /dev/null itself), and never write through it. /dev/shm and its like hold plain files.
+    """
+    path = os.path.abspath(target)
+    for _ in range(40):  # the kernel's own bound on a chain of links
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent in ("/dev", "/proc") or parent.startswith("/proc/"):
+            return True
+        if not os.path.islink(path):
+            break
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False  # nothing there yet (or a dangling link): the commit creates the file
+    return not stat.S_ISREG(mode)
 
 
 def is_complete(target: str, identity: Mapping | None, overwrite: bool) -> bool:

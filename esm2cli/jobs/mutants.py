@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from esm2cli.errors import MutantError, StorageError
-from esm2cli.io.fasta import RESIDUES
+from esm2cli.io.fasta import RESIDUES, not_utf8
 from esm2cli.io.storage import open_input
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # what --all-substitutions substitutes
@@ -171,7 +171,7 @@ def read_mutants(source: str | os.PathLike, single_id: str | None = None) -> Ite
     except StorageError as exc:
         raise MutantError(str(exc)) from exc
     except UnicodeDecodeError as exc:
-        raise MutantError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise MutantError(not_utf8(source, exc)) from exc
     except (csv.Error, gzip.BadGzipFile, EOFError) as exc:
         raise MutantError(f"{source}: cannot read ({exc})") from exc
 

@@ -224,6 +224,14 @@ def readable_source(source: str | os.PathLike, *, error: type[InputError] = Fast
         os.unlink(spooled)
 
 
+def _scan_label(fasta: str, shard: ShardConfig | None, source: InputSource) -> str:
+    """The input as a scan's problems name it: a shard's slice numbers its records from its own first one."""
+    if shard is None or source.slice is None:
+        return fasta
+    start, stop = source.slice.range
+    return f"{fasta}, shard {shard.index} of {shard.count} (bytes {start}..{stop}, records counted from its first)"
+
+
 def run_identity(scan: FastaScan, model_identity: str, dtype: str, embed: EmbedConfig, inputs: InputConfig,
                  shard: ShardConfig, *, source_slice: InputSlice | None = None,
                  family: str = "esm2") -> dict:  # fmt: skip
@@ -331,7 +339,7 @@ def embed_fasta(
         raise ConfigError("--contacts needs each protein in one window: use --long-sequences truncate or error")
     with OutputLock(target), readable_source(fasta) as path, shard_source(path, str(fasta), shard) as source:
         scan = scan_fasta(source.path, embed.truncate, embed.max_length, source.span)
-        check_scan(scan, str(fasta), inputs, allow_empty=source.slice is not None)  # a shard may hold no record
+        check_scan(scan, _scan_label(str(fasta), shard, source), inputs, allow_empty=source.slice is not None)
         if hdf5.is_hdf5(target):
             hdf5.check_run(target, scan, contacts=embed.contacts)  # h5py there, ids unique: before any compute
         sources = reuse_stamps(reuse) if reuse else None  # a bad --reuse path stops the run before the model loads

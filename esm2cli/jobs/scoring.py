@@ -39,7 +39,7 @@ from esm2cli.config import (
 from esm2cli.errors import ConfigError, FastaError, MutantError
 from esm2cli.io import storage
 from esm2cli.io.fasta import describe_invalid, read_records, scan_fasta
-from esm2cli.io.identity import score_identity, stamp_weights
+from esm2cli.io.identity import one_stream, score_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import TableWriter
 from esm2cli.io.records import Record
@@ -479,6 +479,10 @@ def _check_run(fasta: str, output: str, score: ScoreConfig) -> None:
     if score.mode == "mutations" and not score.mutations:
         raise ConfigError("mode mutations needs a mutant list; this is a bug")
     check_target(output, {"the FASTA": fasta, "the mutant list": score.mutations})
+    if score.mutations and storage.is_stream(score.mutations) and one_stream(fasta, score.mutations):
+        raise ConfigError(
+            f"--mutations {score.mutations}: the FASTA is read from that stream; name a file for the list"
+        )
 
 
 def _plan(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -406,3 +407,29 @@ def test_reuse_of_a_stream_is_refused_in_one_line_without_opening_it(tmp_path, t
         "is read by seeking (Parquet's footer, HDF5's index): write it to a file first"
     )
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_an_output_that_is_a_fifo_or_stdout_is_refused_and_left_as_it_is(tmp_path, fasta, tiny_model_dir):
+    # A FIFO: the check of an earlier output waited for a writer for ever. A link to /proc/self/fd/1 (what
+    # /dev/stdout is): a traceback, and with --overwrite the link itself was replaced by the Parquet file.
+    fifo, link = tmp_path / "out.fifo", tmp_path / "stdout.parquet"
+    os.mkfifo(fifo)
+    os.symlink("/proc/self/fd/1", link)
+    for target, extra in [(fifo, ()), (link, ()), (link, ("--overwrite",))]:
+        done = run_esm2cli("embed", fasta, "-o", target, "-m", tiny_model_dir, "--dtype", "float32", *extra,
+                           timeout=60)  # fmt: skip
+        assert done.returncode == 2 and f"Error: {target} is not a regular file" in done.stderr, done.stderr
+    assert os.path.islink(link) and os.readlink(link) == "/proc/self/fd/1"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_bad_record_of_a_shard_is_numbered_as_the_shard_counts(tmp_path, tiny_model_dir):
+    # Record #13 of the file was named "record #4" with nothing to say the count began at the shard's first.
+    records = [(f"r{i}", random_protein(20 + i)) for i in range(12)] + [("x", "MKV1L")]
+    fasta = write_fasta(tmp_path / "in.fa", records)
+    done = run(fasta, "-o", tmp_path / "parts", "-m", tiny_model_dir, "--shard-count", 2, "--shard-index", 1)
+    assert done.exit_code == 2, done.output
+    first = next(line for line in done.output.splitlines() if line.startswith("Error:"))
+    assert first.startswith(f"Error: {fasta}, shard 1 of 2 (bytes ") and "records counted from its first)" in first
+    in_shard = int(re.search(r"1 of (\d+) records cannot be embedded", done.output).group(1))
+    assert in_shard < len(records) and f"record #{in_shard} 'x'" in done.output  # 'x' is the shard's last

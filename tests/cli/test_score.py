@@ -280,3 +280,26 @@ def test_a_mutant_list_on_stdin(tmp_path, wt, tiny_model_dir):
     assert bad.exit_code == 2 and "Error: -: 1 of 1 mutants cannot be scored" in bad.output  # named as given
     both = score(tiny_model_dir, "-", "--mutations", "-", "-o", tmp_path / "both.parquet", input=">p1\nMKV\n")
     assert both.exit_code == 2 and "the FASTA is already read from stdin; name a file for the list" in both.output
+
+
+def test_one_stream_for_the_fasta_and_the_mutant_list_is_refused_at_once(tmp_path, wt, tiny_model_dir):
+    # The FASTA's copy drained the stream: the list's read waited on the FIFO for ever, or found stdin empty.
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    done = run_esm2cli("score", fifo, "--mutations", fifo, "-o", tmp_path / "o.parquet", "-m", tiny_model_dir,
+                       timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"Error: --mutations {fifo}: the FASTA is read from that stream; name a file for the list" in done.stderr
+    for fasta, mutations in [("/dev/stdin", "-"), ("-", "/dev/stdin")]:
+        piped = run_esm2cli("score", fasta, "--mutations", mutations, "-o", tmp_path / "o.parquet",
+                            "-m", tiny_model_dir, input=">p1\nMKV\n", timeout=60)  # fmt: skip
+        assert piped.returncode == 2, piped.stderr
+        assert f"--mutations {mutations}: the FASTA is read from that stream" in piped.stderr
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_an_output_that_is_a_fifo_is_refused_not_waited_on(tmp_path, wt, tiny_model_dir):
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    done = run_esm2cli("score", wt, "--pll", "-o", fifo, "-m", tiny_model_dir, timeout=60)
+    assert done.returncode == 2 and f"Error: {fifo} is not a regular file" in done.stderr, done.stderr

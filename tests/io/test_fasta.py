@@ -148,3 +148,19 @@ def test_seven_shards_of_mixed_widths_and_crlf_hold_every_record_once_with_the_u
     sharded = np.concatenate([np.array(part["embedding"].to_pylist(), np.float32) for part in parts])
     # equal up to float32 rounding: other batches sum in another order on this CPU backend
     np.testing.assert_allclose(sharded, np.array(whole["embedding"].to_pylist(), np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_byte_that_is_not_utf8_is_named_by_its_offset_in_the_file(tmp_path, compress):
+    # The decoder's offset counts from the block it was decoding: byte 20,006 was reported as byte 7,718.
+    good = "".join(f">r{i}\n{'MKTAYIAKQR' * 6}\n" for i in range(300)).encode()
+    data = good + b">z\nMK\x80V\n"
+    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    bad = data.index(b"\x80")
+    with pytest.raises(FastaError, match=rf": not UTF-8 text \(invalid start byte at byte {bad}\)$"):
+        list(read_records(path))
+    start = good.rindex(b">r150")  # a shard's span: the offset is still the file's
+    if not compress:
+        with pytest.raises(FastaError, match=rf"at byte {bad}\)$"):
+            list(read_records(path, span=(start, len(data))))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -344,3 +346,17 @@ def test_unfinished_work_recorded_before_the_model_family_existed_resumes(tmp_pa
     manifest.write_text(json.dumps({k: v for k, v in options.items() if k != "model_family"}))  # as older runs wrote
     rerun = embed(fa, out, tiny_model_dir, "--chunk-size", "2")
     assert rerun.exit_code == 0 and "6 resumed" in rerun.output.replace(",", ""), rerun.output
+
+
+def test_one_stream_is_a_fifo_named_twice_or_stdin_under_two_names(tmp_path):
+    from esm2cli.io.identity import one_stream
+
+    fifo, other = tmp_path / "a.fifo", tmp_path / "b.fifo"
+    os.mkfifo(fifo)
+    os.mkfifo(other)
+    assert one_stream(fifo, fifo) and one_stream("-", "-")
+    assert not one_stream(fifo, other)
+    code = "import sys; from esm2cli.io.identity import one_stream; sys.exit(0 if one_stream('-', '/dev/stdin') else 3)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    piped = subprocess.run([sys.executable, "-c", code], input=b"x", env=env)
+    assert piped.returncode == 0  # '-' and /dev/stdin are one pipe

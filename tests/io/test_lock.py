@@ -18,7 +18,7 @@ from esm2cli.cli import cli
 from esm2cli.errors import OutputLockedError
 from esm2cli.io.lock import OutputLock, lock_path
 from esm2cli.io.storage import AtomicFile
-from helpers import write_fasta
+from helpers import embed_cli, write_fasta
 
 HOLD = """
 import sys, time
@@ -106,3 +106,22 @@ def test_an_aborted_writer_leaves_the_other_one_alone(tmp_path):
     first.commit()
     assert target.read_bytes() == b"kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_run_sweeps_the_temporary_file_a_killed_run_left_beside_its_output(tmp_path, tiny_model_dir):
+    # A run killed before its commit (SIGKILL, a second Ctrl-C) left its .<name>.<pid>-<hex>.tmp for ever.
+    out = tmp_path / "o.parquet"
+    code = (
+        "import os, sys, pyarrow as pa; from esm2cli.io.parquet import TableWriter\n"
+        "w = TableWriter(sys.argv[1], pa.schema([('id', pa.string())])); w.write_columns({'id': ['a'] * 10})\n"
+        "w.flush(); print(w._file.tmp, flush=True); os.kill(os.getpid(), 9)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
+    left = killed.stdout.strip()
+    assert killed.returncode == -9 and os.path.exists(left) and not out.exists()
+    mine = tmp_path / f".o.parquet.{os.getpid()}-0123abcd.tmp"  # a live process's: kept
+    mine.write_bytes(b"x")
+    fasta = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("b", "MKVLA")])
+    assert embed_cli(fasta, out, tiny_model_dir).exit_code == 0
+    assert not os.path.exists(left) and mine.exists() and pq.read_table(out).num_rows == 2

@@ -7,6 +7,7 @@ import gzip
 import os
 
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
@@ -188,3 +189,22 @@ def test_merge_onto_another_output_names_what_differs_and_a_rerun_is_complete(tm
     refused = _merge(tmp_path / "emb", foreign)
     assert refused.exit_code == 2 and "already exists and is not esm2cli output" in refused.output, refused.output
     assert foreign.read_bytes() == b"not esm2cli output"
+
+
+def test_merge_into_a_fifo_is_refused_not_waited_on(tmp_path, tiny_model_dir):
+    from esm2cli.errors import ConfigError
+    from esm2cli.io.merge import merge_parts
+    from helpers import within
+
+    fasta = write_fasta(tmp_path / "in.fa", [("a", "MKV"), ("b", "MKVL")])
+    for index in range(2):
+        _shard(fasta, tmp_path / "parts", tiny_model_dir, index, 2)
+    fifo = tmp_path / "merged.fifo"
+    os.mkfifo(fifo)
+
+    def merge():
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            merge_parts(str(tmp_path / "parts"), str(fifo))
+        return True
+
+    assert within(30, merge)  # it waited for a writer of the FIFO for ever

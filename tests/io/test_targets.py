@@ -91,3 +91,20 @@ def test_a_foreign_file_or_an_unknown_identity_is_refused_without_overwrite(tmp_
         is_complete(out, None, overwrite=False)  # a mutant list from stdin: never known to be the same run
     assert is_complete(out, None, overwrite=True) is False
     assert foreign.read_bytes() == b"precious"
+
+
+def test_an_output_that_is_no_regular_file_is_refused_before_its_metadata_is_read(tmp_path):
+    # A FIFO's metadata read waited for a writer for ever; a link to /proc/self/fd/1 (what /dev/stdout is) gave a
+    # traceback, and with --overwrite the commit's rename replaced the link itself (as root: /dev/stdout, /dev/null).
+    fifo, link = tmp_path / "out.fifo", tmp_path / "out.parquet"
+    os.mkfifo(fifo)
+    os.symlink("/proc/self/fd/1", link)
+    for target in (fifo, link, "/dev/null", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        with pytest.raises(ConfigError, match=r" is not a regular file \(a FIFO, a device, /dev/stdout\)"):
+            check_target(str(target), {"the input file": str(tmp_path / "in.fa")})
+    assert os.path.islink(link) and os.readlink(link) == "/proc/self/fd/1"
+    os.symlink(tmp_path / "nothing-yet.parquet", tmp_path / "dangling.parquet")  # the commit creates its file
+    check_target(str(tmp_path / "dangling.parquet"), {})
+    check_target(str(tmp_path / "new.parquet"), {})
+    if os.path.isdir("/dev/shm"):  # a tmpfs of plain files: a fine place for an output
+        check_target("/dev/shm/esm2cli-no-such-output.parquet", {})

@@ -105,3 +105,12 @@ def test_missing_and_binary_files_are_refused(tmp_path):
     path.write_bytes(b"id,mutant\n\xff\xfe,A2G\n")
     with pytest.raises(MutantError, match="not UTF-8"):
         list(read_mutants(path))
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_its_offset_in_the_list(tmp_path):
+    data = ("id,mutant\n" + "p1,A2G\n" * 3000).encode() + b"p1,A2\x80\n"
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    bad = data.index(b"\x80")
+    with pytest.raises(MutantError, match=rf"not UTF-8 text \(invalid start byte at byte {bad}\)$"):
+        list(read_mutants(path))
