@@ -167,7 +167,7 @@ def sweep_stale_temporaries(target: str) -> list[str]:
     swept = []
     for entry in names:
         found = pattern.fullmatch(entry)
-        if found is None or int(found.group(1)) == os.getpid() or _alive(int(found.group(1))):
+        if found is None or int(found.group(1)) == os.getpid() or storage.process_alive(int(found.group(1))):
             continue
         try:
             os.remove(os.path.join(directory, entry))
@@ -175,13 +175,3 @@ def sweep_stale_temporaries(target: str) -> list[str]:
         except OSError:  # gone already, or not ours to delete: it stays, as before
             pass
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True

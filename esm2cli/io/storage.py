@@ -38,6 +38,35 @@ def is_stream(path: str | os.PathLike) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+_SPOOL_PREFIX = "esm2cli-stream-"  # then the writer's pid, so that a killed run's copy can be known
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this machine (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _sweep_stale_spools(directory: str) -> None:
+    """Deletes the stream copies that runs killed before their cleanup (a second Ctrl-C) left in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_SPOOL_PREFIX) :].split("-", 1)[0]
+        if name.startswith(_SPOOL_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:  # another user's, or gone already
+                pass
+
+
 def spool(source: str | os.PathLike, directory: str | None = None) -> str:
     """Copies a stream (see is_stream) to a temporary file, read once, so that it can be read twice; the caller
     deletes the copy.
@@ -45,7 +74,8 @@ def spool(source: str | os.PathLike, directory: str | None = None) -> str:
     Raises:
         StorageError: The stream cannot be opened or read (the copy is removed).
     """
-    fd, name = tempfile.mkstemp(prefix="esm2cli-stream-", dir=directory)
+    _sweep_stale_spools(directory or tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             if str(source) == "-":

@@ -42,11 +42,21 @@ def check_target(target: str, inputs: Mapping[str, str | os.PathLike | None], *,
             raise ConfigError(f"{target} is {what}: name another output")
     if not storage.is_url(target) and os.path.isdir(target):
         raise ConfigError(f"{target} is a directory: name a file{directory_hint}")
+    if not storage.is_url(target) and (under := _file_above(target)):
+        raise ConfigError(f"{target}: {under} is a file, not a folder: name an output outside it")
     if not storage.is_url(target) and _is_special(target):
         raise ConfigError(
             f"{target} is not a regular file (a FIFO, a device, /dev/stdout): esm2cli writes a file beside the "
             "output and renames it into place; name a file"
         )
+
+
+def _file_above(target: str) -> str | None:
+    """The nearest existing folder of ``target``'s path when it is a file (``in.fa/out.parquet``), else None."""
+    parent = os.path.dirname(os.path.abspath(target))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    return parent if parent and not os.path.isdir(parent) else None
 
 
 def _is_special(target: str) -> bool:

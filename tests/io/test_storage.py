@@ -53,3 +53,19 @@ def test_spool_of_an_unreadable_stream_names_it_and_leaves_no_copy(tmp_path):
     with pytest.raises(StorageError, match="missing.fifo: no such file"):
         spool(tmp_path / "missing.fifo", str(spool_dir))
     assert os.listdir(spool_dir) == []
+
+
+def test_spool_sweeps_the_copies_killed_runs_left_and_keeps_live_ones(tmp_path, monkeypatch):
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its copy is a leftover of a run killed before its cleanup
+    left = tmp_path / f"esm2cli-stream-{dead_pid}-abc123"
+    live = tmp_path / f"esm2cli-stream-{os.getppid()}-def456"  # a live process's copy stays
+    other = tmp_path / "esm2cli-stream-notes"  # not of the pattern: stays
+    for path in (left, live, other):
+        path.write_bytes(b">a\nMKV\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b">b\nGG\n")))
+    copy = spool("-", str(tmp_path))
+    assert not left.exists() and live.exists() and other.exists()
+    assert os.path.basename(copy).startswith(f"esm2cli-stream-{os.getpid()}-")

@@ -108,3 +108,12 @@ def test_an_output_that_is_no_regular_file_is_refused_before_its_metadata_is_rea
     check_target(str(tmp_path / "new.parquet"), {})
     if os.path.isdir("/dev/shm"):  # a tmpfs of plain files: a fine place for an output
         check_target("/dev/shm/esm2cli-no-such-output.parquet", {})
+
+
+def test_an_output_under_a_file_is_named_as_such(tmp_path):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nMKV\n")
+    for target in (fasta / "out.parquet", fasta / "deeper" / "out.parquet"):
+        with pytest.raises(ConfigError, match=r"in\.fa is a file, not a folder: name an output outside it"):
+            check_target(str(target), {})
+    check_target(str(tmp_path / "new" / "deeper" / "out.parquet"), {})  # folders made later: fine
