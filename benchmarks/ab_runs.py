@@ -48,6 +48,14 @@ def batches_of(seqs: list[str], budget: int, plan: str = "sorted") -> list[list[
     return [[seqs[i] for i in b] for b in PLANS[plan]([len(s) for s in seqs], budget, DEFAULT_BATCH_SIZE)]
 
 
+def residue_mean(hidden: torch.Tensor, seqs: list[str]) -> torch.Tensor:
+    """A padded forward's (B, W, H) hidden states averaged over each protein's residues (<cls> and padding out)."""
+    lengths = torch.tensor([len(s) for s in seqs], device=hidden.device)
+    pos = torch.arange(hidden.shape[1], device=hidden.device)
+    residues = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
+    return (hidden * residues[..., None]).sum(1) / lengths[:, None]
+
+
 def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The lowest cosine between matching rows of two (n, H) arrays."""
     a, b = a.astype(np.float64), b.astype(np.float64)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.ab_runs import PLANS, batches_of, card_name, lowest_cosine, matmul_peak, side_by_side
+from benchmarks.ab_runs import PLANS, batches_of, card_name, lowest_cosine, matmul_peak, residue_mean, side_by_side
 from esm2cli.config import GPU_PEAKS, BatchConfig, EmbedConfig, ModelConfig
 from esm2cli.jobs.workload import synthetic_sequences
 from esm2cli.model.architecture import DTYPES
@@ -52,10 +52,7 @@ class OldForward:
         ids = (ids.pin_memory() if self.device.type == "cuda" else ids).to(self.device, non_blocking=True)
         mask = (ids != self.loaded.pad_id).long()
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
-        pos = torch.arange(hidden.shape[1], device=self.device)
-        residues = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
-        pooled = (hidden * residues[..., None]).sum(1) / lengths[:, None]
+        pooled = residue_mean(hidden, seqs)
         self.host_s.append(time.perf_counter() - start)
         return pooled.cpu().numpy()
 
