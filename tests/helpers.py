@@ -75,7 +75,23 @@ def build_tiny_esmc(path, seed: int = 5, *, layers=3, hidden=64, heads=4, ffn=96
     return str(path)
 
 
-class EsmcReference:
+class OneProteinAtATime:
+    """A reference model's vectors of one protein, from ``hidden(seq, layer)``: (tokens, H) with <cls> first."""
+
+    def hidden(self, seq: str, layer: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def mean(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[1 : len(seq) + 1].mean(0)
+
+    def bos(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[0]
+
+    def per_token(self, seq: str, layer: int = -1) -> np.ndarray:
+        return self.hidden(seq, layer)[1 : len(seq) + 1]
+
+
+class EsmcReference(OneProteinAtATime):
     """transformers' own ESM C, each protein alone, tokenised by its EsmcTokenizer."""
 
     def __init__(self, model_dir: str):
@@ -95,15 +111,6 @@ class EsmcReference:
         with torch.no_grad():
             states = self.model.esmc(input_ids=self._ids(seq), output_hidden_states=True).hidden_states
         return states[layer % (self.num_layers + 1)][0].numpy()
-
-    def mean(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[1 : len(seq) + 1].mean(0)
-
-    def bos(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[0]
-
-    def per_token(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[1 : len(seq) + 1]
 
     def log_probs(self, seq: str, masked: int | None = None) -> np.ndarray:
         """(residues, 64) log-softmax of the LM head at each residue, with residue ``masked`` (0-based) masked."""

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, EsmModel
 
+from helpers import OneProteinAtATime
 
-class DirectReference:
+
+class DirectReference(OneProteinAtATime):
     """Embeds each sequence alone with the model's own tokenizer and output_hidden_states."""
 
     def __init__(self, model_dir: str):
@@ -20,15 +22,6 @@ class DirectReference:
         with torch.no_grad():
             states = self.model(**enc, output_hidden_states=True).hidden_states
         return states[layer % (self.num_layers + 1)][0].numpy()
-
-    def mean(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[1 : len(seq) + 1].mean(0)
-
-    def bos(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[0]
-
-    def per_token(self, seq: str, layer: int = -1) -> np.ndarray:
-        return self.hidden(seq, layer)[1 : len(seq) + 1]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -103,12 +103,7 @@ def test_merge_into_hdf5_refuses_a_damaged_part(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "a.fa", records)
     parts = tmp_path / "parts"
     for index in range(2):
-        result = CliRunner().invoke(
-            cli,
-            ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-             "--shard-count", "2", "--shard-index", str(index)],
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
+        _shard(fasta, parts, tiny_model_dir, index, 2)
     part = parts / "part-00001-of-00002.parquet"
     column = pq.ParquetFile(part).metadata.row_group(0).column(pq.read_schema(part).get_field_index("embedding"))
     at = column.data_page_offset + column.total_compressed_size - 40  # inside the vectors' values
@@ -127,12 +122,7 @@ def test_merge_of_a_renamed_part_blames_the_file_not_esm2cli(tmp_path, tiny_mode
     fasta = write_fasta(tmp_path / "a.fa", [(f"p{i}", "MKTAYIAKQRQISFVKSHFSRQ"[: 6 + i]) for i in range(6)])
     parts = tmp_path / "parts"
     for index in (0, 1):
-        result = CliRunner().invoke(
-            cli,
-            ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--dtype", "float32",
-             "--shard-count", "2", "--shard-index", str(index)],
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
+        _shard(fasta, parts, tiny_model_dir, index, 2)
     shutil.copy(parts / "part-00000-of-00002.parquet", parts / "part-00001-of-00002.parquet")
     result = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
     assert result.exit_code == 2
