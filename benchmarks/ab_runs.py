@@ -11,9 +11,31 @@ import torch
 from esm2cli.config import DEFAULT_BATCH_SIZE, GPU_PEAKS
 from esm2cli.runtime.batching import pack_batches, plan_batches
 
+
+def shortest_fill(lengths: list[int], max_tokens: int, max_batch: int, specials: int = 2) -> list[list[int]]:
+    """The packer embed used before best fit: the longest sequences left, then the gap filled with the shortest."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], -i))
+    short, long = 0, len(order) - 1
+    batches: list[list[int]] = []
+    while short <= long:
+        batch, tokens = [order[long]], lengths[order[long]] + specials
+        long -= 1
+        for end in ("long", "short"):
+            while short <= long and len(batch) < max_batch:
+                i = order[long] if end == "long" else order[short]
+                if tokens + lengths[i] + specials > max_tokens:
+                    break
+                batch.append(i)
+                tokens += lengths[i] + specials
+                long, short = (long - 1, short) if end == "long" else (long, short + 1)
+        batches.append(batch)
+    return batches
+
+
 # "sorted": batches of similar length (fair to a forward that pads every row to the widest); "packed": as
-# esm2cli embed plans them (longest first, gaps filled with the shortest: fewer padding rows of the last tile).
-PLANS = {"sorted": plan_batches, "packed": pack_batches}
+# esm2cli embed plans them (best fit: the fewest padding rows of the last tile); "shortest-fill": the packer
+# before best fit, to price the change.
+PLANS = {"sorted": plan_batches, "packed": pack_batches, "shortest-fill": shortest_fill}
 
 
 def sync(device: torch.device) -> None:
