@@ -185,4 +185,7 @@ def test_the_file_records_what_bit_identity_holds_for(tmp_path, tiny_model_dir):
     _embed(tmp_path, "meta", RECORDS[:3], "-m", tiny_model_dir, "--dtype", "bfloat16", "--devices", "sim:2")
     meta = read_metadata(tmp_path / "meta.parquet")
     assert meta["dtype"] == "bfloat16"
-    assert meta["numerics"] == {"torch": torch.__version__, "device_type": ["cpu"], "batch_invariant": True}
+    from esm2cli.model.invariant import FORWARD_REVISION
+
+    want = {"torch": torch.__version__, "device_type": ["cpu"], "batch_invariant": True}
+    assert meta["numerics"] == {**want, "forward_revision": FORWARD_REVISION}

@@ -37,6 +37,7 @@ from esm2cli.io.split import InputSlice, InputSource, shard_source
 from esm2cli.io.targets import check_target, is_complete, output_target
 from esm2cli.jobs.chunking import ChunkLimit, ChunkWork, split_chunks
 from esm2cli.jobs.reuse import ChunkReuse, done_future, open_reuse, reuse_stamps
+from esm2cli.model.invariant import FORWARD_REVISION
 from esm2cli.runtime.batching import pack_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, build_engine, resolve_placement
 from esm2cli.runtime.memory import release_free_memory
@@ -274,6 +275,7 @@ def run_metadata(fasta: str, model: ModelConfig, embed: EmbedConfig, setup: Engi
             "torch": importlib.metadata.version("torch"),
             "device_type": sorted({"cuda" if d.is_cuda else "cpu" for d in setup.devices}),
             "batch_invariant": True,
+            "forward_revision": FORWARD_REVISION,
         },
         "identity": identity,
     }

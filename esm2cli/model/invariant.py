@@ -5,10 +5,11 @@ shapes of a call, so a row computed in a call of 300 rows may be summed in anoth
 a call of 3,000. Every op the forwards run over packed tokens therefore sees shapes fixed by the protein's own
 length or by a constant:
 
-- ``tiled_linear``: matmuls on tiles of exactly ``ROW_TILE`` rows (one batched call, each tile its own gemm of
-  one fixed shape); the last tile padded (``padded_rows``). Measured on the CPU (oneDNN/MKL): a single call's
-  rows change with the call's row count (below ~256 rows, or with the thread count for a long reduction such as
-  the feed-forward's second matmul), a 256-row tile's rows never do (tests/model/test_invariant.py).
+- ``tiled_linear``: matmuls on tiles of exactly ``ROW_TILE`` rows (each tile its own gemm of one fixed shape:
+  one batched call, or one call a tile in half precision on the CPU); the last tile padded (``padded_rows``).
+  Measured on the CPU (oneDNN/MKL): a single call's rows change with the call's row count (below ~256 rows, or
+  with the thread count for a long reduction such as the feed-forward's second matmul), a 256-row tile's rows
+  never do (tests/model/test_invariant.py).
 - ``attention_width`` and ``width_groups``: padded attention (SDPA on the CPU) runs a protein at the width of
   its own length's rung, grouped only with proteins of the same rung, never at the width of its widest mate.
 - ``mean_pool``: each protein's residue rows summed in one fixed binary tree: chunks of ``POOL_CHUNK`` rows
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Bumped whenever the forward's arithmetic changes for some device type or dtype (files before the key: 1).
+# 2: the CPU's half-precision matmuls run one gemm call a tile instead of one batched call.
+FORWARD_REVISION = 2
 ROW_TILE = 256  # rows per matmul tile (benchmarks/forward_ab.py: 128 costs more calls, 512 more padding)
 POOL_CHUNK = 16  # residue rows summed per first-level chunk of mean pooling
 WIDTH_STEP = 32  # attention widths: multiples of 32 up to 1,024 tokens,
@@ -58,19 +62,39 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Returns:
         (M, N) in ``x``'s dtype.
     """
-    m, k = x.shape
+    m = x.shape[0]
     xp = pad_rows(x)
-    tiles = xp.shape[0] // ROW_TILE
-    x3 = xp.reshape(tiles, ROW_TILE, k)
-    wt = weight.t()
     if x.device.type == "cpu" and x.dtype != torch.float32:
-        # oneDNN's half-precision batched gemm reads a transposed, stride-0 weight slowly: a (K, N) copy once
-        # a call costs a weight's bytes and saves ~10% of the matmul (benchmarks/forward_ab.py, bfloat16).
-        wt = wt.contiguous()
-    wt = wt.expand(tiles, k, weight.shape[0])
-    out = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias, x3, wt)
-    out = out.reshape(tiles * ROW_TILE, weight.shape[0])
+        out = tile_by_tile(xp, weight, bias)
+    else:
+        out = batched_tiles(xp, weight, bias)
     return out if out.shape[0] == m else out[:m]
+
+
+def batched_tiles(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Whole tiles as one batched gemm over a stride-0 weight (float32 on the CPU: MKL reads it in place; CUDA)."""
+    tiles, k = xp.shape[0] // ROW_TILE, xp.shape[1]
+    x3 = xp.reshape(tiles, ROW_TILE, k)
+    wt = weight.t().expand(tiles, k, weight.shape[0])
+    out = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias, x3, wt)
+    return out.reshape(tiles * ROW_TILE, weight.shape[0])
+
+
+def tile_by_tile(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Whole tiles as one gemm call each, written in place (the CPU in half precision).
+
+    oneDNN's half-precision batched gemm copies the stride-0 weight for every tile of the call; one call a tile
+    reads it as it is: 0.95x of one plain call against 0.78x for the batched tiles (benchmarks/tile_ab.py).
+    """
+    out = xp.new_empty(xp.shape[0], weight.shape[0])
+    wt = weight.t()
+    for start in range(0, xp.shape[0], ROW_TILE):
+        tile, dest = xp[start : start + ROW_TILE], out[start : start + ROW_TILE]
+        if bias is None:
+            torch.mm(tile, wt, out=dest)
+        else:
+            torch.addmm(bias, tile, wt, out=dest)
+    return out
 
 
 def attention_width(tokens: int) -> int:
