@@ -19,8 +19,16 @@ from esm2cli.io.parquet import read_metadata
 
 
 def output_target(output: str | os.PathLike, shard: ShardConfig | None = None) -> str:
-    """The file a run writes: ``output`` itself, or ``<output>/part-<i>-of-<n>.parquet`` for a shard."""
-    return storage.join(output, shard.part_name()) if shard else str(output)
+    """The file a run writes: ``output`` itself, or ``<output>/part-<i>-of-<n>.parquet`` for a shard.
+
+    A local symbolic link is followed to the file it names: the commit renames a finished file over the target,
+    which would replace the link itself and leave the file it names as it was. A link into /dev or /proc
+    (/dev/stdout) stays as it is, for check_target to refuse.
+    """
+    target = storage.join(output, shard.part_name()) if shard else str(output)
+    if not storage.is_url(target) and os.path.islink(target) and not _is_special(target):
+        return os.path.realpath(target)
+    return target
 
 
 def check_target(target: str, inputs: Mapping[str, str | os.PathLike | None], *, directory_hint: str = "") -> None:

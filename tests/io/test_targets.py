@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from esm2cli.config import ShardConfig
 from esm2cli.errors import ConfigError, OutputExistsError
-from esm2cli.io.parquet import TableWriter
+from esm2cli.io.parquet import TableWriter, read_metadata
 from esm2cli.io.targets import check_target, is_complete, output_target
+from tests.helpers import embed_cli, write_fasta
 
 IDENTITY = {"input_sha256": "a" * 64, "model_identity": "w1", "dtype": "float32", "pooling": "mean"}
 
@@ -31,6 +33,21 @@ def test_output_target_is_the_output_or_a_shard_part(tmp_path):
     assert output_target(tmp_path / "o.parquet") == str(tmp_path / "o.parquet")
     shard = ShardConfig(index=1, count=4)
     assert output_target(tmp_path / "emb", shard) == str(tmp_path / "emb" / "part-00001-of-00004.parquet")
+
+
+def test_an_output_that_is_a_link_is_written_through_it(tmp_path, tiny_model_dir):
+    real, link = tmp_path / "data" / "real.parquet", tmp_path / "link.parquet"
+    real.parent.mkdir()
+    os.symlink(real, link)
+    assert output_target(link) == str(real)
+    assert output_target("/dev/stdout") == "/dev/stdout"  # refused by check_target, never followed
+    first, second = write_fasta(tmp_path / "a.fa", [("a", "MKV")]), write_fasta(tmp_path / "b.fa", [("b", "MKVL")])
+    embed_cli(first, link, tiny_model_dir, check=True)
+    embed_cli(second, link, tiny_model_dir, "--overwrite", check=True)
+    # before: the commit's rename replaced the link with the new file and left real.parquet holding the first run
+    assert os.path.islink(link) and os.readlink(link) == str(real)
+    assert pq.read_table(real).column("id").to_pylist() == ["b"]
+    assert read_metadata(real)["input"].endswith("b.fa")
 
 
 def test_an_output_that_is_an_input_is_refused_by_what_it_is(tmp_path):
