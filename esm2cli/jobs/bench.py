@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from esm2cli.config import WARMUP_SEQUENCE, BatchConfig, EmbedConfig, InputConfig, ModelConfig
-from esm2cli.runtime.batching import SPECIAL_TOKENS, padded_tokens, plan_batches
+from esm2cli.model.invariant import padded_rows
+from esm2cli.runtime.batching import SPECIAL_TOKENS, pack_batches
 from esm2cli.runtime.engine import Engine, EngineSetup, build_engine
 from esm2cli.runtime.modeled import call_seconds, model_flops
 
@@ -243,11 +244,11 @@ def run_bench(
                 f"sharing it finish batches inside a {duration:g} s box, batches hold at most {max_tokens} tokens "
                 f"and sequences are cut to {max_tokens - SPECIAL_TOKENS} residues"
             )
-    planned = plan_batches([len(s) for s in seqs], max_tokens, setup.batch.batch_size)
+    planned = pack_batches([len(s) for s in seqs], max_tokens, setup.batch.batch_size)
     random.Random(0).shuffle(planned)  # any prefix of the cycle then has the workload's mix of lengths
     batches = [[seqs[i] for i in rows] for rows in planned]
     real = sum(len(s) + SPECIAL_TOKENS for s in seqs)
-    padded = sum(padded_tokens([len(seqs[i]) for i in rows]) for rows in planned)
+    padded = sum(_computed_rows([len(seqs[i]) for i in rows]) for rows in planned)
     report = BenchReport(
         model=model.model, random_weights=loaded.dummy, dtype=dtype, device_kind="cuda" if cuda else "simulated",
         duration_s=duration, max_tokens=max_tokens, batch_size=setup.batch.batch_size,
@@ -328,7 +329,7 @@ def _predicted_rate(batches: list[list[str]], k: int, card: str, dtype: str, loa
 
 def _seconds_per_residue(seqs: Sequence[str], setup: EngineSetup) -> float:
     """Modeled device seconds per residue on a sample of the workload, batched as embed batches it."""
-    planned = plan_batches([len(s) for s in seqs], setup.batch.token_budget, setup.batch.batch_size)
+    planned = pack_batches([len(s) for s in seqs], setup.batch.token_budget, setup.batch.batch_size)
     replica = setup.replicas[0]
     held = sum(replica.seconds([len(seqs[i]) for i in rows]) for rows in planned)
     return held / sum(map(len, seqs))
@@ -431,9 +432,14 @@ def _peak(card: str, dtype: str) -> float:
 
 
 def _padding(seqs: Sequence[str], batch: BatchConfig) -> float:
-    planned = plan_batches([len(s) for s in seqs], batch.token_budget, batch.batch_size)
+    planned = pack_batches([len(s) for s in seqs], batch.token_budget, batch.batch_size)
     real = sum(len(s) + SPECIAL_TOKENS for s in seqs)
-    return 1 - real / sum(padded_tokens([len(seqs[i]) for i in rows]) for rows in planned)
+    return 1 - real / sum(_computed_rows([len(seqs[i]) for i in rows]) for rows in planned)
+
+
+def _computed_rows(lengths: Sequence[int]) -> int:
+    """Rows the forward computes for a packed batch of these lengths: its tokens in whole matmul tiles."""
+    return padded_rows(sum(n + SPECIAL_TOKENS for n in lengths))
 
 
 def _modeled_row(k: int, setup: EngineSetup, summary, begin: float, end: float) -> BenchRow:

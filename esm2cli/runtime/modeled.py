@@ -3,7 +3,7 @@
 Everything around them is real (reading, checks, sorting, tokenising, the outputs' shape, Parquet), so
 that a machine without GPUs can measure whether its host keeps N fast GPUs busy. A batch is held for
 
-    model_flops(padded batch) / (card's published peak in the run's dtype x MFU) + per-call overhead
+    packed_flops(batch) / (card's published peak in the run's dtype x MFU) + per-call overhead
 
 waiting on a clock that releases the GIL, as a thread waiting on CUDA kernels does.
 """
@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from esm2cli.config import GPU_PEAKS, EmbedConfig, ModeledGPU
-from esm2cli.runtime.batching import SPECIAL_TOKENS
+from esm2cli.runtime.batching import SPECIAL_TOKENS, token_bucket
 
 _OUTPUT_ROWS = 251  # distinct placeholder vectors (a prime: rows of different lengths rarely repeat)
 
@@ -39,18 +39,23 @@ def model_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights
     return total
 
 
-def padded_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights: int | None = None) -> float:
-    """FLOPs a device spends on a batch: every sequence padded to the widest one."""
-    padded = [max(lengths)] * len(lengths) if lengths else []
-    return model_flops(padded, layers, hidden, ffn_weights=ffn_weights) if lengths else 0.0
+def packed_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights: int | None = None) -> float:
+    """FLOPs a card spends on a packed batch, as esm2cli's forward runs it: the matmuls over the batch's tokens
+    rounded up to its CUDA graph's token bucket (runtime.batching.token_bucket), attention per protein."""
+    if not lengths:
+        return 0.0
+    ffn = 8 * hidden * hidden if ffn_weights is None else ffn_weights
+    tokens = [n + SPECIAL_TOKENS for n in lengths]
+    rows = token_bucket(sum(tokens))
+    return layers * (2 * (4 * hidden * hidden + ffn) * rows + sum(4 * hidden * t * t for t in tokens))
 
 
 def call_seconds(
     lengths: Sequence[int], layers: int, hidden: int, gpu: ModeledGPU, dtype: str, *, ffn_weights: int | None = None
 ) -> float:
-    """How long the modeled card holds one batch: padded FLOPs / (peak x MFU) + overhead."""
+    """How long the modeled card holds one batch: packed FLOPs / (peak x MFU) + overhead."""
     peak = GPU_PEAKS[gpu.card][dtype]
-    flops = padded_flops(lengths, layers, hidden, ffn_weights=ffn_weights)
+    flops = packed_flops(lengths, layers, hidden, ffn_weights=ffn_weights)
     return flops / (peak * gpu.mfu) + gpu.overhead_ms / 1000
 
 

@@ -13,6 +13,7 @@ from esm2cli.errors import DeviceError
 from esm2cli.jobs.pipeline import embed_fasta
 from esm2cli.model.architecture import ARCHITECTURES
 from esm2cli.model.load import load_model
+from esm2cli.runtime.batching import token_bucket
 from esm2cli.runtime.devices import modeled_devices
 from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.modeled import ModeledReplica
@@ -31,10 +32,11 @@ def _replica(loaded, gpu: ModeledGPU, embed: EmbedConfig | None = None):
 
 
 def _expected_seconds(lengths, gpu: ModeledGPU) -> float:
-    """The formula written out: padded FLOPs of ESM-2 over (published peak x MFU), plus the call overhead."""
+    """The formula written out: packed FLOPs of ESM-2 over (published peak x MFU), plus the call overhead."""
     layers, hidden, _ = ARCHITECTURES["esm2_t33_650M"]
-    width = max(lengths) + 2  # every sequence padded to the widest, <cls> and <eos> included
-    flops = layers * len(lengths) * (24 * hidden * hidden * width + 4 * hidden * width * width)
+    tokens = [n + 2 for n in lengths]  # <cls> and <eos> included
+    rows = token_bucket(sum(tokens))  # the matmuls run on the CUDA graph's token bucket
+    flops = layers * (24 * hidden * hidden * rows + sum(4 * hidden * t * t for t in tokens))
     return flops / (GPU_PEAKS[gpu.card]["bfloat16"] * gpu.mfu) + gpu.overhead_ms / 1000
 
 
