@@ -218,6 +218,7 @@ def embed(
     with interruptible():
         setup_logging(verbose, quiet)
         from esm2cli.io.hdf5 import is_hdf5
+        from esm2cli.io.targets import output_target
         from esm2cli.jobs.pipeline import embed_fasta
 
         use_s3_endpoint(s3_endpoint_url)
@@ -244,8 +245,9 @@ def embed(
                 )
             suffix = ".h5" if output_format == "h5" else ".parquet"
             shard = ShardConfig(index=shard_index, count=shard_count, suffix=suffix)
-        elif output_format != "auto" and (output_format == "h5") != is_hdf5(output):
-            raise click.BadParameter(f"{output} is not a .{output_format} file name", param_hint="--format")
+        elif output_format != "auto" and (output_format == "h5") != is_hdf5(target := output_target(output)):
+            # the file written decides its format: a link's target, not the link's own name
+            raise click.BadParameter(f"{target} is not a .{output_format} file name", param_hint="--format")
         truncate = model_truncate(model, truncate, long_sequences=long_sequences)
         configs = dict(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, devices=devices),

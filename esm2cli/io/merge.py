@@ -15,7 +15,7 @@ from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import concatenate, read_metadata
 from esm2cli.io.schema import METADATA_KEY
 from esm2cli.io.storage import is_url, join, listdir, open_input
-from esm2cli.io.targets import check_target, is_complete
+from esm2cli.io.targets import check_target, is_complete, output_target
 
 _PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})(\.parquet|\.h5)$")  # as ShardConfig.part_name, for any count
 
@@ -62,6 +62,7 @@ def merge_parts(prefix: str, output: str, overwrite: bool = False) -> int | None
             something else and overwrite is False.
         OutputLockedError: Another live run writes the same output.
     """
+    output = output_target(output)  # a link is written through, as embed's and score's outputs
     with OutputLock(output):  # one run at a time toward one output, as embed and score
         return _merge_parts(prefix, output, overwrite)
 

@@ -43,7 +43,7 @@ from esm2cli.io.identity import one_stream, score_identity, stamp_weights
 from esm2cli.io.lock import OutputLock
 from esm2cli.io.parquet import TableWriter
 from esm2cli.io.records import Record
-from esm2cli.io.targets import check_target, is_complete
+from esm2cli.io.targets import check_target, is_complete, output_target
 from esm2cli.jobs.mutants import AMINO_ACIDS, MutantTable, read_mutant_table
 from esm2cli.jobs.pipeline import readable_source
 from esm2cli.model.architecture import model_family, resolve_source
@@ -405,7 +405,7 @@ def score_fasta(
         ModelLoadError, DeviceError: The model (or its LM head) or devices are unusable.
         OutputError, StorageError: The output cannot be written. EngineError: a replica failed.
     """
-    output = str(output)
+    output = output_target(output)  # a link is written through: the commit's rename would replace it
     _check_run(str(fasta), output, score)
     summary = ScoreSummary(mode=score.mode)
     # A stream (stdin, a FIFO, <(zcat x.gz)) is read twice, from a copy: the check pass and the hash or the compute.

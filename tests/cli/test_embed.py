@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from esm2cli.cli import cli
 from esm2cli.config import EmbedConfig
 from esm2cli.io.parquet import read_metadata
-from helpers import fed_fifo, random_protein, run_esm2cli, write_fasta
+from helpers import embed_cli, fed_fifo, random_protein, run_esm2cli, write_fasta
 from reference import DirectReference, cosine
 
 
@@ -433,3 +433,17 @@ def test_a_bad_record_of_a_shard_is_numbered_as_the_shard_counts(tmp_path, tiny_
     assert first.startswith(f"Error: {fasta}, shard 1 of 2 (bytes ") and "records counted from its first)" in first
     in_shard = int(re.search(r"1 of (\d+) records cannot be embedded", done.output).group(1))
     assert in_shard < len(records) and f"record #{in_shard} 'x'" in done.output  # 'x' is the shard's last
+
+
+def test_format_is_checked_against_the_file_a_link_names(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", [("a", "MKV")])
+    real, link = tmp_path / "data" / "y.h5", tmp_path / "y.parquet"
+    real.parent.mkdir()
+    os.symlink(real, link)
+    result = embed_cli(fasta, link, tiny_model_dir, "--format", "parquet")
+    # before: the name checked was the link's, the format written the target's: HDF5 under --format parquet
+    assert result.exit_code == 2, result.output
+    assert "--format" in result.output and "y.h5 is not a .parquet file name" in result.output
+    assert not real.exists()
+    assert embed_cli(fasta, link, tiny_model_dir, "--format", "h5").exit_code == 0
+    assert real.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"

@@ -198,3 +198,17 @@ def test_merge_into_a_fifo_is_refused_not_waited_on(tmp_path, tiny_model_dir):
         return True
 
     assert within(30, merge)  # it waited for a writer of the FIFO for ever
+
+
+def test_merge_into_a_link_writes_the_file_it_names(tmp_path, tiny_model_dir):
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS)
+    _shard(fasta, tmp_path / "emb", tiny_model_dir, 0, 2)
+    _shard(fasta, tmp_path / "emb", tiny_model_dir, 1, 2)
+    real, link = tmp_path / "data" / "all.parquet", tmp_path / "all.parquet"
+    real.parent.mkdir()
+    os.symlink(os.path.join("data", "all.parquet"), link)  # relative, as `ln -s data/all.parquet` makes it
+    result = _merge(tmp_path / "emb", link)
+    assert result.exit_code == 0, result.output
+    # before: the commit's rename replaced the link with the merged file and data/all.parquet was never written
+    assert os.path.islink(link)
+    assert pq.read_table(real).column("id").to_pylist() == [r for r, _ in RECORDS]

@@ -292,3 +292,15 @@ def test_a_model_without_lm_head_is_refused(tmp_path, fasta, tiny_model_dir):
     assert result.exit_code == 1
     assert "has no masked-LM head" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_scores_into_a_link_are_written_to_the_file_it_names(tmp_path, fasta, tiny_model_dir):
+    import os
+
+    real, link = tmp_path / "data" / "pll.parquet", tmp_path / "pll.parquet"
+    real.parent.mkdir()
+    os.symlink(real, link)
+    table, _ = score_ok(tmp_path, fasta, tiny_model_dir, "--pll", name="pll.parquet")
+    # before: the commit's rename replaced the link with the scores and data/pll.parquet was never written
+    assert os.path.islink(link)
+    assert pq.read_table(real).column("id").to_pylist() == table.column("id").to_pylist() == [p for p, _ in PROTEINS]
