@@ -160,18 +160,9 @@ def sweep_stale_temporaries(target: str) -> list[str]:
     """
     directory, name = os.path.split(os.path.abspath(target))
     pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)-[0-9a-f]{{8}}\.tmp")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    swept = []
-    for entry in names:
+
+    def pid_of(entry: str) -> int | None:
         found = pattern.fullmatch(entry)
-        if found is None or int(found.group(1)) == os.getpid() or storage.process_alive(int(found.group(1))):
-            continue
-        try:
-            os.remove(os.path.join(directory, entry))
-            swept.append(os.path.join(directory, entry))
-        except OSError:  # gone already, or not ours to delete: it stays, as before
-            pass
-    return swept
+        return int(found.group(1)) if found else None
+
+    return storage.sweep_orphans(directory, pid_of)

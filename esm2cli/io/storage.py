@@ -8,7 +8,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -52,19 +52,37 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _sweep_stale_spools(directory: str) -> None:
-    """Deletes the stream copies that runs killed before their cleanup (a second Ctrl-C) left in ``directory``."""
+def sweep_orphans(directory: str, pid_of: Callable[[str], int | None]) -> list[str]:
+    """Deletes the files in ``directory`` that a process killed before its cleanup left there.
+
+    Args:
+        directory: Where to look (a folder that cannot be listed: nothing is deleted).
+        pid_of: The pid that wrote a file, read from its name; None for a file that is none of these.
+
+    Returns:
+        The paths deleted. A file of this process or of a live one is kept, as is one that cannot be removed
+        (gone already, or another user's).
+    """
     try:
         names = os.listdir(directory)
     except OSError:
-        return
+        return []
+    swept = []
     for name in names:
-        pid = name[len(_SPOOL_PREFIX) :].split("-", 1)[0]
-        if name.startswith(_SPOOL_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            try:
-                os.remove(os.path.join(directory, name))
-            except OSError:  # another user's, or gone already
-                pass
+        pid = pid_of(name)
+        if pid is None or pid == os.getpid() or process_alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            swept.append(os.path.join(directory, name))
+        except OSError:
+            pass
+    return swept
+
+
+def _spool_pid(name: str) -> int | None:
+    pid = name[len(_SPOOL_PREFIX) :].split("-", 1)[0]
+    return int(pid) if name.startswith(_SPOOL_PREFIX) and pid.isdigit() else None
 
 
 def spool(source: str | os.PathLike, directory: str | None = None) -> str:
@@ -74,7 +92,7 @@ def spool(source: str | os.PathLike, directory: str | None = None) -> str:
     Raises:
         StorageError: The stream cannot be opened or read (the copy is removed).
     """
-    _sweep_stale_spools(directory or tempfile.gettempdir())
+    sweep_orphans(directory or tempfile.gettempdir(), _spool_pid)  # copies of runs killed by a second Ctrl-C
     fd, name = tempfile.mkstemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
