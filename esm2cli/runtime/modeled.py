@@ -31,12 +31,16 @@ def model_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights
     feed-forward has F = 8·h² (24·h²·T in all, the default); ESM C's SwiGLU block has F = 3·h·f (gate, up and
     down projections of its hidden size f: LoadedModel.ffn_weights).
     """
-    ffn = 8 * hidden * hidden if ffn_weights is None else ffn_weights
     total = 0.0
     for n in lengths:
         t = n + SPECIAL_TOKENS
-        total += layers * (2 * (4 * hidden * hidden + ffn) * t + 4 * hidden * t * t)
+        total += layers * (_dense_flops(hidden, ffn_weights) * t + 4 * hidden * t * t)
     return total
+
+
+def _dense_flops(hidden: int, ffn_weights: int | None) -> int:
+    """Matmul FLOPs a layer spends on one token row: 2·(4·h² + F) (see model_flops)."""
+    return 2 * (4 * hidden * hidden + (8 * hidden * hidden if ffn_weights is None else ffn_weights))
 
 
 def packed_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weights: int | None = None) -> float:
@@ -44,10 +48,12 @@ def packed_flops(lengths: Sequence[int], layers: int, hidden: int, *, ffn_weight
     rounded up to its CUDA graph's token bucket (runtime.batching.token_bucket), attention per protein."""
     if not lengths:
         return 0.0
-    ffn = 8 * hidden * hidden if ffn_weights is None else ffn_weights
-    tokens = [n + SPECIAL_TOKENS for n in lengths]
-    rows = token_bucket(sum(tokens))
-    return layers * (2 * (4 * hidden * hidden + ffn) * rows + sum(4 * hidden * t * t for t in tokens))
+    tokens = sum(n + SPECIAL_TOKENS for n in lengths)
+    padding = token_bucket(tokens) - tokens  # rows the matmuls run beyond the real tokens, with no attention
+    return (
+        model_flops(lengths, layers, hidden, ffn_weights=ffn_weights)
+        + layers * _dense_flops(hidden, ffn_weights) * padding
+    )
 
 
 def call_seconds(
