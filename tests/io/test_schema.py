@@ -90,9 +90,8 @@ def _overflowing_model(tmp_path, residues: str | None = None) -> str:
 
     model_dir = build_tiny_esm2(tmp_path / "big")
     model = EsmForMaskedLM.from_pretrained(model_dir)
-    rows = slice(None) if residues is None else AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(
-        list(residues)
-    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = slice(None) if residues is None else tokenizer.convert_tokens_to_ids(list(residues))
     with torch.no_grad():
         model.esm.embeddings.word_embeddings.weight[rows] *= 1e6
     model.save_pretrained(model_dir)
