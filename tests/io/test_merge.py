@@ -137,11 +137,10 @@ def test_parts_of_a_six_digit_shard_count_are_found_by_merge(tmp_path, tiny_mode
         ["embed", fasta, "-o", str(parts), "-m", tiny_model_dir, "--devices", "cpu", "--shard-count", "100000",
          "--shard-index", "99999"],
     )  # fmt: skip
-    if result.exit_code == 2:  # a count refused up front is a fix too
-        return
     assert result.exit_code == 0, result.output
+    assert (parts / "part-99999-of-100000.parquet").is_file()  # as many digits as the count needs (docs/embed.md)
     merged = CliRunner().invoke(cli, ["merge", str(parts), "-o", str(tmp_path / "all.parquet")])
-    assert "not finished" in merged.output, merged.output  # 99,999 shards are missing, and merge must say so
+    assert merged.exit_code == 2 and "99999 of 100000 shards are not finished: 0, 1, 2" in merged.output
 
 
 def test_merge_into_hdf5_names_ids_repeated_across_shards(tmp_path, tiny_model_dir):
@@ -212,3 +211,14 @@ def test_merge_into_a_link_writes_the_file_it_names(tmp_path, tiny_model_dir):
     # before: the commit's rename replaced the link with the merged file and data/all.parquet was never written
     assert os.path.islink(link)
     assert pq.read_table(real).column("id").to_pylist() == [r for r, _ in RECORDS]
+
+
+@pytest.mark.parametrize("allowed", [0, 1], ids=["first-allowed", "second-allowed"])
+def test_ids_across_shards_are_refused_when_only_one_shard_allowed_duplicates(tmp_path, tiny_model_dir, allowed):
+    fasta = write_fasta(tmp_path / "in.fa", [*RECORDS, ("r0", "MKV")])  # r0 in the first shard and the last
+    for index in range(2):
+        _shard(fasta, tmp_path / "emb", tiny_model_dir, index, 2, *(["--allow-duplicate-ids"] * (index == allowed)))
+    result = _merge(tmp_path / "emb", tmp_path / "all.parquet")
+    assert result.exit_code == 2, result.output  # a shard run without the flag never agreed to keep repeats
+    assert "1 id(s) occur in more than one shard: 'r0' in shards 0, 1" in result.output
+    assert not (tmp_path / "all.parquet").exists()

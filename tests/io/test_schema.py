@@ -80,31 +80,48 @@ def test_the_python_api_writes_float16_tables_and_returns_float32_arrays(tmp_pat
     np.testing.assert_allclose(stored, arrays, rtol=1e-3, atol=1e-3)
 
 
-def test_float16_output_refuses_or_reports_values_out_of_range(tmp_path):
-    import numpy as np
-    import pyarrow.parquet as pq
+def _overflowing_model(tmp_path, residues: str | None = None) -> str:
+    """A tiny ESM-2 whose token embeddings (layer 0) reach ~1e5, beyond float16: every token's, or only those of
+    ``residues`` (the <cls> row then stays small)."""
     import torch
-    from transformers import EsmForMaskedLM
+    from transformers import AutoTokenizer, EsmForMaskedLM
 
     from helpers import build_tiny_esm2
 
     model_dir = build_tiny_esm2(tmp_path / "big")
     model = EsmForMaskedLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = slice(None) if residues is None else tokenizer.convert_tokens_to_ids(list(residues))
     with torch.no_grad():
-        model.esm.embeddings.word_embeddings.weight.mul_(1e6)  # layer 0 (the embeddings) holds values ~1e5
+        model.esm.embeddings.word_embeddings.weight[rows] *= 1e6
     model.save_pretrained(model_dir)
+    return model_dir
+
+
+F16_LAYER_0 = ["--devices", "cpu", "--dtype", "float32", "--layers", "0", "--output-dtype", "float16"]
+
+
+def test_float16_output_refuses_pooled_values_out_of_range(tmp_path):
+    model_dir = _overflowing_model(tmp_path)
     fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSS")])
     out = tmp_path / "out.parquet"
-    result = CliRunner().invoke(
-        cli,
-        ["embed", fasta, "-o", str(out), "-m", model_dir, "--devices", "cpu", "--dtype", "float32",
-         "--layers", "0", "--output-dtype", "float16"],
-    )  # fmt: skip
-    if result.exit_code == 0:  # a run that writes must keep every value finite
-        vectors = np.asarray(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float64)
-        assert np.isfinite(vectors).all()
-    else:
-        assert result.exit_code == 2 and "float16" in result.output
+    result = CliRunner().invoke(cli, ["embed", fasta, "-o", str(out), "-m", model_dir, *F16_LAYER_0])
+    assert result.exit_code == 2, result.output  # docs/output-format.md: stopped with one line, never inf
+    assert "p1: embedding holds" in result.output and "beyond float16's range (65504)" in result.output
+    assert not out.exists()
+
+
+def test_float16_output_refuses_per_token_values_out_of_range(tmp_path):
+    model_dir = _overflowing_model(tmp_path, residues="W")  # only p2's W overflows; <cls> (the bos pool) does not
+    fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAK"), ("p2", "GGSWS")])
+    args = ["embed", fasta, "-m", model_dir, *F16_LAYER_0, "--pooling", "bos"]
+    pooled = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "pooled.parquet")])
+    assert pooled.exit_code == 0, pooled.output  # the control: the pooled vectors fit float16
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(cli, [*args, "-o", str(out), "--per-token"])
+    assert result.exit_code == 2, result.output
+    assert "p2: per_token holds" in result.output and "beyond float16's range (65504)" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("role", ["output", "reuse", "merge"])
@@ -125,4 +142,5 @@ def test_foreign_metadata_is_one_line(tmp_path, tiny_model_dir, role):
     }[role]
     result = CliRunner().invoke(cli, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)  # no trace
-    assert result.exit_code in (0, 2), result.output  # reuse skips the file with a line; output and merge refuse
+    assert result.exit_code == (0 if role == "reuse" else 2), result.output  # reuse skips it with a line
+    assert str(path) in result.output and (role != "reuse" or "is not an esm2cli output" in result.output)

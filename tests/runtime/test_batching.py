@@ -143,3 +143,10 @@ def test_packed_batches_keep_the_count_cap_and_give_a_long_sequence_its_own():
     assert pack_batches([3000, 10], max_tokens=1000, max_batch=64) == [[0], [1]]
     assert pack_batches([40] * 30, max_tokens=1024, max_batch=64) == [list(range(24)), list(range(24, 30))]
     assert pack_batches([], 100, 4) == []
+
+
+def test_packed_batches_take_an_exact_fit():
+    # 510 residues + <cls> + <eos> = 512 tokens: two fill 1,024 exactly; 418 + 300 + 300 do too (420 + 302 + 302)
+    assert pack_batches([510, 510], max_tokens=1024, max_batch=64) == [[0, 1]]
+    assert pack_batches([300, 418, 300], max_tokens=1024, max_batch=64) == [[1, 0, 2]]
+    assert pack_batches([510, 510], max_tokens=1023, max_batch=64) == [[0], [1]]  # one token short: two batches
