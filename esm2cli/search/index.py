@@ -162,9 +162,7 @@ class Index:
         Raises:
             ConfigError: k out of range, vectors of another width, or max_evalue without a null model.
         """
-        self._check_k(k)
-        if max_evalue is not None and not self.has_evalues:
-            raise ConfigError(f"{self.path} has no null model (built with --decoys 0): no E-values to filter on")
+        self.check_request(k, max_evalue)
         queries = np.asarray(vectors, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.hidden:
             raise ConfigError(f"query vectors of shape {queries.shape}: the database {self.path} holds {self.hidden}")
@@ -175,7 +173,15 @@ class Index:
             hits += self._search_block(block, k, min_score, max_evalue, nprobe)
         return hits
 
-    def _check_k(self, k: int) -> None:
+    def check_request(self, k: int, max_evalue: float | None = None) -> None:
+        """Refuses, before any work, a k of no hit or of more than the database holds, and an E-value filter on a
+        database without a null model (ConfigError)."""
+        self.check_k(k)
+        if max_evalue is not None and not self.has_evalues:
+            raise ConfigError(f"--max-evalue: {self.path} has no null model (built with --decoys 0): no E-values")
+
+    def check_k(self, k: int) -> None:
+        """Refuses a k of no hit or of more hits than the database holds (ConfigError)."""
         if not isinstance(k, int | np.integer) or not 1 <= k <= self.size:
             raise ConfigError(
                 f"-k {k}: the database {self.path} holds {self.size:,} vectors: ask for 1 to {self.size:,}"
@@ -247,7 +253,7 @@ class Index:
             ConfigError: The embedder's identity differs from the database's; k out of range.
             InputError: A sequence cannot be embedded.
         """
-        self._check_k(k)
+        self.check_k(k)
         own = embedder is None
         model = self.embedder() if embedder is None else embedder
         try:
