@@ -296,6 +296,8 @@ def write_like(template, path, vectors, *, ids=None, row_group_size: int = 1024)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from esm2cli.io.schema import WRITE_OPTIONS
+
     schema = pq.read_schema(template)
     n = len(vectors)
     ids = ids if ids is not None else [f"s{i}" for i in range(n)]
@@ -308,5 +310,5 @@ def write_like(template, path, vectors, *, ids=None, row_group_size: int = 1024)
         "embedding": pa.FixedSizeListArray.from_arrays(flat, hidden),
     }  # fmt: skip
     table = pa.table([columns[f.name] for f in schema], schema=schema)
-    pq.write_table(table, path, row_group_size=row_group_size)
+    pq.write_table(table, path, row_group_size=row_group_size, **WRITE_OPTIONS)
     return str(path)
