@@ -8,10 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import embed_cli, random_protein, write_fasta, write_like
-from searchdata import fake_null_module
-
-SEQUENCES = [(f"p{i}", random_protein(20 + 9 * i)) for i in range(12)]
+from helpers import embed_cli, write_fasta, write_like
+from searchdata import SEQUENCES, fake_null_module
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 
 from helpers import random_protein
 
+SEQUENCES = [(f"p{i}", random_protein(20 + 9 * i)) for i in range(12)]  # the FASTA of the embedded fixture
+
 
 def unit(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, np.float32)
