@@ -44,6 +44,8 @@ def test_the_embedder_is_configured_from_the_identity(db, tiny_model_dir):
     options = embedder_options(db.identity, db.metadata)
     assert options["model"] == tiny_model_dir and options["dtype"] == "float32" and options["pooling"] == "mean"
     assert options["layers"] == [3] and options["load_format"] == "auto"
+    with db.embedder(devices="cpu") as embedder:  # the Embedder's own identity is the inputs' vector identity
+        assert embedder_identity(embedder) == db.identity
 
 
 def test_a_query_of_another_identity_is_refused_naming_what_differs(db, embedded, tiny_model_dir):
