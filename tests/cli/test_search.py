@@ -135,3 +135,13 @@ def test_a_second_build_of_one_database_exits_2_naming_the_first(outputs, tmp_pa
     assert f"pid {first.pid}" in second.stderr and "being written by another esm2cli run" in second.stderr
     assert first.wait(timeout=120) == 0  # the first goes on and completes
     assert run("search", outputs / "out.parquet", "-d", tmp_path / "db", "-o", "-", "-k", "1", "-q").exit_code == 0
+
+
+def test_a_fasta_query_with_another_model_exits_2_naming_the_weights(outputs, tmp_path):
+    from helpers import build_tiny_esm2
+
+    other = build_tiny_esm2(tmp_path / "other", seed=8)  # the same architecture, other weights
+    result = run("search", outputs / "in.fasta", "-d", outputs / "db", "-o", tmp_path / "h.tsv", "-m", other,
+                 "--devices", "cpu")  # fmt: skip
+    assert result.exit_code == 2 and "the model's weights changed" in result.stderr, result.output
+    assert not (tmp_path / "h.tsv").exists()
