@@ -40,7 +40,7 @@ from esm2cli.config import (
 from esm2cli.errors import ConfigError, EngineError, InputError
 from esm2cli.io.chunks import Chunk
 from esm2cli.io.fasta import FastaScan, check_sequence, normalise, read_records, scan_fasta
-from esm2cli.io.identity import stamp_weights
+from esm2cli.io.identity import request_identity, stamp_weights
 from esm2cli.io.records import Record
 from esm2cli.io.schema import METADATA_KEY, Rows, build_schema, record_batch
 from esm2cli.jobs import pipeline
@@ -166,6 +166,14 @@ class Embedder:
     def dtype(self) -> str:
         """The dtype the weights run in ("auto" resolved)."""
         return self._setup.dtype
+
+    @property
+    def identity(self) -> dict:
+        """What decides the numbers of the rows this Embedder computes (io.identity.request_identity): the weights
+        it loaded, the dtype and the embedding options. A stored row of an equal identity stands for one of its
+        results (the search database checks a query's against its own)."""
+        return request_identity(weights=self._weights, dtype=self.dtype, embed=self.embed_config,
+                                model_family=self._setup.model.family)  # fmt: skip
 
     def close(self) -> None:
         """Stops the device workers; the Embedder cannot be used afterwards."""

@@ -288,3 +288,39 @@ class ScoreConfig:
     mutations: str | None = None
     window: int = DEFAULT_TRUNCATE
     skip_invalid: bool = False
+
+
+# ---- esm2cli index and search ------------------------------------------------------------------------------------
+
+INDEX_KINDS = ("auto", "flat", "ivf-pq", "hnsw")
+# --kind auto: an exact (flat) database below this many vectors, IVF-PQ from it on. A flat query batch reads every
+# vector once (2M x 1280 float32 = 10 GB from the page cache); an estimate until benchmarks/search_bench.py
+# measures where IVF-PQ's re-ranked search overtakes it. The one place the threshold is written.
+AUTO_FLAT_MAX_VECTORS = 2_000_000
+DEFAULT_DECOYS = 1000  # decoy queries the null model for E-values is fitted on, per shard (0: no E-values)
+DEFAULT_TOP_K = 10
+HIT_FORMATS = ("tsv", "m8", "parquet")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """What ``esm2cli index`` builds.
+
+    Attributes:
+        kind: "flat" (exact), "ivf-pq", "hnsw", or "auto" (flat below AUTO_FLAT_MAX_VECTORS vectors).
+        layer: The layer read from inputs of several layers (None: inputs of one layer).
+        decoys: Decoy queries the null model is fitted on (0: no E-values).
+        fasta: The FASTA the inputs were embedded from, whose sequences the decoys shuffle (None: the one named
+            in the inputs' metadata, when it is readable).
+        seed: Seeds the training sample, the decoys and the quantizer's k-means.
+        devices: Where the decoys are embedded (as --devices).
+        train_only: Only train the IVF-PQ quantizer every shard shares (DB/trained.faiss).
+    """
+
+    kind: str = "auto"
+    layer: int | None = None
+    decoys: int = DEFAULT_DECOYS
+    fasta: str | None = None
+    seed: int = 0
+    devices: str = "auto"
+    train_only: bool = False

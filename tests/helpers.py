@@ -288,3 +288,27 @@ def within(seconds: float, fn, *args):
     thread.join(seconds)
     assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} blocked for {seconds} s"
     return result[0]
+
+
+def write_like(template, path, vectors, *, ids=None, row_group_size: int = 1024) -> str:
+    """Writes ``vectors`` as an esm2cli output shaped and labelled as ``template`` (a real embed output): its schema
+    and metadata (so its identity), with rows of synthetic ids, lengths and these vectors; a quick large input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esm2cli.io.schema import WRITE_OPTIONS
+
+    schema = pq.read_schema(template)
+    n = len(vectors)
+    ids = ids if ids is not None else [f"s{i}" for i in range(n)]
+    hidden = schema.field("embedding").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, np.float32).ravel(), pa.float32())
+    columns = {
+        "id": pa.array(ids, pa.string()), "description": pa.array([f"{i} synthetic" for i in ids], pa.string()),
+        "length": pa.array(np.arange(n) % 500 + 20, pa.int32()), "truncated": pa.array(np.zeros(n, bool)),
+        "windows": pa.array(np.ones(n, np.int32)), "sequence_sha256": pa.array([None] * n, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, hidden),
+    }  # fmt: skip
+    table = pa.table([columns[f.name] for f in schema], schema=schema)
+    pq.write_table(table, path, row_group_size=row_group_size, **WRITE_OPTIONS)
+    return str(path)

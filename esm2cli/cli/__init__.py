@@ -14,8 +14,10 @@ import click
 from esm2cli.cli.bench import bench
 from esm2cli.cli.download import download
 from esm2cli.cli.embed import embed
+from esm2cli.cli.index import index
 from esm2cli.cli.merge import merge
 from esm2cli.cli.score import score
+from esm2cli.cli.search import search
 from esm2cli.cli.serve import serve
 from esm2cli.config import __version__
 
@@ -35,5 +37,5 @@ def cli() -> None:
     """ESM-2 protein embeddings on every CPU or GPU you have."""
 
 
-for _command in (embed, serve, score, bench, download, merge):
+for _command in (embed, serve, score, bench, download, merge, index, search):
     cli.add_command(_command)

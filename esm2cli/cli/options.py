@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -313,3 +314,55 @@ def serve_security_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def shard_options(what: str):
+    """--shard-index and --shard-count as embed reads them ($ESM2CLI_SHARD_INDEX, $JOB_COMPLETION_INDEX, a Slurm
+    array); ``what`` says what a shard holds."""
+
+    def decorate(func):
+        func = click.option(
+            "--shard-count",
+            type=click.IntRange(min=1),
+            default=None,
+            envvar="ESM2CLI_SHARD_COUNT",
+            help=f"Split the work into this many shards: {what}.",
+        )(func)
+        return click.option(
+            "--shard-index",
+            type=click.IntRange(min=0),
+            default=None,
+            envvar=["ESM2CLI_SHARD_INDEX", "JOB_COMPLETION_INDEX"],
+            help="This process's shard (0-based); read from $JOB_COMPLETION_INDEX in an Indexed Job, and from "
+            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN (of $SLURM_ARRAY_TASK_COUNT) in a Slurm job array.",
+        )(func)
+
+    return decorate
+
+
+def resolve_shard(ctx: click.Context, shard_index: int | None, shard_count: int | None) -> tuple[int, int] | None:
+    """(index, count) of this process's shard, from the options, an Indexed Job or a Slurm array; None unsharded.
+
+    $JOB_COMPLETION_INDEX alone is every Indexed Job's: without --shard-count it is no request to shard.
+
+    Raises:
+        click.BadParameter: An index without a count (or the reverse), or an index not below the count.
+    """
+    from click.core import ParameterSource
+
+    asked = (
+        ctx.get_parameter_source("shard_index") is ParameterSource.COMMANDLINE or "ESM2CLI_SHARD_INDEX" in os.environ
+    )
+    if shard_index is not None and shard_count is None and asked:
+        raise click.BadParameter("needs --shard-count (how many shards split the work)", param_hint="--shard-index")
+    if shard_index is None and (slurm := slurm_shard(os.environ)) is not None:
+        shard_index, slurm_count, _ = slurm
+        shard_count = shard_count or slurm_count
+    if shard_count is None:
+        return None
+    if shard_index is None:
+        raise click.BadParameter("needs --shard-index, $JOB_COMPLETION_INDEX or a Slurm array task",
+                                 param_hint="--shard-count")  # fmt: skip
+    if shard_index >= shard_count:
+        raise click.BadParameter(f"{shard_index} is not below --shard-count {shard_count}", param_hint="--shard-index")
+    return shard_index, shard_count

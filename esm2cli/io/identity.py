@@ -65,12 +65,20 @@ OPTIONS: dict[str, dict[str, str | None]] = {
         **_RUN, **_EMBEDDING, "per_token": "per_token", "batch_size": NOT_NUMBERS, "chunk_size": NOT_NUMBERS,
         "reuse": NOT_NUMBERS, "output_dtype": "output_dtype",
     },
+    # A database's build identity (search.build.build_identity): the vectors read, the kind, the null's decoys and
+    # the shard. The decoys' device changes their vectors only by rounding; --train-only picks a step of the build.
+    "index": {
+        **_LOGS, "inputs": "inputs", "layer": "vectors", "kind": "kind", "decoys": "null", "fasta": "null",
+        "seed": "null", "shard_index": "shard", "shard_count": "shard", "devices": NOT_NUMBERS,
+        "train_only": NOT_NUMBERS, "output": NOT_NUMBERS, "overwrite": NOT_NUMBERS, "s3_endpoint_url": NOT_NUMBERS,
+    },
 }  # fmt: skip
 # Commands that write no numbers of their own: they have no identity to declare options in.
 WITHOUT_IDENTITY = {
     "bench": "measures speed; writes no output file",
     "download": "fetches weights; what they are is named by the runs that use them",
     "merge": "copies the parts' rows and checks that the parts share one identity",
+    "search": "writes hits of queries against a database, whose identity each query's vectors must share (checked)",
 }
 
 # What an identity holds beside the numbers: which records were read, and which slice of them.

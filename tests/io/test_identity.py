@@ -78,10 +78,21 @@ def test_every_argument_of_the_python_api_is_declared():
     assert params == set(OPTIONS["api"])
 
 
+def index_id() -> dict:
+    from esm2cli.config import IndexConfig
+    from esm2cli.search.build import build_identity
+    from esm2cli.search.vectors import VectorInput, vector_identity
+
+    metadata = {"identity": embed_id()}
+    source = VectorInput(path="a.parquet", rows=10, hidden=32, column="embedding", layer=3,
+                         identity=vector_identity(metadata, 3), metadata=metadata)  # fmt: skip
+    return build_identity([source], IndexConfig(kind="flat"), ShardConfig())
+
+
 @pytest.mark.parametrize(
     ("command", "built"),
     [("embed", embed_id()), ("serve", request_identity(weights="w", dtype="float32", embed=EVERY_KEY)),
-     ("api", embed_id()), ("score", score_id())],
+     ("api", embed_id()), ("score", score_id()), ("index", index_id())],
 )  # fmt: skip
 def test_each_declared_identity_key_is_in_the_identity_built(command, built):
     keys = {key for key in OPTIONS[command].values() if key is not NOT_NUMBERS}

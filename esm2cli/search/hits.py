@@ -1,0 +1,116 @@
+"""The hits of a search written out: TSV, BLAST's tabular m8, or Parquet; a file (atomically) or stdout.
+
+m8 gives the 12 columns BLAST's ``-outfmt 6`` and MMseqs2 write, so that their readers take the file, but a search
+of vectors aligns nothing: ``bitscore`` holds the cosine and ``evalue`` the E-value; ``pident`` is 100 x the cosine
+(clipped at 0); ``length`` is the query's length; ``mismatch`` and ``gapopen`` are 0; the query spans 1 to its
+length and the target 1 to its length. A missing E-value (a database without a null model) is ``NA``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esm2cli.errors import ConfigError, OutputExistsError
+from esm2cli.io import storage
+from esm2cli.search.index import Hit
+
+TSV_COLUMNS = ("query", "target", "score", "evalue", "rank")
+M8_COLUMNS = ("qseqid", "sseqid", "pident", "length", "mismatch", "gapopen", "qstart", "qend", "sstart", "send",
+              "evalue", "bitscore")  # fmt: skip
+PARQUET_SCHEMA = pa.schema([("query", pa.string()), ("target", pa.string()), ("score", pa.float32()),
+                            ("evalue", pa.float64()), ("rank", pa.int32()), ("query_length", pa.int32()),
+                            ("target_length", pa.int32())])  # fmt: skip
+
+
+def _evalue(value: float | None) -> str:
+    return "NA" if value is None else f"{value:.3g}"
+
+
+def tsv_line(query: str, hit: Hit) -> str:
+    return f"{query}\t{hit.target}\t{hit.score:.6f}\t{_evalue(hit.evalue)}\t{hit.rank}\n"
+
+
+def m8_line(query: str, query_length: int, hit: Hit) -> str:
+    pident = 100.0 * max(hit.score, 0.0)
+    fields = (query, hit.target, f"{pident:.3f}", query_length, 0, 0, 1, query_length, 1, hit.length or 0,
+              _evalue(hit.evalue), f"{hit.score:.6f}")  # fmt: skip
+    return "\t".join(map(str, fields)) + "\n"
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses, before any work, an output that exists (unless overwrite) or is a directory.
+
+    Raises:
+        OutputExistsError: The file exists and overwrite is False.
+        ConfigError: The output is a directory.
+    """
+    if output == "-":
+        return
+    if not storage.is_url(output) and os.path.isdir(output):
+        raise ConfigError(f"{output} is a directory: name a file for the hits")
+    if storage.exists(output) and not overwrite:
+        raise OutputExistsError(f"{output} already exists: add --overwrite to replace it")
+
+
+class HitWriter:
+    """Writes hits in one format to a file (which appears only when close() succeeds) or to stdout ('-').
+
+    Use as a context manager: an exception aborts the file, leaving any earlier one as it was.
+    """
+
+    def __init__(self, output: str, fmt: str):
+        if fmt not in ("tsv", "m8", "parquet"):
+            raise ConfigError(f"--format {fmt}: use tsv, m8 or parquet")
+        self.format = fmt
+        self.hits = 0
+        self._file = None if output == "-" else storage.AtomicFile(output)
+        self._binary: IO[bytes] = sys.stdout.buffer if self._file is None else self._file.handle
+        self._parquet = pq.ParquetWriter(self._binary, PARQUET_SCHEMA) if fmt == "parquet" else None
+        if fmt == "tsv":
+            self._binary.write(("\t".join(TSV_COLUMNS) + "\n").encode())
+
+    def write(self, queries: Sequence[tuple[str, int]], hits: Sequence[Sequence[Hit]]) -> None:
+        """Writes the hits of each query: ``queries`` are (id, length) pairs, ``hits`` their lists, in order."""
+        self.hits += sum(map(len, hits))
+        if self._parquet is not None:
+            self._parquet.write_table(_table(queries, hits))
+            return
+        lines = []
+        for (query, length), found in zip(queries, hits, strict=True):
+            for hit in found:
+                lines.append(tsv_line(query, hit) if self.format == "tsv" else m8_line(query, length, hit))
+        self._binary.write("".join(lines).encode())
+
+    def __enter__(self) -> HitWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._file is not None:
+            self._file.abort()
+
+    def close(self) -> None:
+        """Finishes the output: the file appears at its name."""
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._file is not None:
+            self._file.commit()
+        else:
+            self._binary.flush()
+
+
+def _table(queries: Sequence[tuple[str, int]], hits: Sequence[Sequence[Hit]]) -> pa.Table:
+    pairs = [(query, hit) for query, found in zip(queries, hits, strict=True) for hit in found]
+    return pa.table(
+        [[q for (q, _), _ in pairs], [h.target for _, h in pairs], [h.score for _, h in pairs],
+         [h.evalue for _, h in pairs], [h.rank for _, h in pairs], [n for (_, n), _ in pairs],
+         [h.length for _, h in pairs]],
+        schema=PARQUET_SCHEMA,
+    )  # fmt: skip
