@@ -197,3 +197,27 @@ def test_two_servers_differing_only_in_truncate_never_share_an_entry(tiny_model_
     keys = [asyncio.run(key_of(WINDOWED)), asyncio.run(key_of(WINDOWED)),
             asyncio.run(key_of(EmbedConfig(truncate=60, long_sequences="window", window_overlap=10)))]  # fmt: skip
     assert keys[0] == keys[1] and keys[0] != keys[2]
+
+
+def test_v1_embeddings_keeps_each_key_in_its_own_partition(tiny_model_dir):
+    # The second route into the cache: OpenAI's /v1/embeddings must partition by key as /predict does.
+    app = make_app(tiny_model_dir, api_keys=(KEY_A, KEY_B), cache_size=2, max_wait_ms=1)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wait_healthy(client)
+        model = client.get("/v1/models", headers=bearer(KEY_A)).json()["data"][0]["id"]
+
+        def ask(key: str, seq: str) -> list[float]:
+            response = client.post("/v1/embeddings", json={"input": seq, "model": model}, headers=bearer(key))
+            assert response.status_code == 200, response.text
+            return response.json()["data"][0]["embedding"]
+
+        def engine_batches() -> float:
+            return metric(client, "esm2cli_batch_size_count", bearer(KEY_A))
+
+        first = ask(KEY_A, A)
+        ran = engine_batches()
+        assert ask(KEY_A, A) == first and engine_batches() == ran  # A's repeat: A's own hit
+        assert ask(KEY_B, A) == first and engine_batches() == ran + 1  # B never reads A's entry
+        assert metric(client, "esm2cli_cache_hits_total", bearer(KEY_B)) == 0
+        assert metric(client, "esm2cli_cache_misses_total", bearer(KEY_B)) == 1
+        assert metric(client, "esm2cli_cache_hits_total", bearer(KEY_A)) == 1
