@@ -74,21 +74,43 @@ def test_bench_scales_over_simulated_devices(tiny_model_dir):
     )
 
 
-def test_bench_finishes_its_time_box(tiny_model_dir):
+def test_bench_finishes_its_time_box(tiny_model_dir, monkeypatch):
+    import esm2cli.jobs.bench as bench
+
+    boxes = []  # per box: (its start, its end, the completion time of every batch that ran, devices)
+    real_time_box = bench._time_box
+
+    def watched_time_box(engine, batches, duration, say):
+        done: list[float] = []
+
+        def submit(seqs, submit=engine.submit):
+            future = submit(seqs)
+            future.add_done_callback(lambda f: f.cancelled() or done.append(time.perf_counter()))
+            return future
+
+        monkeypatch.setattr(engine, "submit", submit)
+        start = time.perf_counter()
+        result = real_time_box(engine, batches, duration, say)
+        boxes.append((start, time.perf_counter(), done, len(engine.devices)))
+        return result
+
+    monkeypatch.setattr(bench, "_time_box", watched_time_box)
     seqs = [s for _, s in synthetic_sequences(64, seed=3, max_length=200)]
     lines = []
-    start = time.perf_counter()
     report = run_bench(
         ModelConfig(model=tiny_model_dir, load_format="auto", dtype="float32"), seqs, gpus=2,
         batch=BatchConfig(max_tokens=512, batch_size=8), duration=1.5, peak_seconds=0.1, say=lines.append,
     )  # fmt: skip
-    wall = time.perf_counter() - start
+    returned = time.perf_counter()
     assert [r.devices for r in report.rows] == [1, 2] and report.duration_s == 1.5
-    for row in report.rows:
-        # The box, then only the batches already running: well under one more box.
-        assert 1.5 <= row.seconds < 1.5 + 1.0, row.seconds
+    for row, (start, end, done, devices) in zip(report.rows, boxes, strict=True):
+        assert devices == row.devices and 1.5 <= row.seconds <= end - start
         assert row.sequences > len(seqs)  # the workload is cycled to fill the box
-    assert wall < 2 * (1.5 + 1.0) + 20  # two boxes, plus loading and the peak measurement
+        # The box, then only the batches already running (one a device; one more if a device took a queued batch
+        # as the box closed): those queued behind them are cancelled, 2 a device.
+        late = sum(t > start + 1.5 for t in done)
+        assert 1 <= late <= devices + 1, (late, devices)
+    assert returned - boxes[-1][1] < report.rows[-1].seconds  # nothing runs on after the last box
     assert any(line.startswith("[2/2] 2 device(s)") for line in lines)  # progress, as it goes
 
 
@@ -118,8 +140,10 @@ def test_modeled_bench_reports_host_efficiency_over_the_real_pipeline(tiny_model
         held = sum(row.busy_share.values()) * row.seconds
         assert row.modeled_residues_per_s == pytest.approx(row.residues / (held / row.devices))
         assert row.host_efficiency == pytest.approx(row.residues_per_s / row.modeled_residues_per_s)
-        assert 0.5 < row.host_efficiency <= 1.01
-        assert 0.6 < row.seconds < 1.5 * 3  # sized to about the box
+        assert 0.5 < row.host_efficiency <= 1.01  # the wall time, relative to the modeled hold
+        # The workload is sized to the box: the modeled hold a card is about 1.5 s (on the second count, at most
+        # the rate the host reached on the first).
+        assert 0.5 * 1.5 < held / row.devices < 1.2 * 1.5, held
     text = format_report(report)
     assert "This is a MODEL of the GPUs" in text and "host eff." in text
     assert "efficiency: residues/s over linear scaling of 1 device(s)'" in text
@@ -164,12 +188,16 @@ def test_bench_cli_simulate_json_rows_per_count(tiny_model_dir):
         (["--plot", "scaling.txt"], "name it .png"),
     ],
 )
-def test_bench_refuses_bad_options_before_running(args, message):
-    start = time.perf_counter()
+def test_bench_refuses_bad_options_before_running(args, message, monkeypatch):
+    import esm2cli.jobs.bench as bench
+
+    ran = []
+    for name in ("run_bench", "run_modeled_bench"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name, **k: ran.append(name))
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert time.perf_counter() - start < 5  # refused at once, not after the benchmark
+    assert ran == []  # refused at once, not after the benchmark
 
 
 def test_bench_plot_checks_matplotlib_and_writability(tmp_path, monkeypatch):
