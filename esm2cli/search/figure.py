@@ -45,8 +45,10 @@ _SEARCH_JS = """
       return;
     }
     var full = gd._fullData[hit[0]], x = full.x[hit[1]], y = full.y[hit[1]];
+    // WebGL traces take a hover by position, not by point number
     Plotly.restyle(gd, {x: [[x]], y: [[y]]}, [ring]).then(function () {
-      Plotly.Fx.hover(gd, [{curveNumber: hit[0], pointNumber: hit[1]}]);
+      var layout = gd._fullLayout;
+      Plotly.Fx.hover(gd, {xpx: layout.xaxis.d2p(x), ypx: layout.yaxis.d2p(y)}, "xy");
     });
     status.textContent = "found " + id + " (ringed)";
   }

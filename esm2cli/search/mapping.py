@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -167,7 +168,10 @@ def _fit(sample: np.ndarray, config: MapConfig):
 
     log.info("fitting UMAP (n_neighbors %d, seed %d) on %d points", config.neighbors, config.seed, len(sample))
     reducer = umap.UMAP(n_neighbors=config.neighbors, n_components=2, random_state=config.seed)
-    xy = reducer.fit_transform(sample).astype(np.float32)
+    with warnings.catch_warnings():
+        # a seed makes umap-learn run on one thread, and it warns so on every run: the docs say it once
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        xy = reducer.fit_transform(sample).astype(np.float32)
     return reducer, xy
 
 
@@ -211,7 +215,9 @@ def kmeans(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k centroids of the sample by FAISS k-means (seeded: one input, one clustering)."""
     import faiss
 
-    model = faiss.Kmeans(sample.shape[1], k, niter=25, seed=seed, verbose=False)
+    # nredo: FAISS seeds its centroids at random points, and one unlucky draw merges two clusters; the best of a
+    # few runs seldom does. min_points_per_centroid 1: a small map is clustered without a warning on stderr.
+    model = faiss.Kmeans(sample.shape[1], k, niter=25, nredo=5, seed=seed, verbose=False, min_points_per_centroid=1)
     model.train(np.ascontiguousarray(sample, np.float32))
     return np.asarray(model.centroids, np.float32)
 
