@@ -89,24 +89,11 @@ class WindowSums:
         """Float32 (L, hidden): each residue's mean over the windows that hold it (all of them added)."""
         if self._early.get(layer) or self._next.get(layer, 0) != len(self._order):
             raise ValueError("a protein stitched before all its windows were added; this is a bug")
-        return (self._total[layer] / self._count[layer][:, None]).astype(np.float32)
-
-
-def stitch_tokens(length: int, starts: Sequence[int], tokens: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-residue vectors of the whole protein: the mean over the windows that hold each residue.
-
-    Args:
-        length: L, the protein's residues.
-        starts: Each window's first residue.
-        tokens: Each window's per-residue vectors, shape (window residues, hidden).
-
-    Returns:
-        Float32 array of shape (L, hidden).
-    """
-    sums = WindowSums(length, starts)
-    for start, window in zip(starts, tokens, strict=True):
-        sums.add(0, start, window)
-    return sums.tokens(0)
+        total = self._total[layer]
+        # Divided straight into float32 (the same bits as dividing in float64, then casting): no float64 quotient
+        # of L x hidden beside the sums, which doubled what a very long protein held at its end.
+        out = np.empty(total.shape, dtype=np.float32)
+        return np.divide(total, self._count[layer][:, None], out=out, casting="same_kind")
 
 
 OVERLAP_COST_WARNING = 2.0  # past this many computations per residue, an overlap is worth a word
@@ -159,37 +146,50 @@ class WindowPlan:
     protein in window mode), and the items' results become one row per sequence again.
 
     Each item's result is a dict {layer: pooled vector}, with "tokens": {layer: per-residue vectors}
-    when the batch brought them back (window mode asks for them).
+    when the batch brought them back (window mode asks for them). ``take`` sums a window's per-residue
+    vectors into its protein's WindowSums as its batch comes back, as esm2cli embed does, so that a request
+    holds L x hidden per layer for a long protein, never every window's rows until its last is in.
     """
 
     def __init__(self, embed, seqs: Sequence[str]):
         self.embed = embed
         self.items: list[str] = []
-        self.parts: list[tuple[int, list[int] | None, list[int]]] = []
+        self.parts: list[list[int]] = []  # per sequence: its items
+        self._windows: dict[int, tuple[WindowSums, int]] = {}  # window item -> (its protein's sums, its start)
+        self._sums: list[WindowSums | None] = []  # per sequence: its sums (None: a sequence of one item)
         for seq in seqs:
             first = len(self.items)
             if embed.long_sequences == "window" and len(seq) > embed.truncate:
                 starts = window_starts(len(seq), embed.truncate, embed.window_overlap)
                 self.items += [seq[s : s + embed.truncate] for s in starts]
-                self.parts.append((len(seq), starts, list(range(first, len(self.items)))))
+                self.parts.append(list(range(first, len(self.items))))
+                sums = WindowSums(len(seq), starts)
+                self._windows.update((first + k, (sums, s)) for k, s in enumerate(starts))
+                self._sums.append(sums)
             else:
                 self.items.append(seq)
-                self.parts.append((len(seq), None, [first]))
+                self.parts.append([first])
+                self._sums.append(None)
+
+    def take(self, item: int, result: dict) -> dict:
+        """One item's result as it comes back: a window's per-residue vectors go into its protein's sums;
+        returns what the request keeps of it (the pooled vectors, never the per-residue ones)."""
+        tokens = result.get("tokens", {})
+        if item in self._windows:
+            sums, start = self._windows.pop(item)
+            for layer, window in tokens.items():
+                sums.add(layer, start, window)
+        return {k: v for k, v in result.items() if k != "tokens"}
 
     def rows(self, results: Sequence[dict]) -> list[dict]:
-        """One {layer: vector} per request sequence, windows stitched."""
+        """One {layer: vector} per request sequence, windows stitched (every item's result taken)."""
         out = []
-        for length, starts, ids in self.parts:
-            if starts is None:
-                out.append({k: v for k, v in results[ids[0]].items() if k != "tokens"})
+        for ids, sums in zip(self.parts, self._sums, strict=True):
+            if sums is None:
+                out.append(results[ids[0]])
                 continue
-            layers = [k for k in results[ids[0]] if k != "tokens"]
             out.append({
-                layer: stitch_pooled(
-                    self.embed.pooling,
-                    stitch_tokens(length, starts, [results[i]["tokens"][layer] for i in ids]),
-                    [results[i][layer] for i in ids],
-                )
-                for layer in layers
+                layer: stitch_pooled(self.embed.pooling, sums.tokens(layer), [results[i][layer] for i in ids])
+                for layer in results[ids[0]]
             })  # fmt: skip
         return out

@@ -91,9 +91,7 @@ def build_index(
     sources = open_inputs(inputs, layer=config.layer)
     total = sum(source.rows for source in sources)
     config = replace(config, kind=resolve_kind(config.kind, total))
-    if config.decoys and not null_available():
-        log.warning("this esm2cli has no null model (esm2cli.search.null): the database gets no E-values")
-        config = replace(config, decoys=0)
+    _check_decoys(config.decoys)
     os.makedirs(db, exist_ok=True)
     start = time.perf_counter()
     if config.train_only:
@@ -126,11 +124,12 @@ def build_identity(sources: Sequence[VectorInput], config: IndexConfig, shard: S
     }  # fmt: skip
 
 
-def null_available() -> bool:
-    """True when this esm2cli has the null model for E-values (esm2cli.search.null)."""
-    import importlib.util
+def _check_decoys(decoys: int) -> None:
+    """Refuses a decoy count the null cannot be fitted on before any vector is read."""
+    from esm2cli.search.null import MIN_DECOYS
 
-    return importlib.util.find_spec("esm2cli.search.null") is not None
+    if decoys and decoys < MIN_DECOYS:
+        raise ConfigError(f"--decoys {decoys}: at least {MIN_DECOYS} are needed to fit E-values (0: no E-values)")
 
 
 def _check_folder(db: str, inputs: Sequence[str | os.PathLike]) -> None:
@@ -321,7 +320,7 @@ def _fit_null(plan: _Plan, tmp: str, vectors: np.ndarray, files: dict) -> dict |
     """Fits the shard's null model on decoy queries (search.null) and writes null.json; None with --decoys 0."""
     if not plan.config.decoys or not len(vectors):
         return None
-    from esm2cli.search import null  # type: ignore[attr-defined, unused-ignore]
+    from esm2cli.search import null
     from esm2cli.search.index import embedder_for
 
     source = plan.sources[0]

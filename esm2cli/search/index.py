@@ -341,9 +341,7 @@ def _open_shard(db: str, record: dict, entry: dict, offset: int) -> _Shard:
 
 
 def _null_model(path: str):
-    """The shard's null model (search.null), or None where this esm2cli has no null module."""
-    try:
-        from esm2cli.search.null import NullModel  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return None
+    """The shard's null model (search.null)."""
+    from esm2cli.search.null import NullModel
+
     return NullModel.from_json(manifest.read_json(path))

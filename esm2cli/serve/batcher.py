@@ -18,6 +18,7 @@ SubmitFn = Callable[[list[str]], Future]  # Engine.submit: blocks while every re
 
 
 Row = dict[Any, Any]  # {layer: pooled vector}, and "tokens": {layer: per-residue vectors} for windows
+TakeFn = Callable[[int, Row], Row]  # (the sequence's place in its request, its row) -> what the request keeps
 
 
 @dataclass
@@ -26,6 +27,7 @@ class _Request:
 
     seqs: list[str]
     future: asyncio.Future
+    take: TakeFn
     rows: list[Row | None] = field(default_factory=list)
     missing: int = 0
 
@@ -147,8 +149,13 @@ class DynamicBatcher:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
 
-    async def embed(self, seqs: Sequence[str]) -> list[Row]:
+    async def embed(self, seqs: Sequence[str], take: TakeFn | None = None) -> list[Row]:
         """Embeds one request's validated sequences; returns one {layer: vector} per sequence, in order.
+
+        Args:
+            seqs: The sequences (each a batch item: a window of a long protein is one).
+            take: Called with each sequence's place and row as its batch comes back; the request keeps what it
+                returns (the server sums windows' per-residue vectors at once, and keeps none of them).
 
         Raises:
             TooLargeError: The request alone holds more than max_queue sequences: no retry can help.
@@ -160,7 +167,7 @@ class DynamicBatcher:
                                 f"({self.max_queue}, --max-queue); send fewer")  # fmt: skip
         if self.pending + len(seqs) > self.max_queue:
             raise OverloadedError(f"the server queue is full ({self.pending} sequences waiting); retry later")
-        request = _Request(list(seqs), asyncio.get_running_loop().create_future())
+        request = _Request(list(seqs), asyncio.get_running_loop().create_future(), take or (lambda _, row: row))
         request.rows, request.missing = [None] * len(seqs), len(seqs)
         self.pending += len(seqs)
         self._waiting.add(id(request))
@@ -215,26 +222,35 @@ class DynamicBatcher:
                 self._fail(members, exc)
                 return
             self._stats.on_batch(len(seqs))
-            self._cancel_when_abandoned(members, future)
+            unwatch = self._cancel_when_abandoned(members, future)
             task = asyncio.get_running_loop().create_task(
-                self._fan_out(slot.pass_on(), members, asyncio.wrap_future(future))
+                self._fan_out(slot.pass_on(), members, asyncio.wrap_future(future), unwatch)
             )
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
     @staticmethod
-    def _cancel_when_abandoned(members: list[tuple[_Request, int]], future: Future) -> None:
-        """Cancels an engine batch once every request in it has given up (a replica then skips it)."""
+    def _cancel_when_abandoned(members: list[tuple[_Request, int]], future: Future) -> Callable[[], None]:
+        """Cancels an engine batch once every request in it has given up (a replica then skips it); returns what
+        stops watching, for once the batch is back: the callback holds the batch's future, and so its results,
+        for as long as a request of many batches waits."""
         requests = list({id(request): request for request, _ in members}.values())
 
         def check(_) -> None:
             if all(request.future.done() for request in requests):
                 future.cancel()  # no effect once a replica has started it
 
+        def unwatch() -> None:
+            for request in requests:
+                request.future.remove_done_callback(check)
+
         for request in requests:
             request.future.add_done_callback(check)
+        return unwatch
 
-    async def _fan_out(self, slot: Slot, members: list[tuple[_Request, int]], result: asyncio.Future) -> None:
+    async def _fan_out(
+        self, slot: Slot, members: list[tuple[_Request, int]], result: asyncio.Future, unwatch: Callable[[], None]
+    ) -> None:
         async with slot:  # given back once the batch is answered, failed or cancelled
             try:
                 embeddings = await result
@@ -243,12 +259,14 @@ class DynamicBatcher:
             except Exception as exc:
                 self._fail(members, exc)
                 return
+            finally:
+                unwatch()
         try:
             for k, (request, i) in enumerate(members):
                 row: Row = {layer: matrix[k] for layer, matrix in embeddings.pooled.items()}
                 if embeddings.per_token:  # windows of a long protein, to be stitched by the server
                     row["tokens"] = {layer: arrays[k] for layer, arrays in embeddings.per_token.items()}
-                request.rows[i] = row
+                request.rows[i] = request.take(i, row)
                 request.missing -= 1
                 if request.missing == 0 and not request.future.done():
                     request.future.set_result(request.rows)

@@ -250,16 +250,17 @@ class EmbeddingService:
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
             plan = WindowPlan(self.embed_config, [checked[i][0] for i in todo])
-            for i, row in zip(todo, plan.rows(await self._race(batcher, plan.items, disconnected)), strict=True):
+            for i, row in zip(todo, plan.rows(await self._race(batcher, plan, disconnected)), strict=True):
                 rows[i] = row
                 cache.put(client, checked[i][0], row)
         return [(length, _decided(row)) for (_, length), row in zip(checked, rows, strict=True)]
 
     async def _race(
-        self, batcher: DynamicBatcher, seqs: list[str], disconnected: Callable[[], Awaitable[Any]]
+        self, batcher: DynamicBatcher, plan: WindowPlan, disconnected: Callable[[], Awaitable[Any]]
     ) -> list[Row]:
-        """The batcher's answer, unless the client leaves or --request-timeout passes first."""
-        work = asyncio.ensure_future(batcher.embed(seqs))
+        """The batcher's answer (windows stitched as they come back), unless the client leaves or
+        --request-timeout passes first."""
+        work = asyncio.ensure_future(batcher.embed(plan.items, take=plan.take))
         gone = asyncio.ensure_future(disconnected())
         timeout = self.serve.request_timeout_s
         try:

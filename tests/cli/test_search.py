@@ -145,3 +145,24 @@ def test_a_fasta_query_with_another_model_exits_2_naming_the_weights(outputs, tm
                  "--devices", "cpu")  # fmt: skip
     assert result.exit_code == 2 and "the model's weights changed" in result.stderr, result.output
     assert not (tmp_path / "h.tsv").exists()
+
+
+def test_held_out_decoys_average_about_one_hit_at_evalue_one(tmp_path, tiny_model_dir):
+    """The whole path with the real null: index fits it on decoys; shuffles it never saw, searched as a FASTA,
+    hit about once each at E <= 1 (Poisson: 300 queries put the mean within 0.8-1.2 nearly always)."""
+    from esm2cli.search import null
+    from esm2cli.search.vectors import open_inputs
+    from helpers import embed_cli, random_protein, write_fasta
+
+    fasta = write_fasta(tmp_path / "db.fasta", [(f"p{n}", random_protein(n)) for n in range(20, 170)])
+    embed_cli(fasta, tmp_path / "db.parquet", tiny_model_dir, check=True)
+    built = run("index", tmp_path / "db.parquet", "-o", tmp_path / "db", "--decoys", "300", "--devices", "cpu")
+    assert built.exit_code == 0, built.output
+    held_out, _ = null.decoy_sequences(open_inputs([str(tmp_path / "db.parquet")]), fasta, 300, seed=7)
+    queries = write_fasta(tmp_path / "decoys.fasta", [(f"d{i}", seq) for i, seq in enumerate(held_out)])
+    result = run("search", queries, "-d", tmp_path / "db", "-o", tmp_path / "hits.tsv", "-k", "150",
+                 "--max-evalue", "1", "--devices", "cpu", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hits = pd.read_csv(tmp_path / "hits.tsv", sep="\t")
+    assert (hits["evalue"] <= 1).all()
+    assert 0.5 <= len(hits) / len(held_out) <= 2.0, len(hits)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import esm2cli.search
 from helpers import embed_cli, write_fasta, write_like
 from searchdata import SEQUENCES, fake_null_module
 
@@ -37,4 +38,6 @@ def fake_null(monkeypatch):
     """esm2cli.search.null replaced by fake_null_module() for one test."""
     module = fake_null_module()
     monkeypatch.setitem(sys.modules, "esm2cli.search.null", module)
+    # `from esm2cli.search import null` reads the package's attribute first, set once the real one is imported.
+    monkeypatch.setattr(esm2cli.search, "null", module, raising=False)
     return module

@@ -46,6 +46,7 @@ def fake_null_module() -> types.ModuleType:
     module = types.ModuleType("esm2cli.search.null")
     module.__spec__ = importlib.machinery.ModuleSpec("esm2cli.search.null", None)
     module.DECOY_TOP_K = 5
+    module.MIN_DECOYS = 1
     module.fits = []
 
     class NullModel:

@@ -5,10 +5,14 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
+import weakref
+from functools import partial
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from live_server import (
@@ -20,9 +24,11 @@ from live_server import (
     wait_healthy,
 )
 
+from esm2cli.api import Embedder
 from esm2cli.config import EmbedConfig, ModelConfig, ServeConfig
 from esm2cli.errors import ClientDisconnectedError, InputError, ModelLoadError, NotReadyError, RequestTimeoutError
 from esm2cli.runtime.engine import build_engine
+from esm2cli.runtime.windows import window_starts
 from esm2cli.serve.metrics import ServerMetrics
 from esm2cli.serve.service import EmbeddingService, SequenceIn
 from reference import cosine
@@ -265,3 +271,88 @@ def test_checks_name_the_item_and_answers_say_how_a_protein_was_cut(tiny_model_d
     answer = asyncio.run(scenario())
     assert (answer.id, answer.length, answer.truncated, answer.windows) == ("p", 7, True, 1)
     assert answer.embedding is None and sorted(answer.embeddings) == ["l0", "l3"]
+
+
+class _Tracked(np.ndarray):
+    """A per-token array the test can see die (a plain ndarray takes no weak reference)."""
+
+
+class WindowSpy:
+    """A loader wrap: marks every per-token array the replicas give back, and records how many are alive
+    whenever a batch starts (the windows a request still holds while later ones compute); keeps a copy of each
+    by (layer, window sequence)."""
+
+    def __init__(self):
+        self.alive = self.peak = self.batches = 0
+        self.copies: dict[tuple[int, str], np.ndarray] = {}
+        self._lock = threading.Lock()  # arrays die in the worker's thread and in the event loop's
+
+    def __call__(self, setup):
+        for worker in setup.engine._workers:
+            worker.replica.embed_batch = partial(self._embed_batch, worker.replica.embed_batch)
+        return setup
+
+    def _embed_batch(self, original, seqs, **options):
+        with self._lock:
+            self.peak, self.batches = max(self.peak, self.alive), self.batches + 1
+        result = original(seqs, **options)
+        for layer, arrays in result.per_token.items():
+            self.copies.update(((layer, seq), array.copy()) for seq, array in zip(seqs, arrays, strict=True))
+            result.per_token[layer] = [self._tracked(array) for array in arrays]
+        return result
+
+    def _tracked(self, array: np.ndarray) -> np.ndarray:
+        view = array.view(_Tracked)
+        with self._lock:
+            self.alive += 1
+        weakref.finalize(view, self._died)
+        return view
+
+    def _died(self) -> None:
+        with self._lock:
+            self.alive -= 1
+
+
+def stitched_mean(protein: str, width: int, overlap: int, windows: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean of a protein stitched from its windows' per-token rows, as the server computed it with every window
+    in hand: float64 sums in window order, each residue's mean cast to float32, their mean."""
+    starts = window_starts(len(protein), width, overlap)
+    total = np.zeros((len(protein), windows[protein[:width]].shape[1]))
+    count = np.zeros(len(protein))
+    for start in starts:
+        total[start : start + width] += windows[protein[start : start + width]]
+        count[start : start + width] += 1
+    tokens = (total / count[:, None]).astype(np.float32)
+    return np.asarray(tokens.mean(axis=0, dtype=np.float64), dtype=np.float32)
+
+
+def test_a_long_protein_s_windows_are_stitched_as_they_arrive_into_embed_s_numbers(tiny_model_dir, proteins):
+    # 1,250 residues in windows of 50 (stride 40): 31 windows, 2 a batch. Held until the request's end, every
+    # window's per-token rows (one array a layer) were alive when the last batches ran; stitched as they come
+    # back, only the batches in flight (two per replica) and the one running hold any.
+    embed = EmbedConfig(truncate=50, long_sequences="window", window_overlap=10, layers=(0, -1))
+    protein = "".join(seq for _, seq in proteins)[:1250]
+    spy = WindowSpy()
+
+    async def scenario():
+        service = make_service(tiny_model_dir, wrap=spy, embed=embed, max_batch_size=2, max_wait_ms=1, cache_size=0)
+        await service.load()
+        try:
+            spy.peak = spy.batches = 0  # the warm-up's batch is not the request's
+            ((length, row),) = await service.embed([(protein, None)], ["sequence"], disconnected=never)
+        finally:
+            await service.stop()
+        return length, row
+
+    length, row = asyncio.run(scenario())
+    windows = len(window_starts(len(protein), 50, 10))
+    assert (length, windows, spy.batches) == (1250, 31, 16)
+    assert spy.peak <= 3 * 2 * 2, f"{spy.peak} per-token arrays alive at once (of {windows} windows x 2 layers)"
+    with Embedder(tiny_model_dir, long_sequences="window", truncate=50, window_overlap=10, layers=(0, -1),
+                  devices="cpu", dtype="float32") as embedder:  # fmt: skip
+        expected = embedder.embed([protein])
+    assert sorted(row) == sorted(expected) == [0, 3]
+    for layer, vectors in expected.items():
+        assert row[layer].tobytes() == vectors[0].tobytes(), layer
+        windows_of_layer = {seq: array for (at, seq), array in spy.copies.items() if at == layer}
+        assert row[layer].tobytes() == stitched_mean(protein, 50, 10, windows_of_layer).tobytes(), layer
