@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -91,6 +92,7 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
             bar, update = _progress(quiet)
             with bar:
                 result = build_map(inputs, config, progress=update)
+            started = time.perf_counter()
             heading = title or f"{inputs[0]}: {method.upper()}, coloured by {result.colouring.title}"
             if "html" in outputs:
                 write_page(result, outputs["html"], method, heading)
@@ -99,6 +101,7 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
                     write_image(result, outputs[kind], kind, heading, max_points=max_points)
             if "coords" in outputs:
                 write_coords(result, outputs["coords"])
+            result.seconds["write"] = time.perf_counter() - started
         if not quiet:
             spent = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in result.seconds.items())
             click.echo(f"mapped {len(result.points):,} points ({method}; {spent}) -> {', '.join(outputs.values())}",
