@@ -61,7 +61,7 @@ class ColorBy:
     def __str__(self) -> str:
         if self.pattern is not None:
             return f"description:{self.pattern.pattern}"
-        return self.column if self.field == "labels" else self.field
+        return self.column if self.field == "labels" and self.column else self.field
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def _as_numbers(values: pa.Array) -> np.ndarray | None:
 def continuous(title: str, values: np.ndarray, grey: str = UNLABELLED) -> Colouring:
     """Values on the sequential scale, its ends at the 1st and 99th percentiles (NaN: grey)."""
     present = values[~np.isnan(values)]
-    low, high = (np.percentile(present, [1, 99]) if len(present) else (0.0, 1.0)).tolist()
+    low, high = np.percentile(present, [1, 99]).tolist() if len(present) else (0.0, 1.0)
     return Colouring(title, values=values, span=(low, high if high > low else low + 1.0), grey=grey)
 
 
