@@ -194,7 +194,8 @@ def write_image(result: MapResult, path: str, fmt: str, title: str, *, max_point
         _scatter_image(figure, axes, xy, colouring)
     else:
         _density_image(figure, axes, xy, colouring)
-    axes.set_title(title)
+    # over the figure, not the axes: a long title (an input's path, a regex) is wrapped, not cut at the edges
+    figure.suptitle(title, fontsize=10, wrap=True)
     x_title, y_title = AXES[result.method]
     axes.set_xlabel(x_title)
     axes.set_ylabel(y_title)
