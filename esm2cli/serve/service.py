@@ -149,7 +149,9 @@ class EmbeddingService:
         except BaseException:
             setup.engine.close()
             raise
-        return setup, cache_identity(weights=weights, dtype=setup.dtype, embed=self.embed_config)
+        return setup, cache_identity(
+            weights=weights, dtype=setup.dtype, embed=self.embed_config, model_family=setup.model.family
+        )
 
     def _batcher(self, setup: EngineSetup) -> DynamicBatcher:
         serve = self.serve
