@@ -61,6 +61,35 @@ def test_tiled_linear_is_the_linear_map(dtype):
     assert torch.equal(tiled_linear(x, w)[:, :3], tiled_linear(x, w[:3]))  # no bias; the columns apart
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_gemm_gets_whole_tiles(dtype, bias, monkeypatch):
+    # A short last tile is a gemm of another shape, which may sum its rows in another order (on any hardware).
+    import esm2cli.model.invariant as invariant
+
+    calls: list[tuple[str, int]] = []
+
+    def spy(name):
+        real = getattr(torch, name)
+
+        def call(*args, **kwargs):
+            x = args[1] if name in ("addmm", "baddbmm") else args[0]
+            calls.append((name, x.shape[-2]))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("mm", "addmm", "bmm", "baddbmm"):
+        monkeypatch.setattr(invariant.torch, name, spy(name))
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2 * ROW_TILE + 44, 32, generator=gen).to(dtype), torch.randn(24, 32, generator=gen).to(dtype)
+    b = torch.randn(24, generator=gen).to(dtype) if bias else None
+    assert tiled_linear(x, w, b).shape == (2 * ROW_TILE + 44, 24)
+    per_tile = dtype != torch.float32  # the CPU in half precision: one gemm call a tile
+    assert len(calls) == (3 if per_tile else 1)
+    assert all(rows == ROW_TILE for _, rows in calls), calls
+
+
 def test_padded_rows_are_whole_tiles():
     assert [padded_rows(n) for n in (0, 1, ROW_TILE, ROW_TILE + 1)] == [ROW_TILE, ROW_TILE, ROW_TILE, 2 * ROW_TILE]
 
