@@ -78,6 +78,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
 WITHOUT_IDENTITY = {
     "bench": "measures speed; writes no output file",
     "download": "fetches weights; what they are is named by the runs that use them",
+    "map": "draws the vectors of outputs, which must share one identity (checked); writes no vectors of its own",
     "merge": "copies the parts' rows and checks that the parts share one identity",
     "search": "writes hits of queries against a database, whose identity each query's vectors must share (checked)",
 }
