@@ -342,6 +342,9 @@ INDEX_KINDS = ("auto", "flat", "ivf-pq", "hnsw")
 AUTO_FLAT_MAX_VECTORS = 2_000_000
 DEFAULT_DECOYS = 1000  # decoy queries the null model for E-values is fitted on, per shard (0: no E-values)
 DEFAULT_TOP_K = 10
+# Hits per query at most from POST /search: bounds an answer to --max-client-batch x this many hits (64 x 1,000 hits
+# is about 5 MB of JSON); the CLI writes a file and takes any k up to the database's size.
+MAX_SERVE_TOP_K = 1000
 HIT_FORMATS = ("tsv", "m8", "parquet")
 
 

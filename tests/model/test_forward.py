@@ -116,6 +116,17 @@ def test_equals_fair_esm_own_model_per_token_and_contacts(tmp_path):
         np.testing.assert_allclose(result.contacts[i], out["contacts"][0].numpy(), atol=1e-5)
 
 
+def test_every_bias_the_forward_adds_is_nonzero(tiny):
+    # A zero bias hides a forward that drops it: every comparison with transformers would still pass.
+    loaded, forward = tiny
+    biases = {name: p for name, p in forward.named_parameters() if name.endswith(("_b", "bias"))}
+    per_layer = {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("ln1_b", "qkv_b", "out_b", "ln2_b")}
+    per_layer |= {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("fc1_b", "fc2_b")}
+    assert biases.keys() == per_layer | {"final_ln_b", "lm.dense_b", "lm.ln_b", "lm.bias"}
+    assert all(bool((p != 0).all()) for p in biases.values()), sorted(n for n, p in biases.items() if (p == 0).any())
+    assert forward.contact_b != 0
+
+
 def test_a_protein_does_not_depend_on_its_batch_mates(tiny):
     loaded, packed = tiny
     seqs = _seqs()
