@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Callable
-from typing import IO
 
 import numpy as np
 import pyarrow as pa
 
+from esm2cli.io.storage import AtomicFile
 from esm2cli.search.colours import GREY, SEQUENTIAL, Colouring
 from esm2cli.search.mapping import MapResult
 
@@ -114,7 +113,8 @@ def write_page(result: MapResult, path: str, method: str, title: str) -> None:
     )
     notes = "\n".join(f'<p class="note">{html.escape(note)}</p>' for note in page_notes(result))
     text = _PAGE.format(title=html.escape(title), notes=notes, plot=plot, search=_SEARCH_JS)
-    _atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    with AtomicFile(path) as out:
+        out.handle.write(text.encode("utf-8"))
 
 
 def _traces(result: MapResult) -> list:
@@ -199,7 +199,8 @@ def write_image(result: MapResult, path: str, fmt: str, title: str, *, max_point
     x_title, y_title = AXES[result.method]
     axes.set_xlabel(x_title)
     axes.set_ylabel(y_title)
-    _atomic(path, lambda handle: figure.savefig(handle, format=fmt))
+    with AtomicFile(path) as out:
+        figure.savefig(out.handle, format=fmt)
 
 
 def _scatter_image(figure, axes, xy: np.ndarray, colouring: Colouring) -> None:
@@ -277,16 +278,5 @@ def write_coords(result: MapResult, path: str) -> None:
     )
     metadata = {"esm2cli_map": json.dumps({"colour": result.colouring.title})}
     table = table.replace_schema_metadata(metadata)
-    _atomic(path, lambda handle: pq.write_table(table, handle))
-
-
-def _atomic(path: str, write: Callable[[IO[bytes]], object]) -> None:
-    from esm2cli.io.storage import AtomicFile
-
-    out = AtomicFile(path)
-    try:
-        write(out.handle)
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
+    with AtomicFile(path) as out:
+        pq.write_table(table, out.handle)
