@@ -207,6 +207,15 @@ def embed_cli(fasta, out, model, *extra, check: bool = False):
     return result
 
 
+def embed_mean_and_bos(root, records: Sequence[tuple[str, str]], model):
+    """``root/in.fasta`` of ``records`` and its outputs by ``model`` (embed_cli): out.parquet of mean pooling and
+    bos.parquet of bos pooling, two identities; returns ``root``."""
+    fasta = write_fasta(root / "in.fasta", records)
+    embed_cli(fasta, root / "out.parquet", model, check=True)
+    embed_cli(fasta, root / "bos.parquet", model, "--pooling", "bos", check=True)
+    return root
+
+
 def write_fasta(path, records: Sequence[tuple[str, str]], width: int = 60) -> str:
     with open(path, "w", encoding="utf-8") as out:
         for rec_id, seq in records:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from esm2cli.cli import cli
-from helpers import embed_cli, random_protein, write_fasta, write_like
+from helpers import embed_mean_and_bos, random_protein, write_like
 
 
 def run(*args):
@@ -18,11 +18,8 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("cli-map")
-    fasta = write_fasta(root / "in.fasta", [(f"p{i}", random_protein(15 + 7 * i)) for i in range(20)])
-    embed_cli(fasta, root / "out.parquet", tiny_model_dir, check=True)
-    embed_cli(fasta, root / "bos.parquet", tiny_model_dir, "--pooling", "bos", check=True)
-    return root
+    records = [(f"p{i}", random_protein(15 + 7 * i)) for i in range(20)]
+    return embed_mean_and_bos(tmp_path_factory.mktemp("cli-map"), records, tiny_model_dir)
 
 
 def _one_line_exit_2(result, *words):
