@@ -123,7 +123,7 @@ def _traces(result: MapResult) -> list:
     rows, colouring = result.shown, result.colouring
     xy = result.points.xy[rows]
     ids = np.array(result.points.ids.take(pa.array(rows)).to_pylist(), dtype=object)
-    hover = np.array(_hover(result, rows), dtype=object)
+    hover = np.array(_hover(result, rows, ids), dtype=object)
     traces = []
     if colouring.continuous:
         assert colouring.values is not None and colouring.span is not None
@@ -163,10 +163,9 @@ def _scatter(go, xy: np.ndarray, ids: np.ndarray, hover: np.ndarray, name: str, 
     )
 
 
-def _hover(result: MapResult, rows: np.ndarray) -> list[str]:
+def _hover(result: MapResult, rows: np.ndarray, ids: np.ndarray) -> list[str]:
     points, column = result.points, result.colouring.column()
     take = pa.array(rows)
-    ids = points.ids.take(take).to_pylist()
     descriptions = points.descriptions.take(take).to_pylist()
     colours = column.take(take).to_pylist()
     lengths = points.lengths[rows].tolist()
