@@ -126,6 +126,13 @@ class EsmcReference(OneProteinAtATime):
 TINY = dict(layers=3, hidden=32, heads=4)
 
 
+def assert_biases_nonzero(module: torch.nn.Module, expected: set[str]) -> None:
+    """A zero bias hides a forward that drops it: every comparison with transformers would still pass."""
+    biases = {name: p for name, p in module.named_parameters() if name.endswith(("_b", "bias"))}
+    assert biases.keys() == expected
+    assert all(bool((p != 0).all()) for p in biases.values()), sorted(n for n, p in biases.items() if (p == 0).any())
+
+
 def build_tiny_esm2(path, seed: int = 7) -> str:
     """Saves a small ESM-2 (real architecture and tokenizer, random weights) with save_pretrained.
 

@@ -10,7 +10,7 @@ from esm2cli.config import ModelConfig
 from esm2cli.model.esmc import PackedEsmc
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
-from helpers import EsmcReference, build_tiny_esmc, random_seqs
+from helpers import EsmcReference, assert_biases_nonzero, build_tiny_esmc, random_seqs
 from reference import cosine
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMKVLAAGIVGLLLA", "MKV", "W" * 40 + "ACDEFGHIKLMNPQRSTVWYXBUZO" * 3]
@@ -40,11 +40,8 @@ def test_a_local_esmc_directory_loads_as_the_own_forward(loaded):
 
 
 def test_every_bias_the_forward_adds_is_nonzero(loaded):
-    # A zero bias hides a forward that drops it: every comparison with transformers would still pass.
-    biases = {name: p for name, p in loaded.forward.named_parameters() if name.endswith(("_b", "bias"))}
     per_layer = {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("ln1_b", "ln2_b")}
-    assert biases.keys() == per_layer | {"lm.dense_b", "lm.ln_b", "lm.bias"}
-    assert all(bool((p != 0).all()) for p in biases.values()), sorted(n for n, p in biases.items() if (p == 0).any())
+    assert_biases_nonzero(loaded.forward, per_layer | {"lm.dense_b", "lm.ln_b", "lm.bias"})
 
 
 def test_every_hidden_state_matches_transformers_one_protein_at_a_time(loaded, ref):

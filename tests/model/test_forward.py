@@ -16,7 +16,7 @@ from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
-from helpers import write_fair_esm_checkpoint
+from helpers import assert_biases_nonzero, write_fair_esm_checkpoint
 from reference import cosine
 
 # Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.
@@ -117,13 +117,10 @@ def test_equals_fair_esm_own_model_per_token_and_contacts(tmp_path):
 
 
 def test_every_bias_the_forward_adds_is_nonzero(tiny):
-    # A zero bias hides a forward that drops it: every comparison with transformers would still pass.
     loaded, forward = tiny
-    biases = {name: p for name, p in forward.named_parameters() if name.endswith(("_b", "bias"))}
     per_layer = {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("ln1_b", "qkv_b", "out_b", "ln2_b")}
     per_layer |= {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("fc1_b", "fc2_b")}
-    assert biases.keys() == per_layer | {"final_ln_b", "lm.dense_b", "lm.ln_b", "lm.bias"}
-    assert all(bool((p != 0).all()) for p in biases.values()), sorted(n for n, p in biases.items() if (p == 0).any())
+    assert_biases_nonzero(forward, per_layer | {"final_ln_b", "lm.dense_b", "lm.ln_b", "lm.bias"})
     assert forward.contact_b != 0
 
 
