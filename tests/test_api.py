@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from esm2cli import Embedder
@@ -298,3 +300,20 @@ def test_index_searches_sequences_in_a_notebook_as_the_docs_show(tmp_path, tiny_
     assert [h.rank for h in hits[0]] == [1, 2, 3] and hits[0][0].evalue is None
     assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
     assert [h.target for h in index.search_vectors(stored, k=3)[0]] == [h.target for h in hits[0]]
+
+
+def _count_a_new_thread_gets() -> int:
+    counts: list[int] = []
+    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return counts[0]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one core: CPU replicas keep torch's thread count")
+def test_closing_an_embedder_gives_torch_its_thread_count_back(tiny_model_dir):
+    before = _count_a_new_thread_gets()
+    with Embedder(tiny_model_dir, devices="auto", dtype="float32") as emb:  # one single-threaded replica a core
+        emb.embed(["MKTAYIAKQR", "MSEQ"])
+        assert _count_a_new_thread_gets() < before  # what close() has to undo
+    assert _count_a_new_thread_gets() == before
