@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import html
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
 
-from esm2cli.io.storage import AtomicFile
+from esm2cli.errors import ConfigError
+from esm2cli.io.storage import AtomicFile, is_url
 from esm2cli.search.colours import GREY, SEQUENTIAL, Colouring
+from esm2cli.search.hits import check_output
 from esm2cli.search.mapping import MapResult
+from esm2cli.search.vectors import expand_inputs
 
 DESCRIPTION_CHARS = 120  # of a description in the hover text
 DENSITY_BINS = 600  # cells a side of the density image
@@ -76,6 +80,36 @@ body {{ font-family: sans-serif; margin: 0.5em 1em; }}
 </body>
 </html>
 """
+
+
+KINDS = {"html": "page", "png": "PNG image", "svg": "SVG image", "coords": "coordinates"}
+
+
+def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> None:
+    """Refuses, before any work, an output in the way: an input of the map (even with overwrite: the vectors are
+    not an old map), a path named for two outputs, a directory, or an existing file without overwrite.
+
+    Raises:
+        ConfigError: The output and what it collides with named.
+        OutputExistsError: The file exists and overwrite is False.
+        InputError: An input is missing (see vectors.expand_inputs).
+    """
+    read = {_key(path): path for path in expand_inputs(inputs, "map")}
+    named: dict[str, str] = {}
+    for kind, path in outputs.items():
+        key = _key(path)
+        if key in read:
+            raise ConfigError(f"{path}: an input of this map; name another file for the {KINDS[kind]}")
+        if key in named:
+            raise ConfigError(f"{path}: named for the {KINDS[named[key]]} and the {KINDS[kind]}; give each its own")
+        named[key] = kind
+        if not is_url(path) and os.path.isdir(path):
+            raise ConfigError(f"{path} is a directory: name a file for the {KINDS[kind]}")
+        check_output(path, overwrite)
+
+
+def _key(path: str) -> str:
+    return path if is_url(path) else os.path.realpath(path)
 
 
 def page_notes(result: MapResult) -> list[str]:
