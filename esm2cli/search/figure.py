@@ -134,12 +134,12 @@ def write_page(result: MapResult, path: str, method: str, title: str) -> None:
     figure = go.Figure(_traces(result))
     x_title, y_title = AXES[method]
     figure.update_layout(
-        title=title,
+        title=_text(title),
         template="plotly_white",
         height=820,
         xaxis_title=x_title,
         yaxis_title=y_title,
-        legend={"itemsizing": "constant", "title": {"text": result.colouring.title}},
+        legend={"itemsizing": "constant", "title": {"text": _text(result.colouring.title)}},
         hovermode="closest",
     )
     plot = pio.to_html(
@@ -165,23 +165,28 @@ def _traces(result: MapResult) -> list:
         valued = ~np.isnan(values)
         low, high = colouring.span
         marker = {"color": values[valued], "colorscale": SEQUENTIAL.capitalize(), "cmin": low, "cmax": high,
-                  "size": 4, "colorbar": {"title": {"text": colouring.title}}}  # fmt: skip
-        traces.append(_scatter(go, xy[valued], ids[valued], hover[valued], colouring.title, marker))
+                  "size": 4, "colorbar": {"title": {"text": _text(colouring.title)}}}  # fmt: skip
+        traces.append(_scatter(go, xy[valued], ids[valued], hover[valued], _text(colouring.title), marker))
         if (~valued).any():
             grey = {"color": GREY, "size": 4}
-            traces.append(_scatter(go, xy[~valued], ids[~valued], hover[~valued], colouring.grey, grey))
+            traces.append(_scatter(go, xy[~valued], ids[~valued], hover[~valued], _text(colouring.grey), grey))
     else:
         assert colouring.codes is not None
         codes = colouring.codes[rows]
         for code, (name, colour) in enumerate(zip(colouring.names, colouring.colours, strict=True)):
             where = codes == code
             if where.any():
-                label = f"{name} ({int(where.sum()):,})"
+                label = f"{_text(name)} ({int(where.sum()):,})"
                 traces.append(_scatter(go, xy[where], ids[where], hover[where], label, {"color": colour, "size": 4}))
     ring = {"size": 18, "color": "rgba(0,0,0,0)", "line": {"color": "black", "width": 2}}
     found = go.Scattergl(x=[], y=[], mode="markers", marker=ring, name="found", hoverinfo="skip", showlegend=False)
     traces.append(found)
     return traces
+
+
+def _text(text: str) -> str:
+    # plotly reads names and titles as its markup (<b>, <a href>): escaped, a label shows as it is written
+    return html.escape(text, quote=False)
 
 
 def _scatter(go, xy: np.ndarray, ids: np.ndarray, hover: np.ndarray, name: str, marker: dict):
