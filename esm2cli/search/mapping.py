@@ -97,13 +97,16 @@ def _check_size(inputs: list[VectorInput], config: MapConfig, clusters: bool) ->
     where = inputs[0].path if len(inputs) == 1 else f"{len(inputs)} inputs"
     if total < MIN_POINTS:
         raise InputError(f"{where}: {total} points; a map needs at least {MIN_POINTS}")
-    if config.method == "umap" and total <= config.neighbors:
+    # UMAP and k-means see the fit sample, not every point
+    fitted = sample_size(inputs, config)
+    seen = f"{total} points" if fitted == total else f"--sample {fitted} (of {total} points)"
+    if config.method == "umap" and fitted <= config.neighbors:
         raise InputError(
-            f"{where}: {total} points, no more than --neighbors {config.neighbors}; UMAP needs more points than "
+            f"{where}: {seen}, no more than --neighbors {config.neighbors}; UMAP needs more points than "
             "neighbours (lower --neighbors, or use --method pca)"
         )
-    if clusters and total < config.clusters:
-        raise InputError(f"{where}: {total} points, fewer than --clusters {config.clusters}")
+    if clusters and fitted < config.clusters:
+        raise InputError(f"{where}: {seen}, fewer than --clusters {config.clusters}")
 
 
 def sample_size(inputs: Sequence[VectorInput], config: MapConfig) -> int:

@@ -176,3 +176,16 @@ def test_an_incomplete_part_folder_is_not_mapped_in_silence(outputs, tmp_path):
     result = run(parts, "-o", tmp_path / "m.html")
     assert result.exit_code == 0, result.output
     assert "part-00001-of-00002.parquet is missing: the map holds 1 of the run's 2 parts" in result.stderr
+
+
+def test_a_fit_sample_smaller_than_the_clusters_is_refused(outputs, tmp_path):
+    result = run(outputs / "out.parquet", "-o", tmp_path / "m.html", "--sample", "5", "--clusters", "10")
+    _one_line_exit_2(result, "--sample 5 (of 20 points), fewer than --clusters 10")
+    assert not (tmp_path / "m.html").exists()
+
+
+def test_umap_on_a_fit_sample_no_larger_than_the_neighbours_is_refused(outputs, tmp_path):
+    args = ["--method", "umap", "--sample", "10", "--neighbors", "15", "--color-by", "length"]
+    result = run(outputs / "out.parquet", "-o", tmp_path / "m.html", *args)
+    _one_line_exit_2(result, "--sample 10 (of 20 points), no more than --neighbors 15")
+    assert not (tmp_path / "m.html").exists()
