@@ -91,7 +91,7 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
       esm2cli map parts/ -o map.html --png map.png --color-by 'description:(kinase|protease)'
       esm2cli map out.parquet -o map.html --labels families.tsv --color-by family --method umap
     """
-    with interruptible():
+    with interruptible("interrupted: no output was written or replaced (a map does not resume: rerun it)"):
         setup_logging(verbose, quiet)
         from esm2cli.search.figure import check_outputs, page_notes
         from esm2cli.search.mapping import build_map

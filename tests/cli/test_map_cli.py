@@ -189,3 +189,20 @@ def test_umap_on_a_fit_sample_no_larger_than_the_neighbours_is_refused(outputs, 
     result = run(outputs / "out.parquet", "-o", tmp_path / "m.html", *args)
     _one_line_exit_2(result, "--sample 10 (of 20 points), no more than --neighbors 15")
     assert not (tmp_path / "m.html").exists()
+
+
+def test_an_interrupted_map_says_nothing_was_written_and_leaves_no_page(outputs, tmp_path, monkeypatch):
+    import signal
+
+    from esm2cli.errors import Interrupted
+    from esm2cli.search import mapping
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)  # what interruptible's handler raises on SIGINT mid-build
+
+    monkeypatch.setattr(mapping, "build_map", interrupted)
+    page = tmp_path / "m.html"
+    result = run(outputs / "out.parquet", "-o", page)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == "interrupted: no output was written or replaced (a map does not resume: rerun it)"
+    assert list(tmp_path.iterdir()) == []
