@@ -146,7 +146,10 @@ def read_labels(path: str) -> Labels:
 
     delimiter = "," if path.lower().endswith(".csv") else "\t"
     data = _read_file(path)
-    header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace")), delimiter=delimiter), [])
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark, which is no part of the first name
+    header = next(
+        csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8-sig", "replace")), delimiter=delimiter), []
+    )
     names = [name.strip() for name in header]
     if not any(names):
         raise InputError(f"{path}: empty; a labels file starts with a header line naming its columns")

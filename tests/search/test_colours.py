@@ -131,3 +131,10 @@ def test_a_csv_keeps_its_quoting(tmp_path):
 def test_a_missing_labels_file_is_bad_input_naming_it(tmp_path):
     with pytest.raises(InputError, match=r"nosuch\.tsv: no such labels file"):
         read_labels(str(tmp_path / "nosuch.tsv"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_columns_name(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,fold\nq0,a\n")  # as spreadsheets save "CSV UTF-8"
+    labels = read_labels(str(path))
+    assert labels.id_column == "id" and labels.named_id and labels.ids.to_pylist() == ["q0"]
