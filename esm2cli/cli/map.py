@@ -34,6 +34,21 @@ def _outputs(output, png, svg, coords) -> dict[str, str]:
     return named
 
 
+def _write(result, kind: str, path: str, heading: str, max_points: int) -> None:
+    from esm2cli.errors import OutputError
+    from esm2cli.search.figure import KINDS, write_coords, write_image, write_page
+
+    try:
+        if kind == "html":
+            write_page(result, path, result.method, heading)
+        elif kind == "coords":
+            write_coords(result, path)
+        else:
+            write_image(result, path, kind, heading, max_points=max_points)
+    except OSError as exc:  # a full disk or a file size limit: the new file is aborted, an old one kept
+        raise OutputError(f"{path}: cannot write the {KINDS[kind]} ({exc.strerror or exc})") from exc
+
+
 @click.command(name="map")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", envvar="ESM2CLI_OUTPUT", help="The HTML page to write (self-contained).")
@@ -76,10 +91,9 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
       esm2cli map parts/ -o map.html --png map.png --color-by 'description:(kinase|protease)'
       esm2cli map out.parquet -o map.html --labels families.tsv --color-by family --method umap
     """
-    with interruptible():
+    with interruptible("interrupted: no output was written or replaced (a map does not resume: rerun it)"):
         setup_logging(verbose, quiet)
-        from esm2cli.search.figure import page_notes, write_coords, write_image, write_page
-        from esm2cli.search.hits import check_output
+        from esm2cli.search.figure import check_outputs, page_notes
         from esm2cli.search.mapping import build_map
 
         use_s3_endpoint(s3_endpoint_url)
@@ -87,20 +101,14 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
         config = MapConfig(method=method, layer=layer, seed=seed, neighbors=neighbors, sample=sample,
                            color_by=color_by, labels=labels, clusters=clusters, max_points=max_points)  # fmt: skip
         with one_line_errors():
-            for path in outputs.values():
-                check_output(path, overwrite)
+            check_outputs(outputs, inputs, overwrite)
             bar, update = _progress(quiet)
             with bar:
                 result = build_map(inputs, config, progress=update)
             started = time.perf_counter()
             heading = title or f"{inputs[0]}: {method.upper()}, coloured by {result.colouring.title}"
-            if "html" in outputs:
-                write_page(result, outputs["html"], method, heading)
-            for kind in ("png", "svg"):
-                if kind in outputs:
-                    write_image(result, outputs[kind], kind, heading, max_points=max_points)
-            if "coords" in outputs:
-                write_coords(result, outputs["coords"])
+            for kind, path in outputs.items():
+                _write(result, kind, path, heading, max_points)
             result.seconds["write"] = time.perf_counter() - started
         if not quiet:
             spent = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in result.seconds.items())

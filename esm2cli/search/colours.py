@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esm2cli.errors import ConfigError, InputError
-from esm2cli.io.storage import open_input
+from esm2cli.errors import ConfigError, InputError, StorageError
+from esm2cli.io.storage import exists, open_input
 
 FIELDS = ("length", "truncated", "windows", "cluster")  # besides description:REGEX and the labels' columns
 UNLABELLED = "unlabelled"
@@ -145,9 +145,11 @@ def read_labels(path: str) -> Labels:
     from pyarrow import csv as pacsv
 
     delimiter = "," if path.lower().endswith(".csv") else "\t"
-    with open_input(path) as handle:
-        data = handle.read()
-    header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace")), delimiter=delimiter), [])
+    data = _read_file(path)
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark, which is no part of the first name
+    header = next(
+        csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8-sig", "replace")), delimiter=delimiter), []
+    )
     names = [name.strip() for name in header]
     if not any(names):
         raise InputError(f"{path}: empty; a labels file starts with a header line naming its columns")
@@ -159,7 +161,8 @@ def read_labels(path: str) -> Labels:
         table = pacsv.read_csv(
             pa.BufferReader(data),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            # a TSV has no quoting: a value starting with '"' (5" nucleotidase) is text, not a field spanning rows
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False),
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
         )
     except pa.ArrowInvalid as exc:
@@ -169,6 +172,17 @@ def read_labels(path: str) -> Labels:
     _check_unique(path, ids)
     others = {name: table.column(name).combine_chunks() for name in names if name != id_column}
     return Labels(path, id_column, id_column == "id", ids, others)
+
+
+def _read_file(path: str) -> bytes:
+    # a missing labels file is the command's fault (exit 2), as a missing input is
+    if not exists(path):
+        raise InputError(f"{path}: no such labels file")
+    try:
+        with open_input(path) as handle:
+            return handle.read()
+    except (OSError, StorageError) as exc:
+        raise InputError(f"{path}: cannot read the labels file ({exc})") from None
 
 
 def _check_unique(path: str, ids: pa.Array) -> None:

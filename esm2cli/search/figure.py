@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import html
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
 
-from esm2cli.io.storage import AtomicFile
+from esm2cli.errors import ConfigError
+from esm2cli.io.storage import AtomicFile, is_url
 from esm2cli.search.colours import GREY, SEQUENTIAL, Colouring
+from esm2cli.search.hits import check_output
 from esm2cli.search.mapping import MapResult
+from esm2cli.search.vectors import expand_inputs
 
 DESCRIPTION_CHARS = 120  # of a description in the hover text
 DENSITY_BINS = 600  # cells a side of the density image
@@ -78,6 +82,36 @@ body {{ font-family: sans-serif; margin: 0.5em 1em; }}
 """
 
 
+KINDS = {"html": "page", "png": "PNG image", "svg": "SVG image", "coords": "coordinates"}
+
+
+def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> None:
+    """Refuses, before any work, an output in the way: an input of the map (even with overwrite: the vectors are
+    not an old map), a path named for two outputs, a directory, or an existing file without overwrite.
+
+    Raises:
+        ConfigError: The output and what it collides with named.
+        OutputExistsError: The file exists and overwrite is False.
+        InputError: An input is missing (see vectors.expand_inputs).
+    """
+    read = {_key(path): path for path in expand_inputs(inputs, "map")}
+    named: dict[str, str] = {}
+    for kind, path in outputs.items():
+        key = _key(path)
+        if key in read:
+            raise ConfigError(f"{path}: an input of this map; name another file for the {KINDS[kind]}")
+        if key in named:
+            raise ConfigError(f"{path}: named for the {KINDS[named[key]]} and the {KINDS[kind]}; give each its own")
+        named[key] = kind
+        if not is_url(path) and os.path.isdir(path):
+            raise ConfigError(f"{path} is a directory: name a file for the {KINDS[kind]}")
+        check_output(path, overwrite)
+
+
+def _key(path: str) -> str:
+    return path if is_url(path) else os.path.realpath(path)
+
+
 def page_notes(result: MapResult) -> list[str]:
     """What the page and the summary say of the map: points, fit, sample drawn and the colouring."""
     n = len(result.points)
@@ -100,12 +134,12 @@ def write_page(result: MapResult, path: str, method: str, title: str) -> None:
     figure = go.Figure(_traces(result))
     x_title, y_title = AXES[method]
     figure.update_layout(
-        title=title,
+        title=_text(title),
         template="plotly_white",
         height=820,
         xaxis_title=x_title,
         yaxis_title=y_title,
-        legend={"itemsizing": "constant", "title": {"text": result.colouring.title}},
+        legend={"itemsizing": "constant", "title": {"text": _text(result.colouring.title)}},
         hovermode="closest",
     )
     plot = pio.to_html(
@@ -131,23 +165,28 @@ def _traces(result: MapResult) -> list:
         valued = ~np.isnan(values)
         low, high = colouring.span
         marker = {"color": values[valued], "colorscale": SEQUENTIAL.capitalize(), "cmin": low, "cmax": high,
-                  "size": 4, "colorbar": {"title": {"text": colouring.title}}}  # fmt: skip
-        traces.append(_scatter(go, xy[valued], ids[valued], hover[valued], colouring.title, marker))
+                  "size": 4, "colorbar": {"title": {"text": _text(colouring.title)}}}  # fmt: skip
+        traces.append(_scatter(go, xy[valued], ids[valued], hover[valued], _text(colouring.title), marker))
         if (~valued).any():
             grey = {"color": GREY, "size": 4}
-            traces.append(_scatter(go, xy[~valued], ids[~valued], hover[~valued], colouring.grey, grey))
+            traces.append(_scatter(go, xy[~valued], ids[~valued], hover[~valued], _text(colouring.grey), grey))
     else:
         assert colouring.codes is not None
         codes = colouring.codes[rows]
         for code, (name, colour) in enumerate(zip(colouring.names, colouring.colours, strict=True)):
             where = codes == code
             if where.any():
-                label = f"{name} ({int(where.sum()):,})"
+                label = f"{_text(name)} ({int(where.sum()):,})"
                 traces.append(_scatter(go, xy[where], ids[where], hover[where], label, {"color": colour, "size": 4}))
     ring = {"size": 18, "color": "rgba(0,0,0,0)", "line": {"color": "black", "width": 2}}
     found = go.Scattergl(x=[], y=[], mode="markers", marker=ring, name="found", hoverinfo="skip", showlegend=False)
     traces.append(found)
     return traces
+
+
+def _text(text: str) -> str:
+    # plotly reads names and titles as its markup (<b>, <a href>): escaped, a label shows as it is written
+    return html.escape(text, quote=False)
 
 
 def _scatter(go, xy: np.ndarray, ids: np.ndarray, hover: np.ndarray, name: str, marker: dict):

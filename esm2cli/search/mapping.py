@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from esm2cli.search.vectors import VectorInput, open_inputs, read_batches
 
 log = logging.getLogger(__name__)
 MIN_POINTS = 3  # fewer say nothing a map could show (and PCA needs two components' worth)
+_PART = re.compile(r"^(.*)part-(\d+)-of-(\d+)(\.[^/]+)$")  # a part of a sharded run (embed --shard-count)
 
 
 @dataclass
@@ -65,10 +67,29 @@ def build_map(paths: Sequence[str | os.PathLike], config: MapConfig, progress: C
     labels = read_labels(config.labels) if config.labels else None
     spec = parse_color_by(config.color_by, labels)
     inputs = open_inputs(paths, layer=config.layer, command="map")
+    _warn_missing_parts(inputs)
     _check_size(inputs, config, spec.field == "cluster")
     points, fitted_on, seconds = project(inputs, config, clusters=spec.field == "cluster", progress=progress)
     colouring = colour_points(points, spec, labels)
     return MapResult(inputs, points, colouring, fitted_on, page_rows(len(points), config), config.method, seconds)
+
+
+def _warn_missing_parts(inputs: list[VectorInput]) -> None:
+    # a part folder of a run still going (or of a failed shard) maps what it holds; the user is told what is not
+    runs: dict[tuple[str, str, str, int], set[int]] = {}
+    for source in inputs:
+        found = _PART.match(source.path)
+        if found:
+            prefix, index, count, suffix = found.groups()
+            runs.setdefault((prefix, count, suffix, len(index)), set()).add(int(index))
+    for (prefix, count, suffix, width), present in runs.items():
+        missing = sorted(set(range(int(count))) - present)
+        if missing:
+            first = f"{prefix}part-{missing[0]:0{width}d}-of-{count}{suffix}"
+            more = f" (and {len(missing) - 1:,} more)" if len(missing) > 1 else ""
+            log.warning(
+                "%s is missing%s: the map holds %d of the run's %d parts", first, more, len(present), int(count)
+            )
 
 
 def _check_size(inputs: list[VectorInput], config: MapConfig, clusters: bool) -> None:
@@ -76,13 +97,16 @@ def _check_size(inputs: list[VectorInput], config: MapConfig, clusters: bool) ->
     where = inputs[0].path if len(inputs) == 1 else f"{len(inputs)} inputs"
     if total < MIN_POINTS:
         raise InputError(f"{where}: {total} points; a map needs at least {MIN_POINTS}")
-    if config.method == "umap" and total <= config.neighbors:
+    # UMAP and k-means see the fit sample, not every point
+    fitted = sample_size(inputs, config)
+    seen = f"{total} points" if fitted == total else f"--sample {fitted} (of {total} points)"
+    if config.method == "umap" and fitted <= config.neighbors:
         raise InputError(
-            f"{where}: {total} points, no more than --neighbors {config.neighbors}; UMAP needs more points than "
+            f"{where}: {seen}, no more than --neighbors {config.neighbors}; UMAP needs more points than "
             "neighbours (lower --neighbors, or use --method pca)"
         )
-    if clusters and total < config.clusters:
-        raise InputError(f"{where}: {total} points, fewer than --clusters {config.clusters}")
+    if clusters and fitted < config.clusters:
+        raise InputError(f"{where}: {seen}, fewer than --clusters {config.clusters}")
 
 
 def sample_size(inputs: Sequence[VectorInput], config: MapConfig) -> int:

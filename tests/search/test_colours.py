@@ -112,3 +112,29 @@ def test_past_the_palette_the_least_frequent_categories_are_other():
     assert len(colouring.names) == MAX_CATEGORIES and colouring.names[-1] == "other (11 categories)"
     assert colouring.names[:3] == ["c0", "c1", "c2"] and len(set(colouring.colours[:-1])) == MAX_CATEGORIES - 1
     assert (colouring.codes[codes >= MAX_CATEGORIES - 1] == MAX_CATEGORIES - 1).all()
+
+
+def test_a_tsv_value_starting_with_a_quote_is_text_and_swallows_no_row(tmp_path):
+    path = tmp_path / "labels.tsv"
+    path.write_text('id\tname\nq0\t5" nucleotidase\nq1\t"putative\nq2\tkinase"\nq3\tplain\n')
+    labels = read_labels(str(path))
+    assert labels.ids.to_pylist() == ["q0", "q1", "q2", "q3"]
+    assert labels.columns["name"].to_pylist() == ['5" nucleotidase', '"putative', 'kinase"', "plain"]
+
+
+def test_a_csv_keeps_its_quoting(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text('id,name\nq0,"kinase, putative"\nq1,plain\n')
+    assert read_labels(str(path)).columns["name"].to_pylist() == ["kinase, putative", "plain"]
+
+
+def test_a_missing_labels_file_is_bad_input_naming_it(tmp_path):
+    with pytest.raises(InputError, match=r"nosuch\.tsv: no such labels file"):
+        read_labels(str(tmp_path / "nosuch.tsv"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_columns_name(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,fold\nq0,a\n")  # as spreadsheets save "CSV UTF-8"
+    labels = read_labels(str(path))
+    assert labels.id_column == "id" and labels.named_id and labels.ids.to_pylist() == ["q0"]

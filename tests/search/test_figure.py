@@ -137,3 +137,25 @@ def test_coordinates_hold_every_point_with_its_colour(mapped, tmp_path):
     assert table.column_names == ["id", "x", "y", "colour"] and table.num_rows == N
     np.testing.assert_array_equal(table["x"].to_numpy(), result.points.xy[:, 0])
     assert table["colour"][5].as_py() == f"cluster {result.points.clusters[5]}"
+
+
+MARKUP = ["<b>bold</b>", '<a href="javascript:alert(1)">click</a>', "</script><script>alert(2)</script>", "a & b"]
+
+
+def test_labels_written_as_markup_show_as_written_and_run_nothing(browser, embedded, tmp_path):
+    path = write_like(embedded / "out.parquet", tmp_path / "in.parquet", clustered(40, centers=4, hidden=32))
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("id\tfold\n" + "".join(f"s{i}\t{MARKUP[i % 4]}\n" for i in range(40)))
+    result = build_map([path], MapConfig(labels=str(labels)))
+    write_page(result, str(tmp_path / "map.html"), "pca", "<b>a</b> title")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto((tmp_path / "map.html").as_uri())
+    page.wait_for_function("document.getElementById('map') && document.getElementById('map')._fullLayout")
+    legend = sorted(page.locator("#map .legendtext").all_text_contents())
+    assert legend == sorted(f"{label} (10)" for label in MARKUP)
+    assert page.evaluate("document.querySelectorAll('#map a, #map b').length") == 0
+    assert page.text_content("#map .gtitle") == "<b>a</b> title"
+    assert dialogs == []
+    page.close()
