@@ -130,7 +130,10 @@ def open_inputs(
 def _open_input(path: str, layer: int | None, command: str) -> VectorInput:
     metadata = read_metadata(path)
     if not metadata.get("identity"):
-        raise InputError(f"{path}: not an esm2cli output (no esm2cli metadata); {command} reads embed's outputs")
+        raise InputError(
+            f"{path}: not an esm2cli output (no esm2cli metadata could be read: another file, or a damaged one); "
+            f"{command} reads embed's outputs"
+        )
     layers = [int(value) for value in metadata.get("layers", [])]
     chosen = _choose_layer(path, layers, layer)
     column = embedding_columns(layers, "embedding")[chosen]
