@@ -76,7 +76,7 @@ def search(query, db, output, k, min_score, max_evalue, output_format, nprobe, m
         options = {"model": model, "load_format": load_format, "dtype": dtype, "devices": devices}
         filters = {"min_score": min_score, "max_evalue": max_evalue, "nprobe": nprobe}
         with one_line_errors():
-            check_output(output, overwrite)
+            check_output(output, overwrite, inputs=(query, db))
             index = Index.open(db, verify=verify)
             bar, update = _progress(quiet)
             with bar:

@@ -109,7 +109,8 @@ def search_file(
     Raises:
         InputError, FastaError, ConfigError: As output_batches, fasta_batches and Index.search_vectors.
     """
-    index.check_request(k, (filters or {}).get("max_evalue"))  # before a model loads or a file is read
+    filters = filters or {}
+    index.check_request(k, filters.get("max_evalue"), filters.get("min_score"))  # before a model loads, a file is read
     embedded = not is_output(query)
     batches = fasta_batches(index, query, embedder_options or {}) if embedded else output_batches(index, query)
     # The first batch before the output opens: a query refused (another model, a bad FASTA) writes nothing at all,

@@ -64,6 +64,9 @@ def test_a_rerun_of_index_is_already_complete(outputs):
         (["-k", "11"], r"-k 11: the database"),
         (["--dtype", "bfloat16", "--devices", "cpu"], r"dtype was 'float32', now 'bfloat16'"),
         (["--max-evalue", "1"], r"--max-evalue: .* has no null model"),
+        (["--min-score", "nan"], r"--min-score nan: not a number"),
+        (["--max-evalue", "nan"], r"--max-evalue nan: give an E-value of 0 or more"),
+        (["--max-evalue", "-1"], r"--max-evalue -1.0: give an E-value of 0 or more"),
     ],
 )  # fmt: skip
 def test_bad_search_requests_exit_2_in_one_line_writing_nothing(outputs, tmp_path, args, message):
@@ -74,6 +77,21 @@ def test_bad_search_requests_exit_2_in_one_line_writing_nothing(outputs, tmp_pat
 
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "h.tsv").exists()
+
+
+@pytest.mark.parametrize(
+    "target", ["db/manifest.json", "db/shard-00000-of-00001/ids.parquet", "in.fasta", "out.parquet"]
+)
+def test_search_refuses_to_write_its_hits_over_the_database_or_the_query(outputs, tmp_path, target):
+    # A copy per case: a write that got through would spoil the module's shared database and query.
+    root = tmp_path / "copy"
+    shutil.copytree(outputs, root)
+    query = root / (target if target in ("in.fasta", "out.parquet") else "in.fasta")
+    before = (root / target).read_bytes()
+    result = run("search", query, "-d", root / "db", "-o", root / target, "--overwrite", "--devices", "cpu")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and f"{target}: is the input" in result.stderr
+    assert (root / target).read_bytes() == before
 
 
 def test_a_query_output_of_another_model_and_a_bad_database_exit_2(outputs, tmp_path):
