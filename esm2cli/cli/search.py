@@ -76,8 +76,9 @@ def search(query, db, output, k, min_score, max_evalue, output_format, nprobe, m
         options = {"model": model, "load_format": load_format, "dtype": dtype, "devices": devices}
         filters = {"min_score": min_score, "max_evalue": max_evalue, "nprobe": nprobe}
         with one_line_errors():
-            check_output(output, overwrite, inputs=(query, db))
+            check_output(output, overwrite, inputs=(query,))
             index = Index.open(db, verify=verify)
+            check_output(output, overwrite, inputs=(db,))  # once it is a database: a plain folder may take hits
             bar, update = _progress(quiet)
             with bar:
                 summary = search_file(index, query, output, output_format=output_format, k=k, filters=filters,
