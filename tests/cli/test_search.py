@@ -182,3 +182,24 @@ def test_held_out_decoys_average_about_one_hit_at_evalue_one(tmp_path, tiny_mode
     hits = pd.read_csv(tmp_path / "hits.tsv", sep="\t")
     assert (hits["evalue"] <= 1).all()
     assert 0.5 <= len(hits) / len(held_out) <= 2.0, len(hits)
+
+
+def _limited_files() -> None:
+    """In the child: writes past 1 KB fail with EFBIG (a full disk, as `ulimit -f` makes one) instead of killing it."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+@pytest.mark.parametrize("command", ["index", "search"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(outputs, tmp_path, command):
+    target = tmp_path / ("db" if command == "index" else "h.tsv")
+    args = ["-o", target, "--decoys", "0"] if command == "index" else ["-d", outputs / "db", "-o", target]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "esm2cli", command, outputs / "out.parquet", *args, "-q"]
+    done = subprocess.run(list(map(str, argv)), env=env, capture_output=True, text=True, preexec_fn=_limited_files)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {target}") and "File too large" in lines[0], lines
+    assert not target.exists() or not any(target.iterdir())
