@@ -203,3 +203,12 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(outputs, t
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {target}") and "File too large" in lines[0], lines
     assert not target.exists() or not any(target.iterdir())
+
+
+def test_an_invalid_fasta_query_is_refused_without_advising_an_option_search_lacks(outputs, tmp_path):
+    (tmp_path / "bad.fasta").write_text(">x\nMKT*J1\n")
+    result = run("search", tmp_path / "bad.fasta", "-d", outputs / "db", "-o", tmp_path / "h.tsv", "--devices", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "bad.fasta: 1 of 1 records cannot be embedded" in result.stderr and "record #1 'x'" in result.stderr
+    assert "--skip-invalid" not in result.stderr  # `esm2cli search --help` has no such option
+    assert not (tmp_path / "h.tsv").exists()
