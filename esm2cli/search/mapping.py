@@ -75,7 +75,7 @@ def build_map(paths: Sequence[str | os.PathLike], config: MapConfig, progress: C
 
 
 def _warn_missing_parts(inputs: list[VectorInput]) -> None:
-    # a part folder of a run still going (or of a failed shard) maps what it holds; the user is told what is not
+    # parts named one by one (a folder of unfinished parts is refused by open_inputs): the user is told what is not
     runs: dict[tuple[str, str, str, int], set[int]] = {}
     for source in inputs:
         found = _PART.match(source.path)

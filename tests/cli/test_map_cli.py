@@ -172,7 +172,10 @@ def test_an_incomplete_part_folder_is_not_mapped_in_silence(outputs, tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
     shutil.copy(outputs / "out.parquet", parts / "part-00000-of-00002.parquet")  # part 2 of 2 not yet written
-    result = run(parts, "-o", tmp_path / "m.html")
+    _one_line_exit_2(run(parts, "-o", tmp_path / "m.html"), str(parts), "1 of 2 shards are not finished")
+    assert not (tmp_path / "m.html").exists()
+    # a part named by itself is mapped: the user chose it, and is told what the run also holds
+    result = run(parts / "part-00000-of-00002.parquet", "-o", tmp_path / "m.html")
     assert result.exit_code == 0, result.output
     assert "part-00001-of-00002.parquet is missing: the map holds 1 of the run's 2 parts" in result.stderr
 
