@@ -28,6 +28,24 @@ def _clean_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_settings():
+    """torch's process-wide settings as each test found them, whatever the test (or code it ran) changed.
+
+    A CPU replica's worker sets its thread count with torch.set_num_threads, which also sets the count every
+    thread started later begins with: after an embed on ``--devices auto`` (one single-threaded replica per
+    core) or ``sim:N``, a later test's new threads ran on one thread, not torch's default.
+    """
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    precision, deterministic = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_float32_matmul_precision(precision)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 @pytest.fixture
 def reap():
     """Call with each process a test starts: whatever still runs when the test ends (failed or not) is killed."""

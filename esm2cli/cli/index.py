@@ -94,14 +94,14 @@ def index(inputs, output, kind, layer, decoys, fasta, seed, devices, train_only,
     """
     with interruptible():
         setup_logging(verbose, quiet)
-        from esm2cli.search.build import build_index
+        from esm2cli.search.build import build_index, write_errors
 
         use_s3_endpoint(s3_endpoint_url)
         sharded = resolve_shard(click.get_current_context(), shard_index, shard_count)
         shard = ShardConfig(index=sharded[0], count=sharded[1]) if sharded else None
         config = IndexConfig(kind=kind, layer=layer, decoys=decoys, fasta=fasta, seed=seed, devices=devices,
                              train_only=train_only)  # fmt: skip
-        with one_line_errors():
+        with one_line_errors(), write_errors(output):
             summary = build_index(inputs, output, config, shard=shard, overwrite=overwrite, progress=_progress(quiet))
         if not quiet:
             click.echo(_summary_line(summary), err=True)

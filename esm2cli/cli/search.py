@@ -68,6 +68,7 @@ def search(query, db, output, k, min_score, max_evalue, output_format, nprobe, m
     """
     with interruptible():
         setup_logging(verbose, quiet)
+        from esm2cli.search.build import write_errors
         from esm2cli.search.hits import check_output
         from esm2cli.search.index import Index
         from esm2cli.search.query import search_file
@@ -76,10 +77,11 @@ def search(query, db, output, k, min_score, max_evalue, output_format, nprobe, m
         options = {"model": model, "load_format": load_format, "dtype": dtype, "devices": devices}
         filters = {"min_score": min_score, "max_evalue": max_evalue, "nprobe": nprobe}
         with one_line_errors():
-            check_output(output, overwrite)
+            check_output(output, overwrite, inputs=(query,))
             index = Index.open(db, verify=verify)
+            check_output(output, overwrite, inputs=(db,))  # once it is a database: a plain folder may take hits
             bar, update = _progress(quiet)
-            with bar:
+            with bar, write_errors(output):
                 summary = search_file(index, query, output, output_format=output_format, k=k, filters=filters,
                                       embedder_options=options, progress=update)  # fmt: skip
         if not quiet:

@@ -172,10 +172,8 @@ def _atomic_hdf5(target: str) -> Iterator[Any]:
         with h5py.File(tmp, "w", track_order=True, libver=("v110", "latest")) as out:
             yield out
         if is_url(target):
-            upload = AtomicFile(target)
-            with open(tmp, "rb") as handle:
+            with AtomicFile(target) as upload, open(tmp, "rb") as handle:
                 shutil.copyfileobj(handle, upload.handle, length=8 << 20)
-            upload.commit()
         else:
             os.replace(tmp, target)
     except OSError as exc:
@@ -185,10 +183,13 @@ def _atomic_hdf5(target: str) -> Iterator[Any]:
             os.remove(tmp)
 
 
-def from_parquet(sources: list[str], target: str, expected_rows: int | None = None) -> int:
+def from_parquet(
+    sources: list[str], target: str, expected_rows: int | None = None, *, metadata: dict | None = None
+) -> int:
     """Writes the rows of Parquet files (chunks, or the parts of a sharded run), in order, into one HDF5 file.
 
-    The file appears at ``target`` atomically, replacing what was there only once it is complete.
+    The file appears at ``target`` atomically, replacing what was there only once it is complete. ``metadata``
+    replaces the first source's as the file's (a merge records the merged run's identity, not shard 0's).
 
     Returns:
         The number of proteins written.
@@ -206,7 +207,7 @@ def from_parquet(sources: list[str], target: str, expected_rows: int | None = No
                 schema = parquet.schema_arrow
                 if first is None:
                     first = schema
-                    _set_file_attrs(out, _metadata(schema))
+                    _set_file_attrs(out, metadata or _metadata(schema))
                 elif not schema.remove_metadata().equals(first.remove_metadata()):
                     raise OutputError(f"{source}: its columns differ from those of {sources[0]}")
                 layers, hidden = _metadata(schema)["layers"], _hidden(schema)
@@ -233,8 +234,10 @@ def _hidden(schema: pa.Schema) -> int:
     return next(f.type.list_size for f in schema if f.name.startswith("embedding"))
 
 
-def merge(parts: list[str], target: str) -> int:
+def merge(parts: list[str], target: str, *, metadata: dict | None = None) -> int:
     """Copies the proteins of HDF5 parts, in shard order, into one HDF5 file (atomically).
+
+    ``metadata`` replaces the first part's as the file's: the merged run's identity, not shard 0's.
 
     Returns:
         The number of proteins written.
@@ -250,6 +253,8 @@ def merge(parts: list[str], target: str) -> int:
                 if index == 0:
                     for name, value in source.attrs.items():
                         out.attrs[name] = value
+                    if metadata is not None:
+                        _set_file_attrs(out, metadata)
                 for key in source:
                     if key == PER_TOKEN_GROUP:
                         continue

@@ -79,21 +79,20 @@ def _merge_parts(prefix: str, output: str, overwrite: bool) -> int | None:
 
     metas = [_part_metadata(part) for part in parts]
     identity = merged_identity(parts, [meta["identity"] for meta in metas])
-    first = metas[0]
+    metadata = {**metas[0], "identity": identity, "parts": len(parts)}
     if is_complete(output, identity, overwrite):
         return None
     if hdf5.is_hdf5(parts[0]):
         if not hdf5.is_hdf5(output):
             raise PartsError(f"{prefix} holds HDF5 parts: name an .h5 output to merge them")
-        return hdf5.merge(parts, output)
+        return hdf5.merge(parts, output, metadata=metadata)
     if hdf5.is_hdf5(output) or not all(meta.get("allow_duplicate_ids") for meta in metas):
         check_ids_across(parts)  # HDF5 keys are the ids: repeats can never be kept there
     try:
         if hdf5.is_hdf5(output):
-            return hdf5.from_parquet(parts, output)
+            return hdf5.from_parquet(parts, output, metadata=metadata)
         with open_input(parts[0]) as handle:
             schema = pq.read_schema(handle)
-        metadata = {**first, "identity": identity, "parts": len(parts)}
         return concatenate(parts, output, schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()}))
     except DamagedFileError as exc:
         raise PartsError(f"{exc}: rerun that shard") from exc

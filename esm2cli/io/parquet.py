@@ -34,11 +34,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
     if hdf5.is_hdf5(path):
         return hdf5.read_metadata(path)
-    try:
-        with open_input(path) as handle:
+    with open_input(path) as handle:
+        try:
             metadata = pq.read_schema(handle).metadata or {}
+        except (pa.ArrowInvalid, OSError):  # not Parquet, or a damaged footer (pyarrow: "Couldn't deserialize thrift")
+            return {}
+    try:
         return as_metadata(json.loads(metadata.get(METADATA_KEY, b"{}")))
-    except (pa.ArrowInvalid, ValueError):
+    except ValueError:
         return {}
 
 

@@ -377,3 +377,7 @@ class Engine:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
+        for worker in self._workers:
+            close_replica = getattr(worker.replica, "close", None)  # a modeled replica holds nothing to give back
+            if close_replica is not None:
+                close_replica()

@@ -175,6 +175,14 @@ class Replica:
             torch.set_num_threads(self.cpu_threads)
             self._threads_set = True
 
+    def close(self) -> None:
+        """Called by the engine from the owner's thread once the workers have stopped."""
+        # torch.set_num_threads in a worker also sets the process-wide count that every thread started later
+        # inherits: a notebook's own torch work after an Embedder would run on one core.
+        if self._threads_set:
+            torch.set_num_threads(_CPU_THREADS)
+            self._threads_set = False
+
     def _forward(self, seqs: Sequence[str], per_token: bool) -> Embeddings:
         batch = self.pack(seqs)
         if self.graphs is not None:

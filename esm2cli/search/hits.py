@@ -43,19 +43,34 @@ def m8_line(query: str, query_length: int, hit: Hit) -> str:
     return "\t".join(map(str, fields)) + "\n"
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuses, before any work, an output that exists (unless overwrite) or is a directory.
+def check_output(output: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Refuses, before any work, an output that exists (unless overwrite), is a directory, or is one of the inputs
+    (a query file, or a file inside the database folder: --overwrite must not replace what is being read).
 
     Raises:
         OutputExistsError: The file exists and overwrite is False.
-        ConfigError: The output is a directory.
+        ConfigError: The output is a directory or an input.
     """
     if output == "-":
         return
     if not storage.is_url(output) and os.path.isdir(output):
         raise ConfigError(f"{output} is a directory: name a file for the hits")
+    _refuse_input(output, inputs)
     if storage.exists(output) and not overwrite:
         raise OutputExistsError(f"{output} already exists: add --overwrite to replace it")
+
+
+def _refuse_input(output: str, inputs: Sequence[str]) -> None:
+    """Refuses an output that is an input file or lies inside an input folder (local paths only)."""
+    if storage.is_url(output):
+        return
+    target = os.path.realpath(output)
+    for path in inputs:
+        if storage.is_url(path) or path == "-":
+            continue
+        source = os.path.realpath(path)
+        if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"{output}: is the input {path} (or inside it): name another file for the hits")
 
 
 class HitWriter:

@@ -12,6 +12,7 @@ whole database.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ class Index:
         Raises:
             ConfigError: k out of range, vectors of another width, or max_evalue without a null model.
         """
-        self.check_request(k, max_evalue)
+        self.check_request(k, max_evalue, min_score)
         queries = np.asarray(vectors, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.hidden:
             raise ConfigError(f"query vectors of shape {queries.shape}: the database {self.path} holds {self.hidden}")
@@ -173,10 +174,11 @@ class Index:
             hits += self._search_block(block, k, min_score, max_evalue, nprobe)
         return hits
 
-    def check_request(self, k: int, max_evalue: float | None = None) -> None:
-        """Refuses, before any work, a k of no hit or of more than the database holds, and an E-value filter on a
-        database without a null model (ConfigError)."""
+    def check_request(self, k: int, max_evalue: float | None = None, min_score: float | None = None) -> None:
+        """Refuses, before any work, a k of no hit or of more than the database holds, a NaN or negative threshold,
+        and an E-value filter on a database without a null model (ConfigError)."""
         self.check_k(k)
+        check_thresholds(min_score, max_evalue)
         if max_evalue is not None and not self.has_evalues:
             raise ConfigError(f"--max-evalue: {self.path} has no null model (built with --decoys 0): no E-values")
 
@@ -345,3 +347,12 @@ def _null_model(path: str):
     from esm2cli.search.null import NullModel
 
     return NullModel.from_json(manifest.read_json(path))
+
+
+def check_thresholds(min_score: float | None, max_evalue: float | None) -> None:
+    """Refuses a NaN --min-score or --max-evalue, or a negative --max-evalue (ConfigError): every comparison with
+    NaN is false, so it would silently keep every hit, and no E-value is below 0."""
+    if min_score is not None and math.isnan(min_score):
+        raise ConfigError(f"--min-score {min_score}: not a number; give a cosine from -1 to 1")
+    if max_evalue is not None and not max_evalue >= 0:
+        raise ConfigError(f"--max-evalue {max_evalue}: give an E-value of 0 or more")

@@ -26,6 +26,7 @@ FORMAT = "esm2cli-search-db"
 FORMAT_VERSION = 1  # raised whenever a file's layout or meaning changes: an older reader then refuses by name
 MANIFEST = "manifest.json"
 SHARD_RECORD = "shard.json"
+REQUIRED = ("build", "identity", "kind", "hidden", "shards")  # what a search reads from the manifest
 IDS = "ids.parquet"
 INDEX = "index.faiss"
 NULL = "null.json"
@@ -69,13 +70,8 @@ def file_digest(path: str) -> dict:
 
 def write_json(path: str, record: dict) -> None:
     """Writes ``record`` to ``path`` atomically (it appears whole or not at all)."""
-    out = storage.AtomicFile(path)
-    try:
+    with storage.AtomicFile(path) as out:
         out.handle.write((json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
 
 
 def read_json(path: str) -> dict:
@@ -195,13 +191,37 @@ def load_manifest(db: str | os.PathLike, *, verify: bool = True) -> dict:
         raise InputError(f"{path}: missing: not an esm2cli database, or its build has not finished (esm2cli index)")
     manifest = read_json(path)
     check_format(manifest, path)
+    if missing := [key for key in REQUIRED if key not in manifest]:
+        raise InputError(f"{path}: no {missing[0]!r} field: damaged or edited by hand; rebuild it with esm2cli index")
     _check_shard_set(db, manifest)
+    _check_against_shards(db, manifest)
     for shard in manifest["shards"]:
         for name, recorded in shard["files"].items():
             check_file(os.path.join(db, shard["name"], name), recorded, verify=verify)
     if manifest.get("trained") is not None:
         check_file(os.path.join(db, TRAINED), manifest["trained"], verify=verify)
     return manifest
+
+
+def _check_against_shards(db: str, manifest: dict) -> None:
+    """Refuses a manifest that says other than its shards' own records: an edit by hand (rows, identity, kind,
+    width) would otherwise be believed, and searched wrong."""
+    records = []
+    for shard in manifest["shards"]:
+        path = os.path.join(db, shard["name"], SHARD_RECORD)
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: missing ({MANIFEST} lists its shard)")
+        records.append((shard["name"], read_json(path)))
+    try:
+        expected = _manifest_of(db, records, database_build(records[0][1].get("build", {})))
+    except (KeyError, IndexError, TypeError) as error:
+        raise InputError(f"{db}: a shard's {SHARD_RECORD} is incomplete ({error}): rebuild it") from None
+    for key in (*REQUIRED, "rows", "shard_count", "metadata"):
+        if manifest.get(key) != expected.get(key):
+            raise InputError(
+                f"{os.path.join(db, MANIFEST)}: its {key!r} differs from the shards' own {SHARD_RECORD}: "
+                "edited by hand or of another build; rebuild it with esm2cli index"
+            )
 
 
 def _check_shard_set(db: str, manifest: dict) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from esm2cli.errors import ConfigError
+from esm2cli.errors import ConfigError, FastaError
 from esm2cli.io.storage import OUTPUT_SUFFIXES, is_stream, is_url
 from esm2cli.search.hits import HitWriter
 from esm2cli.search.index import Index
@@ -66,6 +67,20 @@ def output_batches(index: Index, query: str) -> Iterator[QueryBatch]:
         yield QueryBatch(batch.ids, [int(n) for n in batch.lengths], batch.vectors)
 
 
+SKIP_HINT = "(use --skip-invalid to embed the others)"  # embed's advice (io.fasta): search has no such option
+
+
+@contextmanager
+def _no_skip_hint() -> Iterator[None]:
+    """embed's refusal of invalid records, without its advice of an option search does not have."""
+    try:
+        yield
+    except FastaError as exc:
+        if SKIP_HINT not in str(exc):
+            raise
+        raise FastaError(str(exc).replace(SKIP_HINT, "(search embeds every record: fix or remove them)")) from None
+
+
 def fasta_batches(index: Index, query: str, embedder_options: dict) -> Iterator[QueryBatch]:
     """The records of a FASTA file embedded with the database's model, chunk by chunk.
 
@@ -73,7 +88,7 @@ def fasta_batches(index: Index, query: str, embedder_options: dict) -> Iterator[
         FastaError: The file is unreadable or holds records that cannot be embedded.
         ConfigError: The model or options given compute vectors of another identity.
     """
-    with index.embedder(**embedder_options) as embedder:
+    with index.embedder(**embedder_options) as embedder, _no_skip_hint():
         for batch in embedder.iter_fasta(query):
             column = batch.column(batch.schema.get_field_index("embedding"))
             assert isinstance(column, pa.FixedSizeListArray)
@@ -109,7 +124,8 @@ def search_file(
     Raises:
         InputError, FastaError, ConfigError: As output_batches, fasta_batches and Index.search_vectors.
     """
-    index.check_request(k, (filters or {}).get("max_evalue"))  # before a model loads or a file is read
+    filters = filters or {}
+    index.check_request(k, filters.get("max_evalue"), filters.get("min_score"))  # before a model loads, a file is read
     embedded = not is_output(query)
     batches = fasta_batches(index, query, embedder_options or {}) if embedded else output_batches(index, query)
     # The first batch before the output opens: a query refused (another model, a bad FASTA) writes nothing at all,

@@ -57,6 +57,14 @@ class VectorBatch:
         return len(self.ids)
 
 
+def _parts_of(path: str) -> list[str]:
+    """The parts of a sharded run, all of one count and every shard finished (PartsError otherwise): a folder of
+    unfinished parts would index a part of the proteins without a word."""
+    from esm2cli.io.merge import find_parts
+
+    return find_parts(path)
+
+
 def expand_inputs(paths: Sequence[str | os.PathLike], command: str = "index") -> list[str]:
     """The output files named: files as they are, directories and prefixes by the outputs directly in them.
 
@@ -75,11 +83,11 @@ def expand_inputs(paths: Sequence[str | os.PathLike], command: str = "index") ->
             continue
         if not exists(path):
             raise InputError(f"{command} {path}: no such file or directory")
-        found = sorted(
-            join(path, name)
-            for name in listdir(path)
-            if name.lower().endswith(OUTPUT_SUFFIXES) and not name.startswith((".", "_"))
-        )
+        names = [name for name in listdir(path) if name.lower().endswith(OUTPUT_SUFFIXES)]
+        if any(name.startswith("part-") for name in names):
+            files += _parts_of(path)
+            continue
+        found = sorted(join(path, name) for name in names if not name.startswith((".", "_")))
         if not found:
             raise InputError(f"{command} {path}: a directory holding no esm2cli output (.parquet, .h5, .hdf5)")
         files += found
@@ -130,7 +138,10 @@ def open_inputs(
 def _open_input(path: str, layer: int | None, command: str) -> VectorInput:
     metadata = read_metadata(path)
     if not metadata.get("identity"):
-        raise InputError(f"{path}: not an esm2cli output (no esm2cli metadata); {command} reads embed's outputs")
+        raise InputError(
+            f"{path}: not an esm2cli output (no esm2cli metadata could be read: another file, or a damaged one); "
+            f"{command} reads embed's outputs"
+        )
     layers = [int(value) for value in metadata.get("layers", [])]
     chosen = _choose_layer(path, layers, layer)
     column = embedding_columns(layers, "embedding")[chosen]

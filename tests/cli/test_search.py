@@ -28,12 +28,10 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_model_dir):
-    from helpers import embed_cli, random_protein, write_fasta
+    from helpers import embed_mean_and_bos, random_protein
 
-    root = tmp_path_factory.mktemp("cli-search")
-    fasta = write_fasta(root / "in.fasta", [(f"p{i}", random_protein(15 + 11 * i)) for i in range(10)])
-    embed_cli(fasta, root / "out.parquet", tiny_model_dir, check=True)
-    embed_cli(fasta, root / "bos.parquet", tiny_model_dir, "--pooling", "bos", check=True)
+    records = [(f"p{i}", random_protein(15 + 11 * i)) for i in range(10)]
+    root = embed_mean_and_bos(tmp_path_factory.mktemp("cli-search"), records, tiny_model_dir)
     assert run("index", root / "out.parquet", "-o", root / "db", "--decoys", "0", "-q").exit_code == 0
     return root
 
@@ -66,6 +64,9 @@ def test_a_rerun_of_index_is_already_complete(outputs):
         (["-k", "11"], r"-k 11: the database"),
         (["--dtype", "bfloat16", "--devices", "cpu"], r"dtype was 'float32', now 'bfloat16'"),
         (["--max-evalue", "1"], r"--max-evalue: .* has no null model"),
+        (["--min-score", "nan"], r"--min-score nan: not a number"),
+        (["--max-evalue", "nan"], r"--max-evalue nan: give an E-value of 0 or more"),
+        (["--max-evalue", "-1"], r"--max-evalue -1.0: give an E-value of 0 or more"),
     ],
 )  # fmt: skip
 def test_bad_search_requests_exit_2_in_one_line_writing_nothing(outputs, tmp_path, args, message):
@@ -76,6 +77,21 @@ def test_bad_search_requests_exit_2_in_one_line_writing_nothing(outputs, tmp_pat
 
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "h.tsv").exists()
+
+
+@pytest.mark.parametrize(
+    "target", ["db/manifest.json", "db/shard-00000-of-00001/ids.parquet", "in.fasta", "out.parquet"]
+)
+def test_search_refuses_to_write_its_hits_over_the_database_or_the_query(outputs, tmp_path, target):
+    # A copy per case: a write that got through would spoil the module's shared database and query.
+    root = tmp_path / "copy"
+    shutil.copytree(outputs, root)
+    query = root / (target if target in ("in.fasta", "out.parquet") else "in.fasta")
+    before = (root / target).read_bytes()
+    result = run("search", query, "-d", root / "db", "-o", root / target, "--overwrite", "--devices", "cpu")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and f"{target}: is the input" in result.stderr
+    assert (root / target).read_bytes() == before
 
 
 def test_a_query_output_of_another_model_and_a_bad_database_exit_2(outputs, tmp_path):
@@ -166,3 +182,33 @@ def test_held_out_decoys_average_about_one_hit_at_evalue_one(tmp_path, tiny_mode
     hits = pd.read_csv(tmp_path / "hits.tsv", sep="\t")
     assert (hits["evalue"] <= 1).all()
     assert 0.5 <= len(hits) / len(held_out) <= 2.0, len(hits)
+
+
+def _limited_files() -> None:
+    """In the child: writes past 1 KB fail with EFBIG (a full disk, as `ulimit -f` makes one) instead of killing it."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+@pytest.mark.parametrize("command", ["index", "search"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(outputs, tmp_path, command):
+    target = tmp_path / ("db" if command == "index" else "h.tsv")
+    args = ["-o", target, "--decoys", "0"] if command == "index" else ["-d", outputs / "db", "-o", target]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "esm2cli", command, outputs / "out.parquet", *args, "-q"]
+    done = subprocess.run(list(map(str, argv)), env=env, capture_output=True, text=True, preexec_fn=_limited_files)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {target}") and "File too large" in lines[0], lines
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_an_invalid_fasta_query_is_refused_without_advising_an_option_search_lacks(outputs, tmp_path):
+    (tmp_path / "bad.fasta").write_text(">x\nMKT*J1\n")
+    result = run("search", tmp_path / "bad.fasta", "-d", outputs / "db", "-o", tmp_path / "h.tsv", "--devices", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "bad.fasta: 1 of 1 records cannot be embedded" in result.stderr and "record #1 'x'" in result.stderr
+    assert "--skip-invalid" not in result.stderr  # `esm2cli search --help` has no such option
+    assert not (tmp_path / "h.tsv").exists()

@@ -222,3 +222,16 @@ def test_ids_across_shards_are_refused_when_only_one_shard_allowed_duplicates(tm
     assert result.exit_code == 2, result.output  # a shard run without the flag never agreed to keep repeats
     assert "1 id(s) occur in more than one shard: 'r0' in shards 0, 1" in result.output
     assert not (tmp_path / "all.parquet").exists()
+
+
+@pytest.mark.parametrize("part_format", ["parquet", "h5"])
+def test_merge_into_hdf5_records_the_merged_identity_so_a_rerun_is_complete(tmp_path, tiny_model_dir, part_format):
+    fasta = write_fasta(tmp_path / "in.fa", RECORDS[:6])
+    for index in range(2):
+        _shard(fasta, tmp_path / "emb", tiny_model_dir, index, 2, "--format", part_format)
+    out = tmp_path / "all.h5"
+    assert _merge(tmp_path / "emb", out).exit_code == 0
+    stamp = os.stat(out).st_mtime_ns
+    again = _merge(tmp_path / "emb", out)
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    assert os.stat(out).st_mtime_ns == stamp  # nothing rewritten

@@ -72,6 +72,34 @@ def test_another_format_version_is_refused(db):
         Index.open(db)
 
 
+def _edit(db, edit) -> None:
+    record = json.loads((db / "manifest.json").read_text())
+    edit(record)
+    (db / "manifest.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m["shards"][1].update(rows=10), "shards"),  # would search 10 of the shard's 200 vectors
+        (lambda m: m["identity"].update(pooling="bos"), "identity"),  # would take bos queries for mean vectors
+        (lambda m: m.update(hidden=16), "hidden"),
+        (lambda m: m.update(kind="hnsw"), "kind"),
+        (lambda m: m.update(rows=6), "rows"),
+    ],
+)  # fmt: skip
+def test_a_manifest_edited_by_hand_is_refused_naming_the_field(db, edit, field):
+    _edit(db, edit)
+    with pytest.raises(InputError, match=rf"manifest.json: its '{field}' differs from the shards' own shard.json"):
+        Index.open(db, verify=False)
+
+
+def test_a_manifest_without_a_field_a_search_reads_is_an_input_error(db):
+    _edit(db, lambda m: m.pop("identity"))
+    with pytest.raises(InputError, match=r"manifest.json: no 'identity' field"):
+        Index.open(db)
+
+
 def test_a_folder_that_is_no_database_is_named(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match=r"manifest.json: missing: not an esm2cli database"):

@@ -69,3 +69,16 @@ def test_a_non_finite_vector_is_refused_naming_the_record():
     with pytest.raises(InputError, match="record 'b' has a vector holding NaN"):
         unit_rows(vectors, ["a", "b", "c"], "x.parquet")
     assert np.array_equal(unit_rows(np.zeros((1, 4)), ["z"], "x"), np.zeros((1, 4), np.float32))
+
+
+def test_a_part_folder_is_read_only_when_every_shard_of_the_run_is_there(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in (0, 2):
+        (folder / f"part-{i:05d}-of-00003.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match=r"parts: 1 of 3 shards are not finished: 1"):
+        expand_inputs([folder])  # not the two parts present, 2/3 of the proteins without a word
+    (folder / "part-00001-of-00003.parquet").write_bytes(b"")
+    assert [path.rsplit("/", 1)[1] for path in expand_inputs([folder])] == [
+        f"part-{i:05d}-of-00003.parquet" for i in range(3)
+    ]
