@@ -98,6 +98,16 @@ def fasta_batches(index: Index, query: str, embedder_options: dict) -> Iterator[
             yield QueryBatch(ids, lengths, vectors)
 
 
+def _check_no_model_options(query: str, options: dict) -> None:
+    # an output's vectors are computed already: a model option would be ignored without a word
+    given = [f"--{name.replace('_', '-')}" for name in ("model", "load_format", "dtype") if options.get(name)]
+    if given:
+        raise ConfigError(
+            f"{query} holds vectors already: {', '.join(given)} applies to a FASTA query only "
+            "(the output's own identity is checked against the database's)"
+        )
+
+
 def search_file(
     index: Index,
     query: str,
@@ -127,6 +137,8 @@ def search_file(
     filters = filters or {}
     index.check_request(k, filters.get("max_evalue"), filters.get("min_score"))  # before a model loads, a file is read
     embedded = not is_output(query)
+    if not embedded:
+        _check_no_model_options(query, embedder_options or {})
     batches = fasta_batches(index, query, embedder_options or {}) if embedded else output_batches(index, query)
     # The first batch before the output opens: a query refused (another model, a bad FASTA) writes nothing at all,
     # not even a header on stdout.

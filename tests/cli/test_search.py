@@ -94,6 +94,15 @@ def test_search_refuses_to_write_its_hits_over_the_database_or_the_query(outputs
     assert (root / target).read_bytes() == before
 
 
+@pytest.mark.parametrize("option", [["--model", "esm2_t6_8M"], ["--dtype", "bfloat16"], ["--load-format", "dummy"]])
+def test_a_model_option_beside_an_output_query_is_refused_not_ignored(outputs, tmp_path, option):
+    result = run("search", outputs / "out.parquet", "-d", outputs / "db", "-o", tmp_path / "h.tsv", *option)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"out.parquet holds vectors already: {option[0]} applies to a FASTA query only" in result.stderr
+    assert not (tmp_path / "h.tsv").exists()
+
+
 def test_a_query_output_of_another_model_and_a_bad_database_exit_2(outputs, tmp_path):
     result = run("search", outputs / "bos.parquet", "-d", outputs / "db", "-o", tmp_path / "h.tsv")
     assert result.exit_code == 2 and "pooling was 'mean', now 'bos'" in result.stderr
