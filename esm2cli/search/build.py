@@ -142,6 +142,16 @@ def _check_folder(db: str, inputs: Sequence[str | os.PathLike]) -> None:
     for source in map(str, inputs):
         if not storage.is_url(source) and os.path.exists(db) and same_file(source, db):
             raise ConfigError(f"{db} is one of the inputs: name another folder")
+    foreign = sorted(name for name in os.listdir(db) if not _database_entry(name)) if os.path.isdir(db) else []
+    if foreign:
+        # a database's files beside a user's are a mess --overwrite could not clean without deleting theirs
+        raise ConfigError(f"{db} holds files no database holds ({', '.join(foreign[:3])}): name a new or empty folder")
+
+
+def _database_entry(name: str) -> bool:
+    """A name a database folder holds: its manifest, quantizer, shards, or an esm2cli temporary or lock."""
+    fixed = (manifest.MANIFEST, manifest.TRAINED, manifest.TRAINED_RECORD)
+    return name in fixed or name.startswith((".", "shard-"))
 
 
 @dataclass(frozen=True)

@@ -226,3 +226,16 @@ def test_without_a_null_model_the_database_has_no_evalues(two_inputs, tmp_path):
     assert not index.has_evalues and index.search_vectors(vectors[:1], 2)[0][0].evalue is None
     with pytest.raises(ConfigError, match="no null model"):
         index.search_vectors(vectors[:1], 2, max_evalue=1.0)
+
+
+def test_a_folder_of_the_users_own_files_is_refused_and_left_as_it_was(two_inputs, tmp_path):
+    inputs, _ = two_inputs
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"results holds files no database holds \(notes.txt\)"):
+            build_index(inputs, folder, FLAT, overwrite=overwrite)
+        assert os.listdir(folder) == ["notes.txt"]
+    build_index(inputs, tmp_path / "empty", FLAT)  # a new folder, then the same one again: a database's own files
+    assert build_index(inputs, tmp_path / "empty", FLAT).already_complete
