@@ -268,6 +268,49 @@ class ShardConfig:
         return f"part-{self.index:05d}-of-{self.count:05d}{self.suffix}"
 
 
+# ---- esm2cli map -------------------------------------------------------------------------------------------------
+
+MAP_METHODS = ("pca", "umap")
+# Points the projection (and --color-by cluster's k-means) is fitted on; the rest are transformed a row group at a
+# time. PCA of an input of at most this many points is the PCA of all of them. A sample is also held to
+# MAP_SAMPLE_BYTES of float32 vectors (100,000 points of 1,280 dims), so that wide models fit in the same memory.
+DEFAULT_MAP_SAMPLE = 100_000
+MAP_SAMPLE_BYTES = 512 << 20
+# Points drawn on the page: past this, a uniform random sample of them (said on the page and in the summary), so
+# that the page stays usable; the PNG and SVG draw every point (as a density past it).
+DEFAULT_MAP_POINTS = 200_000
+DEFAULT_NEIGHBORS = 15  # umap-learn's own default
+DEFAULT_CLUSTERS = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapConfig:
+    """What ``esm2cli map`` projects and how it colours the points.
+
+    Attributes:
+        method: "pca" (scikit-learn PCA, exact and deterministic) or "umap" (umap-learn, seeded).
+        layer: The layer read from inputs of several layers (None: inputs of one layer).
+        seed: Seeds the fit sample, UMAP, the k-means and the points drawn on the page.
+        neighbors: UMAP's n_neighbors.
+        sample: The most points the projection and the k-means are fitted on.
+        color_by: "length", "truncated", "windows", "cluster", "description:REGEX", a column of the labels file
+            (or "labels:COLUMN"); None: the labels' first column beside the id, else "cluster".
+        labels: A TSV or CSV of labels joined by id.
+        clusters: k of --color-by cluster.
+        max_points: The most points drawn on the page.
+    """
+
+    method: str = "pca"
+    layer: int | None = None
+    seed: int = 0
+    neighbors: int = DEFAULT_NEIGHBORS
+    sample: int = DEFAULT_MAP_SAMPLE
+    color_by: str | None = None
+    labels: str | None = None
+    clusters: int = DEFAULT_CLUSTERS
+    max_points: int = DEFAULT_MAP_POINTS
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
     """What ``esm2cli score`` computes.
@@ -301,6 +344,9 @@ INDEX_KINDS = ("auto", "flat", "ivf-pq", "hnsw")
 AUTO_FLAT_MAX_VECTORS = 400_000
 DEFAULT_DECOYS = 1000  # decoy queries the null model for E-values is fitted on, per shard (0: no E-values)
 DEFAULT_TOP_K = 10
+# Hits per query at most from POST /search: bounds an answer to --max-client-batch x this many hits (64 x 1,000 hits
+# is about 5 MB of JSON); the CLI writes a file and takes any k up to the database's size.
+MAX_SERVE_TOP_K = 1000
 HIT_FORMATS = ("tsv", "m8", "parquet")
 
 

@@ -57,7 +57,8 @@ def build_tiny_esmc(path, seed: int = 5, *, layers=3, hidden=64, heads=4, ffn=96
     """Saves a small ESM C (transformers' EsmcForMaskedLM, or EsmcModel alone) with random weights.
 
     Weights are drawn wider than the default init and the norms moved off 1, so that different proteins
-    differ clearly and a skipped or misplaced norm shows.
+    differ clearly and a skipped or misplaced norm shows; every bias (the init's are zero) is drawn nonzero, so
+    that a bias dropped by esm2cli's forward changes its numbers against transformers'.
     """
     from transformers import EsmcConfig, EsmcForMaskedLM, EsmcModel
 
@@ -69,7 +70,7 @@ def build_tiny_esmc(path, seed: int = 5, *, layers=3, hidden=64, heads=4, ffn=96
     model = (EsmcModel if encoder_only else EsmcForMaskedLM)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(path)
     return str(path)
@@ -125,11 +126,19 @@ class EsmcReference(OneProteinAtATime):
 TINY = dict(layers=3, hidden=32, heads=4)
 
 
+def assert_biases_nonzero(module: torch.nn.Module, expected: set[str]) -> None:
+    """A zero bias hides a forward that drops it: every comparison with transformers would still pass."""
+    biases = {name: p for name, p in module.named_parameters() if name.endswith(("_b", "bias"))}
+    assert biases.keys() == expected
+    assert all(bool((p != 0).all()) for p in biases.values()), sorted(n for n, p in biases.items() if (p == 0).any())
+
+
 def build_tiny_esm2(path, seed: int = 7) -> str:
     """Saves a small ESM-2 (real architecture and tokenizer, random weights) with save_pretrained.
 
     The weights are drawn wider than the default init so that embeddings of different sequences
-    differ clearly and a comparison can fail; the LM head's bias is nonzero for the same reason.
+    differ clearly and a comparison can fail; every bias (the init's are zero) is drawn nonzero for the same
+    reason: a bias dropped by esm2cli's forward or its LM head changes its numbers against transformers'.
     """
     from transformers import EsmForMaskedLM
 
@@ -141,7 +150,9 @@ def build_tiny_esm2(path, seed: int = 7) -> str:
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)  # non-trivial norms, so that a skipped norm shows
-        # The LM head's output bias starts at zero; a nonzero one makes a score test fail when it is dropped.
+            elif name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.05)
+        # The LM head's output bias, wider: a score test fails clearly when it is dropped.
         model.lm_head.bias.add_(torch.randn_like(model.lm_head.bias) * 0.5)
     model.save_pretrained(path)
     bundled_tokenizer().save_pretrained(path)
@@ -201,6 +212,15 @@ def embed_cli(fasta, out, model, *extra, check: bool = False):
     if check:
         assert result.exit_code == 0, result.output
     return result
+
+
+def embed_mean_and_bos(root, records: Sequence[tuple[str, str]], model):
+    """``root/in.fasta`` of ``records`` and its outputs by ``model`` (embed_cli): out.parquet of mean pooling and
+    bos.parquet of bos pooling, two identities; returns ``root``."""
+    fasta = write_fasta(root / "in.fasta", records)
+    embed_cli(fasta, root / "out.parquet", model, check=True)
+    embed_cli(fasta, root / "bos.parquet", model, "--pooling", "bos", check=True)
+    return root
 
 
 def write_fasta(path, records: Sequence[tuple[str, str]], width: int = 60) -> str:

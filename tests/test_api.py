@@ -266,3 +266,35 @@ def test_embed_fasta_to_a_file_after_close_leaves_nothing(tiny_model_dir, tmp_pa
         embedder.embed_fasta(fasta, tmp_path / "out.parquet")
     left = sorted(p.name for p in Path(tmp_path).iterdir() if not re.fullmatch(r"in\.fa", p.name))
     assert left == [], left
+
+
+def test_index_is_the_search_database_imported_on_first_use():
+    import esm2cli
+    from esm2cli.search.index import Index as SearchIndex
+
+    assert "Index" in esm2cli.__all__ and esm2cli.Index is SearchIndex
+    code = "import sys, esm2cli; print('esm2cli.search.index' in sys.modules, 'faiss' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.stdout.split() == ["False", "False"], run.stderr
+
+
+def test_index_searches_sequences_in_a_notebook_as_the_docs_show(tmp_path, tiny_model_dir):
+    from esm2cli import Index
+    from helpers import embed_cli, random_protein
+
+    records = [(f"t{i}", random_protein(25 + 6 * i)) for i in range(8)]
+    embed_cli(write_fasta(tmp_path / "db.fasta", records), tmp_path / "db.parquet", tiny_model_dir, check=True)
+    built = CliRunner().invoke(cli, ["index", str(tmp_path / "db.parquet"), "-o", str(tmp_path / "db"), "-q",
+                                     "--decoys", "0"])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    index = Index.open(tmp_path / "db")
+    with index.embedder(devices="cpu") as embedder:
+        hits = index.search_sequences([records[5][1], records[2][1]], k=3, embedder=embedder)
+        stored = embedder.embed([records[5][1]])
+        with pytest.raises(ConfigError, match="-k 9: the database"):
+            index.search_sequences(["MKV"], k=9, embedder=embedder)
+    assert [row[0].target for row in hits] == ["t5", "t2"] and all(len(row) == 3 for row in hits)
+    assert [h.rank for h in hits[0]] == [1, 2, 3] and hits[0][0].evalue is None
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert [h.target for h in index.search_vectors(stored, k=3)[0]] == [h.target for h in hits[0]]

@@ -71,7 +71,7 @@ def test_public_entry_points():
     from esm2cli.cli import cli
 
     assert Embedder is ApiEmbedder and esm2cli.__version__
-    assert set(cli.commands) == {"embed", "serve", "score", "bench", "merge", "download", "index", "search"}
+    assert set(cli.commands) == {"embed", "serve", "score", "bench", "merge", "download", "index", "search", "map"}
     run = subprocess.run([sys.executable, "-m", "esm2cli", "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "embed" in run.stdout
 

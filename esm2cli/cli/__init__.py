@@ -15,6 +15,7 @@ from esm2cli.cli.bench import bench
 from esm2cli.cli.download import download
 from esm2cli.cli.embed import embed
 from esm2cli.cli.index import index
+from esm2cli.cli.map import map_command
 from esm2cli.cli.merge import merge
 from esm2cli.cli.score import score
 from esm2cli.cli.search import search
@@ -37,5 +38,5 @@ def cli() -> None:
     """ESM-2 protein embeddings on every CPU or GPU you have."""
 
 
-for _command in (embed, serve, score, bench, download, merge, index, search):
+for _command in (embed, serve, score, bench, download, merge, index, search, map_command):
     cli.add_command(_command)

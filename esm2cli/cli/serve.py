@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import click
 
@@ -112,6 +113,14 @@ from esm2cli.errors import ConfigError, Esm2Error
     help="Recent distinct sequences whose embeddings are kept and answered again without the model, per API key "
     "(one key is never answered from another's entries, nor sees its cache counts); 0: off.",
 )
+@click.option(
+    "--index",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    envvar="ESM2CLI_INDEX",
+    help="A database of esm2cli index that POST /search answers from; its vectors must be of the server's model "
+    "and options (checked at startup: exit 2 naming what differs).",
+)
 @serve_security_options
 @log_options
 def serve(
@@ -137,6 +146,7 @@ def serve(
     truncation,
     graceful_timeout,
     cache_size,
+    index,
     api_keys,
     api_key_file,
     public_metrics,
@@ -148,7 +158,7 @@ def serve(
     quiet,
 ):
     """Serve embeddings over HTTP: GET /health, GET /live, POST /predict, POST /predict/batch,
-    POST /v1/embeddings (OpenAI-compatible), GET /v1/models, GET /metrics.
+    POST /v1/embeddings (OpenAI-compatible), GET /v1/models, POST /search (with --index), GET /metrics.
 
     The port opens at once; /health answers 503 until every replica is loaded and warm.
     SIGTERM stops accepting, finishes the requests in flight and exits 0. With API keys, every
@@ -158,6 +168,7 @@ def serve(
     Examples:
       esm2cli serve -m esm2_t33_650M --port 8000 --api-key-file /etc/esm2cli/api-keys
       esm2cli serve -m esm2_t6_8M --load-format dummy --devices sim:2
+      esm2cli serve -m esm2_t33_650M --index db   # the model and options the database was built with
       curl -s localhost:8000/predict -H "authorization: Bearer $KEY" -H 'content-type: application/json' \\
            -d '{"sequence": "MKTAYIAK"}'
     """
@@ -211,6 +222,8 @@ def serve(
             log.warning("%s", warning)
     log.info("serve: %s", describe(serve_cfg))
     log.info("model: %s", describe(model_cfg))
+    if index is not None:
+        _check_database(index)
     failure: list[Exception] = []
 
     def on_load_failure(exc: Exception) -> None:
@@ -218,7 +231,7 @@ def serve(
         server.should_exit = True
 
     # The service's default loader builds the engine for the server's batches (build_server_engine).
-    app = create_app(serve_cfg, model_cfg, embed_cfg, on_load_failure=on_load_failure)
+    app = create_app(serve_cfg, model_cfg, embed_cfg, on_load_failure=on_load_failure, index=index)
     config = uvicorn_config(app, serve_cfg, host=host, port=port, timeout_graceful_shutdown=graceful_timeout)
     server = uvicorn.Server(config)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
@@ -230,3 +243,15 @@ def serve(
         raise to_click(failure[0]) from failure[0]
     if failure:  # not one of ours: a bug, raised as it is so that its traceback shows (exit 1)
         raise failure[0]
+
+
+def _check_database(path: Path) -> None:
+    """Refuses (exit 2) a folder that holds no complete database before the model loads; its files' digests and its
+    identity are checked once the model is loaded (a mismatch stops the server, exit 2)."""
+    from esm2cli.search import manifest
+
+    try:
+        manifest.load_manifest(str(path), verify=False)
+    except Esm2Error as exc:
+        raise to_click(exc) from exc
+    log.info("search database: %s (opened and checked once the model is loaded)", path)

@@ -85,9 +85,8 @@ class ChunkStore:
                     "resume it, or add --overwrite to discard it"
                 )
             remove(self.dir, recursive=True)
-            manifest_file = AtomicFile(manifest)
-            manifest_file.handle.write(json.dumps(self.options, sort_keys=True).encode())
-            manifest_file.commit()
+            with AtomicFile(manifest) as manifest_file:
+                manifest_file.handle.write(json.dumps(self.options, sort_keys=True).encode())
         found = {}
         for name in listdir(self.dir):
             if m := _CHUNK.match(name):

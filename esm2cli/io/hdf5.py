@@ -172,10 +172,8 @@ def _atomic_hdf5(target: str) -> Iterator[Any]:
         with h5py.File(tmp, "w", track_order=True, libver=("v110", "latest")) as out:
             yield out
         if is_url(target):
-            upload = AtomicFile(target)
-            with open(tmp, "rb") as handle:
+            with AtomicFile(target) as upload, open(tmp, "rb") as handle:
                 shutil.copyfileobj(handle, upload.handle, length=8 << 20)
-            upload.commit()
         else:
             os.replace(tmp, target)
     except OSError as exc:

@@ -45,6 +45,7 @@ _SERVER_ONLY = (
     "host", "port", "batching", "max_batch_size", "max_wait_ms", "max_client_batch", "max_queue", "request_timeout",
     "max_body_bytes", "truncation", "graceful_timeout", "cache_size", "api_keys", "api_key_file", "public_metrics",
     "public_docs", "header_timeout", "body_timeout", "max_connections",
+    "index",  # the database /search answers from, whose identity must be the server's (checked at startup)
 )  # fmt: skip
 OPTIONS: dict[str, dict[str, str | None]] = {
     "embed": {
@@ -77,6 +78,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
 WITHOUT_IDENTITY = {
     "bench": "measures speed; writes no output file",
     "download": "fetches weights; what they are is named by the runs that use them",
+    "map": "draws the vectors of outputs, which must share one identity (checked); writes no vectors of its own",
     "merge": "copies the parts' rows and checks that the parts share one identity",
     "search": "writes hits of queries against a database, whose identity each query's vectors must share (checked)",
 }

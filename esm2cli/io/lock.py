@@ -110,9 +110,8 @@ class OutputLock:
         self._renewer.start()
 
     def _write_lease(self) -> None:
-        lease = storage.AtomicFile(self.path)
-        lease.handle.write(json.dumps({"holder": self._me, "expires": time.time() + LEASE_S}).encode())
-        lease.commit()
+        with storage.AtomicFile(self.path) as lease:
+            lease.handle.write(json.dumps({"holder": self._me, "expires": time.time() + LEASE_S}).encode())
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):

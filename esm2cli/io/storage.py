@@ -284,7 +284,8 @@ class AtomicFile:
     """A file that appears at its final path only when commit() succeeds.
 
     Locally it is written as ``.<name>.<pid>-<random>.tmp`` beside the target and renamed; on object stores the
-    upload completes at commit (an object is never visible half-written) and abort() discards it.
+    upload completes at commit (an object is never visible half-written) and abort() discards it. As a context
+    manager it commits when the block ends and aborts when the block raises.
     """
 
     def __init__(self, url: str | os.PathLike):
@@ -339,3 +340,12 @@ class AtomicFile:
         finally:
             if self.tmp is not None and os.path.exists(self.tmp):
                 os.remove(self.tmp)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()

@@ -69,13 +69,8 @@ def file_digest(path: str) -> dict:
 
 def write_json(path: str, record: dict) -> None:
     """Writes ``record`` to ``path`` atomically (it appears whole or not at all)."""
-    out = storage.AtomicFile(path)
-    try:
+    with storage.AtomicFile(path) as out:
         out.handle.write((json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
 
 
 def read_json(path: str) -> dict:

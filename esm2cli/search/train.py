@@ -72,13 +72,8 @@ def train_quantizer(db: str, sources: Sequence[VectorInput], config: IndexConfig
         rows = ann.train_rows(sum(source.rows for source in sources), sources[0].hidden)
         log.info("training IVF-PQ (%s) on %d sampled vectors", identity["shape"], rows)
         index = ann.train_ivfpq(sample_vectors(sources, rows, config.seed), identity["shape"], config.seed)
-        out = storage.AtomicFile(target)
-        try:
+        with storage.AtomicFile(target) as out:
             out.handle.write(faiss.serialize_index(index).tobytes())
-        except BaseException:
-            out.abort()
-            raise
-        out.commit()
         manifest.write_json(os.path.join(db, manifest.TRAINED_RECORD),
                             {"train": identity, "file": manifest.file_digest(target)})  # fmt: skip
     return False

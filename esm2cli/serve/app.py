@@ -1,4 +1,4 @@
-"""The HTTP API: create_app(...) -> FastAPI, with /health, /live, /predict, /predict/batch, /v1 and /metrics.
+"""The HTTP API: create_app(...) -> FastAPI, with /health, /live, /predict, /predict/batch, /v1, /search and /metrics.
 
 The routes are thin: parsing, and the shapes of errors and answers. What happens between a parsed request
 and its answer (readiness, checks, the cache, batching, the client leaving, timeouts) is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,11 +31,14 @@ from esm2cli.serve.guard import CLIENT_SCOPE_KEY, RequestGuard
 from esm2cli.serve.http_errors import encode, error_headers, error_payload
 from esm2cli.serve.metrics import ServerMetrics
 from esm2cli.serve.openai_routes import openai_router
+from esm2cli.serve.search_routes import SearchDatabase, search_router
 from esm2cli.serve.service import EmbeddingOut, EmbeddingService, Item, Row, SequenceIn, label
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = frozenset({"/health", "/live", "/predict", "/predict/batch", "/metrics", "/v1/embeddings", "/v1/models"})
+ENDPOINTS = frozenset(
+    {"/health", "/live", "/predict", "/predict/batch", "/metrics", "/v1/embeddings", "/v1/models", "/search"}
+)
 
 
 class BatchIn(BaseModel):
@@ -177,12 +181,23 @@ def _add_embedding_routes(app: FastAPI, service: EmbeddingService) -> None:
     )
 
 
+def _add_search_route(app: FastAPI, service: EmbeddingService, database: SearchDatabase | None) -> None:
+    async def embed(items: list[Item], labels: list[str], request: Request) -> list[tuple[int, Row]]:
+        disconnected = partial(_until_disconnected, request.receive)
+        return await service.embed(items, labels, client=_client(request), disconnected=disconnected)
+
+    router = search_router(database=database, embed=embed, ready=service.ready, serve=service.serve)
+    app.include_router(router, responses={**ERRORS, 404: {"model": ErrorOut}})
+
+
 def create_app(
     serve: ServeConfig,
     model: ModelConfig,
     embed: EmbedConfig,
     loader: Callable[[], EngineSetup] | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
+    *,
+    index: str | os.PathLike | None = None,
 ) -> FastAPI:
     """Builds the app; its lifespan loads the engine in the background and owns it.
 
@@ -191,9 +206,13 @@ def create_app(
         model, embed: What to load and compute (the same options as esm2cli embed).
         loader: Builds the engine (default: build_server_engine(model, embed, serve)); tests may slow it down.
         on_load_failure: Called when loading fails (the CLI stops the server with exit code 1).
+        index: The search database POST /search answers from (None: /search answers 404). It is opened and its
+            identity checked once the model is loaded; a database of other vectors fails the load.
     """
     metrics = ServerMetrics()
-    service = EmbeddingService(serve, model, embed, metrics=metrics, loader=loader, on_load_failure=on_load_failure)
+    search = SearchDatabase(index, embed, metrics) if index is not None else None
+    service = EmbeddingService(serve, model, embed, metrics=metrics, loader=loader, on_load_failure=on_load_failure,
+                               check_loaded=search.check_loaded if search else None)  # fmt: skip
     keys = KeyChecker(serve.api_keys, public_metrics=serve.public_metrics, public_docs=serve.public_docs)
 
     @asynccontextmanager
@@ -222,6 +241,7 @@ def create_app(
     _add_error_handlers(app)
     _add_probes(app, service)
     _add_embedding_routes(app, service)
+    _add_search_route(app, service, search)
 
     @app.get("/metrics", responses={401: {"model": ErrorOut}})
     async def prometheus_metrics(request: Request) -> Response:

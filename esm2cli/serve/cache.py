@@ -20,7 +20,7 @@ from esm2cli.io.identity import identity_digest, request_identity
 OPEN_PARTITION = b""  # the one partition of a server without API keys (and of requests that carry none)
 
 
-def cache_identity(*, weights: str, dtype: str, embed: EmbedConfig) -> bytes:
+def cache_identity(*, weights: str, dtype: str, embed: EmbedConfig, model_family: str) -> bytes:
     """What a cached vector depends on besides its sequence: the identity a row of ``esm2cli embed`` with the same
     weights and options records (esm2cli.io.identity.request_identity), so that an option added there is in the
     cache's key at once. ``truncate`` is in it although the sequence is keyed after truncation: in window mode
@@ -30,8 +30,9 @@ def cache_identity(*, weights: str, dtype: str, embed: EmbedConfig) -> bytes:
         weights: The weights loaded, as WeightsStamp.confirm names them.
         dtype: The dtype they run in (resolved).
         embed: The server's options.
+        model_family: The loaded model's family ("esm2", "esmc"), as an embed row records it.
     """
-    return identity_digest(request_identity(weights=weights, dtype=dtype, embed=embed))
+    return identity_digest(request_identity(weights=weights, dtype=dtype, embed=embed, model_family=model_family))
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,8 @@ class EmbeddingService:
         metrics: Where batches, the queue, devices and the cache are shown.
         loader: Builds the engine (default: build_server_engine(model, embed, serve)); tests may slow it down.
         on_load_failure: Called when loading fails (the CLI stops the server with exit code 1).
+        check_loaded: Called in the loading thread with the engine and the weights' identity once they are known;
+            what it raises fails the load (the search database's identity check).
     """
 
     def __init__(
@@ -97,12 +99,14 @@ class EmbeddingService:
         metrics: ServerMetrics,
         loader: Callable[[], EngineSetup] | None = None,
         on_load_failure: Callable[[Exception], None] | None = None,
+        check_loaded: Callable[[EngineSetup, str], None] | None = None,
     ):
         self.serve, self.model, self.embed_config, self.metrics = serve, model, embed, metrics
         self.model_id = public_model_name(model.model)
         self.cache: EmbeddingCache | None = None  # keyed by the weights loaded: made once they are
         self._loader = loader or (lambda: build_server_engine(model, embed, serve))
         self._on_load_failure = on_load_failure
+        self._check_loaded = check_loaded
         self.status = "loading"  # loading -> ok | failed
         self.setup: EngineSetup | None = None
         self.batcher: DynamicBatcher | None = None
@@ -140,10 +144,14 @@ class EmbeddingService:
         setup = self._loader()
         try:
             weights = stamp.confirm(setup.model.source, setup.model.config.to_dict())
+            if self._check_loaded:
+                self._check_loaded(setup, weights)
         except BaseException:
             setup.engine.close()
             raise
-        return setup, cache_identity(weights=weights, dtype=setup.dtype, embed=self.embed_config)
+        return setup, cache_identity(
+            weights=weights, dtype=setup.dtype, embed=self.embed_config, model_family=setup.model.family
+        )
 
     def _batcher(self, setup: EngineSetup) -> DynamicBatcher:
         serve = self.serve

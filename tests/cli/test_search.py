@@ -28,12 +28,10 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_model_dir):
-    from helpers import embed_cli, random_protein, write_fasta
+    from helpers import embed_mean_and_bos, random_protein
 
-    root = tmp_path_factory.mktemp("cli-search")
-    fasta = write_fasta(root / "in.fasta", [(f"p{i}", random_protein(15 + 11 * i)) for i in range(10)])
-    embed_cli(fasta, root / "out.parquet", tiny_model_dir, check=True)
-    embed_cli(fasta, root / "bos.parquet", tiny_model_dir, "--pooling", "bos", check=True)
+    records = [(f"p{i}", random_protein(15 + 11 * i)) for i in range(10)]
+    root = embed_mean_and_bos(tmp_path_factory.mktemp("cli-search"), records, tiny_model_dir)
     assert run("index", root / "out.parquet", "-o", root / "db", "--decoys", "0", "-q").exit_code == 0
     return root
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from esm2cli.errors import StorageError
-from esm2cli.io.storage import is_stream, spool
+from esm2cli.io.storage import AtomicFile, is_stream, spool
 from helpers import fed_fifo, within
 
 
@@ -69,3 +69,15 @@ def test_spool_sweeps_the_copies_killed_runs_left_and_keeps_live_ones(tmp_path, 
     copy = spool("-", str(tmp_path))
     assert not left.exists() and live.exists() and other.exists()
     assert os.path.basename(copy).startswith(f"esm2cli-stream-{os.getpid()}-")
+
+
+def test_an_atomic_file_block_commits_when_it_ends_and_leaves_the_old_file_when_it_raises(tmp_path):
+    target = tmp_path / "out.bin"
+    with AtomicFile(target) as out:
+        out.handle.write(b"first")
+        assert not target.exists()  # nothing at the final path until the block ends
+    assert target.read_bytes() == b"first"
+    with pytest.raises(KeyboardInterrupt), AtomicFile(target) as out:
+        out.handle.write(b"second, half written")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"first" and os.listdir(tmp_path) == ["out.bin"]  # no temporary left

@@ -10,7 +10,7 @@ from esm2cli.config import ModelConfig
 from esm2cli.model.esmc import PackedEsmc
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
-from helpers import EsmcReference, build_tiny_esmc, random_seqs
+from helpers import EsmcReference, assert_biases_nonzero, build_tiny_esmc, random_seqs
 from reference import cosine
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMKVLAAGIVGLLLA", "MKV", "W" * 40 + "ACDEFGHIKLMNPQRSTVWYXBUZO" * 3]
@@ -37,6 +37,11 @@ def test_a_local_esmc_directory_loads_as_the_own_forward(loaded):
     assert loaded.family == "esmc" and isinstance(loaded.forward, PackedEsmc)
     assert (loaded.cls_id, loaded.eos_id, loaded.pad_id, loaded.mask_id) == (0, 2, 1, 32)
     assert loaded.context == 2046 and not loaded.forward.has_contact_head
+
+
+def test_every_bias_the_forward_adds_is_nonzero(loaded):
+    per_layer = {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("ln1_b", "ln2_b")}
+    assert_biases_nonzero(loaded.forward, per_layer | {"lm.dense_b", "lm.ln_b", "lm.bias"})
 
 
 def test_every_hidden_state_matches_transformers_one_protein_at_a_time(loaded, ref):

@@ -132,32 +132,42 @@ def test_a_directory_of_another_architecture_is_refused(tmp_path):
         load_model(ModelConfig(model=str(tmp_path / "bert"), dtype="float32"))
 
 
-def _esmc_with_tensor(tmp_path, source: str, part: str, shape_of) -> str:
-    """A copy of an ESM C checkpoint whose first tensor named ``part`` is replaced by zeros of another shape."""
+def _esmc_with_tensor(tmp_path, source: str, part: str, edit) -> str:
+    """A copy of an ESM C checkpoint whose first tensor named ``part`` is replaced by ``edit(tensor)``."""
     import shutil
 
     folder = tmp_path / "edited"
     shutil.copytree(source, folder)
     tensors = load_file(folder / "model.safetensors")
     key = next(k for k in sorted(tensors) if part in k)
-    tensors[key] = torch.zeros(shape_of(tensors[key].shape))
+    tensors[key] = edit(tensors[key])
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return str(folder)
 
 
 def test_esmc_projection_of_wrong_shape_is_one_line(tmp_path, tiny_esmc_dir):
     # it died with a RuntimeError traceback from torch.cat while the forward was packed
-    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "q_proj", lambda s: (s[0], s[1] + 1))
+    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "q_proj", lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
     with pytest.raises(ModelLoadError) as info:
         load_model(ModelConfig(model=model_dir, dtype="float32"))
     message = str(info.value)
     assert "layers.0.self_attn.q_proj.weight is" in message and "\n" not in message, message
 
 
+def test_a_transposed_projection_is_refused_naming_both_shapes(tmp_path, tiny_esmc_dir):
+    # As many numbers as the config's (64 x 96): a check of element counts would load it, and the fused gate/up
+    # matmul would then fail (or compute another map) inside a batch.
+    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "gate_proj", lambda t: t.t().contiguous())
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(model=model_dir, dtype="float32"))
+    message = str(info.value)
+    assert "layers.0.mlp.gate_proj.weight is (64, 96), not (96, 64)" in message and "\n" not in message, message
+
+
 @pytest.mark.parametrize("lm_head", [False, True])
 def test_esmc_norm_of_wrong_shape_is_refused_at_load(tmp_path, tiny_esmc_dir, lm_head):
     # it loaded without a word and failed only inside the first batch, blamed on the device
-    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "input_layernorm.weight", lambda s: (7,))
+    model_dir = _esmc_with_tensor(tmp_path, tiny_esmc_dir, "input_layernorm.weight", lambda t: torch.zeros(7))
     with pytest.raises(ModelLoadError) as info:
         load_model(ModelConfig(model=model_dir, dtype="float32"), lm_head=lm_head)
     assert "layers.0.input_layernorm.weight is (7,), not" in str(info.value), str(info.value)

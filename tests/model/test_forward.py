@@ -16,7 +16,7 @@ from esm2cli.model.forward import PackedEsm2
 from esm2cli.model.graphs import GraphRunner
 from esm2cli.model.load import load_model
 from esm2cli.model.packed import PackedBatch
-from helpers import write_fair_esm_checkpoint
+from helpers import assert_biases_nonzero, write_fair_esm_checkpoint
 from reference import cosine
 
 # Lengths chosen to mix: one attention group per length class, padding inside groups, a 1-residue protein.
@@ -114,6 +114,14 @@ def test_equals_fair_esm_own_model_per_token_and_contacts(tmp_path):
         for layer in (0, 1, 3):
             _assert_close(got[layer][a:b].numpy(), out["representations"][layer][0].numpy())
         np.testing.assert_allclose(result.contacts[i], out["contacts"][0].numpy(), atol=1e-5)
+
+
+def test_every_bias_the_forward_adds_is_nonzero(tiny):
+    loaded, forward = tiny
+    per_layer = {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("ln1_b", "qkv_b", "out_b", "ln2_b")}
+    per_layer |= {f"layers.{i}.{b}" for i in range(loaded.num_layers) for b in ("fc1_b", "fc2_b")}
+    assert_biases_nonzero(forward, per_layer | {"final_ln_b", "lm.dense_b", "lm.ln_b", "lm.bias"})
+    assert forward.contact_b != 0
 
 
 def test_a_protein_does_not_depend_on_its_batch_mates(tiny):

@@ -61,6 +61,35 @@ def test_tiled_linear_is_the_linear_map(dtype):
     assert torch.equal(tiled_linear(x, w)[:, :3], tiled_linear(x, w[:3]))  # no bias; the columns apart
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_gemm_gets_whole_tiles(dtype, bias, monkeypatch):
+    # A short last tile is a gemm of another shape, which may sum its rows in another order (on any hardware).
+    import esm2cli.model.invariant as invariant
+
+    calls: list[tuple[str, int]] = []
+
+    def spy(name):
+        real = getattr(torch, name)
+
+        def call(*args, **kwargs):
+            x = args[1] if name in ("addmm", "baddbmm") else args[0]
+            calls.append((name, x.shape[-2]))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("mm", "addmm", "bmm", "baddbmm"):
+        monkeypatch.setattr(invariant.torch, name, spy(name))
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2 * ROW_TILE + 44, 32, generator=gen).to(dtype), torch.randn(24, 32, generator=gen).to(dtype)
+    b = torch.randn(24, generator=gen).to(dtype) if bias else None
+    assert tiled_linear(x, w, b).shape == (2 * ROW_TILE + 44, 24)
+    per_tile = dtype != torch.float32  # the CPU in half precision: one gemm call a tile
+    assert len(calls) == (3 if per_tile else 1)
+    assert all(rows == ROW_TILE for _, rows in calls), calls
+
+
 def test_padded_rows_are_whole_tiles():
     assert [padded_rows(n) for n in (0, 1, ROW_TILE, ROW_TILE + 1)] == [ROW_TILE, ROW_TILE, ROW_TILE, 2 * ROW_TILE]
 
@@ -102,6 +131,40 @@ def test_mean_pool_is_the_mean_and_ignores_mates_and_padding():
 def test_pool_plan_refuses_too_few_slots():
     with pytest.raises(ValueError, match="this is a bug"):
         pool_plan(np.array([0]), np.array([10 * POOL_CHUNK]), width=4)
+
+
+def _tree(vectors: list[np.ndarray]) -> np.ndarray:
+    """A power-of-two list of float32 vectors summed as the documented tree, written another way: adding halves
+    (element i with element i + n/2) until one is left is the sum of the even-indexed ones plus the odd ones."""
+    if len(vectors) == 1:
+        return vectors[0]
+    return _tree(vectors[0::2]) + _tree(vectors[1::2])
+
+
+def _reference_mean(hidden: np.ndarray, first: int, n: int) -> np.ndarray:
+    """One protein's mean pooled as invariant.py documents it, in numpy float32: 16-row chunks from its first
+    residue (the last one zero-filled), each summed by the tree; the chunk sums, zero-filled to a power of two, by
+    the tree again; times the float32 1 / n."""
+    rows = hidden[first : first + n]
+    chunks = []
+    for start in range(0, n, 16):
+        part = list(rows[start : start + 16])
+        chunks.append(_tree(part + [np.zeros_like(rows[0])] * (16 - len(part))))
+    wide = 1 << (len(chunks) - 1).bit_length()
+    return _tree(chunks + [np.zeros_like(rows[0])] * (wide - len(chunks))) * np.float32(1.0 / n)
+
+
+def test_mean_pool_sums_the_documented_tree_bitwise():
+    # Another tree (32-row chunks, chunk sums added in a row, a sum over the whole protein) rounds otherwise:
+    # values of many magnitudes make each order's float32 rounding show in the bits.
+    rng = np.random.default_rng(5)
+    hidden = (rng.standard_normal((1200, 8)) * 10.0 ** rng.uniform(-3, 3, (1200, 8))).astype(np.float32)
+    lengths, starts = [1, 15, 16, 17, 100, 257, 513], [1, 3, 20, 40, 60, 170, 430]
+    got = _pool(torch.from_numpy(hidden), starts, lengths).numpy()
+    for row, (first, n) in enumerate(zip(starts, lengths, strict=True)):
+        assert np.array_equal(got[row], _reference_mean(hidden, first, n)), n
+    sequential = np.cumsum(hidden[170:427], axis=0, dtype=np.float32)[-1] * np.float32(1 / 257)
+    assert not np.array_equal(got[5], sequential)  # the values do tell one order from another
 
 
 def test_tree_sum_pairs_halves():

@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 
 import esm2cli.search
-from helpers import embed_cli, write_fasta, write_like
+from helpers import embed_mean_and_bos, write_like
 from searchdata import SEQUENCES, fake_null_module
 
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory, tiny_model_dir):
     """A FASTA and its tiny-model output (float32, mean pooling, last layer), and one of bos pooling."""
-    root = tmp_path_factory.mktemp("embedded")
-    fasta = write_fasta(root / "in.fasta", SEQUENCES)
-    embed_cli(fasta, root / "out.parquet", tiny_model_dir, check=True)
-    embed_cli(fasta, root / "bos.parquet", tiny_model_dir, "--pooling", "bos", check=True)
-    return root
+    return embed_mean_and_bos(tmp_path_factory.mktemp("embedded"), SEQUENCES, tiny_model_dir)
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_each_api_key_has_its_own_partition_and_sees_only_its_own_counts(tiny_mo
 
 
 def test_the_entries_of_one_partition_are_not_another_s():
-    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig()))
+    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig(), model_family="esm2"))
     cache.put(b"a", A, {6: np.ones(4, np.float32)})
     assert cache.get(b"a", A) is not None and cache.get(b"b", A) is None and cache.get(OPEN_PARTITION, A) is None
     assert cache.stats(b"a") == CacheStats(hits=1, misses=0, entries=1)
@@ -138,7 +138,7 @@ def test_the_entries_of_one_partition_are_not_another_s():
 
 
 def test_a_stored_row_is_a_copy():
-    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig()))
+    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig(), model_family="esm2"))
     vector = {6: np.ones(4, np.float32)}
     cache.put(OPEN_PARTITION, A, vector)
     vector[6][0] = 5  # a row handed in is copied, not kept by reference
@@ -162,17 +162,23 @@ WINDOWED = EmbedConfig(truncate=50, long_sequences="window", window_overlap=10)
 def test_settings_that_change_the_numbers_never_share_an_entry(other):
     # A protein of 300 residues is keyed whole in window mode: only the identity tells 50-wide windows from 60.
     seq = (A * 20)[:300]
-    ours, theirs = (EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=e)) for e in (WINDOWED, other))
+    ours, theirs = (
+        EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=e, model_family="esm2"))
+        for e in (WINDOWED, other)
+    )
     assert ours.key(seq) != theirs.key(seq)
     ours.put(OPEN_PARTITION, seq, {6: np.ones(4, np.float32)})
     assert theirs.get(OPEN_PARTITION, seq) is None
 
 
-def test_the_weights_and_the_dtype_are_in_the_identity():
-    key = cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig())
-    assert key != cache_identity(weights="sha256:01", dtype="float32", embed=EmbedConfig())
-    assert key != cache_identity(weights="sha256:00", dtype="bfloat16", embed=EmbedConfig())
-    assert key == cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig())  # the control
+def test_the_weights_the_dtype_and_the_model_family_are_in_the_identity():
+    key = cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig(), model_family="esm2")
+    assert key != cache_identity(weights="sha256:01", dtype="float32", embed=EmbedConfig(), model_family="esm2")
+    assert key != cache_identity(weights="sha256:00", dtype="bfloat16", embed=EmbedConfig(), model_family="esm2")
+    assert key == cache_identity(
+        weights="sha256:00", dtype="float32", embed=EmbedConfig(), model_family="esm2"
+    )  # the control
+    assert key != cache_identity(weights="sha256:00", dtype="float32", embed=EmbedConfig(), model_family="esmc")
 
 
 def test_two_servers_differing_only_in_truncate_never_share_an_entry(tiny_model_dir):

@@ -35,7 +35,7 @@ def test_metrics_expose_requests_latency_batches_queue_and_busy_time(server):
 def test_a_scrape_shows_the_cache_counts_of_its_own_key_only():
     metrics = ServerMetrics()
     assert b"esm2cli_cache_hits_total" not in metrics.render()  # no cache watched: no cache samples
-    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig()))
+    cache = EmbeddingCache(4, cache_identity(weights="m", dtype="float32", embed=EmbedConfig(), model_family="esm2"))
     metrics.watch_cache(cache)
     for _ in range(3):
         cache.get(b"other", "MKV")  # another key's misses
