@@ -11,7 +11,8 @@ its schema and metadata label a Parquet file of the synthetic vectors, so the da
 Measured, in one run, with the database's vectors in the page cache:
 - sgemm peak: a 4096^3 float32 numpy matmul, best of 5 (the same BLAS threads as the rest).
 - exact: ``Index.search_vectors`` of the flat database; numpy brute force (matmul over 256k-row blocks of the same
-  memory-mapped file, argpartition, merge); FAISS ``IndexFlatIP`` over the same vectors in RAM. Queries/s and
+  memory-mapped file, argpartition, merge); FAISS ``IndexFlatIP`` over the same vectors in RAM,
+  at the rows per BLAS call esm2cli's search sets (a process-wide FAISS setting: like with like). Queries/s and
   GFLOP/s (2 N d per query), best of ``--repeats``.
 - IVF-PQ: ``Index.search_vectors`` of the ivf-pq database at several nprobe: recall@10 of the flat database's
   top 10, queries/s, and the index's size against the float32 vectors.
