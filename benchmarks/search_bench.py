@@ -157,7 +157,8 @@ def _peak_anon(child: subprocess.Popen) -> int:
     while child.poll() is None:
         try:
             with open(f"/proc/{child.pid}/status") as status:
-                most = max(most, *(int(line.split()[1]) for line in status if line.startswith("RssAnon")))
+                # an exiting child's status has no RssAnon line
+                most = max([most] + [int(line.split()[1]) for line in status if line.startswith("RssAnon")])
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
