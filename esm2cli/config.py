@@ -336,10 +336,12 @@ class ScoreConfig:
 # ---- esm2cli index and search ------------------------------------------------------------------------------------
 
 INDEX_KINDS = ("auto", "flat", "ivf-pq", "hnsw")
-# --kind auto: an exact (flat) database below this many vectors, IVF-PQ from it on. A flat query batch reads every
-# vector once (2M x 1280 float32 = 10 GB from the page cache); an estimate until benchmarks/search_bench.py
-# measures where IVF-PQ's re-ranked search overtakes it. The one place the threshold is written.
-AUTO_FLAT_MAX_VECTORS = 2_000_000
+# --kind auto: an exact (flat) database below this many vectors, IVF-PQ from it on. benchmarks/search_bench.py
+# (RESULTS.md, 2026-12-07, synthetic families 320 wide, 2 shared cores): IVF-PQ at its calibrated nprobe answers
+# 0.76x the exact queries/s at 10k vectors, 2.0x at 50k, 15x to 35x at 1M (recall@10 0.97); it overtakes at ~16k,
+# but below ~400k (10x, interpolated) it buys less than one order of magnitude for giving up exactness and a
+# training step of minutes, so exact stays the default up to there. The one place the threshold is written.
+AUTO_FLAT_MAX_VECTORS = 400_000
 DEFAULT_DECOYS = 1000  # decoy queries the null model for E-values is fitted on, per shard (0: no E-values)
 DEFAULT_TOP_K = 10
 # Hits per query at most from POST /search: bounds an answer to --max-client-batch x this many hits (64 x 1,000 hits

@@ -1,4 +1,4 @@
-"""Exact top-k over a memory map, block by block: numpy's brute force, whatever the blocks."""
+"""Exact top-k over a memory map, in one FAISS call or block by block: numpy's brute force, whatever the blocks."""
 
 from __future__ import annotations
 
@@ -33,15 +33,29 @@ def test_top_k_equals_numpy_brute_force(database):
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
 
 
-def test_small_blocks_give_the_very_same_hits(database, monkeypatch):
-    """Blocks of 1,024 rows (three blocks and a part) and one block: bit-identical scores, the same rows."""
-    _, mapped = database
+def test_blocks_give_the_very_same_hits_as_one_search_of_the_map(database, monkeypatch):
+    """A float32 map in one FAISS call, and the same vectors (strided, so copied) in blocks of 1,024 rows (three
+    blocks and a part): bit-identical scores, the same rows."""
+    vectors, mapped = database
     queries = unit(np.random.default_rng(6).standard_normal((20, 32)))
     whole = exact.top_k(queries, mapped, 7)
     monkeypatch.setattr(exact, "BLOCK_BYTES", 1)  # block_rows' floor of 1,024 rows
     assert exact.block_rows(32) == 1024
-    blocked = exact.top_k(queries, mapped, 7)
+    strided = np.hstack([vectors, vectors])[:, :32]
+    assert not strided.flags.c_contiguous
+    blocked = exact.top_k(queries, strided, 7)
     assert np.array_equal(whole[0], blocked[0]) and np.array_equal(whole[1], blocked[1])
+
+
+def test_float16_vectors_are_searched_a_block_at_a_time(database, monkeypatch):
+    vectors, _ = database
+    half = vectors.astype(np.float16)
+    queries = unit(np.random.default_rng(8).standard_normal((15, 32)))
+    monkeypatch.setattr(exact, "BLOCK_BYTES", 1)
+    scores, rows = exact.top_k(queries, half, 5)
+    want_scores, want_rows = brute_force(queries, half.astype(np.float32), 5)
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-4)
 
 
 def test_a_score_depends_on_the_two_vectors_alone(database):
