@@ -3,12 +3,14 @@ saved with transformers, transformers' ESM C one protein at a time, and inputs t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +310,26 @@ def within(seconds: float, fn, *args):
     thread.join(seconds)
     assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} blocked for {seconds} s"
     return result[0]
+
+
+def eventually(condition, deadline: float = 30, what: str = ""):
+    """Polls condition() until it is truthy and returns that value; fails after ``deadline`` s, a bound generous
+    enough that only a broken behaviour reaches it (a loaded machine is slow, never that slow)."""
+    end, pause = time.monotonic() + deadline, 0.001
+    while not (value := condition()):
+        assert time.monotonic() < end, f"not within {deadline} s: {what or getattr(condition, '__name__', condition)}"
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)  # quick for what is almost there, light on the CPU for what takes a while
+    return value
+
+
+async def eventually_async(condition, deadline: float = 30, what: str = ""):
+    """eventually() inside an event loop: polls between the loop's other tasks, which it must not block."""
+    end = time.monotonic() + deadline
+    while not (value := condition()):
+        assert time.monotonic() < end, f"not within {deadline} s: {what or getattr(condition, '__name__', condition)}"
+        await asyncio.sleep(0.001)
+    return value
 
 
 def write_like(template, path, vectors, *, ids=None, row_group_size: int = 1024) -> str:

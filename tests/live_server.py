@@ -45,6 +45,7 @@ def live_server(app, port: int | None = None):
 
     # Port 0: the kernel picks a free port at bind time, read back below (no free-then-bind race).
     server = uvicorn.Server(uvicorn_config(app, app.state.serve, host="127.0.0.1", port=port or 0, lifespan="on"))
+    app.state.test_server = server  # what open_connections() reads
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -58,6 +59,11 @@ def live_server(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def open_connections(app) -> int:
+    """The connections the live server of ``app`` holds open now, as its connection cap counts them."""
+    return len(app.state.test_server.server_state.connections)
 
 
 def wait_healthy(client, timeout: float = 60) -> dict:

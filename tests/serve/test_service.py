@@ -31,6 +31,7 @@ from esm2cli.runtime.engine import build_engine
 from esm2cli.runtime.windows import window_starts
 from esm2cli.serve.metrics import ServerMetrics
 from esm2cli.serve.service import EmbeddingService, SequenceIn
+from helpers import eventually, eventually_async
 from reference import cosine
 
 
@@ -82,15 +83,13 @@ def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_m
         socks = [socket.create_connection((host, int(port))) for _ in range(60)]
         for sock in socks:
             sock.sendall(request)
-        deadline = time.time() + 30
-        while metric(client, "esm2cli_pending_sequences") < 2048 and time.time() < deadline:
-            time.sleep(0.05)  # until the queue is full: 32 requests accepted, the rest answered 429
+        # until the queue is full: 32 requests accepted, the rest answered 429
+        eventually(lambda: metric(client, "esm2cli_pending_sequences") >= 2048, what="a full queue")
         assert metric(client, "esm2cli_pending_sequences") == 2048
         for sock in socks:
             sock.close()
         closed = time.perf_counter()
-        while metric(client, "esm2cli_pending_sequences") > 0 and time.perf_counter() - closed < 10:
-            time.sleep(0.02)
+        eventually(lambda: metric(client, "esm2cli_pending_sequences") == 0, what="an empty queue")
         freed = time.perf_counter() - closed
         start = time.perf_counter()
         answer = client.post("/predict", json={"sequence": long_seq})
@@ -100,10 +99,13 @@ def test_work_of_clients_that_left_is_dropped_before_it_reaches_a_replica(tiny_m
         refused = metric(client, 'esm2cli_requests_total{endpoint="/predict/batch",status="429"}')
         batches = metric(client, "esm2cli_batch_size_count")
     print(f"queue freed in {freed:.3f} s; next request {served:.3f} s (alone: {alone:.3f} s); {batches:.0f} batches")
-    assert freed < 2.0, f"the queue took {freed:.1f} s to empty"  # 2,048 sequences would take > 100 s to compute
-    assert served < alone + 1.0, f"the next request took {served:.1f} s, {alone:.1f} s on an idle server"
+    # That the queue emptied by dropping, not by computing (> 100 s), the batch count shows, not a clock:
+    # of the 2,048 accepted sequences, only those already at a replica ran.
+    assert batches < 200 + 1
+    # Against the same request on the idle server: one still stuck behind the queue's work waits for
+    # hundreds of its like; a factor of 10 absorbs a loaded machine.
+    assert served < 10 * alone, f"the next request took {served:.2f} s, {alone:.2f} s on an idle server"
     assert gone == 32 and refused == 28
-    assert batches < 200 + 1  # of the 2,048 accepted sequences, only those already at a replica ran
 
 
 @pytest.mark.parametrize(
@@ -221,8 +223,7 @@ def test_a_client_that_leaves_frees_the_queue_and_caches_nothing(tiny_model_dir)
             gate.hold()
             work = asyncio.ensure_future(service.embed([("MKV", None), ("LLW", None)], ["a", "b"],
                                                        disconnected=gone.wait))  # fmt: skip
-            while service.batcher.pending < 2:
-                await asyncio.sleep(0.01)
+            await eventually_async(lambda: service.batcher.pending == 2, what="both sequences pending")
             gone.set()
             with pytest.raises(ClientDisconnectedError, match="closed the connection"):
                 await work
