@@ -94,18 +94,14 @@ def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> None:
         OutputExistsError: The file exists and overwrite is False.
         InputError: An input is missing (see vectors.expand_inputs).
     """
-    read = {_key(path): path for path in expand_inputs(inputs, "map")}
+    read = expand_inputs(inputs, "map")
     named: dict[str, str] = {}
     for kind, path in outputs.items():
         key = _key(path)
-        if key in read:
-            raise ConfigError(f"{path}: an input of this map; name another file for the {KINDS[kind]}")
         if key in named:
             raise ConfigError(f"{path}: named for the {KINDS[named[key]]} and the {KINDS[kind]}; give each its own")
         named[key] = kind
-        if not is_url(path) and os.path.isdir(path):
-            raise ConfigError(f"{path} is a directory: name a file for the {KINDS[kind]}")
-        check_output(path, overwrite)
+        check_output(path, overwrite, read, what=KINDS[kind])
 
 
 def _key(path: str) -> str:

@@ -43,7 +43,7 @@ def m8_line(query: str, query_length: int, hit: Hit) -> str:
     return "\t".join(map(str, fields)) + "\n"
 
 
-def check_output(output: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+def check_output(output: str, overwrite: bool, inputs: Sequence[str] = (), what: str = "hits") -> None:
     """Refuses, before any work, an output that exists (unless overwrite), is a directory, or is one of the inputs
     (a query file, or a file inside the database folder: --overwrite must not replace what is being read).
 
@@ -54,13 +54,13 @@ def check_output(output: str, overwrite: bool, inputs: Sequence[str] = ()) -> No
     if output == "-":
         return
     if not storage.is_url(output) and os.path.isdir(output):
-        raise ConfigError(f"{output} is a directory: name a file for the hits")
-    _refuse_input(output, inputs)
+        raise ConfigError(f"{output} is a directory: name a file for the {what}")
+    _refuse_input(output, inputs, what)
     if storage.exists(output) and not overwrite:
         raise OutputExistsError(f"{output} already exists: add --overwrite to replace it")
 
 
-def _refuse_input(output: str, inputs: Sequence[str]) -> None:
+def _refuse_input(output: str, inputs: Sequence[str], what: str) -> None:
     """Refuses an output that is an input file or lies inside an input folder (local paths only)."""
     if storage.is_url(output):
         return
@@ -70,7 +70,7 @@ def _refuse_input(output: str, inputs: Sequence[str]) -> None:
             continue
         source = os.path.realpath(path)
         if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
-            raise ConfigError(f"{output}: is the input {path} (or inside it): name another file for the hits")
+            raise ConfigError(f"{output}: is the input {path} (or inside it): name another file for the {what}")
 
 
 class HitWriter:

@@ -106,12 +106,12 @@ def test_a_map_of_4500_points_draws_a_sample_on_the_page_and_every_point_in_the_
     assert len(np.unique(image, axis=0)) > 6  # the density: cells of the clusters' colours
 
 
-@pytest.mark.parametrize("flag", ["-o", "--coords"])
-def test_an_output_onto_an_input_is_refused_even_with_overwrite(outputs, tmp_path, flag):
+@pytest.mark.parametrize(("flag", "what"), [("-o", "page"), ("--coords", "coordinates")])
+def test_an_output_onto_an_input_is_refused_even_with_overwrite(outputs, tmp_path, flag, what):
     vectors = shutil.copy(outputs / "out.parquet", tmp_path / "v.parquet")
     before = (tmp_path / "v.parquet").read_bytes()
     result = run(vectors, flag, vectors, "--overwrite")
-    _one_line_exit_2(result, "v.parquet: an input of this map")
+    _one_line_exit_2(result, "v.parquet: is the input", f"name another file for the {what}")
     assert (tmp_path / "v.parquet").read_bytes() == before
 
 
