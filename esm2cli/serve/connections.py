@@ -340,6 +340,8 @@ class AcceptErrorLimiter:
         return limiter
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if _retry_after_close(context):
+            return
         if not str(context.get("message", "")).startswith(_ACCEPT_ERROR):
             if self._previous is not None:
                 self._previous(loop, context)
@@ -357,6 +359,17 @@ class AcceptErrorLimiter:
             more,
         )
         self._last, self._suppressed = now, 0
+
+
+def _retry_after_close(context: dict) -> bool:
+    """True for asyncio's accept() retry that fires after the server closed its socket.
+
+    After a failed accept() asyncio schedules _start_serving again ACCEPT_RETRY_DELAY s later; when the
+    server shuts down in between, the retry registers the closed socket (fd -1) and raises ValueError,
+    which would be logged as a traceback at every such exit. Nothing is lost: the server is stopping.
+    """
+    callback = getattr(context.get("handle"), "_callback", None)
+    return getattr(callback, "__name__", "") == "_start_serving" and isinstance(context.get("exception"), ValueError)
 
 
 def fit_open_files(max_connections: int) -> int:

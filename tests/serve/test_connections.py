@@ -102,7 +102,6 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, timeout=120)
-            files_before = len(os.listdir(f"/proc/{proc.pid}/fd"))
             for _ in range(600):
                 try:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
@@ -117,10 +116,8 @@ def test_accept_errors_are_logged_once_per_interval(tiny_model_dir, tmp_path):
             flood.clear()
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
                 wait_healthy(fresh)  # serving again, on a new connection: accept() works
-            # Until the server has closed the flood's sockets (no accept() fails after that), then one retry
-            # delay for the retries already scheduled: asyncio logs a traceback for each still pending at exit.
-            eventually(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= files_before + 2, what="the flood closed")
-            time.sleep(1.5 * asyncio.constants.ACCEPT_RETRY_DELAY)
+        # At once, while asyncio's accept() retries are still pending: a retry that fires after the server
+        # closed its socket must not be logged as a traceback.
         proc.terminate()
         proc.wait(timeout=60)
     finally:
