@@ -94,7 +94,8 @@ def index(inputs, output, kind, layer, decoys, fasta, seed, devices, train_only,
     """
     with interruptible():
         setup_logging(verbose, quiet)
-        from esm2cli.search.build import build_index, write_errors
+        from esm2cli.io.storage import write_errors
+        from esm2cli.search.build import build_index
 
         use_s3_endpoint(s3_endpoint_url)
         sharded = resolve_shard(click.get_current_context(), shard_index, shard_count)

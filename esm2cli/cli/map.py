@@ -35,18 +35,16 @@ def _outputs(output, png, svg, coords) -> dict[str, str]:
 
 
 def _write(result, kind: str, path: str, heading: str, max_points: int) -> None:
-    from esm2cli.errors import OutputError
+    from esm2cli.io.storage import write_errors
     from esm2cli.search.figure import KINDS, write_coords, write_image, write_page
 
-    try:
+    with write_errors(path, KINDS[kind]):  # the new file is aborted, an old one kept
         if kind == "html":
             write_page(result, path, result.method, heading)
         elif kind == "coords":
             write_coords(result, path)
         else:
             write_image(result, path, kind, heading, max_points=max_points)
-    except OSError as exc:  # a full disk or a file size limit: the new file is aborted, an old one kept
-        raise OutputError(f"{path}: cannot write the {KINDS[kind]} ({exc.strerror or exc})") from exc
 
 
 @click.command(name="map")

@@ -68,7 +68,7 @@ def search(query, db, output, k, min_score, max_evalue, output_format, nprobe, m
     """
     with interruptible():
         setup_logging(verbose, quiet)
-        from esm2cli.search.build import write_errors
+        from esm2cli.io.storage import write_errors
         from esm2cli.search.hits import check_output
         from esm2cli.search.index import Index
         from esm2cli.search.query import search_file

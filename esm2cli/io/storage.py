@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from esm2cli.errors import ConfigError, StorageError
+from esm2cli.errors import ConfigError, OutputError, StorageError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -349,3 +350,23 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # the output's filesystem refused the write
+
+
+@contextmanager
+def write_errors(output: str, what: str = "") -> Iterator[None]:
+    """A full disk, a quota, a file size limit or a read-only filesystem under a write leaves it as one line
+    naming the output (and ``what`` it is: "page"), OutputError, exit 1, not a traceback.
+
+    Other OSErrors stay what they are: the block may also read (a search reads its database), and a read that
+    fails is not the output's fault.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL and not any(f"[errno {code}]" in str(exc) for code in FULL):  # pyarrow's wording
+            raise
+        the = f" the {what}" if what else ""
+        raise OutputError(f"{output}: cannot write{the} ({os.strerror(exc.errno or errno.ENOSPC)})") from exc

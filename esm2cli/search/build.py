@@ -11,7 +11,6 @@ complete.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -19,7 +18,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm2cli.config import AUTO_FLAT_MAX_VECTORS, IndexConfig, ShardConfig, __version__
-from esm2cli.errors import ConfigError, OutputError, OutputExistsError
+from esm2cli.errors import ConfigError, OutputExistsError
 from esm2cli.io import storage
 from esm2cli.io.identity import describe_changes, same_file
 from esm2cli.io.lock import OutputLock
@@ -396,18 +394,3 @@ def sweep_temporaries(db: str, name: str) -> list[str]:
     if swept:
         log.info("removed %d unfinished build folder(s) of %s left by killed runs", len(swept), name)
     return swept
-
-
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # the output's filesystem refused the write
-
-
-@contextmanager
-def write_errors(output: str) -> Iterator[None]:
-    """A full disk, a quota or a read-only filesystem under a build or a search leaves it as one line naming the
-    output (OutputError, exit 1), not a traceback; other OSErrors stay what they are."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in FULL and not any(f"[errno {code}]" in str(exc) for code in FULL):  # pyarrow's wording
-            raise
-        raise OutputError(f"{output}: cannot write ({os.strerror(exc.errno or errno.ENOSPC)})") from exc
