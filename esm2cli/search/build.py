@@ -30,7 +30,7 @@ from esm2cli.io import storage
 from esm2cli.io.identity import describe_changes, same_file
 from esm2cli.io.lock import OutputLock
 from esm2cli.search import ann, exact, manifest, train
-from esm2cli.search.vectors import VectorBatch, VectorInput, open_inputs, read_batches, unit_rows
+from esm2cli.search.vectors import VectorBatch, VectorInput, open_inputs, read_batches, total_rows, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def build_index(
     db = str(db)
     _check_folder(db, inputs)
     sources = open_inputs(inputs, layer=config.layer)
-    total = sum(source.rows for source in sources)
+    total = total_rows(sources)
     config = replace(config, kind=resolve_kind(config.kind, total))
     _check_decoys(config.decoys)
     os.makedirs(db, exist_ok=True)
@@ -234,7 +234,7 @@ def _build_changes(before: dict, now: dict) -> str:
 
 def _write_shard(plan: _Plan, tmp: str) -> dict:
     """Writes every file of the shard into ``tmp``, shard.json last; returns the shard's record."""
-    start, stop = plan.shard.range(sum(source.rows for source in plan.sources))
+    start, stop = plan.shard.range(total_rows(plan.sources))
     dtype = "float32" if plan.config.kind == "flat" else "float16"
     files, content = _write_rows(plan, tmp, start, stop, dtype)
     rows = stop - start

@@ -254,8 +254,10 @@ def _scatter_image(figure, axes, xy: np.ndarray, colouring: Colouring) -> None:
     _legend(axes, colouring)
 
 
-def _legend(axes, colouring: Colouring) -> None:
-    legend = axes.legend(title=colouring.title, loc="upper left", bbox_to_anchor=(1.01, 1), markerscale=4, fontsize=8)
+def _legend(axes, colouring: Colouring, handles: list | None = None) -> None:
+    """The categories beside the axes; ``handles``: markers of their own, for an image that drew no points."""
+    drawn = {"markerscale": 4} if handles is None else {"handles": handles}  # scattered points are tiny
+    legend = axes.legend(title=colouring.title, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, **drawn)
     legend.get_title().set_fontsize(8)
 
 
@@ -289,7 +291,7 @@ def _density_image(figure, axes, xy: np.ndarray, colouring: Colouring) -> None:
         rgba[:] = palette[per.argmax(axis=1)]
         pairs = zip(colouring.names, colouring.colours, strict=True)
         handles = [Line2D([], [], ls="", marker="s", color=colour, label=name) for name, colour in pairs]
-        axes.legend(handles=handles, title=colouring.title, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        _legend(axes, colouring, handles)
     rgba[:, 3] = np.log1p(count) / np.log1p(count.max())
     extent = (low[0], low[0] + span[0], low[1], low[1] + span[1])
     image = rgba.reshape(DENSITY_BINS, DENSITY_BINS, 4)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from esm2cli.config import MAP_METHODS, MAP_SAMPLE_BYTES, MapConfig
 from esm2cli.errors import ConfigError, InputError
 from esm2cli.search.colours import Colouring, Points, colour_points, parse_color_by, read_labels
-from esm2cli.search.vectors import VectorInput, open_inputs, read_batches
+from esm2cli.search.vectors import VectorInput, open_inputs, read_batches, total_rows
 
 log = logging.getLogger(__name__)
 MIN_POINTS = 3  # fewer say nothing a map could show (and PCA needs two components' worth)
@@ -93,7 +93,7 @@ def _warn_missing_parts(inputs: list[VectorInput]) -> None:
 
 
 def _check_size(inputs: list[VectorInput], config: MapConfig, clusters: bool) -> None:
-    total = sum(source.rows for source in inputs)
+    total = total_rows(inputs)
     where = inputs[0].path if len(inputs) == 1 else f"{len(inputs)} inputs"
     if total < MIN_POINTS:
         raise InputError(f"{where}: {total} points; a map needs at least {MIN_POINTS}")
@@ -111,7 +111,7 @@ def _check_size(inputs: list[VectorInput], config: MapConfig, clusters: bool) ->
 
 def sample_size(inputs: Sequence[VectorInput], config: MapConfig) -> int:
     """The points fitted on: --sample, held to MAP_SAMPLE_BYTES of vectors, at most every point."""
-    total = sum(source.rows for source in inputs)
+    total = total_rows(inputs)
     return max(MIN_POINTS, min(total, config.sample, MAP_SAMPLE_BYTES // (4 * inputs[0].hidden)))
 
 
@@ -128,7 +128,7 @@ def project(
         The points, how many the projection was fitted on, and the seconds spent reading, fitting and
         transforming.
     """
-    total = sum(source.rows for source in inputs)
+    total = total_rows(inputs)
     size = sample_size(inputs, config)
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(total, size, replace=False)) if size < total else np.arange(total)
@@ -206,7 +206,7 @@ def _transform(model, vectors: np.ndarray) -> np.ndarray:
 def _transform_all(inputs, model, fitted: tuple[np.ndarray, np.ndarray | None], centroids, progress):
     """The second pass: each batch projected (a UMAP sample point keeps the place its fit gave it)."""
     chosen, fitted_xy = fitted
-    total = sum(source.rows for source in inputs)
+    total = total_rows(inputs)
     xy = np.empty((total, 2), np.float32)
     labels = np.empty(total, np.int32) if centroids is not None else None
     offset = 0

@@ -19,14 +19,14 @@ from esm2cli.errors import ConfigError, OutputExistsError
 from esm2cli.io import storage
 from esm2cli.io.lock import OutputLock
 from esm2cli.search import ann, manifest
-from esm2cli.search.vectors import VectorInput, read_batches
+from esm2cli.search.vectors import VectorInput, read_batches, total_rows
 
 log = logging.getLogger(__name__)
 
 
 def train_identity(sources: Sequence[VectorInput], config: IndexConfig) -> dict:
     """What the quantizer is trained from: the inputs, the vectors' identity, the seed and the index's shape."""
-    total = sum(source.rows for source in sources)
+    total = total_rows(sources)
     hidden = sources[0].hidden
     shape = ann.ivf_shape(total, hidden, ann.train_rows(total, hidden))
     return {"format_version": manifest.FORMAT_VERSION, "vectors": sources[0].identity, "hidden": hidden,
@@ -35,7 +35,7 @@ def train_identity(sources: Sequence[VectorInput], config: IndexConfig) -> dict:
 
 def sample_vectors(sources: Sequence[VectorInput], rows: int, seed: int) -> np.ndarray:
     """``rows`` vectors drawn uniformly without replacement from all the inputs (seeded), read in one pass."""
-    total = sum(source.rows for source in sources)
+    total = total_rows(sources)
     wanted = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     out = np.empty((rows, sources[0].hidden), np.float32)
     filled, offset = 0, 0
@@ -69,7 +69,7 @@ def train_quantizer(db: str, sources: Sequence[VectorInput], config: IndexConfig
         if os.path.exists(target) and not overwrite:
             raise OutputExistsError(f"{target} was trained on other inputs or options: add --overwrite to retrain "
                                     "it (every shard built on it must then be rebuilt)")  # fmt: skip
-        rows = ann.train_rows(sum(source.rows for source in sources), sources[0].hidden)
+        rows = ann.train_rows(total_rows(sources), sources[0].hidden)
         log.info("training IVF-PQ (%s) on %d sampled vectors", identity["shape"], rows)
         index = ann.train_ivfpq(sample_vectors(sources, rows, config.seed), identity["shape"], config.seed)
         with storage.AtomicFile(target) as out:

@@ -40,6 +40,11 @@ class VectorInput:
     metadata: dict  # the file's esm2cli metadata, as written
 
 
+def total_rows(sources: Sequence[VectorInput]) -> int:
+    """The rows (vectors) of all the inputs, in the order they are read."""
+    return sum(source.rows for source in sources)
+
+
 @dataclass
 class VectorBatch:
     """Consecutive rows of one input: their annotations and unit vectors (float32, C order)."""
