@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from esm2cli.config import MAP_METHODS, MAP_SAMPLE_BYTES, MapConfig
 from esm2cli.errors import ConfigError, InputError
@@ -70,8 +71,24 @@ def build_map(paths: Sequence[str | os.PathLike], config: MapConfig, progress: C
     _warn_missing_parts(inputs)
     _check_size(inputs, config, spec.field == "cluster")
     points, fitted_on, seconds = project(inputs, config, clusters=spec.field == "cluster", progress=progress)
+    _warn_repeated_ids(points.ids)
     colouring = colour_points(points, spec, labels)
     return MapResult(inputs, points, colouring, fitted_on, page_rows(len(points), config), config.method, seconds)
+
+
+def _warn_repeated_ids(ids: pa.Array) -> None:
+    # the same proteins in two inputs (one run written twice, overlapping runs): each copy is a point of its own
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]
+        log.warning(
+            "%d ids appear more than once (%s: %d times); each copy is a point of its own, and the page's "
+            "search box rings the first it finds",
+            len(repeated),
+            first["values"],
+            first["counts"],
+        )
 
 
 def _warn_missing_parts(inputs: list[VectorInput]) -> None:

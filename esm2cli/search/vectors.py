@@ -7,6 +7,7 @@ two of them means depends on it. Vectors are L2-normalised as they are read, so 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -21,6 +22,8 @@ from esm2cli.io.parquet import read_metadata
 from esm2cli.io.reuse import OUTPUT_SUFFIXES
 from esm2cli.io.schema import embedding_columns, is_damage, open_parquet
 from esm2cli.io.storage import exists, is_stream, is_url, join, listdir, open_input
+
+log = logging.getLogger(__name__)
 
 READ_ROWS = 8192  # rows of an HDF5 input read at a time (Parquet inputs are read a row group at a time)
 # Keys of a run's identity that do not change its pooled vectors: a per-token run's pooled column is the same.
@@ -98,7 +101,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike], command: str = "index") ->
         files += found
     if not files:
         raise InputError(f"{command}: name at least one esm2cli output")
-    return list(dict.fromkeys(files))
+    return _read_once(files)
 
 
 def _is_file(path: str) -> bool:
@@ -138,6 +141,29 @@ def open_inputs(
             changes = "; ".join(describe_changes(first.identity, other.identity)) or "another width"
             raise InputError(f"{other.path}: vectors of another run than {first.path} ({changes})")
     return inputs
+
+
+def _read_once(files: list[str]) -> list[str]:
+    # a file named twice (again, through a link, or as a part beside its folder) is read once, not counted twice
+    kept: dict[object, str] = {}
+    for path in files:
+        key = _file_key(path)
+        if key in kept:
+            also = f" (as {kept[key]})" if kept[key] != path else ""
+            log.warning("%s is named more than once%s: it is read once", path, also)
+            continue
+        kept[key] = path
+    return list(kept.values())
+
+
+def _file_key(path: str) -> object:
+    if is_url(path):
+        return path.rstrip("/")
+    try:
+        found = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return found.st_dev, found.st_ino
 
 
 def _open_input(path: str, layer: int | None, command: str) -> VectorInput:

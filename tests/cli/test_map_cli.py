@@ -47,6 +47,17 @@ def test_map_writes_the_page_image_and_coordinates_with_labels_joined(outputs, t
     assert table["colour"].to_pylist() == ["ab"[i % 2] for i in range(15)] + ["unlabelled"] * 5
 
 
+def test_the_same_proteins_in_two_inputs_are_mapped_with_a_warning(outputs, tmp_path):
+    copy = tmp_path / "copy.parquet"
+    shutil.copyfile(outputs / "out.parquet", copy)
+    result = run(outputs / "out.parquet", copy, "-o", tmp_path / "m.html")
+    assert result.exit_code == 0, result.output
+    assert "mapped 40 points" in result.stderr
+    assert "20 ids appear more than once (p0: 2 times)" in result.stderr
+    alone = run(outputs / "out.parquet", "-o", tmp_path / "one.html")
+    assert alone.exit_code == 0 and "more than once" not in alone.stderr
+
+
 def test_an_existing_output_is_refused_and_kept_unless_overwrite(outputs, tmp_path):
     page, png = tmp_path / "m.html", tmp_path / "m.png"
     png.write_text("mine")

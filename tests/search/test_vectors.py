@@ -51,6 +51,17 @@ def test_inputs_of_another_identity_are_refused_by_name(outputs):
         open_inputs([outputs / "out.parquet", outputs / "mean_bos.parquet"])
 
 
+def test_one_file_named_twice_is_read_once_with_a_warning(outputs, tmp_path, caplog):
+    out = outputs / "out.parquet"
+    link = tmp_path / "link.parquet"
+    link.symlink_to(out)
+    assert expand_inputs([out, out, link]) == [str(out)]
+    assert f"{link} is named more than once (as {out}): it is read once" in caplog.text
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(out.read_bytes())
+    assert len(open_inputs([out, copy])) == 2  # another file of the same proteins is another input
+
+
 def test_a_file_of_no_esm2cli_run_and_an_empty_folder_are_named(outputs, tmp_path):
     plain = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"id": ["a"]}), plain)
