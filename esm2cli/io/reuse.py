@@ -288,6 +288,7 @@ class ReuseIndex:
         self.counts: dict[str, int] = {}
         self._stack = ExitStack()
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._rejected: set[int] = set()  # files found out of step with their sequences (reject)
         self._cached_bytes = 0
         his, los, locs = [], [], []
         want = numbers_identity(identity)
@@ -366,7 +367,17 @@ class ReuseIndex:
             j = left[i] + np.searchsorted(self._lo[left[i] : right[i]], lo[i])
             if j < right[i] and self._lo[j] == lo[i]:
                 out[i] = self._loc[j]
+        if self._rejected:
+            out[np.isin(out >> _ROW_BITS, list(self._rejected)) & (out >= 0)] = -1
         return out
+
+    def file_of(self, loc: int) -> str:
+        """The path of the earlier output that holds the row at ``loc`` (lookup's)."""
+        return self.sources[int(loc) >> _ROW_BITS].path
+
+    def reject(self, loc: int) -> None:
+        """Copies nothing more from the file holding ``loc``: lookup and holds no longer find its rows."""
+        self._rejected.add(int(loc) >> _ROW_BITS)
 
     def holds(self, digest: str) -> bool:
         """True when some earlier output holds a row of this hex digest (one record; lookup() for many)."""
@@ -375,12 +386,14 @@ class ReuseIndex:
         i = int(np.searchsorted(self._hi, hi))
         while i < len(self._hi) and self._hi[i] == hi:
             if self._lo[i] == lo:
-                return True
+                return int(self._loc[i]) >> _ROW_BITS not in self._rejected
             i += 1
         return False
 
-    def read(self, locs: np.ndarray, hashes: Sequence[str]) -> Embeddings:
+    def read(self, locs: np.ndarray, hashes: Sequence[str], *, count: bool = True) -> Embeddings:
         """The vectors of rows at ``locs`` (lookup's), in that order; each row's hash is checked.
+
+        ``count``: add the rows to the copies counted by file (False for a row read only to be checked).
 
         Raises:
             OutputError: A row no longer holds the sequence it held when the index was built.
@@ -405,7 +418,7 @@ class ReuseIndex:
             if want != have:
                 source = self.sources[int(locs[i] >> _ROW_BITS)].path
                 raise OutputError(f"{source} changed while this run read it (a row's sequence differs): rerun")
-        for f in np.asarray(locs >> _ROW_BITS):
+        for f in np.asarray(locs >> _ROW_BITS) if count else ():
             self.counts[self.sources[int(f)].path] += 1
         return vectors
 

@@ -143,6 +143,8 @@ def embed_records(
             if progress:
                 progress(rows, residues)
 
+    if reuse is not None:
+        reuse.check_with(engine.submit)  # each file's first copied row, computed afresh
     copied = reuse.holds if reuse is not None else None
     for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, copied):
         sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)

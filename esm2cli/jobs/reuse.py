@@ -8,7 +8,7 @@ in float32, and is committed as any other (resume, shards and merge see no diffe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -94,6 +94,16 @@ class ReusedRows:
         )
 
 
+# A copied row must be this close to the row computed now (relative L2): float16 storage and another device
+# or kernel move a row by well under 1%; the vectors of two different proteins are far further apart.
+CHECK_TOLERANCE = 0.02
+
+
+def _relative_distance(stored: np.ndarray, fresh: np.ndarray) -> float:
+    scale = float(np.linalg.norm(fresh)) or 1.0
+    return float(np.linalg.norm(stored.astype(np.float64) - fresh)) / scale
+
+
 def done_future(result) -> Future:
     """A future that already holds its result (a chunk with nothing to compute, queued behind those computing)."""
     future: Future = Future()
@@ -102,11 +112,22 @@ def done_future(result) -> Future:
 
 
 class ChunkReuse:
-    """Finds, for each chunk, the records whose rows earlier outputs already hold, and reads those rows."""
+    """Finds, for each chunk, the records whose rows earlier outputs already hold, and reads those rows.
+
+    Before the first row of a file is copied, that row is computed afresh and compared (``check_with``): a file
+    whose sequence_sha256 column is out of step with its vectors (rows sorted or edited after esm2cli wrote
+    it) is then not reused at all. One row a file is checked, so an edit of a few rows among many goes unseen.
+    """
 
     def __init__(self, index: ReuseIndex, embed: EmbedConfig):
         self.index = index
         self.embed = embed
+        self._submit: Callable[[list[str]], Future] | None = None
+        self._checked: set[str] = set()
+
+    def check_with(self, submit: Callable[[list[str]], Future]) -> None:
+        """Checks each file's first copied row against ``submit`` (an engine's: sequences to a future Embeddings)."""
+        self._submit = submit
 
     def holds(self, record: Record) -> bool:
         """True when an earlier output holds this record's row."""
@@ -115,7 +136,7 @@ class ChunkReuse:
     def split(self, records: list[Record]) -> tuple[list[Record], ReusedRows | None]:
         """(the records to compute, the rows copied for the others), for one chunk's valid records."""
         hashes = row_hashes(records, self.embed)
-        locs = self.index.lookup(hashes)
+        locs = self._checked_locs(records, hashes)
         hits = [i for i, loc in enumerate(locs) if loc >= 0]
         if not hits:
             return records, None
@@ -123,6 +144,37 @@ class ChunkReuse:
         vectors = self.index.read(locs[hits], found)
         rest = [r for i, r in enumerate(records) if locs[i] < 0]
         return rest, ReusedRows(hits, self._rows([records[i] for i in hits], found, vectors), len(records))
+
+    def _checked_locs(self, records: list[Record], hashes: list[str]) -> np.ndarray:
+        """lookup's places of the records' rows, once each file they come from has passed its check."""
+        locs = self.index.lookup(hashes)
+        while self._submit is not None and (probe := self._unchecked(records, locs)) is not None:
+            path = self.index.file_of(locs[probe])
+            self._checked.add(path)
+            difference = self._difference(records[probe], hashes[probe], locs[probe])
+            if difference > CHECK_TOLERANCE:
+                log.warning(
+                    "not reused: %s: its row of %s is %.0f%% away from that sequence computed now: its vectors are "
+                    "out of step with its sequence_sha256 column (rows edited or reordered after esm2cli wrote it?)",
+                    path, records[probe].id, 100 * difference,
+                )  # fmt: skip
+                self.index.reject(locs[probe])
+                locs = self.index.lookup(hashes)
+        return locs
+
+    def _unchecked(self, records: list[Record], locs: np.ndarray) -> int | None:
+        # a windowed row is stitched from several forwards: the check takes a row of one forward
+        for i in np.nonzero(locs >= 0)[0]:
+            if self.index.file_of(locs[i]) not in self._checked and row_shape(records[i], self.embed)[1] == 1:
+                return int(i)
+        return None
+
+    def _difference(self, record: Record, digest: str, loc: int) -> float:
+        """The largest relative L2 distance, over the layers, between the stored row and the row computed now."""
+        assert self._submit is not None
+        stored = self.index.read(np.array([loc]), [digest], count=False).pooled
+        fresh = self._submit([embedded_sequence(record.sequence, self.embed)]).result().pooled
+        return max(_relative_distance(stored[layer][0], fresh[layer][0]) for layer in fresh)
 
     def _rows(self, records: list[Record], hashes: list[str], vectors: Embeddings) -> Rows:
         shapes = [row_shape(r, self.embed) for r in records]

@@ -260,12 +260,6 @@ def test_a_file_of_other_width_is_not_reused_even_with_the_same_identity(tmp_pat
     assert_same_as_fresh(pq.read_table(out), fresh)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--reuse trusts an old file's sequence_sha256 column: with its values out of step with the "
-    "vectors (rows swapped by an edit that kept the esm2cli metadata), the wrong vectors are copied and the "
-    "summary calls them reused; nothing checks a copied row against its sequence",
-)
 def test_reuse_of_file_whose_hash_column_is_out_of_step_gives_fresh_vectors(tmp_path, tiny_model_dir):
     fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GGSSLLKKVVAA")])
     old, new, fresh = tmp_path / "old.parquet", tmp_path / "new.parquet", tmp_path / "fresh.parquet"
@@ -275,11 +269,13 @@ def test_reuse_of_file_whose_hash_column_is_out_of_step_gives_fresh_vectors(tmp_
     swapped = pa.array(table.column("sequence_sha256").to_pylist()[::-1], pa.string())
     table = table.set_column(column, table.schema.field(column), swapped)
     pq.write_table(table.replace_schema_metadata(pq.read_schema(old).metadata), old)
-    embed_ok(fasta, "-o", new, "-m", tiny_model_dir, "--reuse", old)
+    result = embed_ok(fasta, "-o", new, "-m", tiny_model_dir, "--reuse", old)
     embed_ok(fasta, "-o", fresh, "-m", tiny_model_dir)
+    assert f"not reused: {old}: its row of p1 is" in result.stderr and "out of step" in result.stderr
+    assert "reused from" not in result.stderr
     got = np.asarray(pq.read_table(new).column("embedding").to_pylist())
     want = np.asarray(pq.read_table(fresh).column("embedding").to_pylist())
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(got, want)  # computed afresh, as a run without --reuse
 
 
 def test_reuse_of_damaged_hdf5_vectors_is_refused(tmp_path, tiny_model_dir):
