@@ -99,10 +99,10 @@ def map_command(inputs, output, png, svg, coords, method, color_by, labels, clus
         config = MapConfig(method=method, layer=layer, seed=seed, neighbors=neighbors, sample=sample,
                            color_by=color_by, labels=labels, clusters=clusters, max_points=max_points)  # fmt: skip
         with one_line_errors():
-            check_outputs(outputs, inputs, overwrite)
+            files = check_outputs(outputs, inputs, overwrite)
             bar, update = _progress(quiet)
             with bar:
-                result = build_map(inputs, config, progress=update)
+                result = build_map(files, config, progress=update)
             started = time.perf_counter()
             heading = title or f"{inputs[0]}: {method.upper()}, coloured by {result.colouring.title}"
             for kind, path in outputs.items():

@@ -365,8 +365,19 @@ def write_errors(output: str, what: str = "") -> Iterator[None]:
     """
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in FULL and not any(f"[errno {code}]" in str(exc) for code in FULL):  # pyarrow's wording
+    except (OSError, StorageError) as exc:
+        # AtomicFile.commit's StorageError: a small output's full disk comes up at the last flush or the fsync
+        code = _full_errno(exc.__cause__ if isinstance(exc, StorageError) else exc)
+        if code is None:
             raise
         the = f" the {what}" if what else ""
-        raise OutputError(f"{output}: cannot write{the} ({os.strerror(exc.errno or errno.ENOSPC)})") from exc
+        raise OutputError(f"{output}: cannot write{the} ({os.strerror(code)})") from exc
+
+
+def _full_errno(exc: BaseException | None) -> int | None:
+    """The FULL errno an OSError carries, in its errno or in pyarrow's wording ("[errno 27] ..."); None if none."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno in FULL:
+        return exc.errno
+    return next((code for code in FULL if f"[errno {code}]" in str(exc)), None)

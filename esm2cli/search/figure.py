@@ -85,9 +85,13 @@ body {{ font-family: sans-serif; margin: 0.5em 1em; }}
 KINDS = {"html": "page", "png": "PNG image", "svg": "SVG image", "coords": "coordinates"}
 
 
-def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> None:
+def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> list[str]:
     """Refuses, before any work, an output in the way: an input of the map (even with overwrite: the vectors are
     not an old map), a path named for two outputs, a directory, or an existing file without overwrite.
+
+    Returns:
+        The input files (vectors.expand_inputs), for the map to read: expanded once, a file named twice is
+        warned of once.
 
     Raises:
         ConfigError: The output and what it collides with named.
@@ -102,6 +106,7 @@ def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> None:
             raise ConfigError(f"{path}: named for the {KINDS[named[key]]} and the {KINDS[kind]}; give each its own")
         named[key] = kind
         check_output(path, overwrite, read, what=KINDS[kind])
+    return read
 
 
 def _key(path: str) -> str:

@@ -8,6 +8,7 @@ length and the target 1 to its length. A missing E-value (a database without a n
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -73,6 +74,36 @@ def _refuse_input(output: str, inputs: Sequence[str], what: str) -> None:
             raise ConfigError(f"{output}: is the input {path} (or inside it): name another file for the {what}")
 
 
+class _WholeWrites:
+    """A raw stdout written whole: a raw write may take only part of its bytes (at a file size limit or a full
+    disk: the next write then fails), and neither pyarrow nor ``write``'s callers look at how many it took."""
+
+    def __init__(self, raw: io.RawIOBase):
+        self._raw = raw
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            taken = self._raw.write(view)
+            if not taken:  # None: a non-blocking stdout that is full; 0 would loop for ever
+                raise BlockingIOError(f"stdout took none of {len(view)} bytes")
+            view = view[taken:]
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+
+def _stdout() -> IO[bytes]:
+    # PYTHONUNBUFFERED (the image sets it) makes sys.stdout.buffer the raw file, whose short writes lose bytes
+    out = sys.stdout.buffer
+    return _WholeWrites(out) if isinstance(out, io.RawIOBase) else out  # type: ignore[return-value]
+
+
 class HitWriter:
     """Writes hits in one format to a file (which appears only when close() succeeds) or to stdout ('-').
 
@@ -85,7 +116,7 @@ class HitWriter:
         self.format = fmt
         self.hits = 0
         self._file = None if output == "-" else storage.AtomicFile(output)
-        self._binary: IO[bytes] = sys.stdout.buffer if self._file is None else self._file.handle
+        self._binary: IO[bytes] = _stdout() if self._file is None else self._file.handle
         self._parquet = pq.ParquetWriter(self._binary, PARQUET_SCHEMA) if fmt == "parquet" else None
         if fmt == "tsv":
             self._binary.write(("\t".join(TSV_COLUMNS) + "\n").encode())

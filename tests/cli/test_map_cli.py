@@ -58,6 +58,16 @@ def test_the_same_proteins_in_two_inputs_are_mapped_with_a_warning(outputs, tmp_
     assert alone.exit_code == 0 and "more than once" not in alone.stderr
 
 
+def test_a_file_named_twice_is_mapped_once_with_one_warning(outputs, tmp_path):
+    # the inputs are expanded for the output checks and again for the map: the user is told once, not twice
+    out, link = outputs / "out.parquet", tmp_path / "link.parquet"
+    link.symlink_to(out)
+    result = run(out, link, "-o", tmp_path / "m.html")
+    assert result.exit_code == 0, result.output
+    assert "mapped 20 points" in result.stderr
+    assert result.stderr.count(f"{link} is named more than once (as {out}): it is read once") == 1, result.stderr
+
+
 def test_an_existing_output_is_refused_and_kept_unless_overwrite(outputs, tmp_path):
     page, png = tmp_path / "m.html", tmp_path / "m.png"
     png.write_text("mine")

@@ -214,6 +214,17 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(outputs, t
     assert not target.exists() or not any(target.iterdir())
 
 
+def test_hits_on_a_full_stdout_are_one_line_and_exit_1(outputs, tmp_path):
+    # unbuffered (as the image runs it), stdout is the raw file: its short write at the limit lost the rest, exit 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "esm2cli", "search", outputs / "out.parquet", "-d", outputs / "db", "-o", "-", "-q"]
+    with open(tmp_path / "h.tsv", "wb") as stdout:
+        done = subprocess.run(list(map(str, argv)), env=env, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_limited_files)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == ["Error: -: cannot write (File too large)"]
+
+
 def test_an_invalid_fasta_query_is_refused_without_advising_an_option_search_lacks(outputs, tmp_path):
     (tmp_path / "bad.fasta").write_text(">x\nMKT*J1\n")
     result = run("search", tmp_path / "bad.fasta", "-d", outputs / "db", "-o", tmp_path / "h.tsv", "--devices", "cpu")

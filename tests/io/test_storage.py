@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
@@ -9,8 +10,8 @@ import threading
 
 import pytest
 
-from esm2cli.errors import StorageError
-from esm2cli.io.storage import AtomicFile, is_stream, spool
+from esm2cli.errors import OutputError, StorageError
+from esm2cli.io.storage import AtomicFile, is_stream, spool, write_errors
 from helpers import fed_fifo, within
 
 
@@ -81,3 +82,23 @@ def test_an_atomic_file_block_commits_when_it_ends_and_leaves_the_old_file_when_
         out.handle.write(b"second, half written")
         raise KeyboardInterrupt
     assert target.read_bytes() == b"first" and os.listdir(tmp_path) == ["out.bin"]  # no temporary left
+
+
+def test_a_full_disk_at_the_commit_is_the_same_line_as_during_the_write(tmp_path, monkeypatch):
+    # a small output sits in the file's buffer until the commit: its full disk comes up there, as a StorageError
+    out = tmp_path / "h.tsv"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError) as caught, write_errors(str(out)), AtomicFile(str(out)) as atomic:
+        atomic.handle.write(b"query\n")
+    assert str(caught.value) == f"{out}: cannot write (No space left on device)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_in_pyarrows_wording_names_its_own_errno():
+    with pytest.raises(OutputError) as caught, write_errors("h.parquet", "hits"):
+        raise OSError("Error writing bytes to file. Detail: [errno 27] File too large")
+    assert str(caught.value) == "h.parquet: cannot write the hits (File too large)"

@@ -3,6 +3,9 @@ appears only when complete."""
 
 from __future__ import annotations
 
+import io
+import types
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -53,6 +56,31 @@ def test_parquet_keeps_both_lengths_and_a_null_evalue(tmp_path):
 def test_stdout_gets_the_hits(capsysbinary):
     _write("-", "tsv")
     assert capsysbinary.readouterr().out.decode().splitlines()[1].startswith("q1\tt9\t0.930000\t1.5e-12\t1")
+
+
+class _PartialWrites(io.RawIOBase):
+    """A raw stdout (PYTHONUNBUFFERED, as the image sets) that takes at most 7 bytes a write, as a write does
+    that reaches a file size limit or a full disk."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        taken = bytes(memoryview(b).cast("B")[:7])
+        self.data += taken
+        return len(taken)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "m8", "parquet"])
+def test_an_unbuffered_stdout_gets_every_byte(fmt, tmp_path, monkeypatch):
+    _write(tmp_path / f"h.{fmt}", fmt)
+    raw = _PartialWrites()
+    monkeypatch.setattr("sys.stdout", types.SimpleNamespace(buffer=raw))
+    _write("-", fmt)
+    assert bytes(raw.data) == (tmp_path / f"h.{fmt}").read_bytes()
 
 
 def test_a_failed_search_leaves_the_earlier_file_as_it_was(tmp_path):
