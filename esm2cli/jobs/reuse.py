@@ -148,33 +148,38 @@ class ChunkReuse:
     def _checked_locs(self, records: list[Record], hashes: list[str]) -> np.ndarray:
         """lookup's places of the records' rows, once each file they come from has passed its check."""
         locs = self.index.lookup(hashes)
-        while self._submit is not None and (probe := self._unchecked(records, locs)) is not None:
-            path = self.index.file_of(locs[probe])
-            self._checked.add(path)
-            difference = self._difference(records[probe], hashes[probe], locs[probe])
-            if difference > CHECK_TOLERANCE:
-                log.warning(
-                    "not reused: %s: its row of %s is %.0f%% away from that sequence computed now: its vectors are "
-                    "out of step with its sequence_sha256 column (rows edited or reordered after esm2cli wrote it?)",
-                    path, records[probe].id, 100 * difference,
-                )  # fmt: skip
-                self.index.reject(locs[probe])
-                locs = self.index.lookup(hashes)
+        while self._submit is not None and (probes := self._probes(records, locs)):
+            # submitted together, so that the replicas share them (a part folder's files come up in one chunk)
+            fresh = [(i, self._submit([embedded_sequence(records[i].sequence, self.embed)])) for i in probes]
+            for i, future in fresh:
+                path = self.index.file_of(locs[i])
+                self._checked.add(path)
+                difference = self._difference(hashes[i], locs[i], future.result())
+                if difference > CHECK_TOLERANCE:
+                    log.warning(
+                        "not reused: %s: its row of %s is %.0f%% away from that sequence computed now: its vectors "
+                        "are out of step with its sequence_sha256 column (rows edited or reordered after esm2cli "
+                        "wrote it?)",
+                        path, records[i].id, 100 * difference,
+                    )  # fmt: skip
+                    self.index.reject(locs[i])
+            locs = self.index.lookup(hashes)
         return locs
 
-    def _unchecked(self, records: list[Record], locs: np.ndarray) -> int | None:
-        # a windowed row is stitched from several forwards: the check takes a row of one forward
+    def _probes(self, records: list[Record], locs: np.ndarray) -> list[int]:
+        """The first row of each file not yet checked, among the chunk's hits (a windowed row is stitched from
+        several forwards: the check takes a row of one forward)."""
+        first: dict[str, int] = {}
         for i in np.nonzero(locs >= 0)[0]:
-            if self.index.file_of(locs[i]) not in self._checked and row_shape(records[i], self.embed)[1] == 1:
-                return int(i)
-        return None
+            path = self.index.file_of(locs[i])
+            if path not in self._checked and path not in first and row_shape(records[i], self.embed)[1] == 1:
+                first[path] = int(i)
+        return list(first.values())
 
-    def _difference(self, record: Record, digest: str, loc: int) -> float:
+    def _difference(self, digest: str, loc: int, fresh: Embeddings) -> float:
         """The largest relative L2 distance, over the layers, between the stored row and the row computed now."""
-        assert self._submit is not None
         stored = self.index.read(np.array([loc]), [digest], count=False).pooled
-        fresh = self._submit([embedded_sequence(record.sequence, self.embed)]).result().pooled
-        return max(_relative_distance(stored[layer][0], fresh[layer][0]) for layer in fresh)
+        return max(_relative_distance(stored[layer][0], fresh.pooled[layer][0]) for layer in fresh.pooled)
 
     def _rows(self, records: list[Record], hashes: list[str], vectors: Embeddings) -> Rows:
         shapes = [row_shape(r, self.embed) for r in records]

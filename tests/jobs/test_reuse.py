@@ -278,6 +278,26 @@ def test_reuse_of_file_whose_hash_column_is_out_of_step_gives_fresh_vectors(tmp_
     np.testing.assert_array_equal(got, want)  # computed afresh, as a run without --reuse
 
 
+def test_only_the_file_out_of_step_is_not_reused(tmp_path, tiny_model_dir):
+    good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
+    embed_ok(write_fasta(tmp_path / "g.fa", [("p1", "MKTAYIAKQRQ"), ("p2", "GGSSLLKKVVAA")]), "-o", good, "-m",
+             tiny_model_dir)  # fmt: skip
+    embed_ok(write_fasta(tmp_path / "b.fa", [("p3", "MSTNPKPQRKTKRNTNRRPQDV"), ("p4", "WWHHCC")]), "-o", bad, "-m",
+             tiny_model_dir)  # fmt: skip
+    table = pq.read_table(bad)  # the vectors swapped, the sequence_sha256 column and the metadata kept
+    column = table.schema.get_field_index("embedding")
+    table = table.set_column(column, table.schema.field(column), table.column("embedding").take([1, 0]))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(bad).metadata), bad)
+    both = write_fasta(tmp_path / "all.fa", [("p1", "MKTAYIAKQRQ"), ("p2", "GGSSLLKKVVAA"),
+                                             ("p3", "MSTNPKPQRKTKRNTNRRPQDV"), ("p4", "WWHHCC")])  # fmt: skip
+    new, fresh = tmp_path / "new.parquet", tmp_path / "fresh.parquet"
+    result = embed_ok(both, "-o", new, "-m", tiny_model_dir, "--reuse", good, "--reuse", bad)
+    assert f"not reused: {bad}: its row of p3 is" in result.stderr
+    assert f"2 reused from {good} (2), 2 computed" in result.stderr
+    embed_ok(both, "-o", fresh, "-m", tiny_model_dir)
+    assert_same_as_fresh(pq.read_table(new), pq.read_table(fresh))
+
+
 def test_reuse_of_damaged_hdf5_vectors_is_refused(tmp_path, tiny_model_dir):
     import h5py
 
