@@ -46,12 +46,15 @@ def test_pull_dispatch_keeps_the_idle_replica_busy_while_another_is_slow():
     # The slow replica holds the first batch it takes until the fast one has run every other batch. Pulled
     # from one queue, that happens; round-robin would leave half the batches queued behind the slow replica,
     # and its wait would run out instead.
-    others_done, waited, held = threading.Event(), [], []
+    # The fast one starts only once the slow one holds a batch: on a loaded machine the slow worker's thread
+    # could otherwise start after the fast one had pulled all twenty.
+    others_done, slow_holds, waited, held = threading.Event(), threading.Event(), [], []
 
     class HoldsUntilTheOthersAreDone(FakeEmbedder):
         def embed_batch(self, seqs):
             start = time.perf_counter()
             if not waited:  # its first batch only: a broken dispatch costs one wait, not ten
+                slow_holds.set()
                 waited.append(others_done.wait(10))
             out = super().embed_batch(seqs)
             held.append(time.perf_counter() - start)
@@ -59,6 +62,7 @@ def test_pull_dispatch_keeps_the_idle_replica_busy_while_another_is_slow():
 
     class CountsDown(FakeEmbedder):
         def embed_batch(self, seqs):
+            assert slow_holds.wait(10), "the slow replica never took a batch"
             out = super().embed_batch(seqs)
             if len(self.seen) == 19:
                 others_done.set()
