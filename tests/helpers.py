@@ -241,11 +241,14 @@ class FakeDevice:
 class FakeEmbedder:
     """Sets v[0] = len(seq), so order and padding bugs show; records which batches it ran."""
 
-    def __init__(self, name: str, fail_on: str | None = None, delay: float = 0.0, hidden: int = 4):
+    def __init__(self, name: str, fail_on: str | None = None, delay: float = 0.0, hidden: int = 4, start=None):
+        """``start``: a threading.Barrier its first batch waits at, so that every replica holds a batch before
+        any finishes one (on a loaded machine a worker's thread may start after the others ran everything)."""
         self.device = FakeDevice(name)
         self.fail_on = fail_on
         self.delay = delay
         self.hidden = hidden
+        self.start = start
         self.seen: list[list[str]] = []
 
     def embed_batch(self, seqs):
@@ -253,6 +256,9 @@ class FakeEmbedder:
 
         from esm2cli.io.schema import Embeddings
 
+        if self.start is not None:
+            start, self.start = self.start, None
+            start.wait(10)
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on is not None and self.fail_on in seqs:

@@ -33,7 +33,8 @@ def _records(lengths):
 
 
 def test_equal_replicas_and_batches_share_the_work_in_turn():
-    replicas = [FakeEmbedder(f"sim:{i}", delay=0.03) for i in range(4)]
+    start = threading.Barrier(4)
+    replicas = [FakeEmbedder(f"sim:{i}", delay=0.03, start=start) for i in range(4)]
     with Engine(replicas) as engine:
         futures = [engine.submit([f"B{i}"]) for i in range(12)]
         [f.result(timeout=10) for f in futures]
@@ -120,7 +121,9 @@ def test_order_is_restored(n_replicas):
 
 
 def test_a_failing_replica_fails_its_batch_not_the_others():
-    replicas = [FakeEmbedder("sim:0", delay=0.02), FakeEmbedder("sim:1", delay=0.02, fail_on="BAD")]
+    start = threading.Barrier(2)
+    replicas = [FakeEmbedder("sim:0", delay=0.02, start=start),
+                FakeEmbedder("sim:1", delay=0.02, fail_on="BAD", start=start)]  # fmt: skip
     with Engine(replicas) as engine:
         futures = [engine.submit(["BAD"]) for _ in range(8)]  # sim:0 embeds it, sim:1 raises on it
         ok = engine.submit(["MK"])
