@@ -144,7 +144,7 @@ def embed_records(
                 progress(rows, residues)
 
     if reuse is not None:
-        reuse.check_with(engine.submit)  # each file's first copied row, computed afresh
+        reuse.check_with(_probe(engine, batch, embed))  # each file's first copied row, computed afresh
     copied = reuse.holds if reuse is not None else None
     for start, stop, chunk_records, old in split_chunks(records, earlier or {}, limit, embed, copied):
         sha = chunk_digest(digests, start, stop) if digests is not None else hash_records(chunk_records)
@@ -171,16 +171,36 @@ def embed_records(
             continue
         for items in pack_batches([len(s) for s in work.items], _budget(batch), batch.batch_size):
             clock["start"] = clock["start"] or time.perf_counter()
-            windows = not embed.per_token and bool(work.windowed.intersection(items))
-            future = (
-                engine.submit([work.items[i] for i in items], per_token=True)
-                if windows
-                else engine.submit([work.items[i] for i in items])
-            )
-            pending.append((work, items, future))
+            pending.append((work, items, _submit(engine, work, items)))
             settle(block=False)
     settle(block=True)
     return summary
+
+
+def _submit(engine: Engine, work: ChunkWork, items: list[int]) -> Future:
+    """Submits a batch of a chunk's items; windows come back per token, to be stitched into their protein's row."""
+    sequences = [work.items[i] for i in items]
+    if not work.embed.per_token and work.windowed.intersection(items):
+        return engine.submit(sequences, per_token=True)
+    return engine.submit(sequences)
+
+
+def _probe(engine: Engine, batch: BatchConfig, embed: EmbedConfig) -> Callable[[Record], Callable[[], Rows]]:
+    """--reuse's check: a record submitted as a chunk of its own (windows and all), its row waited for on call."""
+
+    def probe(record: Record) -> Callable[[], Rows]:
+        work = ChunkWork.of(Chunk(0, 1, ""), [record], embed)
+        batches = pack_batches([len(s) for s in work.items], _budget(batch), batch.batch_size)
+        futures = [(items, _submit(engine, work, items)) for items in batches]
+
+        def row() -> Rows:
+            for items, future in futures:
+                work.fill(items, future.result())
+            return work.rows()
+
+        return row
+
+    return probe
 
 
 def _budget(batch: BatchConfig) -> int:

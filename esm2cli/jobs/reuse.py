@@ -122,12 +122,13 @@ class ChunkReuse:
     def __init__(self, index: ReuseIndex, embed: EmbedConfig):
         self.index = index
         self.embed = embed
-        self._submit: Callable[[list[str]], Future] | None = None
+        self._probe: Callable[[Record], Callable[[], Rows]] | None = None
         self._checked: set[str] = set()
 
-    def check_with(self, submit: Callable[[list[str]], Future]) -> None:
-        """Checks each file's first copied row against ``submit`` (an engine's: sequences to a future Embeddings)."""
-        self._submit = submit
+    def check_with(self, probe: Callable[[Record], Callable[[], Rows]]) -> None:
+        """Checks each file's first copied row against ``probe`` (a record submitted as the pipeline computes it,
+        windows stitched: a call waits for its row)."""
+        self._probe = probe
 
     def holds(self, record: Record) -> bool:
         """True when an earlier output holds this record's row."""
@@ -148,13 +149,13 @@ class ChunkReuse:
     def _checked_locs(self, records: list[Record], hashes: list[str]) -> np.ndarray:
         """lookup's places of the records' rows, once each file they come from has passed its check."""
         locs = self.index.lookup(hashes)
-        while self._submit is not None and (probes := self._probes(records, locs)):
+        while self._probe is not None and (probes := self._probes(records, locs)):
             # submitted together, so that the replicas share them (a part folder's files come up in one chunk)
-            fresh = [(i, self._submit([embedded_sequence(records[i].sequence, self.embed)])) for i in probes]
-            for i, future in fresh:
+            fresh = [(i, self._probe(records[i])) for i in probes]
+            for i, row in fresh:
                 path = self.index.file_of(locs[i])
                 self._checked.add(path)
-                difference = self._difference(hashes[i], locs[i], future.result())
+                difference = self._difference(hashes[i], locs[i], row())
                 if difference > CHECK_TOLERANCE:
                     log.warning(
                         "not reused: %s: its row of %s is %.0f%% away from that sequence computed now: its vectors "
@@ -167,16 +168,15 @@ class ChunkReuse:
         return locs
 
     def _probes(self, records: list[Record], locs: np.ndarray) -> list[int]:
-        """The first row of each file not yet checked, among the chunk's hits (a windowed row is stitched from
-        several forwards: the check takes a row of one forward)."""
+        """The first row of each file not yet checked, among the chunk's hits."""
         first: dict[str, int] = {}
         for i in np.nonzero(locs >= 0)[0]:
             path = self.index.file_of(locs[i])
-            if path not in self._checked and path not in first and row_shape(records[i], self.embed)[1] == 1:
+            if path not in self._checked and path not in first:
                 first[path] = int(i)
         return list(first.values())
 
-    def _difference(self, digest: str, loc: int, fresh: Embeddings) -> float:
+    def _difference(self, digest: str, loc: int, fresh: Rows) -> float:
         """The largest relative L2 distance, over the layers, between the stored row and the row computed now."""
         stored = self.index.read(np.array([loc]), [digest], count=False).pooled
         return max(_relative_distance(stored[layer][0], fresh.pooled[layer][0]) for layer in fresh.pooled)

@@ -315,3 +315,21 @@ def test_reuse_of_damaged_hdf5_vectors_is_refused(tmp_path, tiny_model_dir):
     assert result.exit_code == 2, result.output  # docs/output-format.md: stops with one line naming the file
     assert f"--reuse: {old} is damaged (a dataset fails its checksum" in result.output
     assert not new.exists()
+
+
+def test_a_file_out_of_step_whose_first_copied_row_is_windowed_gives_no_row(tmp_path, tiny_model_dir):
+    # the long protein comes first, in a chunk of its own: its row is the first the file gives
+    fasta = write_fasta(tmp_path / "a.fa", [("long", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 8),
+                                            ("p2", "GGSSLLKKVVAA"), ("p3", "MKTAYIAKQRQISF")])  # fmt: skip
+    window = ["--long-sequences", "window", "--truncate", 100, "--window-overlap", 20, "--chunk-size", 1]
+    old, new, fresh = tmp_path / "old.parquet", tmp_path / "new.parquet", tmp_path / "fresh.parquet"
+    embed_ok(fasta, "-o", old, "-m", tiny_model_dir, *window)
+    table = pq.read_table(old)  # the vectors reversed, the sequence_sha256 column and the metadata kept
+    column = table.schema.get_field_index("embedding")
+    table = table.set_column(column, table.schema.field(column), table.column("embedding").take([1, 0, 2]))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(old).metadata), old)
+    result = embed_ok(fasta, "-o", new, "-m", tiny_model_dir, *window, "--reuse", old)
+    embed_ok(fasta, "-o", fresh, "-m", tiny_model_dir, *window)
+    assert f"not reused: {old}: its row of long is" in result.stderr
+    assert "reused from" not in result.stderr
+    assert_same_as_fresh(pq.read_table(new), pq.read_table(fresh))
