@@ -379,16 +379,17 @@ class ReuseIndex:
         """Copies nothing more from the file holding ``loc``: lookup and holds no longer find its rows."""
         self._rejected.add(int(loc) >> _ROW_BITS)
 
-    def holds(self, digest: str) -> bool:
-        """True when some earlier output holds a row of this hex digest (one record; lookup() for many)."""
+    def place(self, digest: str) -> int:
+        """lookup's place of the row of this hex digest, or -1 (one record; lookup() for many)."""
         raw = bytes.fromhex(digest[:32])
         hi, lo = np.uint64(int.from_bytes(raw[:8], "big")), np.uint64(int.from_bytes(raw[8:], "big"))
         i = int(np.searchsorted(self._hi, hi))
         while i < len(self._hi) and self._hi[i] == hi:
             if self._lo[i] == lo:
-                return int(self._loc[i]) >> _ROW_BITS not in self._rejected
+                loc = int(self._loc[i])
+                return -1 if loc >> _ROW_BITS in self._rejected else loc
             i += 1
-        return False
+        return -1
 
     def read(self, locs: np.ndarray, hashes: Sequence[str], *, count: bool = True) -> Embeddings:
         """The vectors of rows at ``locs`` (lookup's), in that order; each row's hash is checked.

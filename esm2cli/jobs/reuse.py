@@ -131,8 +131,10 @@ class ChunkReuse:
         self._probe = probe
 
     def holds(self, record: Record) -> bool:
-        """True when an earlier output holds this record's row."""
-        return self.index.holds(_sha256(embedded_sequence(record.sequence, self.embed)))
+        """True when an earlier output holds this record's row, from a file already checked: chunks are sized by
+        the work they hold, and a file that fails its check has its rows computed after all."""
+        loc = self.index.place(_sha256(embedded_sequence(record.sequence, self.embed)))
+        return loc >= 0 and (self._probe is None or self.index.file_of(loc) in self._checked)
 
     def split(self, records: list[Record]) -> tuple[list[Record], ReusedRows | None]:
         """(the records to compute, the rows copied for the others), for one chunk's valid records."""

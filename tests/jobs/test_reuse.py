@@ -298,6 +298,22 @@ def test_only_the_file_out_of_step_is_not_reused(tmp_path, tiny_model_dir):
     assert_same_as_fresh(pq.read_table(new), pq.read_table(fresh))
 
 
+def test_a_file_not_yet_checked_is_work_when_chunks_are_sized(tmp_path, releases, tiny_model_dir, old_parquet):
+    # 45 rows of 9,674 residues, all in a file that fails its check: counted as free, they made one chunk of
+    # every record, all computed at once, past the bound on a chunk's work (an interrupt lost all of it)
+    bad = tmp_path / "bad.parquet"
+    table = pq.read_table(old_parquet)
+    column = table.schema.get_field_index("embedding")
+    reversed_rows = table.column("embedding").take(list(range(table.num_rows))[::-1])
+    pq.write_table(table.set_column(column, table.schema.field(column), reversed_rows)
+                   .replace_schema_metadata(pq.read_schema(old_parquet).metadata), bad)  # fmt: skip
+    with Embedder(tiny_model_dir, devices="cpu", dtype="float32", reuse=[bad]) as embedder:
+        summary = embedder.embed_fasta(releases[0], tmp_path / "new.parquet")
+    assert summary.reused == 0 and summary.sequences == 45
+    assert len(summary.chunks) >= 2  # the first closed at FIRST_CHUNK_RESIDUES (4,096) of work
+    assert_same_as_fresh(pq.read_table(tmp_path / "new.parquet"), pq.read_table(old_parquet))
+
+
 def test_reuse_of_damaged_hdf5_vectors_is_refused(tmp_path, tiny_model_dir):
     import h5py
 
