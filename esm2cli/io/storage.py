@@ -21,6 +21,18 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def file_key(path: str) -> object:
+    """What names one file, whatever the spelling: (device, inode) of a local file (links and relative paths
+    resolved), else its real path (a file still to be written), or a URL without its trailing slash."""
+    if is_url(path):
+        return path.rstrip("/")
+    try:
+        found = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return found.st_dev, found.st_ino
+
+
 def is_stream(path: str | os.PathLike) -> bool:
     """True for an input that can be read once only: '-' (stdin), or a local path that is not a regular file (a
     named FIFO, bash's ``<(zcat x.gz)`` as /dev/fd/63, /dev/stdin when stdin is a pipe).

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 
 from esm2cli.errors import ConfigError
-from esm2cli.io.storage import AtomicFile, is_url
+from esm2cli.io.storage import AtomicFile, file_key
 from esm2cli.search.colours import GREY, SEQUENTIAL, Colouring
 from esm2cli.search.hits import check_output
 from esm2cli.search.mapping import MapResult
@@ -99,18 +98,14 @@ def check_outputs(outputs: dict[str, str], inputs, overwrite: bool) -> list[str]
         InputError: An input is missing (see vectors.expand_inputs).
     """
     read = expand_inputs(inputs, "map")
-    named: dict[str, str] = {}
+    named: dict[object, str] = {}
     for kind, path in outputs.items():
-        key = _key(path)
+        key = file_key(path)
         if key in named:
             raise ConfigError(f"{path}: named for the {KINDS[named[key]]} and the {KINDS[kind]}; give each its own")
         named[key] = kind
         check_output(path, overwrite, read, what=KINDS[kind])
     return read
-
-
-def _key(path: str) -> str:
-    return path if is_url(path) else os.path.realpath(path)
 
 
 def page_notes(result: MapResult) -> list[str]:

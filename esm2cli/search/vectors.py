@@ -21,7 +21,7 @@ from esm2cli.io.identity import describe_changes, numbers_identity
 from esm2cli.io.parquet import read_metadata
 from esm2cli.io.reuse import OUTPUT_SUFFIXES
 from esm2cli.io.schema import embedding_columns, is_damage, open_parquet
-from esm2cli.io.storage import exists, is_stream, is_url, join, listdir, open_input
+from esm2cli.io.storage import exists, file_key, is_stream, is_url, join, listdir, open_input
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +147,13 @@ def _read_once(files: list[str]) -> list[str]:
     # a file named twice (again, through a link, or as a part beside its folder) is read once, not counted twice
     kept: dict[object, str] = {}
     for path in files:
-        key = _file_key(path)
+        key = file_key(path)
         if key in kept:
             also = f" (as {kept[key]})" if kept[key] != path else ""
             log.warning("%s is named more than once%s: it is read once", path, also)
             continue
         kept[key] = path
     return list(kept.values())
-
-
-def _file_key(path: str) -> object:
-    if is_url(path):
-        return path.rstrip("/")
-    try:
-        found = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return found.st_dev, found.st_ino
 
 
 def _open_input(path: str, layer: int | None, command: str) -> VectorInput:
