@@ -151,11 +151,10 @@ class ChunkReuse:
     def _checked_locs(self, records: list[Record], hashes: list[str]) -> np.ndarray:
         """lookup's places of the records' rows, once each file they come from has passed its check."""
         locs = self.index.lookup(hashes)
-        while self._probe is not None and (probes := self._probes(records, locs)):
+        while self._probe is not None and (probes := self._probes(locs)):
             # submitted together, so that the replicas share them (a part folder's files come up in one chunk)
-            fresh = [(i, self._probe(records[i])) for i in probes]
-            for i, row in fresh:
-                path = self.index.file_of(locs[i])
+            fresh = [(path, i, self._probe(records[i])) for path, i in probes.items()]
+            for path, i, row in fresh:
                 self._checked.add(path)
                 difference = self._difference(hashes[i], locs[i], row())
                 if difference > CHECK_TOLERANCE:
@@ -169,14 +168,14 @@ class ChunkReuse:
             locs = self.index.lookup(hashes)
         return locs
 
-    def _probes(self, records: list[Record], locs: np.ndarray) -> list[int]:
-        """The first row of each file not yet checked, among the chunk's hits."""
+    def _probes(self, locs: np.ndarray) -> dict[str, int]:
+        """Each file not yet checked, with its first row among the chunk's hits."""
         first: dict[str, int] = {}
         for i in np.nonzero(locs >= 0)[0]:
             path = self.index.file_of(locs[i])
             if path not in self._checked and path not in first:
                 first[path] = int(i)
-        return list(first.values())
+        return first
 
     def _difference(self, digest: str, loc: int, fresh: Rows) -> float:
         """The largest relative L2 distance, over the layers, between the stored row and the row computed now."""
