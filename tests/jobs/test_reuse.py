@@ -74,6 +74,15 @@ def assert_same_as_fresh(table: pa.Table, fresh: pa.Table, column: str = "embedd
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def reorder_column(path, column: str, order: list[int], target=None) -> None:
+    """Writes ``path`` (to ``target``, else over it) with one column's values in ``order``, the rest and the
+    esm2cli metadata kept: a file edited by other tools after esm2cli wrote it."""
+    table = pq.read_table(path)
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), table.column(column).take(order))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), target or path)
+
+
 def rows_by_hash(table: pa.Table, column: str = "embedding") -> dict[str, bytes]:
     vectors = np.array(table[column].to_pylist(), np.float32)
     return {h: v.tobytes() for h, v in zip(table["sequence_sha256"].to_pylist(), vectors, strict=True)}
@@ -264,11 +273,7 @@ def test_reuse_of_file_whose_hash_column_is_out_of_step_gives_fresh_vectors(tmp_
     fasta = write_fasta(tmp_path / "a.fa", [("p1", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "GGSSLLKKVVAA")])
     old, new, fresh = tmp_path / "old.parquet", tmp_path / "new.parquet", tmp_path / "fresh.parquet"
     embed_ok(fasta, "-o", old, "-m", tiny_model_dir)
-    table = pq.read_table(old)
-    column = table.schema.get_field_index("sequence_sha256")
-    swapped = pa.array(table.column("sequence_sha256").to_pylist()[::-1], pa.string())
-    table = table.set_column(column, table.schema.field(column), swapped)
-    pq.write_table(table.replace_schema_metadata(pq.read_schema(old).metadata), old)
+    reorder_column(old, "sequence_sha256", [1, 0])
     result = embed_ok(fasta, "-o", new, "-m", tiny_model_dir, "--reuse", old)
     embed_ok(fasta, "-o", fresh, "-m", tiny_model_dir)
     assert f"not reused: {old}: its row of p1 is" in result.stderr and "out of step" in result.stderr
@@ -284,10 +289,7 @@ def test_only_the_file_out_of_step_is_not_reused(tmp_path, tiny_model_dir):
              tiny_model_dir)  # fmt: skip
     embed_ok(write_fasta(tmp_path / "b.fa", [("p3", "MSTNPKPQRKTKRNTNRRPQDV"), ("p4", "WWHHCC")]), "-o", bad, "-m",
              tiny_model_dir)  # fmt: skip
-    table = pq.read_table(bad)  # the vectors swapped, the sequence_sha256 column and the metadata kept
-    column = table.schema.get_field_index("embedding")
-    table = table.set_column(column, table.schema.field(column), table.column("embedding").take([1, 0]))
-    pq.write_table(table.replace_schema_metadata(pq.read_schema(bad).metadata), bad)
+    reorder_column(bad, "embedding", [1, 0])  # the vectors swapped
     both = write_fasta(tmp_path / "all.fa", [("p1", "MKTAYIAKQRQ"), ("p2", "GGSSLLKKVVAA"),
                                              ("p3", "MSTNPKPQRKTKRNTNRRPQDV"), ("p4", "WWHHCC")])  # fmt: skip
     new, fresh = tmp_path / "new.parquet", tmp_path / "fresh.parquet"
@@ -302,11 +304,7 @@ def test_a_file_not_yet_checked_is_work_when_chunks_are_sized(tmp_path, releases
     # 45 rows of 9,674 residues, all in a file that fails its check: counted as free, they made one chunk of
     # every record, all computed at once, past the bound on a chunk's work (an interrupt lost all of it)
     bad = tmp_path / "bad.parquet"
-    table = pq.read_table(old_parquet)
-    column = table.schema.get_field_index("embedding")
-    reversed_rows = table.column("embedding").take(list(range(table.num_rows))[::-1])
-    pq.write_table(table.set_column(column, table.schema.field(column), reversed_rows)
-                   .replace_schema_metadata(pq.read_schema(old_parquet).metadata), bad)  # fmt: skip
+    reorder_column(old_parquet, "embedding", list(range(45))[::-1], bad)
     with Embedder(tiny_model_dir, devices="cpu", dtype="float32", reuse=[bad]) as embedder:
         summary = embedder.embed_fasta(releases[0], tmp_path / "new.parquet")
     assert summary.reused == 0 and summary.sequences == 45
@@ -340,10 +338,7 @@ def test_a_file_out_of_step_whose_first_copied_row_is_windowed_gives_no_row(tmp_
     window = ["--long-sequences", "window", "--truncate", 100, "--window-overlap", 20, "--chunk-size", 1]
     old, new, fresh = tmp_path / "old.parquet", tmp_path / "new.parquet", tmp_path / "fresh.parquet"
     embed_ok(fasta, "-o", old, "-m", tiny_model_dir, *window)
-    table = pq.read_table(old)  # the vectors reversed, the sequence_sha256 column and the metadata kept
-    column = table.schema.get_field_index("embedding")
-    table = table.set_column(column, table.schema.field(column), table.column("embedding").take([1, 0, 2]))
-    pq.write_table(table.replace_schema_metadata(pq.read_schema(old).metadata), old)
+    reorder_column(old, "embedding", [1, 0, 2])  # the long protein's vector and the next one's swapped
     result = embed_ok(fasta, "-o", new, "-m", tiny_model_dir, *window, "--reuse", old)
     embed_ok(fasta, "-o", fresh, "-m", tiny_model_dir, *window)
     assert f"not reused: {old}: its row of long is" in result.stderr
